@@ -145,7 +145,10 @@ def load_gguf_model(
     def get(name: str) -> torch.Tensor:
         t = tensors[name]
         array = dequantize(t.data, t.tensor_type)  # numpy, in ggml's [rows, cols] = reversed `t.shape`
-        w = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).reshape(
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        if not array.flags.writeable:  # F32 tensors come straight from the read-only memory map
+            array = array.copy()
+        w = torch.from_numpy(array).reshape(
             [int(d) for d in reversed(t.shape)])
         if permute and name.endswith("attn_q.weight"):
             w = unpermute_rope_rows(w, config.n_head)

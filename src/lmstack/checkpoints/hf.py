@@ -42,6 +42,8 @@ IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias)$"
 def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
     """The parsed config.json of a directory (or the file itself), with errors that name the file."""
     path = Path(path)
+    if not path.exists():
+        raise LMStackError(f"{path}: no such file or directory")
     file = path / "config.json" if path.is_dir() else path
     if not file.exists():
         raise LMStackError(f"{path}: no config.json (not a Hugging Face checkpoint directory)")
@@ -442,8 +444,12 @@ def hf_state_dict(model: DecoderLM) -> dict[str, torch.Tensor]:
 
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write through a temporary file and rename, so a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     write(str(tmp))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
 
 

@@ -1,0 +1,144 @@
+"""Checkpoint directories: round trips, bad input with clear errors, lazy loading, and the CLI around them."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import lmstack
+from lmstack import DecoderLM, LMStackError, ModelConfig
+from lmstack.cli import main
+from tests.conftest import REPO
+
+
+@pytest.fixture()
+def saved(tmp_path):
+    torch.manual_seed(0)
+    model = DecoderLM(ModelConfig.from_name("tiny-llama")).eval()
+    lmstack.save_model(model, tmp_path / "ckpt")
+    return model, tmp_path / "ckpt"
+
+
+def test_round_trip_is_exact(saved):
+    model, path = saved
+    again = lmstack.load_model(path)
+    ids = torch.randint(0, 256, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(model(ids), again(ids))
+    config = json.loads((path / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
+    assert (path / "generation_config.json").exists()
+
+
+def test_dtype_and_tied_weights(tmp_path):
+    model = DecoderLM(ModelConfig.from_name("tiny-gpt2"))
+    lmstack.save_model(model, tmp_path)
+    assert "lm_head.weight" not in load_file(tmp_path / "model.safetensors")  # tied: stored once
+    half = lmstack.load_model(tmp_path, dtype="bfloat16")
+    assert half.embed.weight.dtype == torch.bfloat16
+    assert half.lm_head.weight is half.embed.weight
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(LMStackError, match="no config.json"):
+        lmstack.load_model(tmp_path)
+
+
+def test_unsupported_model_type(saved):
+    _, path = saved
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "model_type": "bloom"}))
+    with pytest.raises(LMStackError, match="model_type 'bloom' is not supported"):
+        lmstack.load_model(path)
+
+
+def test_missing_tensor_is_named(saved):
+    _, path = saved
+    tensors = load_file(path / "model.safetensors")
+    del tensors["model.layers.1.self_attn.k_proj.weight"]
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(LMStackError, match=r"missing tensor 'model.layers.1.self_attn.k_proj.weight'"):
+        lmstack.load_model(path)
+
+
+def test_misshaped_tensor_names_both_shapes(saved):
+    _, path = saved
+    tensors = load_file(path / "model.safetensors")
+    tensors["model.layers.0.mlp.up_proj.weight"] = torch.zeros(100, 64)
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(LMStackError, match=r"'model.layers.0.mlp.up_proj.weight' has shape \[100, 64\], "
+                                           r"expected \[160, 64\]"):
+        lmstack.load_model(path)
+
+
+def test_pickle_only_checkpoint_is_refused(tmp_path, saved):
+    _, path = saved
+    (path / "model.safetensors").rename(path / "pytorch_model.bin")
+    with pytest.raises(LMStackError, match="only pickle weights"):
+        lmstack.load_model(path)
+
+
+def test_loading_does_not_copy_the_weights(tmp_path):
+    """A model loads memory-mapped: peak memory grows by about one copy of the weights, not two."""
+    model = DecoderLM(ModelConfig(vocab_size=8192, n_layer=8, n_embd=1024, n_head=8, norm="rmsnorm",
+                                  positions="rope", mlp="swiglu", bias="none", tie_embeddings=False,
+                                  family="llama"))
+    lmstack.save_model(model, tmp_path)
+    size = (tmp_path / "model.safetensors").stat().st_size
+    assert size > 300e6
+    del model
+    script = textwrap.dedent(f"""
+        import resource, torch, lmstack
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        model = lmstack.load_model({str(tmp_path)!r})
+        total = sum(p.float().sum().item() for p in model.parameters())  # touch every weight
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(after - before)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    grown = int(out.stdout.strip().splitlines()[-1])
+    assert grown < 1.5 * size, f"peak memory grew by {grown / 1e6:.0f} MB for a {size / 1e6:.0f} MB file"
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_bad_input_is_one_line(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "nope")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err
+
+
+def test_cli_subprocess_exit_code(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "lmstack.cli", "convert", str(tmp_path), str(tmp_path / "o")],
+                         capture_output=True, text=True)
+    assert run.returncode == 1
+    assert run.stderr.strip() == f"error: {tmp_path}: no config.json (not a Hugging Face checkpoint directory)"
+
+
+def test_cli_tokenizer_train_and_convert(tmp_path, capsys):
+    corpus = REPO / "data" / "tinyshakespeare.txt"
+    small = tmp_path / "small.txt"
+    small.write_text(corpus.read_text()[:50_000])
+    assert main(["tokenizer", "train", "--input", str(small), "--vocab-size", "400", "--output",
+                 str(tmp_path / "tok"), "--chat-template", "chatml"]) == 0
+    tok = lmstack.load_tokenizer(tmp_path / "tok")
+    assert tok.vocab_size == 400 and tok.chat_template
+    assert main(["tokenizer", "encode", "--tokenizer", str(tmp_path / "tok"), "ROMEO:"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == tok.encode("ROMEO:")
+
+    model = DecoderLM(ModelConfig.from_name("tiny-llama", vocab_size=400))
+    lmstack.save_model(model, tmp_path / "m", tokenizer=tok)
+    assert main(["convert", str(tmp_path / "m"), str(tmp_path / "m16"), "--dtype", "bfloat16"]) == 0
+    converted = lmstack.load_model(tmp_path / "m16")
+    assert converted.embed.weight.dtype == torch.bfloat16
+    assert torch.equal(converted.embed.weight, model.embed.weight.to(torch.bfloat16))
+    assert lmstack.load_tokenizer(tmp_path / "m16").encode("ROMEO:") == tok.encode("ROMEO:")
+    assert main(["info", str(tmp_path / "m16")]) == 0
+    out = capsys.readouterr().out
+    info = json.loads(out[out.index("{"):])
+    assert info["parameters"] == model.num_params() and info["config"]["vocab_size"] == 400
