@@ -6,7 +6,7 @@ import torch
 import lmstack
 from lmstack import LMStackError
 from lmstack.checkpoints.gguf import unpermute_rope_rows
-from tests.conftest import VOCAB_DIR
+from tests.conftest import REPO, VOCAB_DIR
 
 # llama.cpp's own vectors for the vocabularies of the families lmstack loads.
 VOCABS = ["gpt-2", "llama-bpe", "qwen2", "starcoder", "refact", "llama-spm", "phi-3", "falcon", "mpt"]
@@ -109,3 +109,27 @@ def test_not_a_gguf_file(tmp_path):
     bad.write_bytes(b"not a gguf file at all")
     with pytest.raises(LMStackError, match="not a readable GGUF file"):
         lmstack.load_model(bad)
+
+
+@pytest.mark.parametrize("tensor_type,tol", [("f32", 1e-5), ("q8_0", 0.2)])
+def test_gguf_export_round_trip_and_transformers(tmp_path, tensor_type, tol):
+    """lmstack -> GGUF: lmstack reads it back, and so does transformers, with the same logits and ids."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lmstack.checkpoints.gguf import save_gguf
+
+    text = (REPO / "data" / "tinyshakespeare.txt").read_text()[:100_000]
+    tok = lmstack.Tokenizer.train([text], vocab_size=512, chat_template="chatml", eos_token="<|im_end|>")
+    torch.manual_seed(0)
+    model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", vocab_size=512)).eval()
+    path = save_gguf(model, tok, tmp_path / "m.gguf", tensor_type=tensor_type)
+    again, tok_again = lmstack.load_model(path), lmstack.load_tokenizer(path)
+    sample = "KING HENRY: Once more unto the breach, 1234 friends! 🦙"
+    ids = tok.encode(sample)
+    assert tok_again.encode(sample) == ids
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        assert (again(x) - model(x)).abs().max() < tol
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
+        assert (hf(x).logits - model(x)).abs().max() < tol
+    assert AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf").encode(sample) == ids

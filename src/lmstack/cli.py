@@ -55,7 +55,14 @@ def _convert(args: argparse.Namespace) -> None:
         tokenizer = load_tokenizer(src)
     except LMStackError as e:
         print(f"note: no tokenizer written ({e})", file=sys.stderr)
-    save_model(model, dst, tokenizer=tokenizer, max_shard_size=args.max_shard_size)
+    if dst.suffix == ".gguf":
+        from lmstack.checkpoints.gguf import save_gguf
+
+        if tokenizer is None:
+            raise LMStackError(f"{src}: a GGUF file carries the tokenizer, and none could be loaded")
+        save_gguf(model, tokenizer, dst, tensor_type=args.gguf_type)
+    else:
+        save_model(model, dst, tokenizer=tokenizer, max_shard_size=args.max_shard_size)
     print(f"wrote {dst} ({model.num_params():,} parameters, {model.embed.weight.dtype})")
 
 
@@ -108,11 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--show-tokens", action="store_true")
     enc.set_defaults(func=_tokenizer_encode)
 
-    conv = verbs.add_parser("convert", help="Hugging Face dir or GGUF file -> Hugging Face dir")
+    conv = verbs.add_parser("convert", help="Hugging Face dir <-> GGUF file, or a Hugging Face dir re-saved")
     conv.add_argument("source", help="a Hugging Face checkpoint directory or a .gguf file")
-    conv.add_argument("destination", help="output directory (Hugging Face format)")
+    conv.add_argument("destination", help="output directory (Hugging Face format), or a path ending in .gguf")
     conv.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
     conv.add_argument("--max-shard-size", default="5GB")
+    conv.add_argument("--gguf-type", default="f32", choices=["f32", "f16", "q8_0"],
+                      help="tensor type of the 2-D weights when writing a .gguf file")
     conv.set_defaults(func=_convert)
 
     info = verbs.add_parser("info", help="print a checkpoint's config and parameter count")

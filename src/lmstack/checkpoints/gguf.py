@@ -130,6 +130,12 @@ def unpermute_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
+def permute_rope_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's q/k layout (the inverse of `unpermute_rope_rows`), for writing GGUF files."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
 def load_gguf_model(
     path: str | os.PathLike, dtype: torch.dtype | None = None, device: torch.device | str | None = None
 ) -> Any:
@@ -243,3 +249,130 @@ def _sentencepiece_backend(meta: dict[str, Any], tokens: list[str], types: list[
         *([decoders.Strip(" ", 1, 0)] if meta.get("tokenizer.ggml.add_space_prefix", True) else []),
     ])
     return backend
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+GGUF_TYPES = ("f32", "f16", "q8_0")
+
+
+def _pre_tokenizer_name(backend: Backend) -> str:
+    """The llama.cpp pre-tokenizer name whose split rules equal this byte-level tokenizer's."""
+    import json
+
+    from lmstack.tokenizer import GPT4_SPLIT
+
+    pre = json.loads(backend.to_str()).get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    if [s.get("type") for s in steps] == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    if not steps or steps[-1].get("type") != "ByteLevel" or steps[-1].get("use_regex"):
+        raise LMStackError("GGUF export needs a byte-level tokenizer whose split rules llama.cpp knows")
+    splits = [s.get("pattern", {}).get("Regex") for s in steps[:-1] if s.get("type") == "Split"]
+    if splits == [GPT4_SPLIT]:
+        return "llama-bpe"
+    for name, regexes in PRE_TOKENIZER_SPLITS.items():
+        if splits == regexes:
+            return name
+    raise LMStackError(f"GGUF export: no llama.cpp pre-tokenizer has the split rules {splits}")
+
+
+def _tokenizer_metadata(writer: Any, tokenizer: Tokenizer, vocab_size: int) -> None:
+    import json
+
+    backend = tokenizer.backend
+    model = json.loads(backend.to_str())["model"]
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise LMStackError("GGUF export supports byte-level BPE tokenizers only")
+    added = backend.get_added_tokens_decoder()
+    tokens, types = [], []
+    for i in range(vocab_size):
+        token = backend.id_to_token(i)
+        if token is None:  # the model's vocabulary may be padded past the tokenizer's
+            tokens.append(f"[PAD{i}]")
+            types.append(5)  # UNUSED
+        else:
+            tokens.append(token)
+            types.append((CONTROL if added[i].special else USER_DEFINED) if i in added else 1)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(_pre_tokenizer_name(backend))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for key, token_id in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
+                          ("pad", tokenizer.pad_token_id)):
+        if token_id is not None:
+            getattr(writer, f"add_{key}_token_id")(token_id)
+    bos_added = tokenizer.bos_token_id is not None and tokenizer.encode("a")[:1] == [tokenizer.bos_token_id]
+    writer.add_add_bos_token(bos_added)
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def save_gguf(model: Any, tokenizer: Tokenizer, path: str | os.PathLike, tensor_type: str = "f32") -> Path:
+    """Write a Llama- or Qwen2-family `DecoderLM` and its byte-level BPE tokenizer as one GGUF file.
+
+    `tensor_type` is f32, f16 or q8_0 for the 2-D weights; norms and biases stay f32, as llama.cpp keeps them.
+    """
+    import gguf
+
+    from lmstack.checkpoints.hf import family_of
+
+    config: ModelConfig = model.config
+    family = family_of(config)
+    if family not in ("llama", "mistral", "qwen2") or config.n_expert:
+        raise LMStackError(f"GGUF export supports the llama, mistral and qwen2 families, not {family!r}")
+    if config.sliding_window is not None:
+        raise LMStackError("GGUF export: llama.cpp's llama architecture has no sliding window")
+    if config.rope_type not in ("default", "linear"):
+        raise LMStackError(f"GGUF export: rope scaling {config.rope_type!r} is not supported (default, linear)")
+    if config.bias not in ("none", "qkv") or config.mlp != "swiglu":
+        raise LMStackError("GGUF export: needs a SwiGLU MLP and no biases beyond q/k/v")
+    if tensor_type not in GGUF_TYPES:
+        raise LMStackError(f"GGUF tensor type {tensor_type!r} is not one of {list(GGUF_TYPES)}")
+    arch = "qwen2" if config.bias == "qkv" else "llama"
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    writer = gguf.GGUFWriter(str(tmp), arch)
+    writer.add_name(config.name or path.stem)
+    writer.add_context_length(config.block_size)
+    writer.add_embedding_length(config.n_embd)
+    writer.add_block_count(config.n_layer)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.n_head)
+    writer.add_head_count_kv(config.n_kv_head)
+    if config.head_dim != config.n_embd // config.n_head:
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_rope_dimension_count(config.rotary_dim)
+    if config.rope_type == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(config.rope_scaling["factor"])
+    writer.add_layer_norm_rms_eps(config.norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[tensor_type]
+    writer.add_file_type(file_type)
+    _tokenizer_metadata(writer, tokenizer, config.vocab_size)
+
+    state = model.state_dict()
+    for rule in _gguf_rules(config):
+        w = state[rule.ours[0]].detach().float().cpu()
+        if arch == "llama" and rule.hf.endswith(("attn_q.weight", "attn_k.weight")):
+            w = permute_rope_rows(w, config.n_head if rule.hf.endswith("attn_q.weight") else config.n_kv_head)
+        array = w.numpy()
+        if array.ndim == 1 or tensor_type == "f32":
+            writer.add_tensor(rule.hf, array)
+        elif tensor_type == "f16":
+            writer.add_tensor(rule.hf, array.astype(np.float16))
+        else:
+            qtype = gguf.GGMLQuantizationType.Q8_0
+            writer.add_tensor(rule.hf, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(tmp, path)
+    return path
