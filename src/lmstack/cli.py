@@ -66,6 +66,58 @@ def _convert(args: argparse.Namespace) -> None:
     print(f"wrote {dst} ({model.num_params():,} parameters, {model.embed.weight.dtype})")
 
 
+def _data_prepare(args: argparse.Namespace) -> None:
+    from lmstack.checkpoints import load_tokenizer
+    from lmstack.data.readers import iter_texts
+    from lmstack.data.shards import prepare_shards
+    from lmstack.tokenizer import Tokenizer
+
+    if args.tokenizer == "char":
+        tokenizer = Tokenizer.train_chars(iter_texts(args.input, args.text_field))
+    else:
+        tokenizer = load_tokenizer(args.tokenizer)
+    meta = prepare_shards(args.input, tokenizer, args.output, text_field=args.text_field,
+                          val_fraction=args.val_fraction, split=args.split, workers=args.workers,
+                          on_bad_record=args.on_bad_record, progress=sys.stderr.isatty())
+    print(f"wrote {args.output}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} validation tokens "
+          f"({meta['dtype']}) from {meta['documents']:,} documents")
+    if meta["files_not_utf8"]:
+        print(f"note: {meta['replacement_chars']:,} invalid UTF-8 sequences replaced with U+FFFD in "
+              f"{', '.join(meta['files_not_utf8'])}", file=sys.stderr)
+    if meta["skipped_records"]:
+        print(f"note: skipped {meta['skipped_records']:,} bad records, e.g. {meta['skipped_examples'][0]}",
+              file=sys.stderr)
+
+
+def _pretrain(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmstack.train.config import load_config
+    from lmstack.train.loop import pretrain
+
+    if args.resume:
+        run = Path(args.resume)
+        saved = run / "config.json"
+        if not saved.exists():
+            raise LMStackError(f"{run}: no config.json (not a training run directory)")
+        config_path = args.config or saved
+        overrides = [*overrides, "--out_dir", str(run)]
+    else:
+        if not args.config and not overrides:
+            raise LMStackError("give a recipe with --config, or --key value settings")
+        config_path = args.config
+    cfg = load_config(config_path, overrides)
+    summary = pretrain(cfg, resume=bool(args.resume))
+    if summary.get("checkpoint"):
+        print(f"done: {summary['steps']} steps; validation loss {summary['val_loss']:.4f} "
+              f"(perplexity {summary['val_ppl']:.2f}, best {summary['best_val_loss']:.4f}); "
+              f"model: {summary['checkpoint']}; curve: {summary['plot']}")
+
+
+def _plot(args: argparse.Namespace) -> None:
+    from lmstack.train.metrics import plot_losses
+
+    print(f"wrote {plot_losses(args.run_dir, args.output)}")
+
+
 def _info(args: argparse.Namespace) -> None:
     from lmstack.checkpoints.hf import config_from_hf
 
@@ -124,6 +176,30 @@ def build_parser() -> argparse.ArgumentParser:
                       help="tensor type of the 2-D weights when writing a .gguf file")
     conv.set_defaults(func=_convert)
 
+    data = verbs.add_parser("data", help="prepare corpora")
+    data_verbs = data.add_subparsers(dest="data_verb", required=True)
+    prep = data_verbs.add_parser("prepare", help="tokenize text / JSONL / Parquet into token shards")
+    prep.add_argument("--input", nargs="+", required=True)
+    prep.add_argument("--tokenizer", required=True, help="a tokenizer path, or 'char' for characters")
+    prep.add_argument("--output", required=True, help="shard directory to write")
+    prep.add_argument("--text-field", default="text")
+    prep.add_argument("--val-fraction", type=float, default=0.1)
+    prep.add_argument("--split", default="tail", choices=["tail", "hash"],
+                      help="tail: last tokens are validation; hash: whole documents by hash")
+    prep.add_argument("--workers", type=int, default=None)
+    prep.add_argument("--on-bad-record", default="fail", choices=["fail", "skip"])
+    prep.set_defaults(func=_data_prepare)
+
+    pre = verbs.add_parser("pretrain", help="train a model on token shards (any setting as --key value)")
+    pre.add_argument("--config", help="a YAML recipe")
+    pre.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    pre.set_defaults(func=_pretrain, takes_overrides=True)
+
+    plot = verbs.add_parser("plot", help="draw a run's loss curves to RUN_DIR/loss.png")
+    plot.add_argument("run_dir")
+    plot.add_argument("--output", default=None)
+    plot.set_defaults(func=_plot)
+
     info = verbs.add_parser("info", help="print a checkpoint's config and parameter count")
     info.add_argument("model")
     info.set_defaults(func=_info)
@@ -131,9 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if extra and not getattr(args, "takes_overrides", False):
+        build_parser().parse_args(argv)  # reports the unknown arguments and exits
     try:
-        args.func(args)
+        if getattr(args, "takes_overrides", False):
+            args.func(args, extra)
+        else:
+            args.func(args)
     except LMStackError as e:
         if args.debug:
             raise

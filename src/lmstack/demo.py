@@ -17,27 +17,10 @@ import torch
 
 import lmstack
 import lmstack.tokenizer
-from lmstack.models import DecoderLM
+from lmstack.generate import generate_ids
 
 REPO = Path(__file__).resolve().parents[2]
 OUT = Path("runs/demo")
-
-
-@torch.no_grad()
-def greedy(model: DecoderLM, prompt_ids: list[int], max_new_tokens: int, stop_id: int | None) -> list[int]:
-    """Greedy decoding with the static KV cache: one prefill, then one token per step."""
-    model.setup_kv_cache(batch_size=1, max_seq_len=len(prompt_ids) + max_new_tokens)
-    logits = model(torch.tensor([prompt_ids]), input_pos=torch.arange(len(prompt_ids)))
-    out: list[int] = []
-    for step in range(max_new_tokens):
-        token = int(logits[0, -1].argmax())
-        if token == stop_id:
-            break
-        out.append(token)
-        pos = len(prompt_ids) + step
-        logits = model(torch.tensor([[token]]), input_pos=torch.tensor([pos]))
-    model.clear_kv_cache()
-    return out
 
 
 def main() -> int:
@@ -74,7 +57,7 @@ def main() -> int:
     smol, smol_tok = lmstack.load_model(gguf), lmstack.load_tokenizer(gguf)
     question = [{"role": "user", "content": "What is the capital of France?"}]
     prompt = smol_tok.apply_chat_template(question, add_generation_prompt=True)
-    answer = smol_tok.decode(greedy(smol, prompt, 24, smol_tok.eos_token_id))
+    answer = smol_tok.decode(generate_ids(smol, prompt, 24, stop_ids={smol_tok.eos_token_id}))
     print(f"[3] SmolLM2-135M-Instruct from GGUF ({time.time() - t0:.1f}s): Q: What is the capital of France? "
           f"A: {answer!r}")
     lmstack.save_model(smol, OUT / "smollm2-135m-instruct", tokenizer=smol_tok)

@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lmstack.config import ModelConfig
 from lmstack.models.attention import Attention, KVCache, attention_mask, rope_cos_sin, rope_inv_freq
@@ -63,6 +64,7 @@ class DecoderLM(nn.Module):
         self.norm = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.lm_head_bias)
         self.tie_weights()
+        self.activation_checkpointing = False  # recompute each block in backward instead of storing it
         self.register_buffer("rope_inv_freq", torch.empty(0), persistent=False)
         self.rope_scale = 1.0
         self.init_buffers()
@@ -154,7 +156,10 @@ class DecoderLM(nn.Module):
 
         router_logits = []
         for block in self.layers:
-            x, logits = block(x, rope, mask, input_pos)
+            if self.activation_checkpointing and self.training:
+                x, logits = checkpoint(block, x, rope, mask, input_pos, use_reentrant=False)
+            else:
+                x, logits = block(x, rope, mask, input_pos)
             if logits is not None:
                 router_logits.append(logits)
         logits = self.lm_head(self.norm(x))

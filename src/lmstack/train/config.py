@@ -1,0 +1,199 @@
+"""`TrainConfig`: every setting of a training run, read from a YAML recipe plus `--key value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmstack.config import ModelConfig
+from lmstack.errors import LMStackError
+
+
+@dataclass
+class TrainConfig:
+    """A pretraining run. Steps count optimizer updates; a step sees `batch_size * grad_accum * world_size`
+    sequences of `block_size` tokens."""
+
+    data: str = ""  # a shard directory from `lmstack data prepare`
+    out_dir: str = "runs/run"
+    model: str = "tiny-llama"  # a preset name, or a checkpoint directory to continue from (init_from)
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields changed from the preset
+    init_from: str = "scratch"  # "scratch" or "checkpoint" (load `model` as a checkpoint directory)
+    seed: int = 1337
+    # batch
+    batch_size: int = 8  # sequences per micro-batch per process
+    block_size: int = 256
+    grad_accum: int = 1
+    # optimizer and schedule
+    max_steps: int = 1000
+    learning_rate: float = 6e-4
+    min_lr: float = 6e-5
+    warmup_steps: int = 100
+    lr_decay_steps: int | None = None  # cosine decay ends here (default: max_steps)
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 disables clipping
+    # precision and speed
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32), fp32, bf16, fp16
+    compile: bool = False
+    activation_checkpointing: bool = False
+    distributed: str = "ddp"  # under torchrun: ddp, or fsdp (FSDP2 fully_shard)
+    # evaluation, logging, checkpoints
+    eval_interval: int = 250
+    eval_batches: int = 20
+    log_interval: int = 10
+    checkpoint_interval: int = 500
+    keep_checkpoints: int = 2
+    tensorboard: bool = False
+    sample_prompts: list[str] = field(default_factory=lambda: ["\n"])
+    sample_tokens: int = 0  # tokens to sample per prompt at each evaluation (0: none)
+    sample_temperature: float = 0.8
+    sample_top_k: int | None = 200
+    progress: bool = True
+
+    # Fields that may change when a run resumes; any other difference is refused.
+    RESUMABLE_CHANGES = ("max_steps", "eval_interval", "eval_batches", "log_interval", "checkpoint_interval",
+                         "keep_checkpoints", "tensorboard", "sample_prompts", "sample_tokens",
+                         "sample_temperature", "sample_top_k", "progress", "compile", "device", "out_dir")
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise LMStackError(f"precision {self.precision!r} is not one of auto, fp32, bf16, fp16")
+        if self.distributed not in ("ddp", "fsdp"):
+            raise LMStackError(f"distributed {self.distributed!r} is not ddp or fsdp")
+        if self.init_from not in ("scratch", "checkpoint"):
+            raise LMStackError(f"init_from {self.init_from!r} is not scratch or checkpoint")
+        for name in ("batch_size", "block_size", "grad_accum", "max_steps", "eval_interval", "log_interval",
+                     "checkpoint_interval", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise LMStackError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def model_config(self, vocab_size: int | None = None) -> ModelConfig:
+        """The model's config: the preset with `model_overrides` (the data's vocabulary by default)."""
+        changes = dict(self.model_overrides)
+        if vocab_size is not None:
+            changes.setdefault("vocab_size", vocab_size)
+        changes.setdefault("block_size", self.block_size)
+        return ModelConfig.from_name(self.model, **changes)
+
+
+def _field_types() -> dict[str, Any]:
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
+
+
+def _coerce(name: str, value: Any, kind: Any) -> Any:
+    """Check (YAML) or convert (command-line string) `value` to the field's type."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        if is_none and type(None) in args:
+            return None
+        kind = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, list):
+            raise LMStackError(f"{name}: expected a list, got {value!r}")
+        return value
+    if origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise LMStackError(f"{name}: expected a mapping, got {value!r}")
+        return value
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise LMStackError(f"{name}: expected true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise LMStackError(f"{name}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise LMStackError(f"{name}: expected an integer, got {value!r}") from None
+    if kind is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise LMStackError(f"{name}: expected a number, got {value!r}") from None
+    if kind is str:
+        return str(value)
+    return value
+
+
+def build_config(values: dict[str, Any], where: str = "config") -> TrainConfig:
+    """A `TrainConfig` from a mapping; unknown keys are named, with the valid ones listed."""
+    fields = _field_types()
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise LMStackError(f"{where}: unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(fields))}")
+    return TrainConfig(**{k: _coerce(k, v, fields[k]) for k, v in values.items()})
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`["--max_steps", "100", "--model.n_layer", "4"]` -> {"max_steps": "100", "model_overrides": {...}}."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(pairs):
+        key = pairs[i]
+        if not key.startswith("--"):
+            raise LMStackError(f"expected --key value, got {key!r}")
+        key = key[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(pairs):
+                raise LMStackError(f"--{key} needs a value")
+            value = pairs[i + 1]
+            i += 2
+        key = key.replace("-", "_")
+        if key.startswith("model."):
+            field_name = key.split(".", 1)[1]
+            out.setdefault("model_overrides", {})[field_name] = yaml.safe_load(value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML recipe and apply command-line overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise LMStackError(f"{p}: no such recipe")
+        try:
+            values = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise LMStackError(f"{p}: not valid YAML ({e})") from None
+        if not isinstance(values, dict):
+            raise LMStackError(f"{p}: a recipe is a mapping of keys to values")
+    extra = parse_overrides(overrides or [])
+    if "model_overrides" in extra:
+        extra["model_overrides"] = {**values.get("model_overrides", {}), **extra["model_overrides"]}
+    return build_config({**values, **extra}, where=str(path or "command line"))
+
+
+def config_differences(saved: dict[str, Any], current: TrainConfig) -> list[str]:
+    """Fields that differ between a saved run's config and `current`, other than the ones that may."""
+    now = current.to_dict()
+    return [f"{k}: run has {saved.get(k)!r}, now {now[k]!r}" for k in now
+            if k not in TrainConfig.RESUMABLE_CHANGES and saved.get(k) != now[k]]

@@ -1,0 +1,253 @@
+"""Pretraining: token shards, recipes, the schedule, exact resume after SIGKILL, DDP and FSDP on gloo."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from lmstack import LMStackError, Tokenizer
+from lmstack.data import shards as shards_mod
+from lmstack.data.shards import TokenShards, prepare_shards
+from lmstack.train.config import TrainConfig, load_config
+from lmstack.train.loop import batch_offsets, lr_at
+from tests.conftest import REPO
+
+CORPUS = REPO / "data" / "tinyshakespeare.txt"
+LMSTACK = [sys.executable, "-m", "lmstack.cli"]
+TINY = ["--max_steps", "6", "--eval_interval", "3", "--checkpoint_interval", "3", "--block_size", "32",
+        "--log_interval", "1", "--warmup_steps", "2", "--progress", "false", "--model.n_layer", "2",
+        "--eval_batches", "2"]
+
+
+@pytest.fixture(scope="module")
+def char_shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards") / "shakespeare-char"
+    text = CORPUS.read_text()
+    prepare_shards([CORPUS], Tokenizer.train_chars([text]), out, workers=2, progress=False)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def test_char_shards_match_nanogpt(char_shards):
+    text = CORPUS.read_text()
+    chars = sorted(set(text))
+    data = TokenShards(char_shards)
+    n = len(text)
+    assert data.meta["vocab_size"] == 65 and data.meta["dtype"] == "uint16"
+    assert len(data["train"]) == int(n * 0.9) and len(data["val"]) == n - int(n * 0.9)
+    stoi = {c: i for i, c in enumerate(chars)}
+    expected = np.array([stoi[c] for c in text[int(n * 0.9):]], dtype=np.uint16)
+    assert np.array_equal(data["val"], expected)
+
+
+def test_blockwise_tokenization_equals_whole(tmp_path, monkeypatch):
+    text = CORPUS.read_text()[:300_000]
+    tok = Tokenizer.train([text], vocab_size=500)
+    src = tmp_path / "corpus.txt"
+    src.write_text(text)
+    monkeypatch.setattr(shards_mod, "BLOCK_CHARS", 4096)  # ~70 blocks
+    prepare_shards([src], tok, tmp_path / "s", val_fraction=0.0, workers=2, progress=False)
+    got = TokenShards(tmp_path / "s")["train"]
+    assert got.tolist() == tok.encode(text) + [tok.eos_token_id]
+
+
+def test_jsonl_documents_eos_and_bad_records(tmp_path):
+    tok = Tokenizer.train(["hello world, good day"] * 20, vocab_size=300)
+    good = tmp_path / "a.jsonl"
+    good.write_text('{"text": "hello"}\n{"text": "world"}\n')
+    prepare_shards([good], tok, tmp_path / "s", val_fraction=0.0, progress=False, workers=1)
+    ids = TokenShards(tmp_path / "s")["train"].tolist()
+    eos = tok.eos_token_id
+    assert ids == tok.encode("hello") + [eos] + tok.encode("world") + [eos]
+
+    bad = tmp_path / "b.jsonl"
+    bad.write_text('{"text": "hello"}\n{"body": "no text"}\n{"text": "world"}\n')
+    with pytest.raises(LMStackError, match=r"b.jsonl:2: record has no field 'text'"):
+        prepare_shards([bad], tok, tmp_path / "t", progress=False, workers=1)
+    assert not (tmp_path / "t").exists()  # nothing half-written
+    meta = prepare_shards([bad], tok, tmp_path / "t", val_fraction=0.0, on_bad_record="skip", progress=False,
+                          workers=1)
+    assert meta["skipped_records"] == 1 and "b.jsonl:2" in meta["skipped_examples"][0]
+    assert meta["train_tokens"] == len(ids)
+
+
+def test_not_utf8_is_replaced_and_counted(tmp_path):
+    tok = Tokenizer.train(["abc"] * 10, vocab_size=260)
+    src = tmp_path / "latin1.txt"
+    src.write_bytes("café déjà vu \ufffd".encode() + b" \xe9\xff end")
+    meta = prepare_shards([src], tok, tmp_path / "s", val_fraction=0.0, progress=False, workers=1)
+    assert meta["replacement_chars"] == 2 and meta["files_not_utf8"] == [str(src)]
+
+
+def test_empty_corpus(tmp_path):
+    src = tmp_path / "empty.txt"
+    src.write_text("")
+    tok = Tokenizer.train_chars(["ab"])
+    with pytest.raises(LMStackError, match="the corpus is empty"):
+        prepare_shards([src], tok, tmp_path / "s", progress=False, workers=1)
+
+
+def test_parquet_and_hash_split(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = [f"document {i} " * 3 for i in range(200)]
+    pq.write_table(pa.table({"content": docs}), tmp_path / "d.parquet")
+    tok = Tokenizer.train(docs, vocab_size=300)
+    meta = prepare_shards([tmp_path / "d.parquet"], tok, tmp_path / "s", text_field="content", split="hash",
+                          val_fraction=0.2, progress=False, workers=2)
+    assert meta["documents"] == 200
+    assert 0.1 < meta["val_tokens"] / (meta["train_tokens"] + meta["val_tokens"]) < 0.3
+    again = prepare_shards([tmp_path / "d.parquet"], tok, tmp_path / "s2", text_field="content", split="hash",
+                           val_fraction=0.2, progress=False, workers=1)
+    assert again["val_tokens"] == meta["val_tokens"]  # deterministic, whatever the number of workers
+    with pytest.raises(LMStackError, match="no column 'text'"):
+        prepare_shards([tmp_path / "d.parquet"], tok, tmp_path / "s3", progress=False, workers=1)
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def test_recipe_unknown_key_lists_valid_ones(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("learning_rate: 1e-3\nlearnin_rate: 2\n")
+    with pytest.raises(LMStackError, match=r"unknown key 'learnin_rate'; valid keys: .*learning_rate"):
+        load_config(recipe)
+
+
+def test_overrides_are_typed(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("max_steps: 10\nmodel_overrides: {n_layer: 2}\n")
+    cfg = load_config(recipe, ["--max_steps", "20", "--learning_rate=3e-4", "--compile", "true",
+                               "--model.n_embd", "128", "--lr_decay_steps", "none"])
+    assert cfg.max_steps == 20 and cfg.learning_rate == 3e-4 and cfg.compile is True
+    assert cfg.model_overrides == {"n_layer": 2, "n_embd": 128} and cfg.lr_decay_steps is None
+    with pytest.raises(LMStackError, match="max_steps: expected an integer"):
+        load_config(recipe, ["--max_steps", "ten"])
+
+
+def test_recipes_parse():
+    for recipe in (REPO / "recipes").glob("*.yaml"):
+        cfg = load_config(recipe)
+        cfg.model_config(vocab_size=65)
+
+
+def test_lr_schedule_hand_values():
+    cfg = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
+    assert lr_at(0, cfg) == pytest.approx(1e-3 / 11)
+    assert lr_at(9, cfg) == pytest.approx(1e-3 * 10 / 11)
+    assert lr_at(10, cfg) == pytest.approx(1e-3)
+    assert lr_at(60, cfg) == pytest.approx(1e-4 + 0.5 * 0.9e-3)  # halfway: cos = 0
+    assert lr_at(110, cfg) == pytest.approx(1e-4)
+
+
+def test_batches_depend_only_on_seed_and_step():
+    a = batch_offsets(1, 5, 8, 1000, 32)
+    assert np.array_equal(a, batch_offsets(1, 5, 8, 1000, 32))
+    assert not np.array_equal(a, batch_offsets(1, 6, 8, 1000, 32))
+    assert a.max() <= 1000 - 32 - 1
+    with pytest.raises(LMStackError, match="fewer than block_size"):
+        batch_offsets(1, 0, 1, 20, 32)
+
+
+def test_activation_checkpointing_same_gradients():
+    from lmstack import DecoderLM, ModelConfig
+
+    torch.manual_seed(0)
+    model = DecoderLM(ModelConfig.from_name("tiny-llama"))
+    ids = torch.randint(0, 256, (2, 16))
+    _, loss = model(ids, ids)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.activation_checkpointing = True
+    _, loss2 = model(ids, ids)
+    loss2.backward()
+    assert torch.equal(loss, loss2)
+    assert all(torch.allclose(g, p.grad, atol=1e-6) for g, p in zip(grads, model.parameters()))
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+
+def _run(args, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*LMSTACK, *args], capture_output=True, text=True, env=env, **kw)
+
+
+def _losses(run_dir, key="loss"):
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r[key]) for r in lines if key in r]
+
+
+def test_resume_after_sigkill_logs_identical_losses(char_shards, tmp_path):
+    args = ["pretrain", "--data", str(char_shards), "--max_steps", "150", "--eval_interval", "25",
+            "--checkpoint_interval", "20", "--batch_size", "4", "--block_size", "32", "--log_interval", "1",
+            "--warmup_steps", "5", "--model.dropout", "0.1", "--model.n_layer", "1", "--progress", "false"]
+    full = _run([*args, "--out_dir", str(tmp_path / "a")])
+    assert full.returncode == 0, full.stderr
+    run = tmp_path / "b"
+    proc = subprocess.Popen([*LMSTACK, *args, "--out_dir", str(run)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (run / "checkpoints" / "step-0000040").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "checkpoints" / "step-0000150").exists()  # it was killed mid-run
+    assert not list((run / "checkpoints").glob("*.tmp"))
+    resumed = _run(["pretrain", "--resume", str(run), "--progress", "false"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert _losses(run) == _losses(tmp_path / "a")
+    assert _losses(run, "val_loss") == _losses(tmp_path / "a", "val_loss")
+    assert (run / "loss.png").stat().st_size > 10_000
+
+    changed = _run(["pretrain", "--resume", str(run), "--batch_size", "8"])
+    assert changed.returncode == 1
+    assert "cannot resume with a different config: batch_size: run has 4, now 8" in changed.stderr
+    again = _run([*args, "--out_dir", str(run)])
+    assert again.returncode == 1 and "already holds a run" in again.stderr
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one(char_shards, tmp_path, strategy):
+    single = _run(["pretrain", "--data", str(char_shards), *TINY, "--batch_size", "4",
+                   "--out_dir", str(tmp_path / "one")])
+    assert single.returncode == 0, single.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    multi = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "lmstack.cli",
+         "pretrain", "--data", str(char_shards), *TINY, "--batch_size", "2", "--distributed", strategy,
+         "--out_dir", str(tmp_path / "two")], capture_output=True, text=True, env=env)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert [s for s, _ in one] == [s for s, _ in two]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(one, two)) < 1e-5
+    # the checkpoint gathered from two processes loads like any other
+    import lmstack
+
+    a = lmstack.load_model(tmp_path / "one" / "checkpoints" / "step-0000006")
+    b = lmstack.load_model(tmp_path / "two" / "checkpoints" / "step-0000006")
+    assert max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters())) < 1e-5
+
+
+def test_plot_and_tensorboard(char_shards, tmp_path):
+    out = tmp_path / "run"
+    r = _run(["pretrain", "--data", str(char_shards), *TINY, "--batch_size", "2", "--tensorboard", "true",
+              "--out_dir", str(out)])
+    assert r.returncode == 0, r.stderr
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    (out / "loss.png").unlink()
+    assert _run(["plot", str(out)]).returncode == 0
+    assert (out / "loss.png").stat().st_size > 10_000
+    val = _losses(out, "val_loss")
+    assert [s for s, _ in val] == [0, 3, 6] and all(math.isfinite(v) for _, v in val)
