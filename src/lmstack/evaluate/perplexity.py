@@ -1,0 +1,71 @@
+"""Sliding-window perplexity and bits per byte of a text under a model.
+
+As in the Hugging Face perplexity guide: windows of `max_length` tokens advance by `stride`; each window
+scores only the tokens the previous window did not, with the rest of the window as context. Bits per byte
+divides the total negative log-likelihood by the UTF-8 bytes of the scored text, so models with different
+tokenizers compare.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from lmstack.errors import LMStackError
+from lmstack.models.decoder import DecoderLM
+from lmstack.tokenizer import Tokenizer
+
+
+@dataclass
+class PerplexityResult:
+    perplexity: float
+    bits_per_byte: float
+    nll_per_token: float  # nats
+    tokens: int  # tokens scored
+    bytes: int  # UTF-8 bytes of the scored text
+
+    def to_dict(self) -> dict[str, float | int]:
+        return dict(self.__dict__)
+
+
+@torch.no_grad()
+def perplexity(
+    model: DecoderLM, tokenizer: Tokenizer, text: str, *, max_length: int | None = None, stride: int | None = None,
+    progress: bool = False,
+) -> PerplexityResult:
+    """Perplexity of `text`: exp(mean NLL) over every token after the first, with up to `max_length` tokens
+    of context (default: the model's context) advanced `stride` tokens at a time (default: max_length / 2)."""
+    max_length = max_length or model.config.block_size
+    stride = stride or max(1, max_length // 2)
+    if not 1 <= stride <= max_length:
+        raise LMStackError(f"stride must be between 1 and max_length ({max_length}), got {stride}")
+    if max_length > model.config.block_size:
+        raise LMStackError(f"max_length {max_length} exceeds the model's context ({model.config.block_size})")
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) < 2:
+        raise LMStackError("the text has fewer than two tokens; nothing to score")
+    device = model.embed.weight.device
+    model.eval()
+    ids_t = torch.tensor(ids, device=device)
+    total_nll, scored, prev_end = 0.0, 0, 0
+    starts = range(0, len(ids), stride)
+    for begin in tqdm(starts, disable=not progress, desc="perplexity", unit="window"):
+        end = min(begin + max_length, len(ids))
+        window = ids_t[begin:end]
+        logits = model(window[None, :-1])[0].float()
+        targets = window[1:].clone()
+        fresh = end - max(prev_end, begin + 1)  # tokens not scored by an earlier window
+        targets[: len(targets) - fresh] = -100
+        total_nll += F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum").item()
+        scored += fresh
+        prev_end = end
+        if end == len(ids):
+            break
+    n_bytes = len(tokenizer.decode(ids[1:]).encode("utf-8"))
+    nll = total_nll / scored
+    return PerplexityResult(perplexity=math.exp(nll), bits_per_byte=total_nll / math.log(2) / n_bytes,
+                            nll_per_token=nll, tokens=scored, bytes=n_bytes)
