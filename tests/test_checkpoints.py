@@ -61,7 +61,8 @@ def test_missing_tensor_is_named(saved):
     tensors = load_file(path / "model.safetensors")
     del tensors["model.layers.1.self_attn.k_proj.weight"]
     save_file(tensors, path / "model.safetensors")
-    with pytest.raises(LMStackError, match=r"missing tensor 'model.layers.1.self_attn.k_proj.weight'"):
+    with pytest.raises(LMStackError, match=r"\(model.safetensors\): missing tensor "
+                                           r"'model.layers.1.self_attn.k_proj.weight'"):
         lmstack.load_model(path)
 
 
@@ -70,8 +71,8 @@ def test_misshaped_tensor_names_both_shapes(saved):
     tensors = load_file(path / "model.safetensors")
     tensors["model.layers.0.mlp.up_proj.weight"] = torch.zeros(100, 64)
     save_file(tensors, path / "model.safetensors")
-    with pytest.raises(LMStackError, match=r"'model.layers.0.mlp.up_proj.weight' has shape \[100, 64\], "
-                                           r"expected \[160, 64\]"):
+    with pytest.raises(LMStackError, match=r"model.safetensors: tensor 'model.layers.0.mlp.up_proj.weight' has "
+                                           r"shape \[100, 64\], expected \[160, 64\]"):
         lmstack.load_model(path)
 
 

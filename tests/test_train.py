@@ -251,3 +251,16 @@ def test_plot_and_tensorboard(char_shards, tmp_path):
     assert (out / "loss.png").stat().st_size > 10_000
     val = _losses(out, "val_loss")
     assert [s for s, _ in val] == [0, 3, 6] and all(math.isfinite(v) for _, v in val)
+
+
+def test_out_of_memory_says_what_to_change(char_shards, tmp_path, monkeypatch):
+    from lmstack import DecoderLM
+    from lmstack.train.loop import pretrain
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(DecoderLM, "forward", oom)
+    cfg = load_config(None, ["--data", str(char_shards), "--out_dir", str(tmp_path / "r"), *TINY])
+    with pytest.raises(LMStackError, match="out of GPU memory at batch_size=8.*activation_checkpointing"):
+        pretrain(cfg)

@@ -353,10 +353,12 @@ def convert_to_ours(
     get: Callable[[str], torch.Tensor],
     where: str,
     convert: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+    file_of: dict[str, Any] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Build lmstack's state dict from Hugging Face-named tensors, checking every name and shape.
 
-    `where` names the source in error messages; `convert` moves or casts each tensor as it is read.
+    `where` names the source in error messages (`file_of` the file of each tensor, when there are several);
+    `convert` moves or casts each tensor as it is read.
     """
     present = set(keys)
     missing = [r.hf for r in rules if r.hf not in present]
@@ -376,7 +378,8 @@ def convert_to_ours(
         shapes = [expected[name] for name in rule.ours]
         want = torch.Size([sum(s[0] for s in shapes), *shapes[0][1:]])
         if t.shape != want:
-            raise LMStackError(f"{where}: tensor {rule.hf!r} has shape {list(t.shape)}, expected {list(want)}")
+            source = file_of.get(rule.hf, where) if file_of else where
+            raise LMStackError(f"{source}: tensor {rule.hf!r} has shape {list(t.shape)}, expected {list(want)}")
         for name, part in zip(rule.ours, t.split([s[0] for s in shapes], dim=0)):
             state[name] = convert(part.contiguous() if rule.transpose else part)
     return state
@@ -416,7 +419,9 @@ def load_hf_model(
     def convert(t: torch.Tensor) -> torch.Tensor:
         return t.to(device=device or "cpu", dtype=dtype or t.dtype)
 
-    state = convert_to_ours(rules, expected_shapes(config), keys, source.get, str(path), convert)
+    files = ", ".join(sorted({p.name for p in source.file_of.values()}))
+    state = convert_to_ours(rules, expected_shapes(config), keys, source.get, f"{path} ({files})", convert,
+                            file_of=source.file_of)
     return materialize(config, state, device)
 
 
