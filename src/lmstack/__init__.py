@@ -3,6 +3,7 @@
 from lmstack.checkpoints import load_model, load_tokenizer, save_model
 from lmstack.config import PRESETS, ModelConfig
 from lmstack.errors import LMStackError
+from lmstack.generate import Engine, SamplingParams, generate
 from lmstack.models import DecoderLM
 from lmstack.tokenizer import Tokenizer
 
@@ -10,9 +11,12 @@ __version__ = "0.1.0"
 __all__ = [
     "PRESETS",
     "DecoderLM",
+    "Engine",
     "LMStackError",
     "ModelConfig",
+    "SamplingParams",
     "Tokenizer",
+    "generate",
     "load_model",
     "load_tokenizer",
     "save_model",

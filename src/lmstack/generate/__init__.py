@@ -1,5 +1,7 @@
-"""Generation: sampling with the static KV cache."""
+"""Generation: samplers, the batched streaming engine with a static KV cache."""
 
-from lmstack.generate.sampling import generate_ids, sample_next_token
+from lmstack.generate.engine import Completion, Engine, TokenLogprob, generate
+from lmstack.generate.sampling import SamplingParams, generate_ids, process_logits, sample_next_token
 
-__all__ = ["generate_ids", "sample_next_token"]
+__all__ = ["Completion", "Engine", "SamplingParams", "TokenLogprob", "generate", "generate_ids",
+           "process_logits", "sample_next_token"]

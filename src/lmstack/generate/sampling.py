@@ -1,26 +1,197 @@
-"""Token sampling and a simple cached decode loop (greedy, temperature, top-k)."""
+"""Sampling parameters and logits processors.
+
+Each processor is a plain function from logits [B, V] (float32) to logits, applied in the order Hugging Face
+applies them: penalties and biases first, then temperature, then the truncations (top-k, top-p, min-p,
+typical-p). A removed token gets -inf. Definitions follow `transformers` (repetition penalty as in CTRL,
+top-p keeping the token that crosses p) and OpenAI (frequency and presence penalties over generated tokens).
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
+
 import torch
 
+from lmstack.errors import LMStackError
 from lmstack.models.decoder import DecoderLM
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens and when to stop. `temperature=0` means greedy."""
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float = 1.0
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    repetition_penalty: float = 1.0  # CTRL: divide positive logits (multiply negative) of seen tokens
+    frequency_penalty: float = 0.0  # OpenAI: logit -= alpha * count in the generated tokens
+    presence_penalty: float = 0.0  # OpenAI: logit -= gamma if generated at all
+    no_repeat_ngram_size: int = 0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    stop: list[str] = field(default_factory=list)  # stop strings (not included in the text)
+    stop_token_ids: list[int] = field(default_factory=list)  # besides the tokenizer's eos
+    ignore_eos: bool = False
+    n: int = 1  # samples per prompt
+    seed: int | None = None
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the top k alternatives
+    truncate_prompt: bool = False  # keep the end of a prompt longer than the context instead of failing
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(name: str, rule: str) -> LMStackError:
+            return LMStackError(f"{name}={getattr(self, name)!r}: {rule}")
+
+        if self.temperature < 0 or not math.isfinite(self.temperature):
+            raise bad("temperature", "must be >= 0 (0 means greedy)")
+        if not 0 < self.top_p <= 1:
+            raise bad("top_p", "must be in (0, 1]")
+        if not 0 <= self.min_p <= 1:
+            raise bad("min_p", "must be in [0, 1]")
+        if not 0 < self.typical_p <= 1:
+            raise bad("typical_p", "must be in (0, 1]")
+        if self.top_k is not None and self.top_k < 0:
+            raise bad("top_k", "must be >= 0 (0 or None: no limit)")
+        if self.repetition_penalty <= 0:
+            raise bad("repetition_penalty", "must be > 0 (1 means none)")
+        if self.max_new_tokens < 0:
+            raise bad("max_new_tokens", "must be >= 0")
+        if self.n < 1:
+            raise bad("n", "must be >= 1")
+        if self.no_repeat_ngram_size < 0:
+            raise bad("no_repeat_ngram_size", "must be >= 0")
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
+            raise bad("stop", "must be a list of non-empty strings")
+        if not all(isinstance(t, int) for t in self.stop_token_ids):
+            raise bad("stop_token_ids", "must be a list of token ids")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise bad("logprobs", "must be between 0 and 20")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+# ---------------------------------------------------------------------------------------------- processors
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty on every token seen so far (prompt and output): positive logits / penalty, negative
+    ones * penalty. `seen` is a bool mask [B, V]."""
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def apply_frequency_presence(logits: torch.Tensor, counts: torch.Tensor, frequency: float,
+                             presence: float) -> torch.Tensor:
+    """OpenAI's penalties over generated tokens: counts [B, V] of each token so far."""
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
+
+
+def banned_ngram_tokens(tokens: list[int], n: int) -> set[int]:
+    """Tokens that would complete an n-gram already present in `tokens`."""
+    if n <= 0 or len(tokens) < n:
+        return set()
+    prefix = tuple(tokens[len(tokens) - n + 1:])
+    return {tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tuple(tokens[i:i + n - 1]) == prefix}
+
+
+def apply_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    if not k or k >= logits.size(-1):
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1, None]
+    return logits.masked_fill(logits < kth, NEG_INF)
+
+
+def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches p, the crossing token included."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove = cumulative <= 1 - p
+    remove[..., -1] = False  # always keep the most likely token
+    return logits.masked_fill(remove.scatter(-1, order, remove), NEG_INF)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Drop tokens less likely than `min_p` times the most likely one."""
+    if min_p <= 0:
+        return logits
+    probs = logits.softmax(dim=-1)
+    threshold = min_p * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(probs < threshold, NEG_INF)
+
+
+def apply_typical_p(logits: torch.Tensor, mass: float) -> torch.Tensor:
+    """Locally typical sampling: keep the tokens whose surprise is closest to the entropy, up to `mass`."""
+    if mass >= 1.0:
+        return logits
+    logp = logits.log_softmax(dim=-1)
+    entropy = -(logp.exp() * logp).nansum(dim=-1, keepdim=True)
+    shifted = (-logp - entropy).abs()
+    sorted_shifted, order = torch.sort(shifted, descending=False, dim=-1)
+    cumulative = logits.gather(-1, order).softmax(dim=-1).cumsum(dim=-1)
+    last = (cumulative < mass).sum(dim=-1, keepdim=True).clamp(max=logits.size(-1) - 1)
+    remove = sorted_shifted > sorted_shifted.gather(-1, last)
+    remove[..., 0] = False
+    return logits.masked_fill(remove.scatter(-1, order, remove), NEG_INF)
+
+
+def process_logits(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    seen: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
+    histories: list[list[int]] | None = None,
+) -> torch.Tensor:
+    """All of `params`' processors on logits [B, V]; `seen`/`counts`/`histories` describe what came before."""
+    logits = logits.float()
+    if params.repetition_penalty != 1.0 and seen is not None:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if (params.frequency_penalty or params.presence_penalty) and counts is not None:
+        logits = apply_frequency_presence(logits, counts, params.frequency_penalty, params.presence_penalty)
+    if params.no_repeat_ngram_size and histories is not None:
+        for row, tokens in enumerate(histories):
+            banned = banned_ngram_tokens(tokens, params.no_repeat_ngram_size)
+            if banned:
+                logits[row, list(banned)] = NEG_INF
+    if params.logit_bias:
+        ids = torch.tensor(list(params.logit_bias), device=logits.device)
+        logits[:, ids] += torch.tensor(list(params.logit_bias.values()), device=logits.device)
+    if params.greedy:
+        return logits
+    if params.temperature != 1.0:
+        logits = logits / params.temperature
+    logits = apply_top_k(logits, params.top_k or 0)
+    logits = apply_top_p(logits, params.top_p)
+    logits = apply_min_p(logits, params.min_p)
+    return apply_typical_p(logits, params.typical_p)
+
+
+def sample_from(logits: torch.Tensor, greedy: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+    """argmax, or one draw per row from softmax(logits) (rows are already processed)."""
+    if greedy:
+        return logits.argmax(dim=-1)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
 def sample_next_token(
     logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Pick the next token from logits [B, V]: argmax at temperature 0, else a draw from softmax(logits / T)
-    restricted to the `top_k` most likely tokens."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1, None]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    """Next token from logits [B, V] with temperature and top-k only (the training loop's samples)."""
+    params = SamplingParams(temperature=temperature, top_k=top_k)
+    return sample_from(process_logits(logits, params), params.greedy, generator)
 
 
 @torch.no_grad()

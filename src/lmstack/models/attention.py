@@ -143,9 +143,11 @@ class KVCache(nn.Module):
     def update(
         self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
-        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
-        return self.k, self.v
+        # A batch smaller than the cache uses its first rows.
+        k_cache, v_cache = self.k[: k.shape[0]], self.v[: v.shape[0]]
+        k_cache.index_copy_(2, input_pos, k.to(k_cache.dtype))
+        v_cache.index_copy_(2, input_pos, v.to(v_cache.dtype))
+        return k_cache, v_cache
 
 
 class Attention(nn.Module):

@@ -1,0 +1,236 @@
+"""The generation engine: batched, streaming decoding with a static KV cache kept between calls.
+
+Prompts of different lengths are left-padded into one batch: every sequence writes cache slot t at step t, its
+own RoPE positions start at 0 after its padding, and attention masks the padded slots. Each sequence stops on
+its own (eos, stop ids, stop strings, or `max_new_tokens`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from lmstack.errors import LMStackError
+from lmstack.generate.sampling import SamplingParams, process_logits, sample_from
+from lmstack.models.decoder import DecoderLM
+from lmstack.tokenizer import Tokenizer
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # the most likely alternatives
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (eos, stop id or stop string) or "length"
+    prompt_tokens: int
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class _Row:
+    """One sequence being generated."""
+
+    prompt: list[int]
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0  # characters of `text` already streamed
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+class Engine:
+    """Generates with one model and tokenizer; the KV cache is allocated once and reused across calls."""
+
+    def __init__(self, model: DecoderLM, tokenizer: Tokenizer, max_batch_size: int = 8,
+                 max_seq_len: int | None = None) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = min(max_seq_len or model.config.block_size, model.config.block_size)
+        self.device = model.embed.weight.device
+        self._cache_batch = 0
+
+    # ------------------------------------------------------------------------------------------ public
+
+    def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
+                 params: SamplingParams | None = None, **overrides) -> list[Completion]:
+        """Complete each prompt (`params.n` completions per prompt, in prompt order)."""
+        params = _params(params, overrides)
+        rows = [_Row(ids) for ids in self._encode(prompts, params) for _ in range(params.n)]
+        for start in range(0, len(rows), self.max_batch_size):
+            for _ in self._run(rows[start:start + self.max_batch_size], params, start):
+                pass
+        return [self._completion(r, params) for r in rows]
+
+    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
+               **overrides) -> Iterator[str]:
+        """Yield the completion of one prompt as text deltas. A delta never ends inside a UTF-8 character
+        or inside a possible stop string."""
+        params = _params(params, overrides)
+        if params.n != 1:
+            raise LMStackError("stream() makes one completion; use generate() for n > 1")
+        row = _Row(self._encode([prompt] if isinstance(prompt, str) else [list(prompt)], params)[0])
+        for _ in self._run([row], params, 0):
+            delta = self._safe_delta(row, params)
+            if delta:
+                yield delta
+        if row.text[row.emitted:]:
+            yield row.text[row.emitted:]
+            row.emitted = len(row.text)
+
+    # ------------------------------------------------------------------------------------------ internals
+
+    def _encode(self, prompts, params: SamplingParams) -> list[list[int]]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        out = []
+        for i, p in enumerate(prompts):
+            ids = self.tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p]
+            if not ids:
+                ids = [self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None
+                       else self.tokenizer.eos_token_id or 0]
+            room = self.max_seq_len - max(1, min(params.max_new_tokens, self.max_seq_len - 1))
+            if len(ids) > room:
+                if not params.truncate_prompt:
+                    raise LMStackError(
+                        f"prompt {i} has {len(ids)} tokens; with max_new_tokens={params.max_new_tokens} at most "
+                        f"{room} fit the context of {self.max_seq_len} (set truncate_prompt=True to keep its end)")
+                ids = ids[-room:]
+            out.append(ids)
+        return out
+
+    def _ensure_cache(self, batch: int) -> None:
+        """Allocate the cache on first use, and again only if a larger batch comes."""
+        if self._cache_batch < batch or self.model.layers[0].attn.kv_cache is None:
+            self._cache_batch = max(batch, self._cache_batch)
+            self.model.setup_kv_cache(self._cache_batch, self.max_seq_len, device=self.device)
+
+    def _stop_ids(self, params: SamplingParams) -> set[int]:
+        ids = set(params.stop_token_ids)
+        if not params.ignore_eos and self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    @torch.no_grad()
+    def _run(self, rows: list[_Row], params: SamplingParams, seed_offset: int) -> Iterator[None]:
+        """Decode `rows` together; yields after every step so callers can stream."""
+        B, L = len(rows), max(len(r.prompt) for r in rows)
+        steps = min(params.max_new_tokens, self.max_seq_len - L)
+        if steps <= 0:
+            for r in rows:
+                r.finish_reason = "length"
+            return
+        self._ensure_cache(B)
+        S = self.model.layers[0].attn.kv_cache.k.shape[2]
+        dev, V = self.device, self.model.config.vocab_size
+        pads = torch.tensor([L - len(r.prompt) for r in rows], device=dev)
+        ids = torch.tensor([[0] * (L - len(r.prompt)) + r.prompt for r in rows], device=dev)
+        key_padding = torch.arange(S, device=dev)[None, :] >= pads[:, None]  # True for real tokens
+        pad_id = self.tokenizer.pad_token_id or 0
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=dev).manual_seed(params.seed + seed_offset)
+        stop_ids = self._stop_ids(params)
+        need_seen = params.repetition_penalty != 1.0
+        need_counts = bool(params.frequency_penalty or params.presence_penalty)
+        seen = torch.zeros(B, V, dtype=torch.bool, device=dev) if need_seen else None
+        if seen is not None:
+            for i, r in enumerate(rows):
+                seen[i, r.prompt] = True
+        counts = torch.zeros(B, V, device=dev) if need_counts else None
+
+        slots = torch.arange(L, device=dev)
+        positions = (slots[None, :] - pads[:, None]).clamp(min=0)
+        logits = self.model(ids, input_pos=slots, position_ids=positions, key_padding=key_padding)[:, -1]
+        for step in range(steps):
+            active = [r.finish_reason is None for r in rows]
+            histories = [r.prompt + r.tokens for r in rows] if params.no_repeat_ngram_size else None
+            processed = process_logits(logits, params, seen, counts, histories)
+            chosen = sample_from(processed, params.greedy, generator)
+            if params.logprobs is not None:
+                logp = logits.float().log_softmax(dim=-1)
+                top = torch.topk(logp, params.logprobs, dim=-1) if params.logprobs else None
+            chosen_list = chosen.tolist()
+            for i, r in enumerate(rows):
+                if not active[i]:
+                    continue
+                token = chosen_list[i]
+                if token in stop_ids:
+                    r.finish_reason = "stop"
+                    continue
+                r.tokens.append(token)
+                if params.logprobs is not None:
+                    alternatives = list(zip(top.indices[i].tolist(), top.values[i].tolist())) if top else []
+                    r.logprobs.append(TokenLogprob(token, logp[i, token].item(), alternatives))
+                r.text = self.tokenizer.decode(r.tokens)
+                if params.stop:
+                    cut = min((r.text.find(s) for s in params.stop if s in r.text), default=-1)
+                    if cut >= 0:
+                        r.text = r.text[:cut]
+                        r.finish_reason = "stop"
+                if r.finish_reason is None and len(r.tokens) >= params.max_new_tokens:
+                    r.finish_reason = "length"
+            if seen is not None:
+                seen[torch.arange(B, device=dev), chosen] = True
+            if counts is not None:
+                counts[torch.arange(B, device=dev), chosen] += 1
+            yield
+            if all(r.finish_reason is not None for r in rows) or step == steps - 1:
+                break
+            feed = torch.tensor([[t if r.finish_reason is None else pad_id] for t, r in zip(chosen_list, rows)],
+                                device=dev)
+            slot = torch.tensor([L + step], device=dev)
+            logits = self.model(feed, input_pos=slot, position_ids=(slot - pads)[:, None],
+                                key_padding=key_padding)[:, -1]
+        for r in rows:
+            if r.finish_reason is None:
+                r.finish_reason = "length"
+
+    def _safe_delta(self, row: _Row, params: SamplingParams) -> str:
+        """New text that can be shown now: not a partial UTF-8 character, not a possible stop-string start."""
+        end = len(row.text)
+        if row.finish_reason is None:
+            while end > row.emitted and row.text[end - 1] == "\ufffd":
+                end -= 1  # a byte sequence still incomplete
+            for s in params.stop:
+                for k in range(min(len(s) - 1, end - row.emitted), 0, -1):
+                    if row.text[end - k:end] == s[:k]:
+                        end -= k
+                        break
+        delta = row.text[row.emitted:end]
+        row.emitted = max(row.emitted, end)
+        return delta
+
+    def _completion(self, row: _Row, params: SamplingParams) -> Completion:
+        tokens = row.tokens
+        if row.text != self.tokenizer.decode(tokens):  # cut at a stop string: keep the tokens that spell the text
+            tokens = next((tokens[:k] for k in range(len(tokens) + 1)
+                           if len(self.tokenizer.decode(tokens[:k])) >= len(row.text)), tokens)
+        return Completion(text=row.text, token_ids=tokens, finish_reason=row.finish_reason or "length",
+                          prompt_tokens=len(row.prompt),
+                          logprobs=row.logprobs[:len(tokens)] if params.logprobs is not None else None)
+
+
+def _params(params: SamplingParams | None, overrides: dict) -> SamplingParams:
+    if params is None:
+        return SamplingParams(**overrides)
+    if overrides:
+        from dataclasses import replace
+
+        return replace(params, **overrides)
+    return params
+
+
+def generate(model: DecoderLM, tokenizer: Tokenizer, prompts: str | Sequence[str] | Sequence[Sequence[int]],
+             **sampling) -> list[Completion]:
+    """One-call generation: `lmstack.generate(model, tok, ["Once upon"], max_new_tokens=20, temperature=0)`."""
+    batch = 1 if isinstance(prompts, str) else max(1, len(prompts) * sampling.get("n", 1))
+    return Engine(model, tokenizer, max_batch_size=min(batch, 64)).generate(prompts, **sampling)

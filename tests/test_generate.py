@@ -1,0 +1,226 @@
+"""Samplers against hand-computed distributions and `transformers`' processors; the engine against
+`transformers` generate, itself batched vs unbatched, streaming, stopping and bad input."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    NoRepeatNGramLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    TypicalLogitsWarper,
+)
+
+import lmstack
+from lmstack import Engine, LMStackError, SamplingParams
+from lmstack.generate.sampling import (
+    apply_frequency_presence,
+    apply_min_p,
+    apply_repetition_penalty,
+    apply_top_k,
+    apply_top_p,
+    apply_typical_p,
+    banned_ngram_tokens,
+    process_logits,
+)
+from tests.conftest import REPO
+
+LOGITS = torch.tensor([[3.0, 2.0, 1.0, 0.1]])
+
+
+def probs(logits):
+    return logits.softmax(-1)[0]
+
+
+# ---------------------------------------------------------------------------------------------- samplers
+
+
+def test_softmax_and_temperature_hand_values():
+    assert torch.allclose(probs(torch.tensor([[2.0, 1.0, 0.5]])), torch.tensor([0.63, 0.23, 0.14]), atol=0.005)
+    for t, expected in ((0.5, [0.98, 0.02, 0.00]), (1.0, [0.87, 0.12, 0.02]), (2.0, [0.67, 0.24, 0.09])):
+        out = process_logits(torch.tensor([[4.0, 2.0, 0.0]]), SamplingParams(temperature=t))
+        assert torch.allclose(probs(out), torch.tensor(expected), atol=0.006)
+
+
+def test_top_p_keeps_the_crossing_token():
+    out = probs(apply_top_p(LOGITS, 0.9))
+    assert torch.allclose(out, torch.tensor([0.665241, 0.244728, 0.090031, 0.0]), atol=1e-6)
+
+
+def test_top_k_and_greedy():
+    assert torch.allclose(probs(apply_top_k(LOGITS, 2)), torch.tensor([0.731059, 0.268941, 0, 0]), atol=1e-6)
+    assert process_logits(LOGITS, SamplingParams(temperature=0)).argmax().item() == 0
+
+
+def test_penalties_hand_values():
+    logits = torch.tensor([[2.0, -1.0, 0.5, 1.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    assert apply_repetition_penalty(logits, seen, 2.0).tolist() == [[1.0, -2.0, 0.5, 1.0]]
+    counts = torch.tensor([[3.0, 0.0, 1.0, 0.0]])
+    out = apply_frequency_presence(logits, counts, frequency=0.5, presence=0.25)
+    assert out.tolist() == [[2.0 - 1.5 - 0.25, -1.0, 0.5 - 0.5 - 0.25, 1.0]]
+
+
+def test_min_p_hand_values():
+    # probabilities [0.642, 0.236, 0.087, 0.035]; min_p 0.1 drops those under 0.0642
+    out = apply_min_p(LOGITS, 0.1)
+    assert torch.isinf(out[0, 3]) and torch.isfinite(out[0, :3]).all()
+
+
+def test_no_repeat_ngram():
+    assert banned_ngram_tokens([1, 2, 3, 1, 2], 3) == {3}
+    assert banned_ngram_tokens([1, 2, 3, 4], 3) == set()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_processors_match_transformers(seed):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(4, 50, generator=g) * 3
+    ids = torch.randint(0, 50, (4, 12), generator=g)
+    assert torch.equal(apply_top_k(scores, 7), TopKLogitsWarper(7)(ids, scores.clone()))
+    assert torch.equal(apply_top_p(scores, 0.8), TopPLogitsWarper(0.8)(ids, scores.clone()))
+    assert torch.equal(apply_min_p(scores, 0.05), MinPLogitsWarper(0.05)(ids, scores.clone()))
+    assert torch.equal(apply_typical_p(scores, 0.7), TypicalLogitsWarper(0.7)(ids, scores.clone()))
+    seen = torch.zeros(4, 50, dtype=torch.bool).scatter(1, ids, True)
+    assert torch.allclose(apply_repetition_penalty(scores, seen, 1.3),
+                          RepetitionPenaltyLogitsProcessor(1.3)(ids, scores.clone()))
+    ours = process_logits(scores.clone(), SamplingParams(no_repeat_ngram_size=2),
+                          histories=ids.tolist())
+    assert torch.equal(ours, NoRepeatNGramLogitsProcessor(2)(ids, scores.clone()))
+
+
+def test_sampled_frequencies_match_the_distribution():
+    from lmstack.generate.sampling import sample_from
+
+    params = SamplingParams(temperature=0.7, top_p=0.9)
+    processed = process_logits(LOGITS.repeat(20000, 1), params)
+    draws = sample_from(processed, False, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=4).float() / len(draws)
+    assert torch.allclose(freq, probs(processed[:1]), atol=0.01)
+    assert freq[3] == 0
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(temperature=-1), "temperature"),
+    (dict(stop=[5]), "stop"), (dict(n=0), "n="), (dict(repetition_penalty=0), "repetition_penalty"),
+])
+def test_bad_sampling_parameters_name_the_parameter(bad, match):
+    with pytest.raises(LMStackError, match=match):
+        SamplingParams(**bad)
+
+
+# ---------------------------------------------------------------------------------------------- engine
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny random Llama with a real BPE tokenizer, saved so transformers loads the same weights."""
+    text = (REPO / "data" / "tinyshakespeare.txt").read_text()[:100_000]
+    tok = lmstack.Tokenizer.train([text], vocab_size=400, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    torch.manual_seed(0)
+    model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", vocab_size=400)).eval()
+    with torch.no_grad():  # sharper distributions than the 0.02 init, so greedy paths are not all ties
+        model.lm_head.weight.mul_(20)
+    path = tmp_path_factory.mktemp("tiny")
+    lmstack.save_model(model, path, tokenizer=tok)
+    return model, tok, path
+
+
+PROMPTS = ["ROMEO:", "First Citizen:\nBefore we proceed", "O"]
+
+
+def test_greedy_equals_transformers(tiny):
+    model, tok, path = tiny
+    hf = AutoModelForCausalLM.from_pretrained(path).eval()
+    engine = Engine(model, tok)
+    for prompt in PROMPTS:
+        ids = tok.encode(prompt)
+        ours = engine.generate(prompt, max_new_tokens=20, temperature=0, ignore_eos=True)[0]
+        theirs = hf.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)[0, len(ids):].tolist()
+        assert ours.token_ids == theirs
+        assert ours.finish_reason == "length"
+
+
+def test_batched_equals_one_by_one(tiny):
+    model, tok, _ = tiny
+    engine = Engine(model, tok, max_batch_size=8)
+    batched = engine.generate(PROMPTS, max_new_tokens=15, temperature=0, ignore_eos=True)
+    single = [engine.generate(p, max_new_tokens=15, temperature=0, ignore_eos=True)[0] for p in PROMPTS]
+    assert [c.token_ids for c in batched] == [c.token_ids for c in single]
+
+
+def test_seeded_samples_are_reproducible(tiny):
+    model, tok, _ = tiny
+    engine = Engine(model, tok)
+    a = engine.generate("ROMEO:", max_new_tokens=12, temperature=1.0, seed=7, n=3, ignore_eos=True)
+    b = engine.generate("ROMEO:", max_new_tokens=12, temperature=1.0, seed=7, n=3, ignore_eos=True)
+    assert [c.token_ids for c in a] == [c.token_ids for c in b]
+    assert len({tuple(c.token_ids) for c in a}) > 1  # n samples differ from each other
+
+
+def test_stop_strings_ids_and_logprobs(tiny):
+    model, tok, _ = tiny
+    engine = Engine(model, tok)
+    free = engine.generate("ROMEO:", max_new_tokens=20, temperature=0, ignore_eos=True, logprobs=3)[0]
+    assert len(free.logprobs) == 20 and len(free.logprobs[0].top) == 3
+    assert free.logprobs[0].top[0][1] >= free.logprobs[0].logprob - 1e-6
+    target = free.text[5:8]
+    stopped = engine.generate("ROMEO:", max_new_tokens=20, temperature=0, ignore_eos=True, stop=[target])[0]
+    assert stopped.finish_reason == "stop" and stopped.text == free.text[:free.text.find(target)]
+    by_id = engine.generate("ROMEO:", max_new_tokens=20, temperature=0, stop_token_ids=[free.token_ids[4]],
+                            ignore_eos=True)[0]
+    assert by_id.finish_reason == "stop" and by_id.token_ids == free.token_ids[:free.token_ids.index(
+        free.token_ids[4])]
+
+
+def test_stream_deltas_join_to_the_text(tiny):
+    model, tok, _ = tiny
+    engine = Engine(model, tok)
+    params = dict(max_new_tokens=25, temperature=0.9, seed=3, ignore_eos=True)
+    deltas = list(engine.stream("ROMEO:", **params))
+    assert len(deltas) > 1 and "".join(deltas) == engine.generate("ROMEO:", **params)[0].text
+
+
+def test_stream_never_splits_a_character_or_a_stop_string(tiny):
+    """Feed a 4-byte emoji one byte-token at a time: nothing shows until it is whole; text that may begin a
+    stop string is held back until it cannot."""
+    from lmstack.generate.engine import _Row
+
+    model, tok, _ = tiny
+    engine = Engine(model, tok)
+    ids = tok.encode("ab🦙", add_special_tokens=False)
+    assert len(ids) > 2
+    row, params, deltas = _Row([0]), SamplingParams(stop=["🦙!"]), []
+    for k in range(1, len(ids) + 1):
+        row.tokens = ids[:k]
+        row.text = tok.decode(row.tokens)
+        deltas.append(engine._safe_delta(row, params))
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == "ab"  # the emoji could start the stop string "🦙!": held back
+    row.finish_reason = "length"
+    assert engine._safe_delta(row, params) == "🦙"
+
+
+def test_prompt_too_long(tiny):
+    model, tok, _ = tiny
+    long = "word " * 500
+    with pytest.raises(LMStackError, match="prompt 0 has .* tokens.*truncate_prompt"):
+        Engine(model, tok).generate(long, max_new_tokens=10)
+    out = Engine(model, tok).generate(long, max_new_tokens=10, truncate_prompt=True, ignore_eos=True)[0]
+    assert out.prompt_tokens + 10 <= model.config.block_size and len(out.token_ids) == 10
+
+
+def test_smollm2_engine_answers_and_matches_transformers(smollm2_gguf):
+    model, tok = lmstack.load_model(smollm2_gguf), lmstack.load_tokenizer(smollm2_gguf)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    out = lmstack.generate(model, tok, prompt, max_new_tokens=20, temperature=0)[0]
+    assert "Paris" in out.text and out.finish_reason == "stop"
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
+                                              dtype=torch.float32).eval()
+    ids = tok.encode(prompt)
+    theirs = hf.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)[0, len(ids):].tolist()
+    assert out.token_ids == [t for t in theirs if t != tok.eos_token_id]
