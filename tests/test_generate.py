@@ -224,3 +224,28 @@ def test_smollm2_engine_answers_and_matches_transformers(smollm2_gguf):
     ids = tok.encode(prompt)
     theirs = hf.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)[0, len(ids):].tolist()
     assert out.token_ids == [t for t in theirs if t != tok.eos_token_id]
+
+
+@pytest.mark.parametrize("num_beams", [2, 4])
+def test_beam_search_equals_transformers(tiny, num_beams):
+    model, tok, path = tiny
+    hf = AutoModelForCausalLM.from_pretrained(path).eval()
+    engine = Engine(model, tok, max_batch_size=1)
+    for prompt in PROMPTS:
+        ids = tok.encode(prompt)
+        ours = engine.beam_search(prompt, num_beams=num_beams, max_new_tokens=12, ignore_eos=True)[0]
+        theirs = hf.generate(torch.tensor([ids]), max_new_tokens=12, num_beams=num_beams, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+        assert ours.token_ids == theirs and ours.finish_reason == "length"
+
+
+def test_beam_search_with_eos_equals_transformers(smollm2_gguf):
+    model, tok = lmstack.load_model(smollm2_gguf), lmstack.load_tokenizer(smollm2_gguf)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Name a fruit."}], add_generation_prompt=True,
+                                     tokenize=False)
+    ours = Engine(model, tok).beam_search(prompt, num_beams=3, max_new_tokens=16)[0]
+    hf = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
+                                              dtype=torch.float32).eval()
+    ids = tok.encode(prompt)
+    theirs = hf.generate(torch.tensor([ids]), max_new_tokens=16, num_beams=3, do_sample=False)[0, len(ids):]
+    assert ours.token_ids == [t for t in theirs.tolist() if t != tok.eos_token_id]

@@ -32,6 +32,7 @@ class Completion:
     finish_reason: str  # "stop" (eos, stop id or stop string) or "length"
     prompt_tokens: int
     logprobs: list[TokenLogprob] | None = None
+    score: float | None = None  # beam search: summed log-probability / length ** length_penalty
 
 
 @dataclass
@@ -85,6 +86,58 @@ class Engine:
         if row.text[row.emitted:]:
             yield row.text[row.emitted:]
             row.emitted = len(row.text)
+
+    @torch.no_grad()
+    def beam_search(self, prompt: str | Sequence[int], num_beams: int = 4, max_new_tokens: int = 64,
+                    length_penalty: float = 1.0, num_return_sequences: int = 1,
+                    ignore_eos: bool = False) -> list[Completion]:
+        """Beam search as `transformers` runs it (early_stopping=False): keep the `num_beams` best partial
+        sequences by summed log-probability; a sequence ending in eos is scored sum / length**length_penalty
+        (eos counted) and kept among the `num_beams` best finished ones; stop when no running beam can beat the
+        worst of those, or at `max_new_tokens`, where the running beams are scored the same way."""
+        if not 1 <= num_return_sequences <= num_beams:
+            raise LMStackError(f"num_return_sequences={num_return_sequences} must be between 1 and num_beams")
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0, ignore_eos=ignore_eos)
+        ids = self._encode([prompt] if isinstance(prompt, str) else [list(prompt)], params)[0]
+        K, L, dev = num_beams, len(ids), self.device
+        steps = min(max_new_tokens, self.max_seq_len - L)
+        eos = self._stop_ids(params)
+        self._ensure_cache(K)
+        logits = self.model(torch.tensor([ids], device=dev), input_pos=torch.arange(L, device=dev))[:, -1]
+        self.model.reorder_kv_cache(torch.zeros(K, dtype=torch.long, device=dev))  # every beam starts there
+        running: list[tuple[list[int], float]] = [([], 0.0)]
+        finished: list[tuple[float, list[int], float]] = []  # (penalised score, tokens, summed logprob)
+        for step in range(steps):
+            logp = logits.float().log_softmax(dim=-1)[: len(running)]
+            totals = logp + torch.tensor([score for _, score in running], device=dev)[:, None]
+            values, flat = torch.topk(totals.flatten(), min(2 * K, totals.numel()))
+            last = step == steps - 1
+            next_running: list[tuple[list[int], float]] = []
+            origins: list[int] = []
+            for rank, (value, index) in enumerate(zip(values.tolist(), flat.tolist())):
+                beam, token = divmod(index, logp.size(-1))
+                tokens = running[beam][0] + [token]
+                if (token in eos or last) and rank < K:
+                    finished.append((value / (step + 1) ** length_penalty, tokens, value))
+                elif token not in eos and len(next_running) < K:
+                    next_running.append((tokens, value))
+                    origins.append(beam)
+            finished = sorted(finished, key=lambda f: -f[0])[:K]
+            if last or not next_running:
+                break
+            best_possible = next_running[0][1] / (step + 1) ** length_penalty
+            if len(finished) == K and best_possible <= finished[-1][0]:
+                break
+            running = next_running
+            self.model.reorder_kv_cache(torch.tensor(origins, device=dev))
+            feed = torch.tensor([[t[-1]] for t, _ in running], device=dev)
+            logits = self.model(feed, input_pos=torch.tensor([L + step], device=dev))[:, -1]
+        out = []
+        for score, tokens, _ in finished[:num_return_sequences]:
+            tokens = [t for t in tokens if t not in eos]
+            reason = "length" if len(tokens) == steps else "stop"
+            out.append(Completion(self.tokenizer.decode(tokens), tokens, reason, L, score=score))
+        return out
 
     # ------------------------------------------------------------------------------------------ internals
 

@@ -111,6 +111,14 @@ class DecoderLM(nn.Module):
                 batch_size, max_seq_len, self.config.n_kv_head, self.config.head_dim, dtype, device
             )
 
+    def reorder_kv_cache(self, rows: torch.Tensor) -> None:
+        """Make cache row i a copy of row `rows[i]` (beam search continuing from its best beams)."""
+        for block in self.layers:
+            cache = block.attn.kv_cache
+            n = len(rows)
+            cache.k[:n] = cache.k.index_select(0, rows)
+            cache.v[:n] = cache.v.index_select(0, rows)
+
     def clear_kv_cache(self) -> None:
         for block in self.layers:
             block.attn.kv_cache = None
