@@ -249,3 +249,32 @@ def test_beam_search_with_eos_equals_transformers(smollm2_gguf):
     ids = tok.encode(prompt)
     theirs = hf.generate(torch.tensor([ids]), max_new_tokens=16, num_beams=3, do_sample=False)[0, len(ids):]
     assert ours.token_ids == [t for t in theirs.tolist() if t != tok.eos_token_id]
+
+
+def test_cli_generate_and_chat(tmp_path, monkeypatch, capsys):
+    import io
+
+    from lmstack.cli import main
+
+    text = (REPO / "data" / "tinyshakespeare.txt").read_text()[:50_000]
+    tok = lmstack.Tokenizer.train([text], vocab_size=400, chat_template="chatml", eos_token="<|im_end|>")
+    torch.manual_seed(0)
+    model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", vocab_size=400))
+    lmstack.save_model(model, tmp_path, tokenizer=tok)
+    common = ["--model", str(tmp_path), "--temperature", "0", "--max-new-tokens", "8", "--ignore-eos"]
+
+    assert main(["generate", "ROMEO:", *common]) == 0
+    streamed = capsys.readouterr().out.rstrip("\n")
+    expected = Engine(model, tok).generate("ROMEO:", max_new_tokens=8, temperature=0, ignore_eos=True)[0].text
+    assert streamed == expected
+    assert main(["generate", "ROMEO:", *common, "--n", "2", "--seed", "1", "--temperature", "1"]) == 0
+    assert capsys.readouterr().out.count("--- sample") == 2
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\nHello again\n/reset\nHello\n/system Be terse.\nHi\n"))
+    assert main(["chat", *common]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    replies = [line for line in lines if not line.startswith("(")]
+    assert "(conversation cleared)" in lines and any("system prompt set" in line for line in lines)
+    assert replies[0] == replies[2]  # after /reset the same question gets the same (greedy) answer
+    assert main(["generate", "x", "--model", str(tmp_path), "--temperature", "-1"]) == 1
+    assert "temperature=-1.0: must be >= 0" in capsys.readouterr().err

@@ -133,6 +133,119 @@ def _eval_perplexity(args: argparse.Namespace) -> None:
     print(json.dumps(result.to_dict(), indent=2))
 
 
+def _sampling_params(args: argparse.Namespace):
+    from lmstack.generate import SamplingParams
+
+    bias = {}
+    for item in args.logit_bias or []:
+        token, _, value = item.partition("=")
+        try:
+            bias[int(token)] = float(value)
+        except ValueError:
+            raise LMStackError(f"--logit-bias {item!r}: expected TOKEN_ID=BIAS") from None
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        min_p=args.min_p, typical_p=args.typical_p, repetition_penalty=args.repetition_penalty,
+        frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size, logit_bias=bias, stop=args.stop or [],
+        stop_token_ids=args.stop_token_ids or [], ignore_eos=args.ignore_eos, n=args.n, seed=args.seed,
+        truncate_prompt=args.truncate_prompt)
+
+
+def _load_engine(args: argparse.Namespace):
+    from lmstack.checkpoints import load_model, load_tokenizer
+    from lmstack.generate import Engine
+
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    return Engine(model, load_tokenizer(args.tokenizer or args.model), max_batch_size=max(1, args.n))
+
+
+def _generate(args: argparse.Namespace) -> None:
+    params = _sampling_params(args)
+    engine = _load_engine(args)
+    prompt = args.prompt
+    if args.chat:
+        prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                      add_generation_prompt=True, tokenize=False)
+    if args.num_beams > 1:
+        for c in engine.beam_search(prompt, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
+                                    num_return_sequences=args.n, ignore_eos=args.ignore_eos):
+            print(c.text)
+        return
+    if params.n == 1 and not args.no_stream:
+        for delta in engine.stream(prompt, params):
+            print(delta, end="", flush=True)
+        print()
+        return
+    for i, c in enumerate(engine.generate(prompt, params)):
+        if params.n > 1:
+            print(f"--- sample {i + 1} ({c.finish_reason}, {len(c.token_ids)} tokens)")
+        print(c.text)
+
+
+def _chat(args: argparse.Namespace) -> None:
+    params = _sampling_params(args)
+    engine = _load_engine(args)
+    if engine.tokenizer.chat_template is None:
+        raise LMStackError(f"{args.model}: the tokenizer has no chat template")
+    system = args.system
+    messages: list[dict[str, str]] = []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("chat: /reset clears the conversation, /system TEXT sets the system prompt, /quit or Ctrl-D ends")
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        if not line.strip():
+            continue
+        if line.strip() in ("/quit", "/exit"):
+            break
+        if line.strip() == "/reset":
+            messages = []
+            print("(conversation cleared)")
+            continue
+        if line.startswith("/system"):
+            system = line[len("/system"):].strip() or None
+            messages = []
+            print(f"(system prompt {'set' if system else 'cleared'}; conversation cleared)")
+            continue
+        messages.append({"role": "user", "content": line})
+        convo = ([{"role": "system", "content": system}] if system else []) + messages
+        prompt = engine.tokenizer.apply_chat_template(convo, add_generation_prompt=True, tokenize=False)
+        reply = []
+        for delta in engine.stream(prompt, params):
+            reply.append(delta)
+            print(delta, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory or .gguf file")
+    p.add_argument("--tokenizer", default=None, help="default: the model's own")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 means greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--typical-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    p.add_argument("--logit-bias", nargs="*", metavar="ID=BIAS")
+    p.add_argument("--stop", nargs="*", help="stop strings")
+    p.add_argument("--stop-token-ids", nargs="*", type=int)
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--n", type=int, default=1, help="samples per prompt")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--truncate-prompt", action="store_true")
+
+
 def _info(args: argparse.Namespace) -> None:
     from lmstack.checkpoints.hf import config_from_hf
 
@@ -209,6 +322,19 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--config", help="a YAML recipe")
     pre.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     pre.set_defaults(func=_pretrain, takes_overrides=True)
+
+    gen = verbs.add_parser("generate", help="continue a prompt (streams the text)")
+    gen.add_argument("prompt")
+    _add_sampling_flags(gen)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message (chat template)")
+    gen.add_argument("--num-beams", type=int, default=1, help="> 1: beam search")
+    gen.add_argument("--no-stream", action="store_true")
+    gen.set_defaults(func=_generate)
+
+    chat = verbs.add_parser("chat", help="interactive chat with streaming (/reset, /system TEXT, /quit)")
+    _add_sampling_flags(chat)
+    chat.add_argument("--system", default=None, help="system prompt")
+    chat.set_defaults(func=_chat)
 
     ev = verbs.add_parser("eval", help="evaluate a model")
     ev_verbs = ev.add_subparsers(dest="eval_verb", required=True)
