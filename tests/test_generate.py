@@ -278,3 +278,26 @@ def test_cli_generate_and_chat(tmp_path, monkeypatch, capsys):
     assert replies[0] == replies[2]  # after /reset the same question gets the same (greedy) answer
     assert main(["generate", "x", "--model", str(tmp_path), "--temperature", "-1"]) == 1
     assert "temperature=-1.0: must be >= 0" in capsys.readouterr().err
+
+
+def test_transposed_storage_keeps_values():
+    from lmstack.generate.engine import transpose_linear_storage
+
+    torch.manual_seed(0)
+    model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama")).eval()
+    ids = torch.randint(0, 256, (2, 9))
+    with torch.no_grad():
+        before = model(ids)
+        transpose_linear_storage(model)
+        after = model(ids)
+    assert not model.layers[0].attn.q.weight.is_contiguous()  # stored [in, out]
+    assert model.layers[0].attn.q.weight.t().is_contiguous()
+    assert torch.allclose(before, after, atol=1e-5)
+
+
+def test_compiled_decode_step_gives_the_same_tokens(tiny):
+    model, tok, _ = tiny
+    eager = Engine(model, tok).generate(PROMPTS, max_new_tokens=10, temperature=0, ignore_eos=True)
+    compiled = Engine(model, tok, compile=True).generate(PROMPTS, max_new_tokens=10, temperature=0,
+                                                         ignore_eos=True)
+    assert [c.token_ids for c in compiled] == [c.token_ids for c in eager]

@@ -214,7 +214,7 @@ def generate_ids(
     model.setup_kv_cache(batch_size=1, max_seq_len=total, device=device)
     try:
         logits = model(torch.tensor([prompt_ids], device=device),
-                       input_pos=torch.arange(len(prompt_ids), device=device))
+                       input_pos=torch.arange(len(prompt_ids), device=device), last_only=True)
         out: list[int] = []
         for pos in range(len(prompt_ids), total):
             token = int(sample_next_token(logits[:, -1], temperature, top_k, generator))

@@ -179,6 +179,8 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if self.kv_cache is not None and input_pos is not None:
             k, v = self.kv_cache.update(input_pos, k, v)
+            if mask is not None and mask.shape[-1] < k.shape[2]:  # only the slots in use
+                k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]
         y = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=mask,

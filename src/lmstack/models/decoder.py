@@ -50,7 +50,9 @@ class DecoderLM(nn.Module):
 
     For generation with a preallocated cache, call `setup_kv_cache(...)` and pass `input_pos` (the cache
     slots of the tokens, [T]); `position_ids` ([B, T]) and `key_padding` ([B, S], True for real tokens) let
-    each sequence of a left-padded batch have its own positions.
+    each sequence of a left-padded batch have its own positions. `last_only` computes the logits of the
+    last position only ([B, 1, V]), which is all a decoding step needs; `kv_len` limits attention to the
+    cache slots in use.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -133,13 +135,16 @@ class DecoderLM(nn.Module):
         input_pos: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         key_padding: torch.Tensor | None = None,
+        last_only: bool = False,
+        kv_len: int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
         B, T = input_ids.shape
         cache = self.layers[0].attn.kv_cache if input_pos is not None else None
         if position_ids is None:
             position_ids = input_pos if input_pos is not None else torch.arange(T, device=input_ids.device)
-        n_keys = cache.k.shape[2] if cache is not None else T
+        # With a cache, attend over its first `kv_len` slots (all of it by default: static shapes for CUDA graphs).
+        n_keys = (kv_len or cache.k.shape[2]) if cache is not None else T
         if cfg.block_size < T and cache is None:
             raise ValueError(f"a sequence of {T} tokens exceeds the context length (block_size {cfg.block_size})")
 
@@ -147,7 +152,8 @@ class DecoderLM(nn.Module):
         mask = None
         if cache is not None or cfg.sliding_window is not None or key_padding is not None:
             slots = input_pos if input_pos is not None else torch.arange(T, device=input_ids.device)
-            mask = attention_mask(slots, n_keys, cfg.sliding_window, key_padding)
+            padding = key_padding[:, :n_keys] if key_padding is not None else None
+            mask = attention_mask(slots, n_keys, cfg.sliding_window, padding)
 
         x = self.embed(input_ids)
         rope = None
@@ -170,6 +176,8 @@ class DecoderLM(nn.Module):
                 x, logits = block(x, rope, mask, input_pos)
             if logits is not None:
                 router_logits.append(logits)
+        if last_only:  # generation needs only the next-token distribution: skip the head on the prompt
+            x = x[:, -1:]
         logits = self.lm_head(self.norm(x))
         if targets is None:
             return logits

