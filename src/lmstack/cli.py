@@ -143,7 +143,12 @@ def _sampling_params(args: argparse.Namespace):
             bias[int(token)] = float(value)
         except ValueError:
             raise LMStackError(f"--logit-bias {item!r}: expected TOKEN_ID=BIAS") from None
+    schema = args.json_schema
+    if schema is not None and Path(schema).exists():
+        schema = Path(schema).read_text()
+    grammar = Path(args.grammar).read_text() if args.grammar else None
     return SamplingParams(
+        json_schema=schema, regex=args.regex, choice=args.choice, grammar=grammar,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         min_p=args.min_p, typical_p=args.typical_p, repetition_penalty=args.repetition_penalty,
         frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
@@ -244,6 +249,10 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=1, help="samples per prompt")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--truncate-prompt", action="store_true")
+    p.add_argument("--json-schema", default=None, help="constrain to a JSON Schema (a file or inline JSON)")
+    p.add_argument("--regex", default=None, help="constrain to a regular expression")
+    p.add_argument("--choice", nargs="+", default=None, help="constrain to one of these strings")
+    p.add_argument("--grammar", default=None, help="constrain to a Lark grammar (a file)")
 
 
 def _info(args: argparse.Namespace) -> None:

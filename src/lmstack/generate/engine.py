@@ -202,7 +202,6 @@ class Engine:
         pads = torch.tensor([L - len(r.prompt) for r in rows], device=dev)
         ids = torch.tensor([[0] * (L - len(r.prompt)) + r.prompt for r in rows], device=dev)
         key_padding = torch.arange(S, device=dev)[None, :] >= pads[:, None]  # True for real tokens
-        pad_id = self.tokenizer.pad_token_id or 0
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=dev).manual_seed(params.seed + seed_offset)
@@ -214,6 +213,26 @@ class Engine:
             for i, r in enumerate(rows):
                 seen[i, r.prompt] = True
         counts = torch.zeros(B, V, device=dev) if need_counts else None
+        constraint = None
+        if params.constraint is not None:
+            from lmstack.generate.constrained import Constraint, constraint_grammar
+
+            constraint = Constraint(*constraint_grammar(**params.constraint), self.tokenizer, V, B)
+            constraint.start_masks([True] * B)  # overlaps with the prefill
+        try:
+            yield from self._decode_loop(rows, params, ids, pads, key_padding, L, steps, generator, stop_ids,
+                                         seen, counts, constraint)
+        finally:
+            if constraint is not None:
+                constraint.close()
+        for r in rows:
+            if r.finish_reason is None:
+                r.finish_reason = "length"
+
+    def _decode_loop(self, rows, params, ids, pads, key_padding, L, steps, generator, stop_ids, seen, counts,
+                     constraint) -> Iterator[None]:
+        B, dev = len(rows), self.device
+        pad_id = self.tokenizer.pad_token_id or 0
 
         slots = torch.arange(L, device=dev)
         positions = (slots[None, :] - pads[:, None]).clamp(min=0)
@@ -223,6 +242,12 @@ class Engine:
             active = [r.finish_reason is None for r in rows]
             histories = [r.prompt + r.tokens for r in rows] if params.no_repeat_ngram_size else None
             processed = process_logits(logits, params, seen, counts, histories)
+            if constraint is not None:
+                allowed = constraint.allowed(dev)
+                eos = self.tokenizer.eos_token_id
+                if eos is not None:  # a matcher with nothing left to allow may still end
+                    allowed[~allowed.any(dim=-1), eos] = True
+                processed = processed.masked_fill(~allowed, float("-inf"))
             chosen = sample_from(processed, params.greedy, generator)
             if params.logprobs is not None:
                 logp = logits.float().log_softmax(dim=-1)
@@ -232,10 +257,12 @@ class Engine:
                 if not active[i]:
                     continue
                 token = chosen_list[i]
-                if token in stop_ids:
+                if token in stop_ids or (constraint is not None and token == self.tokenizer.eos_token_id):
                     r.finish_reason = "stop"
                     continue
                 r.tokens.append(token)
+                if constraint is not None and not constraint.advance(i, token):
+                    r.finish_reason = "stop"  # the output is complete: the grammar allows nothing more
                 if params.logprobs is not None:
                     alternatives = list(zip(top.indices[i].tolist(), top.values[i].tolist())) if top else []
                     r.logprobs.append(TokenLogprob(token, logp[i, token].item(), alternatives))
@@ -256,12 +283,11 @@ class Engine:
                 break
             feed = torch.tensor([[t if r.finish_reason is None else pad_id] for t, r in zip(chosen_list, rows)],
                                 device=dev)
+            if constraint is not None:  # the next masks are computed while the model runs
+                constraint.start_masks([r.finish_reason is None for r in rows])
             slot = torch.tensor([L + step], device=dev)
             kv_len = None if self._decode is not self._decode_step else L + step + 1  # static when compiled
             logits = self._decode(feed, slot, (slot - pads)[:, None], key_padding, kv_len)
-        for r in rows:
-            if r.finish_reason is None:
-                r.finish_reason = "length"
 
     def _safe_delta(self, row: _Row, params: SamplingParams) -> str:
         """New text that can be shown now: not a partial UTF-8 character, not a possible stop-string start."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -41,6 +42,11 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the top k alternatives
     truncate_prompt: bool = False  # keep the end of a prompt longer than the context instead of failing
+    # Constraints (at most one): the output must match it (see lmstack.generate.constrained).
+    choice: list[str] | None = None
+    regex: str | None = None
+    json_schema: dict[str, Any] | str | None = None
+    grammar: str | None = None  # Lark syntax
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -75,6 +81,16 @@ class SamplingParams:
             raise bad("stop_token_ids", "must be a list of token ids")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise bad("logprobs", "must be between 0 and 20")
+        given = [k for k in ("choice", "regex", "json_schema", "grammar") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise LMStackError(f"give one constraint at a time, not {given}")
+
+    @property
+    def constraint(self) -> dict[str, Any] | None:
+        for key in ("choice", "regex", "json_schema", "grammar"):
+            if getattr(self, key) is not None:
+                return {key: getattr(self, key)}
+        return None
 
     @property
     def greedy(self) -> bool:

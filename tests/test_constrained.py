@@ -1,0 +1,84 @@
+"""Constrained decoding through llguidance: JSON Schema, regex, choices, Lark grammars, bad constraints."""
+
+import json
+import re
+
+import jsonschema
+import pytest
+import torch
+
+import lmstack
+from lmstack import Engine, LMStackError
+from tests.conftest import REPO
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "kind": {"enum": ["cat", "dog", "llama"]},
+        "age": {"type": "integer", "minimum": 0, "maximum": 30},
+        "weight": {"type": "number"},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 3},
+        "owner": {"type": "object", "properties": {"first": {"type": "string", "maxLength": 8},
+                                                   "verified": {"type": "boolean"}},
+                  "required": ["first", "verified"], "additionalProperties": False},
+    },
+    "required": ["name", "kind", "age", "weight", "tags", "owner"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def random_engine():
+    text = (REPO / "data" / "tinyshakespeare.txt").read_text()[:100_000]
+    tok = lmstack.Tokenizer.train([text], vocab_size=400, eos_token="<|endoftext|>")
+    torch.manual_seed(0)
+    model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", vocab_size=400, block_size=512))
+    return Engine(model.eval(), tok, max_batch_size=25)
+
+
+def test_random_model_json_schema_50_of_50(random_engine):
+    outs = random_engine.generate("Here:", max_new_tokens=400, temperature=1.0, seed=0, n=50, json_schema=SCHEMA)
+    assert len(outs) == 50
+    for c in outs:
+        assert c.finish_reason == "stop"
+        jsonschema.validate(json.loads(c.text), SCHEMA)
+    assert len({c.text for c in outs}) > 40  # sampled, not one answer repeated
+
+
+def test_regex_choice_and_grammar(random_engine):
+    years = random_engine.generate("x", max_new_tokens=12, temperature=1.0, seed=1, n=5, regex=r"(19|20)[0-9]{2}")
+    assert all(re.fullmatch(r"(19|20)[0-9]{2}", c.text) for c in years)
+    picks = random_engine.generate("x", max_new_tokens=12, temperature=1.0, seed=2, n=8,
+                                   choice=["positive", "negative", "neutral"])
+    assert {c.text for c in picks} <= {"positive", "negative", "neutral"}
+    sums = random_engine.generate("x", max_new_tokens=40, temperature=1.0, seed=3, n=5,
+                                  grammar='start: "(" NUM ("+" NUM)* ")"\nNUM: /[0-9]{1,2}/')
+    for c in sums:
+        assert re.fullmatch(r"\(\d{1,2}(\+\d{1,2})*\)", c.text) or c.finish_reason == "length"
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(json_schema={"type": "nonsense"}), "json_schema: the grammar engine rejects it"),
+    (dict(json_schema="{not json"), "json_schema is not a JSON object"),
+    (dict(regex="(unclosed"), "regex: the grammar engine rejects it"),
+    (dict(grammar="start: undefined_rule"), "grammar: the grammar engine rejects it"),
+    (dict(regex="a", choice=["a"]), "one constraint at a time"),
+])
+def test_rejected_constraints_name_the_parameter(random_engine, kwargs, match):
+    with pytest.raises(LMStackError, match=match):
+        random_engine.generate("x", max_new_tokens=5, **kwargs)
+
+
+def test_smollm2_json_is_valid_and_sensible(smollm2_gguf):
+    model, tok = lmstack.load_model(smollm2_gguf), lmstack.load_tokenizer(smollm2_gguf)
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                               "country": {"type": "string", "maxLength": 30}},
+              "required": ["city", "country"], "additionalProperties": False}
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in JSON with the fields "
+                                            "city and country."}]
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    out = Engine(model, tok).generate(prompt, max_new_tokens=60, temperature=0, json_schema=schema)[0]
+    answer = json.loads(out.text)
+    jsonschema.validate(answer, schema)
+    assert answer["city"] == "Paris" and answer["country"].lower() == "france"
