@@ -172,6 +172,19 @@ def _generate(args: argparse.Namespace) -> None:
     if args.chat:
         prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                                       add_generation_prompt=True, tokenize=False)
+    if args.speculative:
+        from lmstack.checkpoints import load_model
+        from lmstack.generate.speculative import speculative_generate
+
+        draft = args.speculative if args.speculative == "prompt_lookup" else load_model(args.speculative,
+                                                                                        dtype=args.dtype)
+        out, stats = speculative_generate(engine.model, engine.tokenizer, prompt, draft, k=args.draft_k,
+                                          params=params)
+        print(out.text)
+        print(f"(speculative: {stats.accepted}/{stats.proposed} drafted tokens accepted, "
+              f"{stats.acceptance_rate:.0%}; {stats.target_passes} target passes for {len(out.token_ids)} tokens)",
+              file=sys.stderr)
+        return
     if args.num_beams > 1:
         for c in engine.beam_search(prompt, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
                                     num_return_sequences=args.n, ignore_eos=args.ignore_eos):
@@ -338,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message (chat template)")
     gen.add_argument("--num-beams", type=int, default=1, help="> 1: beam search")
     gen.add_argument("--no-stream", action="store_true")
+    gen.add_argument("--speculative", default=None, metavar="DRAFT",
+                     help="speculative decoding with a draft model directory, or 'prompt_lookup'")
+    gen.add_argument("--draft-k", type=int, default=4, help="tokens drafted per target pass")
     gen.set_defaults(func=_generate)
 
     chat = verbs.add_parser("chat", help="interactive chat with streaming (/reset, /system TEXT, /quit)")

@@ -1,0 +1,100 @@
+"""Speculative decoding: greedy identical to the target alone, the accept/resample rule preserves the target
+distribution, acceptance statistics, prompt lookup."""
+
+import pytest
+import torch
+
+import lmstack
+from lmstack import Engine, LMStackError
+from lmstack.generate.speculative import accept_or_resample, prompt_lookup, speculative_generate
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def models():
+    text = (REPO / "data" / "tinyshakespeare.txt").read_text()[:100_000]
+    tok = lmstack.Tokenizer.train([text], vocab_size=400)
+    torch.manual_seed(0)
+    target = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", vocab_size=400, n_layer=3)).eval()
+    draft = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", vocab_size=400, n_layer=1)).eval()
+    with torch.no_grad():
+        target.lm_head.weight.mul_(20)
+        draft.lm_head.weight.copy_(target.lm_head.weight)  # a related drafter, so some proposals pass
+        draft.embed.weight.copy_(target.embed.weight)
+    return target, draft, tok
+
+
+@pytest.mark.parametrize("drafter", ["model", "prompt_lookup"])
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_greedy_is_identical_to_the_target(models, drafter, k):
+    target, draft, tok = models
+    for prompt in ["ROMEO: ROMEO: ROMEO:", "First Citizen:\nBefore we proceed any further"]:
+        expected = Engine(target, tok).generate(prompt, max_new_tokens=30, temperature=0, ignore_eos=True)[0]
+        out, stats = speculative_generate(target, tok, prompt, draft if drafter == "model" else "prompt_lookup",
+                                          k=k, temperature=0, max_new_tokens=30, ignore_eos=True)
+        assert out.token_ids == expected.token_ids
+        assert stats.target_passes <= 30 and 0 <= stats.acceptance_rate <= 1
+
+
+def test_accept_resample_preserves_the_target_distribution():
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    q = torch.tensor([0.1, 0.2, 0.3, 0.4])  # a poor drafter
+    counts = torch.zeros(4)
+    n = 40_000
+    drafts = torch.multinomial(q, n, replacement=True, generator=g)
+    for d in drafts.tolist():
+        _, token = accept_or_resample(p, q, d, greedy=False, generator=g)
+        counts[token] += 1
+    assert torch.allclose(counts / n, p, atol=0.01)
+
+
+def test_sampled_output_matches_the_target_distribution(models):
+    """End to end: the first sampled token's frequencies equal the target's next-token distribution."""
+    target, draft, tok = models
+    prompt = tok.encode("ROMEO:")
+    with torch.no_grad():
+        p = target(torch.tensor([prompt]))[0, -1].softmax(-1)
+    counts = torch.zeros(p.numel())
+    n = 1500
+    for seed in range(n):
+        out, _ = speculative_generate(target, tok, prompt, draft, k=3, temperature=1.0, max_new_tokens=2,
+                                      seed=seed, ignore_eos=True)
+        counts[out.token_ids[0]] += 1
+    top = p.topk(5).indices
+    assert torch.allclose(counts[top] / n, p[top], atol=0.035)
+
+
+def test_identical_drafter_accepts_everything(models):
+    target, _, tok = models
+    _, stats = speculative_generate(target, tok, "ROMEO:", target, k=4, temperature=1.0, seed=0,
+                                    max_new_tokens=20, ignore_eos=True)
+    assert stats.proposed > 0 and stats.acceptance_rate == pytest.approx(1.0)
+
+
+def test_prompt_lookup():
+    assert prompt_lookup([1, 2, 3, 4, 9, 1, 2, 3], 2) == [4, 9]
+    assert prompt_lookup([5, 6, 7], 3) == []
+
+
+def test_bad_speculative_arguments(models):
+    target, _, tok = models
+    with pytest.raises(LMStackError, match="k=0"):
+        speculative_generate(target, tok, "x", k=0)
+    small = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", vocab_size=300))
+    with pytest.raises(LMStackError, match="vocabulary"):
+        speculative_generate(target, tok, "x", small)
+
+
+def test_cli_speculative(models, tmp_path, capsys):
+    from lmstack.cli import main
+
+    target, _, tok = models
+    lmstack.save_model(target, tmp_path, tokenizer=tok)
+    args = ["generate", "ROMEO: ROMEO:", "--model", str(tmp_path), "--temperature", "0", "--max-new-tokens", "12",
+            "--ignore-eos"]
+    assert main([*args, "--no-stream"]) == 0
+    plain = capsys.readouterr().out
+    assert main([*args, "--speculative", "prompt_lookup", "--draft-k", "3"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == plain and "drafted tokens accepted" in captured.err
