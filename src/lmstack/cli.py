@@ -268,6 +268,31 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grammar", default=None, help="constrain to a Lark grammar (a file)")
 
 
+def _quantize(args: argparse.Namespace) -> None:
+    from lmstack.checkpoints import load_model, load_tokenizer, parse_dtype
+    from lmstack.quantize import model_bytes, quantize_model, save_quantized
+
+    model = load_model(args.model, dtype="float32")
+    tokenizer = load_tokenizer(args.model)
+    before = model_bytes(model)
+    text = None
+    if args.eval_data:
+        from lmstack.data.readers import iter_texts
+        from lmstack.evaluate import perplexity
+
+        text = "\n\n".join(iter_texts(args.eval_data))[: args.eval_chars]
+        ppl_before = perplexity(model, tokenizer, text, stride=args.stride).perplexity
+    quantize_model(model, bits=args.bits, group_size=args.group_size, dtype=parse_dtype(args.compute_dtype))
+    save_quantized(model, args.output, tokenizer=tokenizer)
+    after = model_bytes(model)
+    print(f"wrote {args.output}: int{args.bits} weights, {before / 1e6:,.1f} MB -> {after / 1e6:,.1f} MB "
+          f"({after / before:.0%})")
+    if text is not None:
+        ppl_after = perplexity(model, tokenizer, text, stride=args.stride).perplexity
+        print(f"perplexity on {len(text):,} characters: {ppl_before:.3f} -> {ppl_after:.3f} "
+              f"({(ppl_after / ppl_before - 1):+.2%})")
+
+
 def _info(args: argparse.Namespace) -> None:
     from lmstack.checkpoints.hf import config_from_hf
 
@@ -378,6 +403,17 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("run_dir")
     plot.add_argument("--output", default=None)
     plot.set_defaults(func=_plot)
+
+    quant = verbs.add_parser("quantize", help="weight-only int8 / int4 quantization of a checkpoint")
+    quant.add_argument("--model", required=True)
+    quant.add_argument("--output", required=True)
+    quant.add_argument("--bits", type=int, default=8, choices=[8, 4])
+    quant.add_argument("--group-size", type=int, default=128, help="inputs per scale for int4")
+    quant.add_argument("--compute-dtype", default="bfloat16", help="dtype of scales and activations")
+    quant.add_argument("--eval-data", nargs="*", default=None, help="text to report the perplexity change on")
+    quant.add_argument("--eval-chars", type=int, default=100_000)
+    quant.add_argument("--stride", type=int, default=None)
+    quant.set_defaults(func=_quantize)
 
     info = verbs.add_parser("info", help="print a checkpoint's config and parameter count")
     info.add_argument("model")

@@ -27,6 +27,10 @@ def load_model(
         from lmstack.checkpoints.gguf import load_gguf_model
 
         return load_gguf_model(path, dtype=dtype, device=device)
+    from lmstack.quantize import is_quantized_checkpoint, load_quantized
+
+    if is_quantized_checkpoint(Path(path)):
+        return load_quantized(path, device=device)
     return load_hf_model(path, dtype=dtype, device=device)
 
 
