@@ -65,6 +65,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="compile lmstack's decode step")
+    parser.add_argument("--quantize", type=int, choices=[8, 4], default=None,
+                        help="also time lmstack with int8 / int4 weights (activations in --dtype)")
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
 
@@ -112,6 +114,23 @@ def main() -> None:
                 line += f", {gbs / 1e9:7.1f} GB/s" + (f" = {gbs / peak:.1%} of the weight-read bound" if peak else "")
             print(line)
         print(f"  batch {batch:>3} ratio lmstack / transformers: {results['lmstack'] / results['transformers']:.2f}")
+    if args.quantize:
+        from lmstack.quantize import model_bytes, quantize_model
+
+        quantize_model(ours, bits=args.quantize, group_size=32,
+                       dtype=dtype if dtype != torch.float32 else torch.bfloat16)
+        qengine = lmstack.Engine(ours, _NoTokenizer(), max_batch_size=max_batch,
+                                 max_seq_len=args.prompt_len + args.new_tokens, compile=args.compile)
+        for batch in args.batch:
+            prompts = torch.randint(0, ours.config.vocab_size, (batch, args.prompt_len), generator=g).tolist()
+            qengine.generate(prompts, max_new_tokens=2, temperature=0, ignore_eos=True)
+            sync(device)
+            t0 = time.perf_counter()
+            qengine.generate(prompts, max_new_tokens=args.new_tokens, temperature=0, ignore_eos=True)
+            sync(device)
+            tok_s = batch * args.new_tokens / (time.perf_counter() - t0)
+            print(f"  batch {batch:>3} lmstack int{args.quantize}: {tok_s:10,.1f} tok/s (prefill included), "
+                  f"{model_bytes(ours) / 1e9:.2f} GB of weights")
 
 
 if __name__ == "__main__":
