@@ -48,7 +48,10 @@ class _Row:
 
 
 class Engine:
-    """Generates with one model and tokenizer; the KV cache is allocated once and reused across calls."""
+    """Generates with one model and tokenizer; the KV cache is allocated once and reused across calls.
+
+    The engine puts the model in eval mode and, on the CPU, re-lays out its float32 linear weights for
+    matrix-vector speed (same values and shapes; see `transpose_linear_storage`)."""
 
     def __init__(self, model: DecoderLM, tokenizer: Tokenizer, max_batch_size: int = 8,
                  max_seq_len: int | None = None, compile: bool = False) -> None:

@@ -103,17 +103,11 @@ def _coerce(name: str, value: Any, kind: Any) -> Any:
             return None
         kind = next(a for a in args if a is not type(None))
         origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if origin is list:
+    if origin in (list, dict):  # given as YAML on the command line
         if isinstance(value, str):
             value = yaml.safe_load(value)
-        if not isinstance(value, list):
-            raise LMStackError(f"{name}: expected a list, got {value!r}")
-        return value
-    if origin is dict:
-        if isinstance(value, str):
-            value = yaml.safe_load(value)
-        if not isinstance(value, dict):
-            raise LMStackError(f"{name}: expected a mapping, got {value!r}")
+        if not isinstance(value, origin):
+            raise LMStackError(f"{name}: expected a {'list' if origin is list else 'mapping'}, got {value!r}")
         return value
     if kind is bool:
         if isinstance(value, bool):
