@@ -80,3 +80,67 @@ def test_cli_perplexity(tok, tmp_path, capsys):
                  "--max-length", "64"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["tokens"] == 299 and out["perplexity"] > 1
+
+
+# ---------------------------------------------------------------------------------------------- ROUGE, BLEU
+
+REF = "Large language models are very important for text processing."
+GEN = "Large language models are useful in processing text."
+
+
+def test_rouge_textbook_values():
+    from lmstack.evaluate import rouge
+
+    r = rouge([GEN], [REF])
+    assert r["rouge1"]["recall"] == pytest.approx(6 / 9)
+    assert r["rouge1"]["precision"] == pytest.approx(6 / 8)
+    assert r["rougeL"]["recall"] == pytest.approx(5 / 9)  # LCS: large language models are ... text/processing
+    assert r["rougeL"]["precision"] == pytest.approx(5 / 8)
+    # Lin (2004) with beta = 8 weights recall: F = (1 + b^2) P R / (R + b^2 P) ~ 0.56
+    p, rec, b2 = 5 / 8, 5 / 9, 64
+    assert (1 + b2) * p * rec / (rec + b2 * p) == pytest.approx(0.56, abs=0.005)
+    assert r["rouge2"]["recall"] == pytest.approx(3 / 8)  # large language, language models, models are
+
+
+def test_rouge_lsum_splits_sentences_and_averages():
+    from lmstack.evaluate import rouge
+
+    preds = ["the cat sat\nthe dog ran", "a b c"]
+    refs = ["the dog ran\nthe cat sat", "a b d"]
+    r = rouge(preds, refs, rouge_types=["rougeL", "rougeLsum"])
+    assert r["rougeLsum"]["f1"] > r["rougeL"]["f1"]  # sentence order does not hurt Lsum
+    assert r["rougeL"]["f1"] == pytest.approx((0.5 + 2 / 3) / 2)
+
+
+def test_bleu_values():
+    import sacrebleu
+
+    from lmstack.evaluate import bleu
+
+    assert bleu(["the cat sat on the mat"], ["the cat sat on the mat"])["bleu"] == pytest.approx(100.0)
+    hyp = ["the cat is on the mat", "there is a dog in the garden today"]
+    refs = ["the cat sat on the mat", "a dog is in the garden today"]
+    ours = bleu(hyp, refs)
+    assert ours["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyp, [refs]).score)
+    # by hand: 1- to 4-gram precisions and brevity penalty (lengths 6+8 vs 6+7: no penalty)
+    p1, p2, p3, p4 = 12 / 14, 7 / 12, 3 / 10, 1 / 8
+    assert ours["bleu"] == pytest.approx(100 * math.exp((math.log(p1) + math.log(p2) + math.log(p3)
+                                                          + math.log(p4)) / 4), rel=1e-6)
+
+
+def test_metric_inputs_must_pair(tmp_path, capsys):
+    from lmstack.evaluate import rouge
+
+    with pytest.raises(LMStackError, match="2 predictions but 1 references"):
+        rouge(["a", "b"], ["a"])
+    (tmp_path / "p.txt").write_text(GEN + "\n")
+    (tmp_path / "r.txt").write_text(REF + "\n")
+    assert main(["eval", "rouge", "--predictions", str(tmp_path / "p.txt"), "--references",
+                 str(tmp_path / "r.txt")]) == 0
+    import json
+
+    assert json.loads(capsys.readouterr().out)["rouge1"]["recall"] == pytest.approx(6 / 9)
+    (tmp_path / "bad.jsonl").write_text('"ok"\n{"not": "a string"}\n')
+    assert main(["eval", "bleu", "--predictions", str(tmp_path / "bad.jsonl"), "--references",
+                 str(tmp_path / "r.txt")]) == 1
+    assert "bad.jsonl:2: expected a JSON string" in capsys.readouterr().err

@@ -293,6 +293,21 @@ def _quantize(args: argparse.Namespace) -> None:
               f"({(ppl_after / ppl_before - 1):+.2%})")
 
 
+def _eval_text(args: argparse.Namespace) -> None:
+    from lmstack.evaluate import bleu, rouge
+    from lmstack.evaluate.text_metrics import read_lines
+
+    predictions = read_lines(args.predictions)
+    references = [read_lines(r) for r in args.references]
+    if args.eval_verb == "rouge":
+        if len(references) != 1:
+            raise LMStackError("ROUGE takes one reference file")
+        result = rouge(predictions, references[0], use_stemmer=args.stemmer)
+    else:
+        result = bleu(predictions, references)
+    print(json.dumps(result, indent=2))
+
+
 def _info(args: argparse.Namespace) -> None:
     from lmstack.checkpoints.hf import config_from_hf
 
@@ -398,6 +413,14 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--max-chars", type=int, default=None, help="score only the first N characters")
     ppl.add_argument("--device", default=None)
     ppl.set_defaults(func=_eval_perplexity)
+
+    for name, what in (("rouge", "ROUGE-1/2/L/Lsum (rouge-score)"), ("bleu", "corpus BLEU (sacrebleu)")):
+        metric = ev_verbs.add_parser(name, help=f"{what} of predictions against references, one per line")
+        metric.add_argument("--predictions", required=True, help="text (one per line) or JSONL of strings")
+        metric.add_argument("--references", required=True, nargs="+", help="one file per reference set")
+        if name == "rouge":
+            metric.add_argument("--stemmer", action="store_true", help="Porter-stem words first")
+        metric.set_defaults(func=_eval_text)
 
     plot = verbs.add_parser("plot", help="draw a run's loss curves to RUN_DIR/loss.png")
     plot.add_argument("run_dir")

@@ -1,0 +1,78 @@
+"""ROUGE and BLEU, through the reference implementations (`rouge-score`, Google's; `sacrebleu`).
+
+These are the scores papers report, so lmstack calls the packages that define them rather than re-deriving
+them; what is lmstack's is reading prediction/reference files and aggregating.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from lmstack.errors import LMStackError
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+
+
+def _check_pairs(predictions: Sequence[str], references: Sequence[str]) -> None:
+    if len(predictions) != len(references):
+        raise LMStackError(f"{len(predictions)} predictions but {len(references)} references")
+    if not predictions:
+        raise LMStackError("no predictions to score")
+
+
+def rouge(predictions: Sequence[str], references: Sequence[str], rouge_types: Sequence[str] = ROUGE_TYPES,
+          use_stemmer: bool = False) -> dict[str, dict[str, float]]:
+    """Mean precision, recall and F1 of each ROUGE type over the pairs (rougeLsum splits on newlines)."""
+    from rouge_score import rouge_scorer
+
+    _check_pairs(predictions, references)
+    unknown = set(rouge_types) - set(ROUGE_TYPES)
+    if unknown:
+        raise LMStackError(f"unknown ROUGE types {sorted(unknown)}; choose from {list(ROUGE_TYPES)}")
+    scorer = rouge_scorer.RougeScorer(list(rouge_types), use_stemmer=use_stemmer)
+    totals = {t: {"precision": 0.0, "recall": 0.0, "f1": 0.0} for t in rouge_types}
+    for pred, ref in zip(predictions, references):
+        scores = scorer.score(ref, pred)  # rouge-score takes (target, prediction)
+        for t in rouge_types:
+            totals[t]["precision"] += scores[t].precision
+            totals[t]["recall"] += scores[t].recall
+            totals[t]["f1"] += scores[t].fmeasure
+    n = len(predictions)
+    return {t: {k: v / n for k, v in d.items()} for t, d in totals.items()}
+
+
+def bleu(predictions: Sequence[str], references: Sequence[str] | Sequence[Sequence[str]],
+         tokenize: str = "13a") -> dict[str, float | list[float]]:
+    """Corpus BLEU as sacrebleu computes it. `references` is one list per reference set, or a single list."""
+    import sacrebleu
+
+    ref_sets = [list(references)] if references and isinstance(references[0], str) else [list(r) for r in references]
+    for refs in ref_sets:
+        _check_pairs(predictions, refs)
+    result = sacrebleu.corpus_bleu(list(predictions), ref_sets, tokenize=tokenize)
+    return {"bleu": result.score, "precisions": list(result.precisions), "brevity_penalty": result.bp,
+            "hyp_len": result.sys_len, "ref_len": result.ref_len}
+
+
+def read_lines(path: str | os.PathLike) -> list[str]:
+    """One example per line (a JSONL file: one JSON string per line, so examples may hold newlines)."""
+    import json
+
+    path = Path(path)
+    if not path.exists():
+        raise LMStackError(f"{path}: no such file")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if path.suffix != ".jsonl":
+        return lines
+    out = []
+    for i, line in enumerate(lines, 1):
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LMStackError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        if not isinstance(value, str):
+            raise LMStackError(f"{path}:{i}: expected a JSON string")
+        out.append(value)
+    return out
