@@ -42,7 +42,7 @@ def test_char_shards_match_nanogpt(char_shards):
     chars = sorted(set(text))
     data = TokenShards(char_shards)
     n = len(text)
-    assert data.meta["vocab_size"] == 65 and data.meta["dtype"] == "uint16"
+    assert data.meta["vocab_size"] == 65 + 1 and data.meta["dtype"] == "uint16"  # 65 characters and <unk>
     assert len(data["train"]) == int(n * 0.9) and len(data["val"]) == n - int(n * 0.9)
     stoi = {c: i for i, c in enumerate(chars)}
     expected = np.array([stoi[c] for c in text[int(n * 0.9):]], dtype=np.uint16)

@@ -309,21 +309,24 @@ def _eval_text(args: argparse.Namespace) -> None:
 
 
 def _info(args: argparse.Namespace) -> None:
-    from lmstack.checkpoints.hf import config_from_hf
+    from lmstack.checkpoints.hf import config_from_hf, read_hf_config
+    from lmstack.config import ModelConfig
 
     path = Path(args.model)
     if path.suffix == ".gguf":
         from lmstack.checkpoints import load_model
 
         config = load_model(path).config
+    elif read_hf_config(path).get("lmstack_config"):  # lmstack-native or quantized checkpoints
+        config = ModelConfig.from_dict(read_hf_config(path)["lmstack_config"])
     else:
         config = config_from_hf(path)
     import torch
 
-    from lmstack.models import DecoderLM
+    from lmstack.models import build_model
 
     with torch.device("meta"):
-        model = DecoderLM(config)
+        model = build_model(config)
     print(json.dumps({"parameters": model.num_params(),
                       "non_embedding_parameters": model.num_params(non_embedding=True),
                       "config": config.to_dict()}, indent=2))

@@ -17,6 +17,7 @@ Norm = Literal["layernorm", "rmsnorm"]
 Positions = Literal["learned", "rope"]
 MLPKind = Literal["gelu", "swiglu", "geglu"]
 Bias = Literal["none", "all", "qkv"]
+Arch = Literal["transformer", "rnn", "lstm", "gru"]
 
 ROPE_SCALING_TYPES = ("linear", "dynamic", "llama3", "yarn")
 
@@ -29,6 +30,7 @@ class ModelConfig:
     "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}``.
     """
 
+    arch: Arch = "transformer"  # or a recurrent LM: "rnn" (Elman), "lstm", "gru" (lmstack.models.rnn)
     vocab_size: int = 50304
     block_size: int = 1024  # context length
     n_layer: int = 12
@@ -84,7 +86,7 @@ class ModelConfig:
                 raise bad(name, "must be a positive integer")
         if self.n_head % self.n_kv_head:
             raise bad("n_kv_head", f"must divide n_head ({self.n_head})")
-        choices = {"norm": Norm, "positions": Positions, "mlp": MLPKind, "bias": Bias}
+        choices = {"arch": Arch, "norm": Norm, "positions": Positions, "mlp": MLPKind, "bias": Bias}
         for name, kind in choices.items():
             if getattr(self, name) not in kind.__args__:
                 raise bad(name, f"must be one of {list(kind.__args__)}")

@@ -206,19 +206,21 @@ class Tokenizer:
 
     @classmethod
     def train_chars(cls, texts: Iterable[str], special_tokens: Sequence[str] = ()) -> Tokenizer:
-        """A character-level tokenizer: one id per distinct character, in sorted order (nanoGPT's
-        shakespeare_char vocabulary), followed by `special_tokens`. Saved as an ordinary tokenizer.json."""
+        """A character-level tokenizer: one id per distinct character in sorted order (nanoGPT's
+        shakespeare_char vocabulary), then `<unk>` for characters the corpus did not have, then
+        `special_tokens`. Saved as an ordinary tokenizer.json."""
         chars: set[str] = set()
         for text in texts:
             chars.update(text)
         vocab = {c: i for i, c in enumerate(sorted(chars))}
-        backend = Backend(models.WordLevel(vocab=vocab or {"\n": 0}, unk_token=None))
+        vocab["<unk>"] = len(vocab)
+        backend = Backend(models.WordLevel(vocab=vocab, unk_token="<unk>"))
         backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
         backend.decoder = decoders.Fuse()
-        if special_tokens:
-            backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens])
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                    for t in ("<unk>", *special_tokens)])
         eos = special_tokens[0] if special_tokens else None
-        return cls(backend, eos_token=eos)
+        return cls(backend, eos_token=eos, unk_token="<unk>")
 
     # ------------------------------------------------------------------------------------ files
 

@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
-from lmstack.checkpoints.hf import load_hf_model, save_hf_model
+from lmstack.checkpoints.hf import atomic_write, load_hf_model, read_hf_config, save_hf_model, write_json
 from lmstack.errors import LMStackError
 from lmstack.models.decoder import DecoderLM
 from lmstack.tokenizer import Tokenizer
@@ -31,14 +32,62 @@ def load_model(
 
     if is_quantized_checkpoint(Path(path)):
         return load_quantized(path, device=device)
+    if (Path(path) / "config.json").exists() and read_hf_config(path).get("model_type") == NATIVE:
+        return load_native(path, dtype=dtype, device=device)
     return load_hf_model(path, dtype=dtype, device=device)
+
+
+NATIVE = "lmstack"  # config.json model_type of architectures transformers has no class for (RNN LMs)
+
+
+def save_native(model: torch.nn.Module, path: str | os.PathLike, tokenizer: Tokenizer | None = None) -> Path:
+    """config.json (lmstack's ModelConfig) + model.safetensors under lmstack's own parameter names."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    atomic_write(path / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
+    write_json(path / "config.json", {"model_type": NATIVE, "architectures": [type(model).__name__],
+                                      "lmstack_config": model.config.to_dict()})
+    if tokenizer is not None:
+        tokenizer.save(path)
+    return path
+
+
+def load_native(path: str | os.PathLike, dtype: torch.dtype | None = None,
+                device: torch.device | str | None = None) -> torch.nn.Module:
+    from lmstack.checkpoints.hf import TensorSource, materialize_module
+    from lmstack.config import ModelConfig
+    from lmstack.models import build_model
+
+    path = Path(path)
+    config = ModelConfig.from_dict(read_hf_config(path)["lmstack_config"])
+    source = TensorSource([path / "model.safetensors"])
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in build_model(config).state_dict().items()}
+    if config.tie_embeddings:
+        expected.pop("lm_head.weight", None)
+    state = {}
+    for key, shape in expected.items():
+        if key not in source.where:
+            raise LMStackError(f"{path}/model.safetensors: missing tensor {key!r}")
+        t = source.get(key)
+        if t.shape != shape:
+            raise LMStackError(f"{path}/model.safetensors: tensor {key!r} has shape {list(t.shape)}, "
+                               f"expected {list(shape)}")
+        state[key] = t.to(device=device or "cpu", dtype=dtype or t.dtype)
+    return materialize_module(build_model, config, state, device)
 
 
 def save_model(
     model: DecoderLM, path: str | os.PathLike, tokenizer: Tokenizer | None = None,
     max_shard_size: int | str = "5GB",
 ) -> Path:
-    """Save `model` (and `tokenizer`) as a Hugging Face directory that `transformers` loads."""
+    """Save `model` (and `tokenizer`) as a Hugging Face directory that `transformers` loads (recurrent LMs,
+    which transformers has no class for, in lmstack's own layout)."""
+    if model.config.arch != "transformer":
+        return save_native(model, path, tokenizer)
     return save_hf_model(model, path, tokenizer=tokenizer, max_shard_size=max_shard_size)
 
 

@@ -387,8 +387,13 @@ def convert_to_ours(
 
 def materialize(config: ModelConfig, state: dict[str, torch.Tensor], device: torch.device | str | None) -> DecoderLM:
     """Put `state` into a `DecoderLM` built on the meta device, so weights exist once, never twice."""
+    return materialize_module(DecoderLM, config, state, device)
+
+
+def materialize_module(build: Callable, config: ModelConfig, state: dict[str, torch.Tensor],
+                       device: torch.device | str | None) -> Any:
     with torch.device("meta"):
-        model = DecoderLM(config)
+        model = build(config)
     if config.tie_embeddings:
         state["lm_head.weight"] = state["embed.weight"]
     model.load_state_dict(state, strict=True, assign=True)
@@ -448,7 +453,7 @@ def hf_state_dict(model: DecoderLM) -> dict[str, torch.Tensor]:
     return out
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Write through a temporary file and rename, so a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     write(str(tmp))
@@ -459,7 +464,7 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    _atomic_write(path, lambda p: Path(p).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n"))
+    atomic_write(path, lambda p: Path(p).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n"))
 
 
 def save_hf_model(
@@ -483,12 +488,12 @@ def save_hf_model(
     for old in path.glob("model*.safetensors*"):  # a stale shard of an earlier save would confuse readers
         old.unlink()
     if len(shards) == 1:
-        _atomic_write(path / "model.safetensors", lambda p: save_file(shards[0], p, metadata={"format": "pt"}))
+        atomic_write(path / "model.safetensors", lambda p: save_file(shards[0], p, metadata={"format": "pt"}))
     else:
         weight_map = {}
         for i, shard in enumerate(shards, 1):
             name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            _atomic_write(path / name, lambda p, s=shard: save_file(s, p, metadata={"format": "pt"}))
+            atomic_write(path / name, lambda p, s=shard: save_file(s, p, metadata={"format": "pt"}))
             weight_map.update(dict.fromkeys(shard, name))
         total = sum(t.numel() * t.element_size() for t in state.values())
         write_json(path / "model.safetensors.index.json",

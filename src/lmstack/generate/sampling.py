@@ -221,8 +221,11 @@ def generate_ids(
     stop_ids: set[int] | None = None,
     generator: torch.Generator | None = None,
 ) -> list[int]:
-    """Continue one prompt: prefill it into a fresh static KV cache, then decode one token per step."""
+    """Continue one prompt: prefill it into a fresh static KV cache (a recurrent LM: its hidden state), then
+    decode one token per step."""
     device = model.embed.weight.device
+    if getattr(model.config, "arch", "transformer") != "transformer":
+        return _generate_recurrent(model, prompt_ids, max_new_tokens, temperature, top_k, stop_ids, generator)
     total = min(len(prompt_ids) + max_new_tokens, model.config.block_size)
     prompt_ids = prompt_ids[-total:] if prompt_ids else [0]
     was_training = model.training
@@ -243,4 +246,22 @@ def generate_ids(
         return out
     finally:
         model.clear_kv_cache()
+        model.train(was_training)
+
+
+def _generate_recurrent(model, prompt_ids, max_new_tokens, temperature, top_k, stop_ids, generator) -> list[int]:
+    device = model.embed.weight.device
+    was_training = model.training
+    model.eval()
+    try:
+        logits, state = model(torch.tensor([prompt_ids or [0]], device=device), return_state=True)
+        out: list[int] = []
+        for _ in range(max_new_tokens):
+            token = int(sample_next_token(logits[:, -1], temperature, top_k, generator))
+            if stop_ids and token in stop_ids:
+                break
+            out.append(token)
+            logits, state = model(torch.tensor([[token]], device=device), state=state, return_state=True)
+        return out
+    finally:
         model.train(was_training)

@@ -207,14 +207,16 @@ def flops_per_token(config: ModelConfig, n_params: int, seq_len: int | None = No
     mixture of experts only the active experts' weights.
     """
     seq_len = seq_len or config.block_size
+    if config.arch != "transformer":  # a recurrence costs its weights only
+        return 6 * n_params
     return 6 * n_params + 12 * config.n_layer * config.n_head * config.head_dim * seq_len
 
 
-def active_params(model: DecoderLM) -> int:
+def active_params(model: nn.Module) -> int:
     """Non-embedding parameters a token touches: for MoE only `n_expert_per_token` of the experts."""
     cfg = model.config
     n = model.num_params(non_embedding=True)
-    if cfg.n_expert:
+    if cfg.n_expert and cfg.arch == "transformer":
         per_expert = sum(p.numel() for p in model.layers[0].mlp.experts[0].parameters())
         n -= cfg.n_layer * per_expert * (cfg.n_expert - cfg.n_expert_per_token)
     return n

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from lmstack.checkpoints import load_model, save_model
 from lmstack.data.shards import TokenShards
 from lmstack.errors import LMStackError
-from lmstack.models.decoder import DecoderLM, active_params, flops_per_token
+from lmstack.models import active_params, build_model, flops_per_token
 from lmstack.train import checkpoint as ckpt
 from lmstack.train.config import TrainConfig, config_differences
 from lmstack.train.metrics import MetricsLog, peak_flops, plot_losses
@@ -174,7 +174,7 @@ def _pretrain(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
     if cfg.init_from == "checkpoint":
         model = load_model(cfg.model, dtype=torch.float32)
     else:
-        model = DecoderLM(cfg.model_config(vocab_size=shards.meta["vocab_size"]))
+        model = build_model(cfg.model_config(vocab_size=shards.meta["vocab_size"]))
     if model.config.vocab_size < shards.meta["vocab_size"]:
         raise LMStackError(f"model vocab_size {model.config.vocab_size} is smaller than the data's "
                            f"{shards.meta['vocab_size']}")
@@ -250,7 +250,7 @@ def _pretrain(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
             to_save = raw_model
             if fsdp:
                 with torch.device("meta"):
-                    to_save = DecoderLM(raw_model.config)
+                    to_save = build_model(raw_model.config)
                 to_save.load_state_dict(full, assign=True)
                 to_save.tie_weights()
             save_model(to_save, stage, tokenizer=tokenizer)
