@@ -308,6 +308,15 @@ def _eval_text(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=2))
 
 
+def _compare(args: argparse.Namespace) -> None:
+    from lmstack.evaluate.compare import compare
+
+    compare(args.data, args.output, vocab_size=args.vocab_size, steps=args.steps, progress=sys.stderr.isatty(),
+            orders=tuple(args.orders))
+    print((Path(args.output) / "compare.md").read_text(), end="")
+    print(f"table: {Path(args.output) / 'compare.md'}; plot: {Path(args.output) / 'compare.png'}")
+
+
 def _info(args: argparse.Namespace) -> None:
     from lmstack.checkpoints.hf import config_from_hf, read_hf_config
     from lmstack.config import ModelConfig
@@ -440,6 +449,14 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--eval-chars", type=int, default=100_000)
     quant.add_argument("--stride", type=int, default=None)
     quant.set_defaults(func=_quantize)
+
+    comp = verbs.add_parser("compare", help="n-grams vs RNN vs LSTM vs Transformer in bits per byte")
+    comp.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "data" / "tinyshakespeare.txt"))
+    comp.add_argument("--output", default="runs/compare")
+    comp.add_argument("--vocab-size", type=int, default=2048)
+    comp.add_argument("--steps", type=int, default=600, help="training steps of each neural model")
+    comp.add_argument("--orders", type=int, nargs="+", default=[2, 3, 4, 5])
+    comp.set_defaults(func=_compare)
 
     info = verbs.add_parser("info", help="print a checkpoint's config and parameter count")
     info.add_argument("model")

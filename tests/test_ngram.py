@@ -1,0 +1,105 @@
+"""n-gram LMs: agreement with NLTK's Kneser-Ney, normalisation, hand examples, ARPA round trips, bad input."""
+
+import math
+
+import numpy as np
+import pytest
+
+from lmstack import LMStackError
+from lmstack.models.ngram import NGramLM
+from tests.conftest import REPO
+
+TEXT = (REPO / "data" / "tinyshakespeare.txt").read_text()
+
+
+def test_fixed_discount_kneser_ney_matches_nltk():
+    from nltk.lm import KneserNeyInterpolated
+    from nltk.lm.preprocessing import pad_both_ends, padded_everygram_pipeline
+    from nltk.util import ngrams
+
+    lines = [line.lower().split() for line in TEXT.split("\n") if line.strip()]
+    train, test = lines[:1500], lines[1500:1700]
+    n = 3
+    grams, vocab = padded_everygram_pipeline(n, train)
+    reference = KneserNeyInterpolated(n, discount=0.1)
+    reference.fit(grams, vocab)
+    ids = {w: i for i, w in enumerate(sorted(reference.vocab))}
+    ours = NGramLM(n, len(ids), smoothing="kneser_ney", discount=0.1)
+    ours.fit([[ids[w] for w in pad_both_ends(s, n)] for s in train])
+    # held-out trigrams of known words (NLTK gives unseen words probability 0)
+    held = [g for s in test for g in ngrams(pad_both_ends(s, n), n) if all(w in ids for w in g)][:600]
+    assert len(held) > 300
+    nll = -sum(ours.logprob(ids[g[-1]], [ids[w] for w in g[:-1]]) for g in held) / len(held)
+    assert math.exp(nll) == pytest.approx(reference.perplexity(held), rel=0.01)
+
+
+@pytest.fixture(scope="module")
+def char_model():
+    chars = sorted(set(TEXT))
+    stoi = {c: i for i, c in enumerate(chars)}
+    data = np.array([stoi[c] for c in TEXT[:200_000]])
+    return NGramLM(4, len(chars)).fit([data]), stoi
+
+
+def test_modified_kneser_ney_is_a_distribution(char_model):
+    model, stoi = char_model
+    for context in ("the", "qzx", "", "ROM"):
+        ids = [stoi[c] for c in context]
+        total = sum(math.exp(model.logprob(w, ids)) for w in range(model.vocab_size))
+        assert total == pytest.approx(1.0, abs=1e-6)
+
+
+def test_higher_orders_fit_better(char_model):
+    _, stoi = char_model
+    data = np.array([stoi[c] for c in TEXT[:200_000]])
+    held = [[stoi[c] for c in TEXT[-20_000:]]]
+    ppl = [NGramLM(n, len(stoi)).fit([data]).perplexity(held) for n in (1, 2, 3)]
+    assert ppl[0] > ppl[1] > ppl[2]
+
+
+def test_stupid_backoff_textbook_example():
+    words = ["language", "models", "are", "powerful", ".", "language", "models", "are", "useful", "."]
+    vocab = {w: i for i, w in enumerate(sorted(set(words) | {"english"}))}
+    model = NGramLM(3, len(vocab), smoothing="stupid_backoff").fit([[vocab[w] for w in words]])
+    best = max(vocab, key=lambda w: model.logprob(vocab[w], [vocab["language"], vocab["models"]]))
+    assert best == "are"
+    backed_off = max(vocab, key=lambda w: model.logprob(vocab[w], [vocab["english"], vocab["language"]]))
+    assert backed_off == "models"
+    # seen trigram: c(language models are) / c(language models) = 2 / 2
+    assert model.logprob(vocab["are"], [vocab["language"], vocab["models"]]) == pytest.approx(0.0)
+    # backed off once: 0.4 * c(language models) / c(language)
+    assert model.logprob(vocab["models"], [vocab["english"], vocab["language"]]) == pytest.approx(math.log(0.4))
+
+
+def test_add_k_hand_values():
+    model = NGramLM(2, 4, smoothing="add_k", k=1.0).fit([[0, 1, 0, 1, 2]])
+    # c(0 1) = 2, c(0) = 2 as a context; (2 + 1) / (2 + 4)
+    assert model.logprob(1, [0]) == pytest.approx(math.log(3 / 6))
+    assert model.logprob(3, [0]) == pytest.approx(math.log(1 / 6))
+    assert model.logprob(3) == pytest.approx(math.log(1 / (5 + 4)))
+
+
+def test_arpa_round_trip(char_model, tmp_path):
+    model, stoi = char_model
+    words = [repr(c)[1:-1] if c.strip() else f"<{ord(c)}>" for c in sorted(stoi)]
+    model.to_arpa(tmp_path / "m.arpa", words)
+    again = NGramLM.from_arpa(tmp_path / "m.arpa", {w: i for i, w in enumerate(words)})
+    for context in ("the", "qzx", "", "ROM"):
+        ids = [stoi[c] for c in context]
+        for w in range(0, model.vocab_size, 7):
+            assert again.logprob(w, ids) == pytest.approx(model.logprob(w, ids), abs=1e-5)
+
+
+def test_bad_input(tmp_path):
+    with pytest.raises(LMStackError, match="order=0"):
+        NGramLM(0, 10)
+    with pytest.raises(LMStackError, match="empty training text"):
+        NGramLM(2, 10).fit([[]])
+    with pytest.raises(LMStackError, match="outside the vocabulary"):
+        NGramLM(2, 10).fit([[1, 2, 50]])
+    unk = NGramLM(2, 10, unk_id=0).fit([[1, 2, 50, 3]])
+    assert math.isfinite(unk.logprob(99, [1]))  # unknown ids score as <unk>
+    bad = tmp_path / "bad.arpa"
+    bad.write_text("\\data\\\nngram 1=2\n\n\\1-grams:\n-1.0\ta\n-x.5\tb\n\\end\\\n")
+    with pytest.raises(LMStackError, match=r"bad.arpa:6: not valid ARPA"):
+        NGramLM.from_arpa(bad, {"a": 0, "b": 1})
