@@ -103,3 +103,19 @@ def test_bad_input(tmp_path):
     bad.write_text("\\data\\\nngram 1=2\n\n\\1-grams:\n-1.0\ta\n-x.5\tb\n\\end\\\n")
     with pytest.raises(LMStackError, match=r"bad.arpa:6: not valid ARPA"):
         NGramLM.from_arpa(bad, {"a": 0, "b": 1})
+
+
+def test_compare_runs_every_rung(tmp_path):
+    from lmstack.evaluate.compare import compare
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT[:150_000])
+    rows = compare(corpus, tmp_path / "out", vocab_size=512, orders=(1, 2, 3), steps=8, block_size=64,
+                   batch_size=4, max_val_chars=4000)
+    names = [r["model"] for r in rows]
+    assert names[:3] == [f"{n}-gram (modified Kneser-Ney)" for n in (1, 2, 3)]
+    assert names[3:] == ["Elman RNN", "LSTM", "Transformer (Llama-style)"]
+    assert all(0 < r["bits_per_byte"] < 8 and r["train_seconds"] > 0 for r in rows)
+    assert rows[1]["bits_per_byte"] < rows[0]["bits_per_byte"]  # context helps even on a small corpus
+    assert "| Elman RNN |" in (tmp_path / "out" / "compare.md").read_text()
+    assert (tmp_path / "out" / "compare.png").stat().st_size > 5_000
