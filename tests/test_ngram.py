@@ -119,3 +119,16 @@ def test_compare_runs_every_rung(tmp_path):
     assert rows[1]["bits_per_byte"] < rows[0]["bits_per_byte"]  # context helps even on a small corpus
     assert "| Elman RNN |" in (tmp_path / "out" / "compare.md").read_text()
     assert (tmp_path / "out" / "compare.png").stat().st_size > 5_000
+
+
+def test_word_level_model_with_unknown_words():
+    from lmstack.models.ngram import word_sequences
+
+    lines = TEXT.split("\n")
+    train, vocab = word_sequences(["\n".join(lines[:2000])], order=3)
+    held, _ = word_sequences(["\n".join(lines[2000:2300])], vocab=vocab, order=3)
+    assert any(vocab["<unk>"] in s for s in held)  # the held-out text has words training never saw
+    model = NGramLM(3, len(vocab), unk_id=vocab["<unk>"]).fit(train)
+    ppl = model.perplexity(held)
+    assert 10 < ppl < len(vocab)
+    assert math.exp(model.logprob(vocab["<unk>"], [])) > 0  # documented <unk> mass: never zero

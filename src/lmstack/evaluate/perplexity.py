@@ -27,6 +27,7 @@ class PerplexityResult:
     nll_per_token: float  # nats
     tokens: int  # tokens scored
     bytes: int  # UTF-8 bytes of the scored text
+    word_perplexity: float  # exp(total NLL / whitespace-separated words): comparable across tokenizers
 
     def to_dict(self) -> dict[str, float | int]:
         return dict(self.__dict__)
@@ -65,7 +66,10 @@ def perplexity(
         prev_end = end
         if end == len(ids):
             break
-    n_bytes = len(tokenizer.decode(ids[1:]).encode("utf-8"))
+    scored_text = tokenizer.decode(ids[1:])
+    n_bytes = len(scored_text.encode("utf-8"))
+    n_words = max(1, len(scored_text.split()))
     nll = total_nll / scored
     return PerplexityResult(perplexity=math.exp(nll), bits_per_byte=total_nll / math.log(2) / n_bytes,
-                            nll_per_token=nll, tokens=scored, bytes=n_bytes)
+                            nll_per_token=nll, tokens=scored, bytes=n_bytes,
+                            word_perplexity=math.exp(min(total_nll / n_words, 700)))

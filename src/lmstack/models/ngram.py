@@ -27,6 +27,19 @@ SMOOTHINGS = ("modified_kneser_ney", "kneser_ney", "add_k", "stupid_backoff")
 Gram = tuple[int, ...]
 
 
+def word_sequences(texts: Iterable[str], vocab: dict[str, int] | None = None, order: int = 1,
+                   lowercase: bool = True) -> tuple[list[list[int]], dict[str, int]]:
+    """Word-level sequences: each line of each text becomes `<s>`*(order-1) + words + `</s>`; words outside a
+    given `vocab` map to `<unk>`. Returns (id sequences, vocab); a new vocab is built when none is given."""
+    lines = [line.lower().split() if lowercase else line.split()
+             for text in texts for line in text.splitlines() if line.strip()]
+    if vocab is None:
+        vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *sorted({w for ws in lines for w in ws})])}
+    unk = vocab["<unk>"]
+    pad = [vocab["<s>"]] * max(order - 1, 1)
+    return [pad + [vocab.get(w, unk) for w in ws] + [vocab["</s>"]] for ws in lines], vocab
+
+
 def count_ngrams(sequences: Iterable[np.ndarray], order: int) -> list[dict[Gram, int]]:
     """counts[k-1][gram] for every gram of length k = 1..order inside each sequence (vectorised per sequence)."""
     per_order: list[list[np.ndarray]] = [[] for _ in range(order)]
