@@ -132,3 +132,15 @@ def test_word_level_model_with_unknown_words():
     ppl = model.perplexity(held)
     assert 10 < ppl < len(vocab)
     assert math.exp(model.logprob(vocab["<unk>"], [])) > 0  # documented <unk> mass: never zero
+
+
+def test_sampling_follows_the_distribution(char_model):
+    model, stoi = char_model
+    context = [stoi[c] for c in "ROMEO"]
+    p = model.distribution(context)
+    rng = np.random.default_rng(0)
+    draws = [model.sample(context, 1, rng)[0] for _ in range(400)]
+    assert all(0 <= d < model.vocab_size for d in draws)
+    top = int(p.argmax())
+    assert abs(draws.count(top) / 400 - p[top]) < 0.07
+    assert len(model.sample(context, 5, rng)) == 5

@@ -88,6 +88,7 @@ def _write(rows: list[dict[str, Any]], out: Path, vocab_size: int, steps: int) -
     for bar, r in zip(bars, rows):
         ax.annotate(f"{r['bits_per_byte']:.2f}\n{r['train_seconds']:.0f}s",
                     (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7)
+    ax.set_ylim(0, max(r["bits_per_byte"] for r in rows) * 1.18)  # room for the labels
     ax.set_ylabel("validation bits per byte (lower is better)")
     ax.set_title("From counts to attention: one corpus, one tokenizer")
     plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
