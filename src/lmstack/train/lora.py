@@ -1,0 +1,186 @@
+"""LoRA: low-rank adapters on chosen linear layers, with PEFT's file format.
+
+A wrapped layer computes base(x) + (alpha / r) * B(A(dropout(x))) with A [r, in] initialised as PEFT does
+(Kaiming-uniform) and B [out, r] at zero, so the wrapped model equals the base model until B trains. Only A and
+B train. `merge` folds B A into the base weight for inference; `unmerge` takes it back out. Adapters save as
+`adapter_config.json` + `adapter_model.safetensors` under Hugging Face parameter names, so
+`peft.PeftModel.from_pretrained` applies them to the Hugging Face export of the same base model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lmstack.errors import LMStackError
+
+# lmstack's linear layer names and the Hugging Face (Llama-family) module names PEFT targets.
+HF_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
+            "down": "down_proj"}
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0) -> None:
+        super().__init__()
+        if r < 1:
+            raise LMStackError(f"LoRA rank r={r}: must be >= 1")
+        self.base = base
+        self.base.weight.requires_grad_(False)
+        if self.base.bias is not None:
+            self.base.bias.requires_grad_(False)
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        device, dtype = base.weight.device, base.weight.dtype
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device, dtype=dtype))
+        if device.type != "meta":
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout)
+        self.merged = False
+        self.enabled = True
+
+    @property
+    def weight(self) -> torch.Tensor:  # so code that reads `.weight` (shapes, dtype) keeps working
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.enabled and not self.merged:
+            y = y + (self.dropout(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
+        return y
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.base.weight += (self.lora_B @ self.lora_A) * self.scaling
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base.weight -= (self.lora_B @ self.lora_A) * self.scaling
+            self.merged = False
+
+
+def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+               targets: Iterable[str] = ("q", "v")) -> nn.Module:
+    """Wrap every linear layer whose name ends in one of `targets` (q, k, v, o, gate, up, down) and freeze
+    everything else. Returns the model, changed in place."""
+    targets = tuple(targets)
+    unknown = [t for t in targets if t not in HF_NAMES]
+    if unknown:
+        raise LMStackError(f"unknown LoRA targets {unknown}; choose from {list(HF_NAMES)}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, LoRALinear(module, r, alpha, dropout))
+            wrapped += 1
+    if not wrapped:
+        raise LMStackError(f"no linear layer named {list(targets)} in the model")
+    model.lora = {"r": r, "alpha": alpha, "dropout": dropout, "targets": list(targets)}
+    return model
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def set_adapters_enabled(model: nn.Module, enabled: bool) -> None:
+    """Switch the adapters off to get the base model back (e.g. as DPO's reference) without a copy."""
+    for _, m in lora_layers(model):
+        m.enabled = enabled
+
+
+def merge_lora(model: nn.Module) -> None:
+    for _, m in lora_layers(model):
+        m.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    for _, m in lora_layers(model):
+        m.unmerge()
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def _hf_key(name: str) -> str:
+    """layers.3.attn.q -> base_model.model.model.layers.3.self_attn.q_proj (PEFT's prefix + HF's names)."""
+    parts = name.split(".")
+    block, kind, leaf = ".".join(parts[:2]), parts[2], parts[3]
+    group = "self_attn" if kind == "attn" else "mlp"
+    if kind == "mlp" and len(parts) > 4:
+        raise LMStackError(f"PEFT export of {name!r} (mixture-of-experts layers) is not supported")
+    return f"base_model.model.model.{block}.{group}.{HF_NAMES[leaf]}"
+
+
+def save_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
+    """Write the adapters in PEFT's format."""
+    from lmstack.checkpoints.hf import family_of
+
+    if not getattr(model, "lora", None):
+        raise LMStackError("the model has no LoRA adapters (apply_lora first)")
+    if family_of(model.config) in ("gpt2", "phi3"):
+        raise LMStackError("PEFT export needs separate q/k/v and gate/up projections (GPT-2 and Phi-3 fuse them)")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, layer in lora_layers(model):
+        key = _hf_key(name)
+        tensors[f"{key}.lora_A.weight"] = layer.lora_A.detach().contiguous().cpu()
+        tensors[f"{key}.lora_B.weight"] = layer.lora_B.detach().contiguous().cpu()
+    save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    cfg = model.lora
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg["r"], "lora_alpha": cfg["alpha"],
+              "lora_dropout": cfg["dropout"], "target_modules": sorted(HF_NAMES[t] for t in cfg["targets"]),
+              "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+              "base_model_name_or_path": base_model_name_or_path}
+    (path / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return path
+
+
+def load_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Apply a PEFT LoRA adapter directory to `model` (wrapping the layers it targets)."""
+    path = Path(path)
+    config_file = path / "adapter_config.json"
+    if not config_file.exists():
+        raise LMStackError(f"{path}: no adapter_config.json")
+    cfg = json.loads(config_file.read_text())
+    if cfg.get("peft_type") != "LORA":
+        raise LMStackError(f"{config_file}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    to_ours = {v: k for k, v in HF_NAMES.items()}
+    targets = cfg["target_modules"]
+    targets = [targets] if isinstance(targets, str) else targets
+    unknown = [t for t in targets if t not in to_ours]
+    if unknown:
+        raise LMStackError(f"{config_file}: target modules {unknown} are not lmstack layers")
+    apply_lora(model, r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout", 0.0),
+               targets=[to_ours[t] for t in targets])
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    for name, layer in lora_layers(model):
+        key = _hf_key(name)
+        for which in ("lora_A", "lora_B"):
+            t = tensors.get(f"{key}.{which}.weight")
+            if t is None:
+                raise LMStackError(f"{path}/adapter_model.safetensors: missing {key}.{which}.weight")
+            target = getattr(layer, which)
+            if t.shape != target.shape:
+                raise LMStackError(f"{path}/adapter_model.safetensors: {key}.{which}.weight has shape "
+                                   f"{list(t.shape)}, the base model's {name} needs {list(target.shape)}")
+            with torch.no_grad():
+                target.copy_(t)
+    return model
