@@ -11,20 +11,25 @@ from typing import Any
 from lmstack.errors import LMStackError
 
 
-def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield `(line_number, record)` for each non-blank line; a line that is not a JSON object raises
-    `LMStackError` naming `file:line`."""
+def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """Yield `(line_number, value)` for each non-blank line; a line that is not JSON raises `LMStackError`
+    naming `file:line`."""
     with open(path, encoding="utf-8", errors="replace") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield lineno, json.loads(line)
             except json.JSONDecodeError as e:
                 raise LMStackError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise LMStackError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            yield lineno, record
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield `(line_number, record)` for each JSON object line (`file:line` errors otherwise)."""
+    for lineno, record in iter_json_lines(path):
+        if not isinstance(record, dict):
+            raise LMStackError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        yield lineno, record
 
 
 def iter_texts(files: Iterable[str | os.PathLike], text_field: str = "text") -> Iterator[str]:

@@ -58,21 +58,16 @@ def bleu(predictions: Sequence[str], references: Sequence[str] | Sequence[Sequen
 
 def read_lines(path: str | os.PathLike) -> list[str]:
     """One example per line (a JSONL file: one JSON string per line, so examples may hold newlines)."""
-    import json
+    from lmstack.data.readers import iter_json_lines
 
     path = Path(path)
     if not path.exists():
         raise LMStackError(f"{path}: no such file")
-    lines = path.read_text(encoding="utf-8").splitlines()
     if path.suffix != ".jsonl":
-        return lines
+        return path.read_text(encoding="utf-8").splitlines()
     out = []
-    for i, line in enumerate(lines, 1):
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LMStackError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+    for lineno, value in iter_json_lines(path):
         if not isinstance(value, str):
-            raise LMStackError(f"{path}:{i}: expected a JSON string")
+            raise LMStackError(f"{path}:{lineno}: expected a JSON string")
         out.append(value)
     return out
