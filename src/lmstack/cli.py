@@ -326,10 +326,10 @@ def _info(args: argparse.Namespace) -> None:
         from lmstack.checkpoints import load_model
 
         config = load_model(path).config
-    elif read_hf_config(path).get("lmstack_config"):  # lmstack-native or quantized checkpoints
-        config = ModelConfig.from_dict(read_hf_config(path)["lmstack_config"])
+    elif (raw := read_hf_config(path)).get("lmstack_config"):  # lmstack-native or quantized checkpoints
+        config = ModelConfig.from_dict(raw["lmstack_config"])
     else:
-        config = config_from_hf(path)
+        config = config_from_hf(raw)
     import torch
 
     from lmstack.models import build_model

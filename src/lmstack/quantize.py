@@ -15,8 +15,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from lmstack.errors import LMStackError
@@ -121,24 +119,11 @@ def model_bytes(model: nn.Module) -> int:
 
 def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> Path:
     """A checkpoint directory: config.json (with quantization_config), model.safetensors, tokenizer."""
-    from lmstack.checkpoints.hf import config_to_hf, write_json
+    from lmstack.checkpoints import save_native
 
     if not getattr(model, "quantization", None):
         raise LMStackError("the model is not quantized (use quantize_model first)")
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if model.config.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    tmp = path / ".model.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path / "model.safetensors")
-    config = {**config_to_hf(model.config), "quantization_config": model.quantization,
-              "lmstack_config": model.config.to_dict()}
-    write_json(path / "config.json", config)
-    if tokenizer is not None:
-        tokenizer.save(path)
-    return path
+    return save_native(model, path, tokenizer, extra_config={"quantization_config": model.quantization})
 
 
 def is_quantized_checkpoint(path: Path) -> bool:
@@ -150,34 +135,20 @@ def is_quantized_checkpoint(path: Path) -> bool:
 
 def load_quantized(path: str | os.PathLike, device: torch.device | str | None = None) -> nn.Module:
     """Load a checkpoint written by `save_quantized`, quantized as it was saved."""
-    from lmstack.config import ModelConfig
+    from lmstack.checkpoints import load_native
     from lmstack.models.decoder import DecoderLM
 
-    path = Path(path)
-    raw = json.loads((path / "config.json").read_text())
-    qc = raw["quantization_config"]
-    config = ModelConfig.from_dict(raw["lmstack_config"])
-    with torch.device("meta"):
+    qc = json.loads((Path(path) / "config.json").read_text())["quantization_config"]
+
+    def build(config):
         model = DecoderLM(config)
-    quantize_model_structure(model, qc)
-    with safe_open(str(path / "model.safetensors"), framework="pt", device="cpu") as f:
-        # Copied out of the memory map: the int8 kernel needs aligned, writable storage.
-        state = {k: f.get_tensor(k).clone() for k in f.keys()}  # noqa: SIM118
-    if config.tie_embeddings:
-        state["lm_head.weight"] = state["embed.weight"]
-    expected = model.state_dict()
-    for key, t in state.items():
-        if key in expected and expected[key].shape != t.shape:
-            raise LMStackError(f"{path}/model.safetensors: tensor {key!r} has shape {list(t.shape)}, "
-                               f"expected {list(expected[key].shape)}")
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise LMStackError(f"{path}/model.safetensors: missing tensor {missing[0]!r}")
-    model.load_state_dict(state, strict=True, assign=True)
-    model.tie_weights()
-    model.init_buffers(device or "cpu")
+        quantize_model_structure(model, qc)
+        return model
+
+    # Copied out of the memory map: the int8 kernel needs aligned, writable storage.
+    model = load_native(path, device=device, build=build, copy=True)
     model.quantization = qc
-    return model.to(device or "cpu").eval()
+    return model
 
 
 def quantize_model_structure(model: nn.Module, qc: dict) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +41,10 @@ def load_model(
 NATIVE = "lmstack"  # config.json model_type of architectures transformers has no class for (RNN LMs)
 
 
-def save_native(model: torch.nn.Module, path: str | os.PathLike, tokenizer: Tokenizer | None = None) -> Path:
-    """config.json (lmstack's ModelConfig) + model.safetensors under lmstack's own parameter names."""
+def save_native(model: torch.nn.Module, path: str | os.PathLike, tokenizer: Tokenizer | None = None,
+                extra_config: dict[str, Any] | None = None) -> Path:
+    """config.json (lmstack's ModelConfig, plus `extra_config`) + model.safetensors under lmstack's own
+    parameter names."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
@@ -49,23 +52,27 @@ def save_native(model: torch.nn.Module, path: str | os.PathLike, tokenizer: Toke
         state.pop("lm_head.weight", None)
     atomic_write(path / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
     write_json(path / "config.json", {"model_type": NATIVE, "architectures": [type(model).__name__],
-                                      "lmstack_config": model.config.to_dict()})
+                                      "lmstack_config": model.config.to_dict(), **(extra_config or {})})
     if tokenizer is not None:
         tokenizer.save(path)
     return path
 
 
 def load_native(path: str | os.PathLike, dtype: torch.dtype | None = None,
-                device: torch.device | str | None = None) -> torch.nn.Module:
+                device: torch.device | str | None = None, build: Callable | None = None,
+                copy: bool = False) -> torch.nn.Module:
+    """Read `save_native`'s layout into the model `build(config)` makes (default: `build_model`), checking
+    every tensor's name and shape; `copy` takes tensors out of the memory map (for kernels that need it)."""
     from lmstack.checkpoints.hf import TensorSource, materialize_module
     from lmstack.config import ModelConfig
     from lmstack.models import build_model
 
+    build = build or build_model
     path = Path(path)
     config = ModelConfig.from_dict(read_hf_config(path)["lmstack_config"])
     source = TensorSource([path / "model.safetensors"])
     with torch.device("meta"):
-        expected = {k: v.shape for k, v in build_model(config).state_dict().items()}
+        expected = {k: v.shape for k, v in build(config).state_dict().items()}
     if config.tie_embeddings:
         expected.pop("lm_head.weight", None)
     state = {}
@@ -76,8 +83,8 @@ def load_native(path: str | os.PathLike, dtype: torch.dtype | None = None,
         if t.shape != shape:
             raise LMStackError(f"{path}/model.safetensors: tensor {key!r} has shape {list(t.shape)}, "
                                f"expected {list(shape)}")
-        state[key] = t.to(device=device or "cpu", dtype=dtype or t.dtype)
-    return materialize_module(build_model, config, state, device)
+        state[key] = t.to(device=device or "cpu", dtype=dtype or t.dtype, copy=copy)
+    return materialize_module(build, config, state, device)
 
 
 def save_model(

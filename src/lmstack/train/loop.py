@@ -28,7 +28,7 @@ from lmstack.errors import LMStackError
 from lmstack.models import active_params, build_model, flops_per_token
 from lmstack.train import checkpoint as ckpt
 from lmstack.train.config import TrainConfig, config_differences
-from lmstack.train.metrics import MetricsLog, peak_flops, plot_losses
+from lmstack.train.metrics import MetricsLog, peak_flops, plot_losses, read_metrics
 
 EVAL_STREAM = 2**31 - 1  # the generator stream of validation batches, apart from every training step's
 
@@ -345,12 +345,6 @@ def _pretrain(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
         log.close()
         summary["checkpoint"] = str(final)
         summary["plot"] = str(plot_losses(run_dir))
-        summary["best_val_loss"] = min((r["val_loss"] for r in _records(run_dir) if "val_loss" in r),
+        summary["best_val_loss"] = min((r["val_loss"] for r in read_metrics(run_dir) if "val_loss" in r),
                                        default=last_val)
     return summary
-
-
-def _records(run_dir: Path) -> list[dict[str, Any]]:
-    from lmstack.train.metrics import read_metrics
-
-    return read_metrics(run_dir)
