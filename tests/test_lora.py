@@ -1,17 +1,27 @@
-"""LoRA: identity at step 0, only adapters train, merge/unmerge, PEFT interoperability, real-shape counts."""
+"""LoRA: identity at step 0, only adapters train, merge/unmerge, PEFT interoperability, real-shape counts;
+QLoRA on an NF4 base."""
+
+import copy
+import json
 
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import lmstack
 from lmstack import LMStackError, ModelConfig
+from lmstack.quantize import NF4Linear, model_bytes, quantize_model
 from lmstack.train.lora import (
+    LoRALinear,
     apply_lora,
+    load_adapter_weights,
     load_peft,
+    lora_layers,
     merge_lora,
     parameter_counts,
+    prepare_qlora,
     save_peft,
     set_adapters_enabled,
     unmerge_lora,
@@ -114,3 +124,92 @@ def test_adapter_for_another_base_names_the_shapes(tmp_path):
         load_peft(other, tmp_path)
     with pytest.raises(LMStackError, match="unknown LoRA targets"):
         apply_lora(_tiny(), targets=("query",))
+
+
+# --- QLoRA: LoRA on a frozen NF4 base ---
+
+
+def test_qlora_starts_as_the_nf4_base_and_trains_only_adapters():
+    float_model = _tiny()
+    ids = torch.randint(0, 256, (4, 16))
+    nf4 = quantize_model(copy.deepcopy(float_model), "nf4", skip=("lm_head",))
+    with torch.no_grad():
+        base_out = nf4(ids)
+    all_linear = ("q", "k", "v", "o", "gate", "up", "down")
+    model = prepare_qlora(copy.deepcopy(float_model), r=4, alpha=8, targets=all_linear)
+    q = model.layers[0].attn.q
+    assert isinstance(q, LoRALinear) and isinstance(q.base, NF4Linear)
+    assert isinstance(model.lm_head, torch.nn.Linear)  # the output head stays float (and frozen)
+    assert q.lora_A.dtype == q.lora_B.dtype == torch.float32 and q.base.dtype == torch.bfloat16
+    assert q.weight.shape == (64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(ids), base_out)  # B starts at zero
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert len(trainable) == 2 * 7 * 2  # A and B on 7 layers in each of 2 blocks
+    assert model_bytes(nf4) < 0.5 * model_bytes(float_model)
+
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(12):
+        _, loss = model(ids, ids)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0]
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    assert frozen and all(p.grad is None for p in frozen)
+    assert torch.equal(model.layers[0].attn.q.base.qweight, nf4.layers[0].attn.q.qweight)  # base untouched
+
+
+def test_qlora_adapter_loads_onto_the_float_base(tmp_path):
+    float_model = _tiny()
+    ids = torch.randint(0, 256, (2, 10))
+    qlora = prepare_qlora(copy.deepcopy(float_model), r=4, alpha=8, targets=("q", "v", "down"))
+    plain = apply_lora(copy.deepcopy(float_model), r=4, alpha=8, targets=("q", "v", "down"))
+    with torch.no_grad():
+        for name, p in qlora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.3)
+    with pytest.raises(LMStackError, match="cannot merge LoRA into a 4-bit NF4 base"):
+        merge_lora(qlora)
+    save_peft(qlora, tmp_path / "qlora")
+    save_peft(plain, tmp_path / "plain")
+    ours = load_file(tmp_path / "qlora" / "adapter_model.safetensors")
+    reference = load_file(tmp_path / "plain" / "adapter_model.safetensors")
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in reference.items()}
+    config = json.loads((tmp_path / "qlora" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["down_proj", "q_proj", "v_proj"] and config["r"] == 4
+
+    loaded = load_peft(copy.deepcopy(float_model), tmp_path / "qlora")
+    assert isinstance(loaded.layers[1].mlp.down.base, torch.nn.Linear)
+    for (name, a), (_, b) in zip(lora_layers(qlora), lora_layers(loaded)):
+        assert torch.equal(a.lora_A, b.lora_A) and torch.equal(a.lora_B, b.lora_B), name
+    with torch.no_grad():
+        adapted, quantized = loaded(ids), qlora(ids)
+        assert (adapted - float_model(ids)).abs().max() > 0.1  # the adapter changes the float model ...
+        assert (adapted - quantized).norm() < 0.15 * adapted.norm()  # ... as it changed the NF4 one
+        merge_lora(loaded)  # on the float base, merging works
+        assert torch.allclose(loaded(ids), adapted, atol=1e-4)
+        # And back onto an NF4 base: the same quantization, so exactly the QLoRA model's output.
+        nf4 = quantize_model(copy.deepcopy(float_model), "nf4", skip=("lm_head",))
+        again = load_peft(nf4, tmp_path / "qlora")
+        assert torch.equal(again(ids), quantized)
+        # Resuming: the adapter's weights into a freshly prepared QLoRA model.
+        resumed = prepare_qlora(copy.deepcopy(float_model), r=4, alpha=8, targets=("q", "v", "down"))
+        assert not torch.equal(resumed(ids), quantized)
+        load_adapter_weights(resumed, tmp_path / "qlora")
+        assert torch.equal(resumed(ids), quantized)
+    with pytest.raises(LMStackError, match=r"no LoRA adapters \(apply_lora first\)"):
+        load_adapter_weights(_tiny(), tmp_path / "qlora")
+
+
+def test_prepare_qlora_checks_before_quantizing():
+    model = _tiny()
+    with pytest.raises(LMStackError, match="unknown LoRA targets"):
+        prepare_qlora(model, targets=("query",))
+    with pytest.raises(LMStackError, match="LoRA rank r=0"):
+        prepare_qlora(model, r=0)
+    assert isinstance(model.layers[0].attn.q, torch.nn.Linear)  # left as it was

@@ -2,6 +2,7 @@
 perplexity change on a real model."""
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -10,7 +11,15 @@ from torch import nn
 import lmstack
 from lmstack import LMStackError
 from lmstack.evaluate import perplexity
-from lmstack.quantize import QuantizedLinear, model_bytes, quantize_model
+from lmstack.quantize import (
+    NF4_CODES,
+    NF4Linear,
+    QuantizedLinear,
+    model_bytes,
+    nf4_dequantize,
+    nf4_quantize,
+    quantize_model,
+)
 from tests.conftest import REPO
 
 
@@ -97,3 +106,153 @@ def test_cli_quantize(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "int4 weights" in out and "perplexity on 2,000 characters" in out
     assert isinstance(lmstack.load_model(tmp_path / "q").layers[0].attn.q, QuantizedLinear)
+
+
+# --- NF4 (QLoRA's 4-bit NormalFloat) ---
+
+BNB_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+           -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+           0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+           0.7229568362236023, 1.0]
+
+
+def _unpack(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The test's own unpacking: first element in the high nibble."""
+    return torch.stack((packed >> 4, packed & 0xF), dim=-1).view(-1)[:n].long()
+
+
+def test_nf4_code_table_is_bitsandbytes():
+    assert list(NF4_CODES) == BNB_NF4
+    # bitsandbytes' create_normal_map(0.9677083): 8 positive and 7 negative normal quantiles, a zero, max 1.
+    offset = 0.9677083
+    pos = torch.special.ndtri(torch.linspace(offset, 0.5, 9)[:-1].double())
+    neg = -torch.special.ndtri(torch.linspace(offset, 0.5, 8)[:-1].double())
+    levels = torch.cat([pos, torch.zeros(1, dtype=torch.float64), neg]).float().sort().values
+    assert torch.equal(levels / levels.max(), torch.tensor(BNB_NF4))
+
+
+@pytest.mark.parametrize("shape", [(64, 256), (7, 31)])  # the second: a partial last block, odd count
+def test_nf4_nearest_code_and_error_bound(shape):
+    torch.manual_seed(0)
+    w = torch.randn(shape) * 0.02
+    w.view(-1)[5] = 0.3  # an outlier: its block's other values get coarser steps
+    packed, absmax = nf4_quantize(w)
+    n = w.numel()
+    n_blocks = -(-n // 64)
+    assert packed.dtype == torch.uint8 and packed.shape == (-(-n // 2),)
+    assert absmax.dtype == torch.float32 and absmax.shape == (n_blocks,)
+    blocks = torch.nn.functional.pad(w.view(-1), (0, n_blocks * 64 - n)).view(n_blocks, 64)
+    assert torch.equal(absmax, blocks.abs().amax(dim=1))
+    # Brute force: the index of the nearest level (ties to the lower one, like argmin).
+    table = torch.tensor(BNB_NF4)
+    scaled = (blocks / absmax[:, None]).view(-1)[:n]
+    nearest = (scaled[:, None] - table).abs().argmin(dim=1)
+    codes = _unpack(packed, n)
+    assert torch.equal(codes, nearest)
+    dq = nf4_dequantize(packed, absmax, shape)
+    assert dq.shape == shape and dq.dtype == torch.float32
+    per_element_absmax = absmax.repeat_interleave(64)[:n].view(shape)
+    assert torch.equal(dq, table[codes].view(shape) * per_element_absmax)
+    half_gap = (table[1:] - table[:-1]).max() / 2  # 0.1385: between 0.723 and 1.0
+    assert ((w - dq).abs() <= per_element_absmax * half_gap).all()
+    assert nf4_dequantize(packed, absmax, shape, torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_nf4_packing_round_trip():
+    # Two codes per byte, the first in the high nibble: -1 -> 0, 1 -> 15, 0 -> 7, 0.5626 -> 13.
+    packed, absmax = nf4_quantize(torch.tensor([-2.0, 2.0, 0.0, 1.1252340078353882]), block_size=4)
+    assert packed.tolist() == [0x0F, 0x7D] and absmax.tolist() == [2.0]
+    torch.manual_seed(1)
+    codes = torch.randint(0, 16, (40, 64))
+    codes[:, 0] = 15  # every block holds a level of 1.0, so its absmax is exactly its scale
+    scale = torch.rand(40, 1) + 0.1
+    w = torch.tensor(BNB_NF4)[codes] * scale
+    packed, absmax = nf4_quantize(w)
+    assert torch.equal(_unpack(packed, w.numel()), codes.view(-1))
+    assert torch.equal(absmax, scale.view(-1))
+    assert torch.equal(nf4_dequantize(packed, absmax, w.shape), w)  # representable weights come back exactly
+    with pytest.raises(LMStackError, match=r"needs 1280 packed bytes and 40 absmax values, got 1279 and 40"):
+        nf4_dequantize(packed[:-1], absmax, w.shape)
+    with pytest.raises(LMStackError, match="block_size 63"):
+        nf4_quantize(w, block_size=63)
+
+
+def test_nf4_linear_memory_and_forward():
+    torch.manual_seed(0)
+    linear = nn.Linear(512, 256, bias=True)
+    q = NF4Linear.from_linear(linear, dtype=torch.float32)
+    assert list(q.parameters()) == []  # frozen: buffers only
+    weights = 256 * 512
+    weight_bytes = q.qweight.numel() * q.qweight.element_size() + q.absmax.numel() * q.absmax.element_size()
+    assert weight_bytes == weights // 2 + weights // 64 * 4 == 73_728
+    assert weight_bytes * 8 / weights == 4.5
+    assert model_bytes(q) == 73_728 + 256 * 4  # plus the float32 bias
+    assert q.weight.shape == (256, 512) and q.weight.dtype == torch.float32
+    assert (q.in_features, q.out_features) == (512, 256)
+    x = torch.randn(3, 512)
+    assert torch.equal(q(x), torch.nn.functional.linear(x, q.weight, q.bias))
+    rel = (q(x) - linear(x)).norm() / linear(x).norm()
+    assert rel < 0.12
+    q16 = NF4Linear.from_linear(linear)  # bfloat16 compute: output in the input's dtype
+    assert q16.weight.dtype == torch.bfloat16 and q16(x).dtype == torch.float32
+    assert torch.equal(q16.qweight, q.qweight)
+
+
+def test_nf4_model_quantize_save_load(tmp_path):
+    torch.manual_seed(0)
+    model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama")).eval()
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        reference = model(ids)
+    q = quantize_model(copy.deepcopy(model), "nf4")
+    assert isinstance(q.layers[0].attn.q, NF4Linear) and isinstance(q.lm_head, NF4Linear)
+    assert isinstance(q.embed, nn.Embedding)
+    assert q.quantization["bits"] == "nf4" and q.quantization["group_size"] == 64
+    assert model_bytes(q) < model_bytes(quantize_model(copy.deepcopy(model), bits=8))
+    with torch.no_grad():
+        out = q(ids)
+    assert (out - reference).norm() < 0.15 * reference.norm()
+    lmstack.quantize.save_quantized(q, tmp_path)
+    loaded = lmstack.load_model(tmp_path)
+    assert isinstance(loaded.layers[1].mlp.down, NF4Linear)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), out)
+    tied = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", tie_embeddings=True))
+    assert isinstance(quantize_model(tied, "nf4").lm_head, nn.Linear)  # the tied head stays float
+    with pytest.raises(LMStackError, match="quantizes to 8, 4 or 'nf4'"):
+        quantize_model(model, "nf3")
+
+
+def _torchao_nf4():
+    for name in ("torchao.quantization.quantize_.workflows.nf4.nf4_tensor", "torchao.dtypes.nf4tensor"):
+        try:  # the module moved in torchao 0.15
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    pytest.skip("torchao (a test extra) is not installed")
+
+
+def test_nf4_matches_torchao():
+    """torchao's NF4Tensor (an independent implementation) picks the same codes in the same byte layout.
+
+    torchao rounds the levels to 4 decimals and always double-quantizes the absmax, so only the codes can
+    match bit for bit, and values between our midpoint of two levels and torchao's may go either way."""
+    nf4_tensor = _torchao_nf4()
+    torch.manual_seed(0)
+    w = torch.randn(128, 256)  # 512 blocks of 64: whole blocks of torchao's 256 absmax scalers
+    packed, absmax = nf4_quantize(w)
+    theirs = nf4_tensor.to_nf4(w, block_size=64, scaler_block_size=256)
+    ours_mid, their_mid = [(t[1:] + t[:-1]) / 2 for t in (torch.tensor(BNB_NF4), theirs.nf4.float())]
+    lo, hi = torch.minimum(ours_mid, their_mid) - 1e-6, torch.maximum(ours_mid, their_mid) + 1e-6
+    scaled = (w.view(-1, 64) / absmax[:, None]).view(-1, 1)
+    ambiguous = ((scaled >= lo) & (scaled <= hi)).any(dim=1)
+    assert ambiguous.sum() < 0.001 * w.numel()
+    ours_codes, their_codes = _unpack(packed, w.numel()), _unpack(theirs.quantized_data, w.numel())
+    assert torch.equal(ours_codes[~ambiguous], their_codes[~ambiguous])
+    pair_ok = ~ambiguous.view(-1, 2).any(dim=1)
+    assert torch.equal(packed[pair_ok], theirs.quantized_data[pair_ok])
+    # Dequantized: the differences are torchao's rounded levels and its double-quantized absmax, no more.
+    their_absmax = theirs.dequantize_scalers(theirs.quantized_scalers, theirs.quantization_factor, 256)
+    per_element = (absmax - their_absmax).abs().repeat_interleave(64) + 5e-5 * absmax.repeat_interleave(64)
+    diff = (nf4_dequantize(packed, absmax, w.shape) - theirs.get_original_weight()).abs().view(-1)
+    assert (diff[~ambiguous] <= per_element[~ambiguous] * 1.0001 + 1e-7).all()

@@ -91,7 +91,7 @@ def _data_prepare(args: argparse.Namespace) -> None:
 
 def _pretrain(args: argparse.Namespace, overrides: list[str]) -> None:
     from lmstack.train.config import load_config
-    from lmstack.train.loop import pretrain
+    from lmstack.train.loop import train
 
     if args.resume:
         run = Path(args.resume)
@@ -104,11 +104,14 @@ def _pretrain(args: argparse.Namespace, overrides: list[str]) -> None:
         if not args.config and not overrides:
             raise LMStackError("give a recipe with --config, or --key value settings")
         config_path = args.config
+    if getattr(args, "task", None):
+        overrides = [*overrides, "--task", args.task]
     cfg = load_config(config_path, overrides)
-    summary = pretrain(cfg, resume=bool(args.resume))
+    summary = train(cfg, resume=bool(args.resume))
     if summary.get("checkpoint"):
+        ppl = f"perplexity {summary['val_ppl']:.2f}, " if "val_ppl" in summary else ""
         print(f"done: {summary['steps']} steps; validation loss {summary['val_loss']:.4f} "
-              f"(perplexity {summary['val_ppl']:.2f}, best {summary['best_val_loss']:.4f}); "
+              f"({ppl}best {summary['best_val_loss']:.4f}); "
               f"model: {summary['checkpoint']}; curve: {summary['plot']}")
 
 
@@ -396,6 +399,15 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--config", help="a YAML recipe")
     pre.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     pre.set_defaults(func=_pretrain, takes_overrides=True)
+
+    from lmstack.train.config import TASKS
+
+    fine = verbs.add_parser("finetune", help="finetune or align a checkpoint: sft, classify, reward, dpo, ipo, "
+                            "kto, orpo, simpo, grpo (any setting as --key value)")
+    fine.add_argument("task", choices=[t for t in TASKS if t != "pretrain"])
+    fine.add_argument("--config", help="a YAML recipe")
+    fine.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    fine.set_defaults(func=_pretrain, takes_overrides=True)
 
     gen = verbs.add_parser("generate", help="continue a prompt (streams the text)")
     gen.add_argument("prompt")

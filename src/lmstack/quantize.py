@@ -1,15 +1,21 @@
-"""Weight-only quantization for inference: int8 per output channel, and group-wise int4.
+"""Weight-only quantization: int8 per output channel, group-wise int4, and NF4 (QLoRA's 4-bit NormalFloat).
 
 int8: w ~ scale[o] * q[o, i], q in [-127, 127], computed with PyTorch's int8 weight-pack matmul (the kernel
 gpt-fast uses), which reads a quarter of float32's bytes. int4: w ~ low[o, g] + scale[o, g] * q[o, i], q in
 [0, 15] packed two per byte, with a minimum and a step per group of `group_size` inputs (asymmetric, like
-llama.cpp's Q4_1); dequantized on the fly (half the memory of int8 again). Embeddings and norms stay in floating point. A quantized checkpoint is a Hugging Face-style
-directory whose config.json carries `quantization_config`; `lmstack.load_model` reads it back quantized.
+llama.cpp's Q4_1); dequantized on the fly (half the memory of int8 again). NF4 (Dettmers et al. 2023, stored
+as bitsandbytes does): the flattened weight in blocks of 64, each block divided by its absmax into [-1, 1] and
+each value replaced by the nearest of 16 levels placed at quantiles of a normal distribution; 4-bit codes
+plus a float32 absmax per block is 4.5 bits per weight. NF4 is the frozen base under QLoRA's adapters
+(`lmstack.train.lora.prepare_qlora`). Embeddings and norms stay in floating point. A quantized checkpoint is a
+Hugging Face-style directory whose config.json carries `quantization_config`; `lmstack.load_model` reads it
+back quantized.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -88,18 +94,132 @@ class QuantizedLinear(nn.Module):
         return y.to(dtype)
 
 
-def quantize_model(model: nn.Module, bits: int = 8, group_size: int = 128,
-                   dtype: torch.dtype = torch.bfloat16, skip: tuple[str, ...] = ()) -> nn.Module:
-    """Replace every nn.Linear of `model` (in place) by a QuantizedLinear; names in `skip` stay as they are.
+# The 16 NormalFloat-4 levels exactly as bitsandbytes defines them (create_normal_map(0.9677083)): 8 normal
+# quantiles for the positive half, 7 for the negative half and an exact zero, scaled so the largest is 1.
+NF4_CODES = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023,
+    1.0,
+)
 
-    The output head stays in floating point when it is tied to the embedding."""
+
+def _nf4_check(block_size: int) -> None:
+    if block_size < 2 or block_size % 2:
+        raise LMStackError(f"NF4 block_size {block_size}: must be an even number >= 2 (64 in QLoRA)")
+
+
+def nf4_quantize(w: torch.Tensor, block_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """NF4 codes of `w`: (packed uint8 [ceil(numel / 2)], absmax float32 [ceil(numel / block_size)]).
+
+    The weight is flattened (row-major) into blocks of `block_size`; each block is divided by its absolute
+    maximum and every value becomes the index of the nearest NF4 level (a tie goes to the lower level, as in
+    bitsandbytes). Two codes share a byte, the first in the high nibble (bitsandbytes' and torchao's layout).
+    A last partial block or an odd element count is padded with zeros."""
+    _nf4_check(block_size)
+    flat = w.detach().reshape(-1).float()
+    n = flat.numel()
+    blocks = F.pad(flat, (0, -n % block_size)).view(-1, block_size)
+    absmax = blocks.abs().amax(dim=1)
+    if not torch.isfinite(absmax).all():
+        raise LMStackError("cannot NF4-quantize a weight with inf or NaN values")
+    scaled = blocks / absmax.clamp_min(torch.finfo(torch.float32).tiny)[:, None]  # all-zero blocks stay 0
+    table = torch.tensor(NF4_CODES, device=flat.device)
+    # Nearest level = how many midpoints between adjacent levels lie strictly below the value.
+    codes = torch.bucketize(scaled.view(-1)[:n], (table[1:] + table[:-1]) / 2, out_int32=True).to(torch.uint8)
+    codes = F.pad(codes, (0, n % 2))
+    return (codes[0::2] << 4) | codes[1::2], absmax
+
+
+def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, ...] | torch.Size,
+                   dtype: torch.dtype = torch.float32, block_size: int = 64) -> torch.Tensor:
+    """The weight that `nf4_quantize`'s (packed, absmax) stand for: level * block absmax, as `dtype`."""
+    _nf4_check(block_size)
+    n = math.prod(shape)
+    n_blocks = -(-n // block_size)
+    if packed.numel() != -(-n // 2) or absmax.numel() != n_blocks:
+        raise LMStackError(f"NF4 data for shape {list(shape)} with block_size {block_size} needs "
+                           f"{-(-n // 2)} packed bytes and {n_blocks} absmax values, "
+                           f"got {packed.numel()} and {absmax.numel()}")
+    table = torch.tensor(NF4_CODES, device=packed.device)
+    # Every byte's two levels in one lookup: pairs[b] = (level[b >> 4], level[b & 15]).
+    byte = torch.arange(256, device=packed.device)
+    pairs = torch.stack((table[byte >> 4], table[byte & 15]), dim=-1)
+    levels = pairs.index_select(0, packed.reshape(-1).int()).view(-1)
+    if levels.numel() != n_blocks * block_size:  # a partial last block (pad copies, so only when needed)
+        levels = F.pad(levels, (0, n_blocks * block_size - levels.numel()))
+    return (levels.view(n_blocks, block_size) * absmax.float()[:, None]).view(-1)[:n].view(shape).to(dtype)
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer with an NF4 weight (QLoRA's base): buffers only, nothing to train.
+
+    `qweight` holds the packed 4-bit codes of the flattened [out, in] weight and `absmax` one float32 scale
+    per `block_size` weights. The forward pass dequantizes to the compute `dtype` and runs a dense matmul.
+    `.weight` dequantizes on access, so code that reads a linear layer's weight shape or dtype keeps
+    working."""
+
+    def __init__(self, in_features: int, out_features: int, block_size: int = 64, bias: bool = False,
+                 dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        _nf4_check(block_size)
+        self.in_features, self.out_features, self.block_size = in_features, out_features, block_size
+        self.dtype = dtype  # the compute dtype: activations and the dequantized weight
+        n = in_features * out_features
+        self.register_buffer("qweight", torch.zeros(-(-n // 2), dtype=torch.uint8))
+        self.register_buffer("absmax", torch.zeros(-(-n // block_size), dtype=torch.float32))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, block_size: int = 64,
+                    dtype: torch.dtype = torch.bfloat16) -> NF4Linear:
+        """Quantize an nn.Linear's weight to NF4 (its bias stays in floating point, as `dtype`)."""
+        with torch.device("meta"):  # the empty buffers are replaced just below: allocate nothing
+            q = cls(linear.in_features, linear.out_features, block_size, linear.bias is not None, dtype)
+        q.qweight, q.absmax = nf4_quantize(linear.weight, block_size)  # on the linear's device
+        if linear.bias is not None:
+            q.bias = linear.bias.detach().to(dtype).clone()
+        return q
+
+    def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The [out, in] floating-point weight these codes stand for (compute dtype unless given)."""
+        return nf4_dequantize(self.qweight, self.absmax, (self.out_features, self.in_features),
+                              dtype or self.dtype, self.block_size)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight (a new tensor on every access; it is not stored)."""
+        return self.dequantized()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.dtype), self.dequantized(), self.bias).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"block_size={self.block_size}, dtype={self.dtype}")
+
+
+def quantize_model(model: nn.Module, bits: int | str = 8, group_size: int | None = None,
+                   dtype: torch.dtype = torch.bfloat16, skip: tuple[str, ...] = ()) -> nn.Module:
+    """Replace every nn.Linear of `model` (in place) by a quantized layer; names in `skip` stay as they are.
+
+    `bits` 8 or 4 gives a QuantizedLinear (`group_size`: inputs per int4 scale, default 128); "nf4" gives an
+    NF4Linear (`group_size`: weights per absmax block, default 64). `dtype` is the compute dtype. The output
+    head stays in floating point when it is tied to the embedding."""
+    if bits not in (8, 4, "nf4"):
+        raise LMStackError(f"bits={bits!r}: lmstack quantizes to 8, 4 or 'nf4'")
+    if group_size is None:
+        group_size = 64 if bits == "nf4" else 128
     tied = getattr(getattr(model, "config", None), "tie_embeddings", False)
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)
                and name not in skip and not (tied and name == "lm_head")]
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantizedLinear.from_linear(linear, bits, group_size, dtype))
+        if bits == "nf4":
+            setattr(parent, child, NF4Linear.from_linear(linear, group_size, dtype))
+        else:
+            setattr(parent, child, QuantizedLinear.from_linear(linear, bits, group_size, dtype))
     model.quantization = {"quant_method": METHOD, "bits": bits, "group_size": group_size,
                           "dtype": str(dtype).removeprefix("torch."),
                           "modules": [name for name, _ in targets]}
@@ -152,13 +272,18 @@ def load_quantized(path: str | os.PathLike, device: torch.device | str | None = 
 
 
 def quantize_model_structure(model: nn.Module, qc: dict) -> None:
-    """Swap in empty QuantizedLinear modules where `qc["modules"]` says (meta device: no memory)."""
+    """Swap in empty QuantizedLinear / NF4Linear modules where `qc["modules"]` says (meta device: no
+    memory)."""
     dtype = getattr(torch, qc.get("dtype", "bfloat16"))
     for name in qc["modules"]:
         linear = model.get_submodule(name)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         with torch.device("meta"):
-            q = QuantizedLinear(linear.in_features, linear.out_features, qc["bits"], qc["group_size"],
-                                linear.bias is not None, dtype)
+            if qc["bits"] == "nf4":
+                q = NF4Linear(linear.in_features, linear.out_features, qc["group_size"],
+                              linear.bias is not None, dtype)
+            else:
+                q = QuantizedLinear(linear.in_features, linear.out_features, qc["bits"], qc["group_size"],
+                                    linear.bias is not None, dtype)
         setattr(parent, child, q)

@@ -237,8 +237,11 @@ class Rule:
     transpose: bool = False
 
 
-def weight_rules(config: ModelConfig, gpt2_prefix: str = "transformer.") -> list[Rule]:
-    """Every tensor of `config`'s Hugging Face family, with where it lives in `DecoderLM`."""
+def weight_rules(config: ModelConfig, gpt2_prefix: str = "transformer.", lm_head: bool = True) -> list[Rule]:
+    """Every tensor of `config`'s Hugging Face family, with where it lives in `DecoderLM`.
+
+    `lm_head=False` leaves out the output head (a sequence classifier's body has none).
+    """
     fam = family_of(config)
     rules: list[Rule] = []
 
@@ -292,9 +295,9 @@ def weight_rules(config: ModelConfig, gpt2_prefix: str = "transformer.") -> list
                     if config.bias == "all":
                         add(f"{h}mlp.{x}_proj.bias", f"{o}mlp.{x}.bias")
         add("model.norm.weight", "norm.weight")
-    if not config.tie_embeddings:
+    if lm_head and not config.tie_embeddings:
         add("lm_head.weight", "lm_head.weight")
-    if config.lm_head_bias:
+    if lm_head and config.lm_head_bias:
         add("lm_head.bias", "lm_head.bias")
     return rules
 
@@ -443,11 +446,12 @@ def parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[m.group(2)])
 
 
-def hf_state_dict(model: DecoderLM) -> dict[str, torch.Tensor]:
-    """`model`'s weights under Hugging Face names (fused and transposed where the family wants it)."""
+def hf_state_dict(model: DecoderLM, lm_head: bool = True) -> dict[str, torch.Tensor]:
+    """`model`'s weights under Hugging Face names (fused and transposed where the family wants it);
+    `lm_head=False` leaves out the output head."""
     ours = model.state_dict()
     out = {}
-    for rule in weight_rules(model.config):
+    for rule in weight_rules(model.config, lm_head=lm_head):
         t = torch.cat([ours[n] for n in rule.ours], dim=0) if len(rule.ours) > 1 else ours[rule.ours[0]]
         out[rule.hf] = (t.t() if rule.transpose else t).detach().contiguous().cpu()
     return out
@@ -467,14 +471,9 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write(path, lambda p: Path(p).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n"))
 
 
-def save_hf_model(
-    model: DecoderLM, path: str | os.PathLike, tokenizer: Any = None, max_shard_size: int | str = "5GB"
-) -> Path:
-    """Write `model` as a Hugging Face directory: config.json, safetensors (sharded above `max_shard_size`,
-    with an index), generation_config.json and, if given, the tokenizer files."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    state = hf_state_dict(model)
+def write_safetensors(path: Path, state: dict[str, torch.Tensor], max_shard_size: int | str = "5GB") -> None:
+    """Write `state` into directory `path` as model.safetensors, or as shards of at most `max_shard_size`
+    with an index, replacing the weight files of any earlier save."""
     limit = parse_size(max_shard_size)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -498,13 +497,29 @@ def save_hf_model(
         total = sum(t.numel() * t.element_size() for t in state.values())
         write_json(path / "model.safetensors.index.json",
                    {"metadata": {"total_size": total}, "weight_map": weight_map})
-    cfg = model.config
-    hf_config = config_to_hf(cfg)
+
+
+def hf_config_of(model: DecoderLM, tokenizer: Any = None) -> dict[str, Any]:
+    """`config_to_hf` of `model`'s config plus its dtype, with the special-token ids the config lacks taken
+    from `tokenizer`."""
+    hf_config = config_to_hf(model.config)
     hf_config["torch_dtype"] = str(model.embed.weight.dtype).removeprefix("torch.")
     if tokenizer is not None:
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if hf_config.get(key) is None:
                 hf_config[key] = getattr(tokenizer, key, None)
+    return hf_config
+
+
+def save_hf_model(
+    model: DecoderLM, path: str | os.PathLike, tokenizer: Any = None, max_shard_size: int | str = "5GB"
+) -> Path:
+    """Write `model` as a Hugging Face directory: config.json, safetensors (sharded above `max_shard_size`,
+    with an index), generation_config.json and, if given, the tokenizer files."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    write_safetensors(path, hf_state_dict(model), max_shard_size)
+    hf_config = hf_config_of(model, tokenizer)
     write_json(path / "config.json", hf_config)
     generation = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                   if hf_config.get(k) is not None}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from lmstack.config import ModelConfig
+from lmstack.models.classifier import SequenceClassifier
 from lmstack.models.decoder import DecoderLM, active_params, flops_per_token
 from lmstack.models.rnn import RNNLM
 
@@ -12,4 +13,4 @@ def build_model(config: ModelConfig) -> DecoderLM | RNNLM:
     return DecoderLM(config) if config.arch == "transformer" else RNNLM(config)
 
 
-__all__ = ["DecoderLM", "RNNLM", "active_params", "build_model", "flops_per_token"]
+__all__ = ["DecoderLM", "RNNLM", "SequenceClassifier", "active_params", "build_model", "flops_per_token"]

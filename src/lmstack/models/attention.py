@@ -108,18 +108,22 @@ def attention_mask(
     n_keys: int,
     sliding_window: int | None = None,
     key_padding: torch.Tensor | None = None,
+    document_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Boolean mask (True = attend) of queries at slots `query_pos` [T] over key slots 0..n_keys-1.
 
-    Causal, optionally limited to the last `sliding_window` keys (the query itself included), and optionally
-    hiding padded key slots (`key_padding` [B, n_keys], True for real tokens). Shape [T, S] or [B, 1, T, S].
+    Causal, optionally limited to the last `sliding_window` keys (the query itself included), optionally
+    hiding padded key slots (`key_padding` [B, n_keys], True for real tokens), and optionally confined to
+    the query's own document in a packed row (`document_ids` [B, T], no cache). Shape [T, S] or [B, 1, T, S].
     """
     keys = torch.arange(n_keys, device=query_pos.device)
     mask = keys[None, :] <= query_pos[:, None]
     if sliding_window is not None:
         mask = mask & (query_pos[:, None] - keys[None, :] < sliding_window)
+    if document_ids is not None:
+        mask = mask[None, None] & (document_ids[:, None, :, None] == document_ids[:, None, None, :])
     if key_padding is not None:
-        mask = mask[None, None] & key_padding[:, None, None, :].bool()
+        mask = (mask if mask.dim() == 4 else mask[None, None]) & key_padding[:, None, None, :].bool()
         # A padding query sees nothing; let it see everything rather than produce NaNs (its output is unused).
         mask = mask | ~mask.any(dim=-1, keepdim=True)
     return mask

@@ -52,7 +52,9 @@ class DecoderLM(nn.Module):
     slots of the tokens, [T]); `position_ids` ([B, T]) and `key_padding` ([B, S], True for real tokens) let
     each sequence of a left-padded batch have its own positions. `last_only` computes the logits of the
     last position only ([B, 1, V]), which is all a decoding step needs; `kv_len` limits attention to the
-    cache slots in use.
+    cache slots in use. `document_ids` ([B, T]) marks the examples packed into each row: attention stays
+    within an example (pass `position_ids` that restart with each one too). `return_hidden` returns the
+    final-norm hidden states [B, T, C] instead of logits (for classification and reward heads).
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -137,6 +139,8 @@ class DecoderLM(nn.Module):
         key_padding: torch.Tensor | None = None,
         last_only: bool = False,
         kv_len: int | None = None,
+        document_ids: torch.Tensor | None = None,
+        return_hidden: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
         B, T = input_ids.shape
@@ -150,10 +154,11 @@ class DecoderLM(nn.Module):
 
         # Without a cache, padding or a window, SDPA's built-in causal mask is the fast path.
         mask = None
-        if cache is not None or cfg.sliding_window is not None or key_padding is not None:
+        if (cache is not None or cfg.sliding_window is not None or key_padding is not None
+                or document_ids is not None):
             slots = input_pos if input_pos is not None else torch.arange(T, device=input_ids.device)
             padding = key_padding[:, :n_keys] if key_padding is not None else None
-            mask = attention_mask(slots, n_keys, cfg.sliding_window, padding)
+            mask = attention_mask(slots, n_keys, cfg.sliding_window, padding, document_ids)
 
         x = self.embed(input_ids)
         rope = None
@@ -178,6 +183,8 @@ class DecoderLM(nn.Module):
                 router_logits.append(logits)
         if last_only:  # generation needs only the next-token distribution: skip the head on the prompt
             x = x[:, -1:]
+        if return_hidden:
+            return self.norm(x)
         logits = self.lm_head(self.norm(x))
         if targets is None:
             return logits

@@ -15,15 +15,20 @@ import yaml
 from lmstack.config import ModelConfig
 from lmstack.errors import LMStackError
 
+TASKS = ("pretrain", "sft", "classify", "reward", "dpo", "ipo", "kto", "orpo", "simpo", "grpo")
+
 
 @dataclass
 class TrainConfig:
-    """A pretraining run. Steps count optimizer updates; a step sees `batch_size * grad_accum * world_size`
-    sequences of `block_size` tokens."""
+    """A training run of any task. Steps count optimizer updates; a step sees `batch_size * grad_accum *
+    world_size` sequences (of `block_size` tokens when pretraining; at most that when finetuning)."""
 
-    data: str = ""  # a shard directory from `lmstack data prepare`
+    task: str = "pretrain"  # pretrain, sft, classify, reward, dpo, ipo, kto, orpo, simpo, grpo
+    data: str = ""  # pretraining: a shard directory from `lmstack data prepare`; other tasks: a JSONL file
+    val_data: str = ""  # finetuning: a JSONL validation file (default: hold out val_fraction of data)
+    val_fraction: float = 0.05
     out_dir: str = "runs/run"
-    model: str = "tiny-llama"  # a preset name, or a checkpoint directory to continue from (init_from)
+    model: str = "tiny-llama"  # a preset name, or a checkpoint (always, when finetuning) to start from
     model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields changed from the preset
     init_from: str = "scratch"  # "scratch" or "checkpoint" (load `model` as a checkpoint directory)
     seed: int = 1337
@@ -59,6 +64,24 @@ class TrainConfig:
     sample_temperature: float = 0.8
     sample_top_k: int | None = 200
     progress: bool = True
+    # finetuning
+    packing: bool = False  # sft: pack examples into rows of block_size (no attention across them)
+    labels: list[str] = field(default_factory=list)  # classify: the label set (default: sorted from the data)
+    lora_r: int = 0  # > 0: train LoRA adapters of this rank instead of the whole model
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q", "v"])  # q, k, v, o, gate, up, down
+    qlora: bool = False  # with lora_r: quantize the frozen base to 4-bit NF4
+    # preference alignment and GRPO
+    beta: float = 0.1  # DPO/IPO/KTO temperature, SimPO beta, ORPO lambda, GRPO KL coefficient
+    label_smoothing: float = 0.0  # dpo: conservative DPO
+    rpo_alpha: float = 0.0  # dpo: plus this times the chosen answers' per-token NLL (RPO)
+    simpo_gamma: float = 0.5
+    reference: str = ""  # the frozen reference checkpoint (default: `model`; under LoRA the adapter-free base)
+    reward_function: str = ""  # grpo: 'file.py:function' or 'module:function', fn(prompt, completion, record)
+    group_size: int = 8  # grpo: completions sampled per prompt
+    max_new_tokens: int = 64  # grpo: completion length
+    temperature: float = 1.0  # grpo: sampling temperature
 
     # Fields that may change when a run resumes; any other difference is refused.
     RESUMABLE_CHANGES = ("max_steps", "eval_interval", "eval_batches", "log_interval", "checkpoint_interval",
@@ -66,6 +89,8 @@ class TrainConfig:
                          "sample_temperature", "sample_top_k", "progress", "compile", "device", "out_dir")
 
     def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise LMStackError(f"task {self.task!r} is not one of {', '.join(TASKS)}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise LMStackError(f"precision {self.precision!r} is not one of auto, fp32, bf16, fp16")
         if self.distributed not in ("ddp", "fsdp"):

@@ -1,8 +1,11 @@
-"""The training loop: one process, or many under `torchrun` with DDP or FSDP2.
+"""The training loop: one process, or many under `torchrun` with DDP or FSDP2, for every task.
 
-A step is one optimizer update over `grad_accum` micro-batches per process. Which sequences a step sees is a
-pure function of (seed, step): every offset of the global batch is drawn from a generator seeded with both,
-then laid out [micro-step, rank, row]. So a resumed run sees exactly the batches the uninterrupted run would
+What is trained, on what data and with which loss comes from a task (`lmstack.train.tasks`): pretraining,
+SFT, classification, reward modelling, DPO and its family, GRPO. Everything else is here, once.
+
+A step is one optimizer update over `grad_accum` micro-batches per process. Which items a step sees (windows
+of the token stream, or examples) is a pure function of (seed, step): the global batch is drawn from a
+generator seeded with both, then laid out [micro-step, rank, row]. So a resumed run sees exactly the batches the uninterrupted run would
 have seen, and N processes with batch b see what one process with batch N*b sees.
 """
 
@@ -21,16 +24,25 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 
-from lmstack.checkpoints import load_model, save_model
+from lmstack.checkpoints import load_model, load_tokenizer, save_model
 from lmstack.data.shards import TokenShards
 from lmstack.errors import LMStackError
 from lmstack.models import active_params, build_model, flops_per_token
+from lmstack.models.classifier import SequenceClassifier, load_classifier, save_classifier
 from lmstack.train import checkpoint as ckpt
 from lmstack.train.config import TrainConfig, config_differences
 from lmstack.train.metrics import MetricsLog, peak_flops, plot_losses, read_metrics
-
-EVAL_STREAM = 2**31 - 1  # the generator stream of validation batches, apart from every training step's
+from lmstack.train.tasks import (
+    NEEDS_REFERENCE,
+    ClassifyTask,
+    GRPOTask,
+    PreferenceTask,
+    PretrainTask,
+    SFTTask,
+    Task,
+)
 
 
 @dataclass
@@ -87,22 +99,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def batch_offsets(seed: int, stream: int, count: int, data_len: int, block_size: int) -> np.ndarray:
-    """`count` window starts for stream `stream` (a step, or the validation stream), reproducibly."""
-    if data_len <= block_size:
-        raise LMStackError(f"the data has {data_len} tokens, fewer than block_size + 1 = {block_size + 1}")
-    rng = np.random.default_rng([seed, stream])
-    return rng.integers(0, data_len - block_size, size=count)
-
-
-def make_batch(data: np.ndarray, offsets: np.ndarray, block_size: int, device: torch.device):
-    rows = np.stack([data[o:o + block_size + 1] for o in offsets]).astype(np.int64)
-    batch = torch.from_numpy(rows)
-    if device.type == "cuda":
-        batch = batch.pin_memory().to(device, non_blocking=True)
-    return batch[:, :-1], batch[:, 1:]
-
-
 def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices (linear and embedding weights); leave biases and norm gains alone."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -134,11 +130,115 @@ def _full_optimizer_state(model, optimizer, rt: Runtime, fsdp: bool) -> Any:
     return optimizer.state_dict() if rt.is_main else None
 
 
+
+# ---------------------------------------------------------------------------------------------- set-up
+
+
+def build_task(cfg: TrainConfig) -> Task:
+    """The task `cfg.task` names, with its data read and tokenized."""
+    if not cfg.data:
+        raise LMStackError("no data: set `data:` (a shard directory from `lmstack data prepare` for "
+                           "pretraining, a JSONL file otherwise)")
+    if cfg.task == "pretrain":
+        return PretrainTask(TokenShards(cfg.data), cfg.block_size, cfg.seed)
+    if not Path(cfg.data).is_file():
+        raise LMStackError(f"{cfg.data}: no such file (task {cfg.task} reads JSONL records)")
+    tokenizer = load_tokenizer(cfg.model)
+    common = dict(tokenizer=tokenizer, seed=cfg.seed, data=cfg.data, val_data=cfg.val_data or None,
+                  val_fraction=cfg.val_fraction)
+    if cfg.task == "sft":
+        return SFTTask(**common, block_size=cfg.block_size, packing=cfg.packing)
+    if cfg.task == "classify":
+        return ClassifyTask(**common, block_size=cfg.block_size, labels=cfg.labels or None)
+    if cfg.task == "grpo":
+        if not cfg.reward_function:
+            raise LMStackError("task grpo needs reward_function: 'file.py:function' or 'module:function'")
+        return GRPOTask(**common, reward=cfg.reward_function, group_size=cfg.group_size, beta=cfg.beta,
+                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
+    options = {"dpo": {"label_smoothing": cfg.label_smoothing, "rpo_alpha": cfg.rpo_alpha},
+               "simpo": {"gamma": cfg.simpo_gamma}}
+    return PreferenceTask(cfg.task, **common, block_size=cfg.block_size, beta=cfg.beta,
+                          **options.get(cfg.task, {}))
+
+
+def build_policy(cfg: TrainConfig, task: Task) -> torch.nn.Module:
+    """The model to train: a new or loaded LM, a classification / reward head on a loaded LM, and LoRA
+    adapters (on a 4-bit NF4 base with QLoRA) when `lora_r` is set."""
+    if cfg.task == "pretrain":
+        if cfg.init_from == "checkpoint":
+            model = load_model(cfg.model, dtype=torch.float32)
+        else:
+            model = build_model(cfg.model_config(vocab_size=task.vocab_size))
+    else:
+        model = load_model(cfg.model, dtype=torch.float32)
+        if cfg.task in ("classify", "reward"):
+            labels = task.labels if cfg.task == "classify" else ["score"]
+            model = SequenceClassifier.from_decoder(model, labels, task.pad_id)
+    if cfg.lora_r:
+        from lmstack.train.lora import apply_lora, prepare_qlora
+
+        # Adapters go on the decoder; a classifier's new head stays outside them and trains in full.
+        wrap = prepare_qlora if cfg.qlora else apply_lora
+        wrap(decoder_of(model), r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+             targets=cfg.lora_targets)
+    return model
+
+
+def decoder_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The DecoderLM inside a classifier (or the model itself)."""
+    return model.model if isinstance(model, SequenceClassifier) else model
+
+
+def save_weights(model: torch.nn.Module, path: Path, cfg: TrainConfig, tokenizer) -> None:
+    """Write the trained weights where a checkpoint is expected: the LoRA adapters in PEFT's format (plus a
+    classifier's head), a classifier in Hugging Face's sequence-classification format, or the whole LM."""
+    if cfg.lora_r:
+        from lmstack.train.lora import save_peft
+
+        save_peft(decoder_of(model), path, base_model_name_or_path=str(Path(cfg.model).resolve()))
+        if isinstance(model, SequenceClassifier):
+            save_file({"score.weight": model.score.weight.detach().cpu().contiguous()}, str(path / HEAD_FILE))
+        tokenizer.save(path)
+    elif isinstance(model, SequenceClassifier):
+        save_classifier(model, path, tokenizer=tokenizer)
+    else:
+        save_model(model, path, tokenizer=tokenizer)
+
+
+HEAD_FILE = "classifier_head.safetensors"  # a LoRA classifier's trained head, beside its adapters
+
+
+def restore_weights(model: torch.nn.Module, path: Path, cfg: TrainConfig) -> None:
+    """Load what `save_weights` wrote back into `model` (built as at the start of the run)."""
+    if cfg.lora_r:
+        from lmstack.train.lora import load_adapter_weights
+
+        load_adapter_weights(decoder_of(model), path)
+        if isinstance(model, SequenceClassifier):
+            with torch.no_grad():
+                model.score.weight.copy_(load_file(str(path / HEAD_FILE))["score.weight"])
+    elif isinstance(model, SequenceClassifier):
+        model.load_state_dict(load_classifier(path, dtype=torch.float32).state_dict())
+    else:
+        model.load_state_dict(load_model(path, dtype=torch.float32).state_dict())
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    pin = device.type == "cuda"
+    return {k: (v.pin_memory().to(device, non_blocking=True) if pin else v.to(device))
+            if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+
 def pretrain(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
-    """Train (or continue training) the run in `cfg.out_dir`; returns a summary of the run."""
+    """Train (or continue training) the run in `cfg.out_dir`; returns a summary of the run. Despite the
+    name, any task: `cfg.task` picks pretraining, SFT, classification, a reward model, DPO and its
+    family, or GRPO."""
     rt = setup_runtime(cfg)
     try:
-        return _pretrain(cfg, resume, rt)
+        return _train(cfg, resume, rt)
     except torch.cuda.OutOfMemoryError:
         raise LMStackError(
             f"out of GPU memory at batch_size={cfg.batch_size}, block_size={cfg.block_size}: lower batch_size "
@@ -148,9 +248,15 @@ def pretrain(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             dist.destroy_process_group()
 
 
-def _pretrain(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
+train = pretrain
+
+
+def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
     run_dir = Path(cfg.out_dir)
     fsdp = rt.distributed and cfg.distributed == "fsdp"
+    if fsdp and (cfg.lora_r or cfg.task in ("classify", "reward")):
+        raise LMStackError("distributed: fsdp supports full finetuning of language models; use ddp with LoRA "
+                           "or classification heads")
     start_step, state, resume_from = 0, {}, None
     if resume:
         resume_from = ckpt.latest_checkpoint(run_dir)
@@ -161,34 +267,34 @@ def _pretrain(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
     elif rt.is_main and (run_dir / "checkpoints").exists() and ckpt.list_checkpoints(run_dir):
         raise LMStackError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or choose "
                            "another out_dir")
-    if not cfg.data:
-        raise LMStackError("no data: set `data:` to a shard directory from `lmstack data prepare`")
-    shards = TokenShards(cfg.data)
-    tokenizer = shards.tokenizer()
-    train_data, val_data = shards["train"], shards["val"]
+    task = build_task(cfg)
+    tokenizer = task.tokenizer
     precision = resolve_precision(cfg, rt.device)
 
-    # Seed before building the model so initial weights are reproducible.
+    # Seed before building the model so initial weights (and new heads, adapters) are reproducible.
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
-    if cfg.init_from == "checkpoint":
-        model = load_model(cfg.model, dtype=torch.float32)
-    else:
-        model = build_model(cfg.model_config(vocab_size=shards.meta["vocab_size"]))
-    if model.config.vocab_size < shards.meta["vocab_size"]:
-        raise LMStackError(f"model vocab_size {model.config.vocab_size} is smaller than the data's "
-                           f"{shards.meta['vocab_size']}")
+    model = build_policy(cfg, task)
+    decoder = decoder_of(model)
+    if cfg.task == "pretrain" and decoder.config.vocab_size < task.vocab_size:
+        raise LMStackError(f"model vocab_size {decoder.config.vocab_size} is smaller than the data's "
+                           f"{task.vocab_size}")
     if resume_from is not None:
-        model.load_state_dict(load_model(resume_from, dtype=torch.float32).state_dict())
+        restore_weights(model, resume_from, cfg)
         state, optim_state, rng = ckpt.read_trainer_state(resume_from, rt.rank)
         start_step = state["step"]
     model.to(rt.device).train()
-    model.activation_checkpointing = cfg.activation_checkpointing
+    decoder.activation_checkpointing = cfg.activation_checkpointing
     raw_model = model
+    task.policy = raw_model
+    if cfg.task in NEEDS_REFERENCE and cfg.beta:
+        # Under LoRA the reference is the base model itself, with the adapters switched off: no copy.
+        task.reference = raw_model if cfg.lora_r else \
+            load_model(cfg.reference or cfg.model, dtype=torch.float32).to(rt.device).eval().requires_grad_(False)
     if fsdp:
         from torch.distributed.fsdp import fully_shard
 
-        for block in model.layers:
+        for block in decoder.layers:
             fully_shard(block)
         fully_shard(model)
     elif rt.distributed:
@@ -218,31 +324,51 @@ def _pretrain(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     log = MetricsLog(run_dir, cfg.tensorboard, resume_step=start_step if resume else None) if rt.is_main else None
+    if rt.is_main and cfg.lora_r:
+        from lmstack.train.lora import parameter_counts
+
+        trainable, total = parameter_counts(raw_model)
+        log.log({"step": start_step, "trainable_params": trainable, "total_params": total})
+        if cfg.progress:
+            print(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.2%})")
 
     rows = cfg.batch_size * rt.world_size  # sequences per micro-step, all processes together
-    tokens_per_step = rows * cfg.grad_accum * cfg.block_size
-    flops = flops_per_token(raw_model.config, active_params(raw_model), cfg.block_size)
+    flops = flops_per_token(decoder.config, active_params(decoder), cfg.block_size)
     peak = peak_flops(rt.device, precision)
 
-    def evaluate() -> float:
+    def evaluate() -> dict[str, float]:
         model.eval()
-        total = torch.zeros(2, device=rt.device)
+        totals: dict[str, torch.Tensor] = {}
         with torch.no_grad():
-            for i in range(cfg.eval_batches):
-                offsets = batch_offsets(cfg.seed, EVAL_STREAM + i, rows, len(val_data), cfg.block_size)
-                x, y = make_batch(val_data, offsets[rt.rank * cfg.batch_size:][:cfg.batch_size], cfg.block_size,
-                                  rt.device)
+            for i in range(task.eval_batches(rows, cfg.eval_batches)):
+                items = task.eval_items(i, rows)[rt.rank * cfg.batch_size:][:cfg.batch_size]
+                batch = _to_device(task.collate("val", items), rt.device)
                 with _autocast(rt.device, precision):
-                    _, loss = forward(x, y)
-                total += torch.stack([loss.float().detach(), torch.ones((), device=rt.device)])
+                    loss, metrics = task.loss(forward, batch)
+                for name, value in {"loss": loss, **metrics, "batches": torch.ones(())}.items():
+                    totals[name] = totals.get(name, 0) + value.detach().float().to(rt.device)
+        names = sorted(totals)
+        stacked = torch.stack([totals[n] for n in names])
         if rt.distributed:
-            dist.all_reduce(total)
+            dist.all_reduce(stacked)
         model.train()
-        return (total[0] / total[1]).item()
+        means = dict(zip(names, (stacked / stacked[names.index("batches")]).tolist()))
+        means.pop("batches")
+        return means
+
+    def log_eval(step: int) -> float:
+        means = evaluate()
+        if rt.is_main:
+            record = {"step": step, "val_loss": means["loss"]}
+            if cfg.task in ("pretrain", "sft"):
+                record["val_ppl"] = math.exp(min(means["loss"], 50))
+            record.update({f"val_{k}": v for k, v in means.items() if k != "loss"})
+            log.log(record)
+        return means["loss"]
 
     def save(step: int) -> Path | None:
         stage = ckpt.staging_dir(run_dir, step)
-        full = _full_state(model, rt, fsdp)
+        full = _full_state(model, rt, fsdp) if fsdp else None
         optim = _full_optimizer_state(model, optimizer, rt, fsdp)
         if rt.is_main:
             if stage.exists():
@@ -253,7 +379,7 @@ def _pretrain(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
                     to_save = build_model(raw_model.config)
                 to_save.load_state_dict(full, assign=True)
                 to_save.tie_weights()
-            save_model(to_save, stage, tokenizer=tokenizer)
+            save_weights(to_save, stage, cfg, tokenizer)
         if rt.distributed:
             dist.barrier()  # the staging directory exists before the other ranks write their RNG state
         ckpt.write_trainer_state(stage, rt.rank, {"step": step, "config": cfg.to_dict()},
@@ -263,7 +389,7 @@ def _pretrain(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
         return ckpt.publish(run_dir, step, cfg.keep_checkpoints) if rt.is_main else None
 
     def samples(step: int) -> None:
-        if not (rt.is_main and cfg.sample_tokens and not fsdp):
+        if not (rt.is_main and cfg.sample_tokens and not fsdp and cfg.task in ("pretrain", "sft")):
             return
         from lmstack.generate import generate_ids
 
@@ -275,17 +401,16 @@ def _pretrain(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
                                top_k=cfg.sample_top_k, generator=g)
             log.log({"step": step, "sample": prompt + tokenizer.decode(out)})
         torch.set_rng_state(cpu_state)
+        raw_model.train()
 
     from tqdm import tqdm
 
     bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not (rt.is_main and cfg.progress),
                unit="step", dynamic_ncols=True)
-    t_last = time.perf_counter()
+    t_last, tokens_since = time.perf_counter(), 0
     for step in range(start_step, cfg.max_steps):
-        if step % cfg.eval_interval == 0:  # evaluation reads no RNG, so redoing it on resume changes nothing
-            last_val = evaluate()
-            if rt.is_main:
-                log.log({"step": step, "val_loss": last_val, "val_ppl": math.exp(min(last_val, 50))})
+        if step % cfg.eval_interval == 0:  # evaluation reads no training RNG: redoing it on resume changes nothing
+            log_eval(step)
             samples(step)
         if step % cfg.checkpoint_interval == 0 and step > start_step:
             save(step)
@@ -293,20 +418,26 @@ def _pretrain(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        offsets = batch_offsets(cfg.seed, step, rows * cfg.grad_accum, len(train_data), cfg.block_size)
-        offsets = offsets.reshape(cfg.grad_accum, rt.world_size, cfg.batch_size)[:, rt.rank]
+        items = task.draw("train", step, rows * cfg.grad_accum)
+        items = items.reshape(cfg.grad_accum, rt.world_size, cfg.batch_size)[:, rt.rank]
         step_loss = torch.zeros((), device=rt.device)
+        step_metrics: dict[str, torch.Tensor] = {}
         for micro in range(cfg.grad_accum):
-            x, y = make_batch(train_data, offsets[micro], cfg.block_size, rt.device)
+            batch = task.collate("train", items[micro])
+            if "input_ids" in batch:
+                tokens_since += batch["input_ids"].numel() * rt.world_size
+            batch = _to_device(batch, rt.device)
             sync = micro == cfg.grad_accum - 1
             no_sync = model.no_sync() if rt.distributed and not fsdp and not sync else contextlib.nullcontext()
             if fsdp:
                 model.set_requires_gradient_sync(sync)
             with no_sync, _autocast(rt.device, precision):
-                _, loss = forward(x, y)
+                loss, metrics = task.loss(forward, batch)
                 loss = loss / cfg.grad_accum
             scaler.scale(loss).backward()
             step_loss += loss.detach()
+            for name, value in metrics.items():
+                step_metrics[name] = step_metrics.get(name, 0) + value.detach().float().to(rt.device) / cfg.grad_accum
         if cfg.grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -315,17 +446,20 @@ def _pretrain(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
 
         if step % cfg.log_interval == 0 or step == cfg.max_steps - 1:
+            names = sorted(step_metrics)
+            values = torch.stack([step_loss, *(step_metrics[n] for n in names)])
             if rt.distributed:
-                dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
-            loss_value = step_loss.item()  # the one host sync per logged step
+                dist.all_reduce(values, op=dist.ReduceOp.AVG)
+            loss_value, *metric_values = values.tolist()  # the one host sync per logged step
             now = time.perf_counter()
-            steps_done = cfg.log_interval if step - start_step >= cfg.log_interval else step - start_step + 1
-            tok_s = tokens_per_step * steps_done / (now - t_last)
-            t_last = now
+            tok_s = tokens_since / (now - t_last)
+            t_last, tokens_since = now, 0
             mfu = flops * tok_s / (peak * rt.world_size) if peak else None
             if rt.is_main:
-                record = {"step": step, "loss": loss_value, "lr": lr, "tokens": tokens_per_step * (step + 1),
-                          "tok_per_s": round(tok_s, 1)}
+                record = {"step": step, "loss": loss_value, "lr": lr, "tok_per_s": round(tok_s, 1),
+                          **dict(zip(names, metric_values))}
+                if cfg.task == "pretrain":
+                    record["tokens"] = rows * cfg.grad_accum * cfg.block_size * (step + 1)
                 if mfu is not None:
                     record["mfu"] = round(mfu, 4)
                 log.log(record)
@@ -335,10 +469,11 @@ def _pretrain(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
     bar.close()
 
     final_step = cfg.max_steps
-    last_val = evaluate()
-    summary: dict[str, Any] = {"steps": final_step, "val_loss": last_val, "val_ppl": math.exp(min(last_val, 50))}
+    last_val = log_eval(final_step)
+    summary: dict[str, Any] = {"steps": final_step, "val_loss": last_val}
+    if cfg.task in ("pretrain", "sft"):
+        summary["val_ppl"] = math.exp(min(last_val, 50))
     if rt.is_main:
-        log.log({"step": final_step, "val_loss": last_val, "val_ppl": summary["val_ppl"]})
         samples(final_step)
     final = save(final_step)
     if rt.is_main:

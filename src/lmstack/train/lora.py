@@ -5,6 +5,10 @@ A wrapped layer computes base(x) + (alpha / r) * B(A(dropout(x))) with A [r, in]
 B train. `merge` folds B A into the base weight for inference; `unmerge` takes it back out. Adapters save as
 `adapter_config.json` + `adapter_model.safetensors` under Hugging Face parameter names, so
 `peft.PeftModel.from_pretrained` applies them to the Hugging Face export of the same base model.
+
+QLoRA (Dettmers et al. 2023): `prepare_qlora` first quantizes the frozen base to 4-bit NF4 (`NF4Linear`), then
+adds float32 adapters; the base costs ~4.5 bits per weight while gradients still flow through it to the
+adapters. The adapter files are the same as for a float base, so a QLoRA adapter loads onto the float model.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmstack.errors import LMStackError
+from lmstack.quantize import NF4Linear, quantize_model
 
 # lmstack's linear layer names and the Hugging Face (Llama-family) module names PEFT targets.
 HF_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
@@ -27,18 +32,22 @@ HF_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": 
 
 
 class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus a trainable low-rank update."""
+    """A frozen nn.Linear (or NF4Linear, for QLoRA) plus a trainable low-rank update.
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0) -> None:
+    On a float base the adapters take the base weight's dtype; on an NF4 base they are float32."""
+
+    def __init__(self, base: nn.Linear | NF4Linear, r: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__()
         if r < 1:
             raise LMStackError(f"LoRA rank r={r}: must be >= 1")
         self.base = base
-        self.base.weight.requires_grad_(False)
-        if self.base.bias is not None:
-            self.base.bias.requires_grad_(False)
+        for p in base.parameters():  # weight and bias (an NF4Linear has only buffers)
+            p.requires_grad_(False)
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
-        device, dtype = base.weight.device, base.weight.dtype
+        if isinstance(base, NF4Linear):
+            device, dtype = base.absmax.device, torch.float32
+        else:
+            device, dtype = base.weight.device, base.weight.dtype
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device, dtype=dtype))
         if device.type != "meta":
@@ -54,11 +63,18 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         if self.enabled and not self.merged:
-            y = y + (self.dropout(x) @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
+            # The casts are no-ops on a float base; on an NF4 base the update is computed in float32.
+            h = self.dropout(x).to(self.lora_A.dtype)
+            y = y + ((h @ self.lora_A.t() @ self.lora_B.t()) * self.scaling).to(y.dtype)
         return y
 
     @torch.no_grad()
     def merge(self) -> None:
+        """Fold the update into the base weight. An NF4 base raises: B A added to 4-bit codes would be lost to
+        re-quantization, so load the adapter onto the float model (`load_peft`) and merge there."""
+        if isinstance(self.base, NF4Linear):
+            raise LMStackError("cannot merge LoRA into a 4-bit NF4 base (QLoRA): save the adapter with "
+                               "save_peft, load it onto the float model with load_peft and merge there")
         if not self.merged:
             self.base.weight += (self.lora_B @ self.lora_A) * self.scaling
             self.merged = True
@@ -70,19 +86,25 @@ class LoRALinear(nn.Module):
             self.merged = False
 
 
-def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
-               targets: Iterable[str] = ("q", "v")) -> nn.Module:
-    """Wrap every linear layer whose name ends in one of `targets` (q, k, v, o, gate, up, down) and freeze
-    everything else. Returns the model, changed in place."""
+def _check_targets(targets: Iterable[str]) -> tuple[str, ...]:
     targets = tuple(targets)
     unknown = [t for t in targets if t not in HF_NAMES]
     if unknown:
         raise LMStackError(f"unknown LoRA targets {unknown}; choose from {list(HF_NAMES)}")
+    return targets
+
+
+def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+               targets: Iterable[str] = ("q", "v")) -> nn.Module:
+    """Wrap every linear layer whose name ends in one of `targets` (q, k, v, o, gate, up, down) and freeze
+    everything else. Targets may be nn.Linear or NF4Linear (see `prepare_qlora`). Returns the model, changed
+    in place."""
+    targets = _check_targets(targets)
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped = 0
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+        if isinstance(module, (nn.Linear, NF4Linear)) and name.rsplit(".", 1)[-1] in targets:
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child, LoRALinear(module, r, alpha, dropout))
             wrapped += 1
@@ -90,6 +112,23 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float =
         raise LMStackError(f"no linear layer named {list(targets)} in the model")
     model.lora = {"r": r, "alpha": alpha, "dropout": dropout, "targets": list(targets)}
     return model
+
+
+def prepare_qlora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+                  targets: Iterable[str] = ("q", "v"), block_size: int = 64,
+                  dtype: torch.dtype = torch.bfloat16, skip: tuple[str, ...] = ("lm_head",)) -> nn.Module:
+    """QLoRA: quantize every linear layer of `model` to a frozen NF4 base, then `apply_lora` on `targets`.
+
+    The base computes in `dtype` (bfloat16, QLoRA's compute dtype) from NF4 blocks of `block_size` weights;
+    the adapters are float32. Layers named in `skip` stay in floating point (and frozen): by default the
+    output head, as bitsandbytes/PEFT do. `merge_lora` raises on the result; `save_peft` writes the same
+    adapter files as for a float base, so `load_peft` applies them to the float model (where they can be
+    merged). Returns the model, changed in place."""
+    targets = _check_targets(targets)
+    if r < 1:  # checked before quantizing, so bad input leaves the model as it was
+        raise LMStackError(f"LoRA rank r={r}: must be >= 1")
+    quantize_model(model, "nf4", group_size=block_size, dtype=dtype, skip=tuple(skip))
+    return apply_lora(model, r, alpha, dropout, targets)
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
@@ -103,6 +142,7 @@ def set_adapters_enabled(model: nn.Module, enabled: bool) -> None:
 
 
 def merge_lora(model: nn.Module) -> None:
+    """Fold every adapter into its base weight (raises LMStackError on a QLoRA model's NF4 base)."""
     for _, m in lora_layers(model):
         m.merge()
 
@@ -170,8 +210,20 @@ def load_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise LMStackError(f"{config_file}: target modules {unknown} are not lmstack layers")
     apply_lora(model, r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout", 0.0),
                targets=[to_ours[t] for t in targets])
+    return load_adapter_weights(model, path)
+
+
+def load_adapter_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Copy a PEFT adapter directory's A and B into a model that already has its LoRA layers (e.g. to resume
+    training), checking every name and shape. Returns the model."""
+    path = Path(path)
+    layers = lora_layers(model)
+    if not layers:
+        raise LMStackError("the model has no LoRA adapters (apply_lora first)")
+    if not (path / "adapter_model.safetensors").exists():
+        raise LMStackError(f"{path}: no adapter_model.safetensors")
     tensors = load_file(str(path / "adapter_model.safetensors"))
-    for name, layer in lora_layers(model):
+    for name, layer in layers:
         key = _hf_key(name)
         for which in ("lora_A", "lora_B"):
             t = tensors.get(f"{key}.{which}.weight")

@@ -10,16 +10,18 @@ import torch
 import torch.nn.functional as F
 
 
+def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Log-probability of each label token [B, T] (0 where the label is -100); label[t] is the token after
+    input_ids[t]."""
+    logp = model(input_ids).float().log_softmax(dim=-1)
+    return logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) * (labels != -100)
+
+
 def sequence_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum, mean) log-probability of the labelled tokens of each sequence; labels are input_ids shifted by
-    the caller's convention (label[t] is the token after input_ids[t]), -100 where not scored."""
-    logits = model(input_ids).float()
-    logp = logits.log_softmax(dim=-1)
-    mask = labels != -100
-    token_logp = logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) * mask
-    total = token_logp.sum(-1)
-    return total, total / mask.sum(-1).clamp(min=1)
+    """(sum, mean) log-probability of the labelled tokens of each sequence."""
+    total = token_logprobs(model, input_ids, labels).sum(-1)
+    return total, total / (labels != -100).sum(-1).clamp(min=1)
 
 
 def bradley_terry_loss(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:

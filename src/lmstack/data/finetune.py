@@ -1,0 +1,242 @@
+"""Finetuning data: JSONL records rendered to token ids with loss masks, then packed or padded into batches.
+
+An SFT record comes in one of three forms, told apart by its fields:
+
+    {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}, ...]}
+    {"instruction": ..., "input": ..., "output": ...}        (Alpaca; "input" may be empty or absent)
+    {"prompt": ..., "completion": ...}
+
+and the loss is taken on the assistant's tokens only (the output, the completion): every other label is -100.
+An example is stored already shifted: `labels[t]` is the token that should follow `input_ids[t]`.
+
+Chat records are rendered with the tokenizer's chat template. Assistant turns are found from the template's
+`{% generation %}` blocks when it has them, otherwise by rendering the conversation one turn at a time (the
+text a turn adds after the generation prompt is the assistant's). Each trained span is tokenized on its own,
+so the prompt's tokens end exactly where they end at inference, when the model continues from them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmstack.data.readers import read_jsonl
+from lmstack.errors import LMStackError
+from lmstack.tokenizer import Tokenizer
+
+ROLES = ("system", "user", "assistant", "tool")
+
+# The Stanford Alpaca prompts.
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+@dataclass
+class Example:
+    """One training sequence: `labels[t]` is the target after `input_ids[t]` (-100: no loss)."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def alpaca_prompt(instruction: str, input: str = "") -> str:
+    """The Alpaca prompt for an instruction, with the "### Input:" section only when there is an input."""
+    if input:
+        return ALPACA_PROMPT.format(instruction=instruction, input=input)
+    return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+# ------------------------------------------------------------------------------------------- rendering
+
+
+def _encode_segments(tokenizer: Tokenizer, segments: Sequence[tuple[str, bool]]) -> tuple[list[int], list[bool]]:
+    """Tokenize each (text, trained) segment on its own; returns ids and a per-token trained flag."""
+    ids: list[int] = []
+    trained: list[bool] = []
+    for text, flag in segments:
+        if not text:
+            continue
+        piece = tokenizer.encode(text, add_special_tokens=False)
+        ids += piece
+        trained += [flag] * len(piece)
+    return ids, trained
+
+
+def _check_messages(messages: Any, where: str) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise LMStackError(f"{where}: 'messages' must be a non-empty list")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise LMStackError(f"{where}: message {i} needs 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise LMStackError(f"{where}: message {i} has unknown role {m['role']!r} (expected one of "
+                               f"{', '.join(ROLES)})")
+
+
+def chat_segments(tokenizer: Tokenizer, messages: list[dict[str, Any]], where: str = "messages",
+                  chat_template: str | None = None) -> list[tuple[str, bool]]:
+    """The rendered conversation cut into (text, is_assistant) segments."""
+    _check_messages(messages, where)
+    template = chat_template or tokenizer.chat_template
+    try:
+        text, spans = tokenizer.apply_chat_template(messages, tokenize=False, chat_template=template,
+                                                    return_assistant_spans=True)
+        if not spans:  # no {% generation %} blocks: find each assistant turn by rendering prefixes
+            spans = []
+            for i, m in enumerate(messages):
+                if m["role"] != "assistant":
+                    continue
+                before = tokenizer.apply_chat_template(messages[:i], tokenize=False, chat_template=template,
+                                                       add_generation_prompt=True) if i else ""
+                upto = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False, chat_template=template)
+                if not text.startswith(upto) or not upto.startswith(before):
+                    raise LMStackError(f"{where}: the chat template renders turns differently in a longer "
+                                       "conversation; add {% generation %} blocks to it to mark assistant turns")
+                end = len(upto.rstrip())  # the turn's trailing newline is the template's, not the answer's
+                spans.append((len(before), end))
+    except LMStackError as e:
+        if str(e).startswith(where):
+            raise
+        raise LMStackError(f"{where}: {e}") from None
+    segments, pos = [], 0
+    for start, end in spans:
+        segments += [(text[pos:start], False), (text[start:end], True)]
+        pos = end
+    segments.append((text[pos:], False))
+    return segments
+
+
+def render_record(record: dict[str, Any], tokenizer: Tokenizer, where: str = "record",
+                  chat_template: str | None = None) -> tuple[list[int], list[bool]]:
+    """Token ids of an SFT record and which of them the model is trained to produce."""
+    if "messages" in record:
+        return _encode_segments(tokenizer, chat_segments(tokenizer, record["messages"], where, chat_template))
+    if "instruction" in record:
+        if "output" not in record:
+            raise LMStackError(f"{where}: an instruction record needs an 'output'")
+        prompt = alpaca_prompt(_text(record, "instruction", where), _text(record, "input", where, ""))
+        return prompt_completion_ids(tokenizer, prompt, _text(record, "output", where))
+    if "prompt" in record:
+        if "completion" not in record:
+            raise LMStackError(f"{where}: a prompt record needs a 'completion'")
+        return prompt_completion_ids(tokenizer, _text(record, "prompt", where), _text(record, "completion", where))
+    raise LMStackError(f"{where}: expected 'messages', 'instruction'/'output' or 'prompt'/'completion'; "
+                       f"the record has {sorted(record)}")
+
+
+def prompt_completion_ids(tokenizer: Tokenizer, prompt: str | list[dict[str, Any]], completion: str,
+                          where: str = "record", chat_template: str | None = None
+                          ) -> tuple[list[int], list[bool]]:
+    """A prompt (text, or chat messages) followed by a trained completion: the end-of-sequence token closes a
+    text completion, the template's end of turn a chat one."""
+    if isinstance(prompt, list):
+        messages = [*prompt, {"role": "assistant", "content": completion}]
+        segments = chat_segments(tokenizer, messages, where, chat_template)
+        # Train on this last answer only; earlier assistant turns in the prompt are context.
+        last = max(i for i, (_, trained) in enumerate(segments) if trained)
+        segments = [(text, trained and i == last) for i, (text, trained) in enumerate(segments)]
+        return _encode_segments(tokenizer, segments)
+    head = tokenizer.encode(prompt, add_special_tokens=True)
+    tail = tokenizer.encode(completion, add_special_tokens=False)
+    if tokenizer.eos_token_id is not None:
+        tail.append(tokenizer.eos_token_id)
+    return head + tail, [False] * len(head) + [True] * len(tail)
+
+
+def _text(record: dict[str, Any], key: str, where: str, default: str | None = None) -> str:
+    value = record.get(key, default)
+    if value is None:
+        raise LMStackError(f"{where}: missing field {key!r}")
+    if not isinstance(value, str):
+        raise LMStackError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def to_example(ids: list[int], trained: list[bool]) -> Example:
+    """Shift by one: position t predicts token t + 1, scored only where that token is trained."""
+    return Example(ids[:-1], [tok if flag else -100 for tok, flag in zip(ids[1:], trained[1:])])
+
+
+def load_sft_examples(path: str | os.PathLike, tokenizer: Tokenizer, max_length: int,
+                      chat_template: str | None = None) -> tuple[list[Example], dict[str, int]]:
+    """Read an SFT JSONL file into examples of at most `max_length` tokens (longer ones are cut, and
+    examples left with nothing to learn are dropped; both counted in the returned stats)."""
+    examples, stats = [], {"records": 0, "truncated": 0, "empty": 0}
+    for lineno, record in read_jsonl(path):
+        stats["records"] += 1
+        ids, trained = render_record(record, tokenizer, f"{path}:{lineno}", chat_template)
+        if len(ids) > max_length + 1:
+            ids, trained = ids[:max_length + 1], trained[:max_length + 1]
+            stats["truncated"] += 1
+        example = to_example(ids, trained)
+        if all(label == -100 for label in example.labels):
+            stats["empty"] += 1
+            continue
+        examples.append(example)
+    if not examples:
+        raise LMStackError(f"{path}: no usable examples ({stats['records']} records)")
+    return examples, stats
+
+
+# ------------------------------------------------------------------------------------------- batching
+
+
+def pack_examples(examples: Sequence[Example], block_size: int) -> list[list[Example]]:
+    """Group examples, in order, into rows of at most `block_size` tokens (first fit of the next example)."""
+    rows: list[list[Example]] = []
+    used = block_size + 1
+    for ex in examples:
+        if used + len(ex) > block_size:
+            rows.append([])
+            used = 0
+        rows[-1].append(ex)
+        used += len(ex)
+    return rows
+
+
+def collate_packed(rows: Sequence[Sequence[Example]], block_size: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Packed rows as tensors: each example gets its own document id (attention stays inside it) and
+    positions that restart at 0; the tail of a row is padding with no loss."""
+    B = len(rows)
+    input_ids = np.full((B, block_size), pad_id, dtype=np.int64)
+    labels = np.full((B, block_size), -100, dtype=np.int64)
+    positions = np.zeros((B, block_size), dtype=np.int64)
+    documents = np.zeros((B, block_size), dtype=np.int64)
+    for b, row in enumerate(rows):
+        t = 0
+        for d, ex in enumerate(row):
+            n = len(ex)
+            input_ids[b, t:t + n], labels[b, t:t + n] = ex.input_ids, ex.labels
+            positions[b, t:t + n], documents[b, t:t + n] = np.arange(n), d
+            t += n
+        positions[b, t:] = np.arange(block_size - t)
+        documents[b, t:] = len(row)  # the padding is a document of its own
+    return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
+            "position_ids": torch.from_numpy(positions), "document_ids": torch.from_numpy(documents)}
+
+
+def collate_padded(examples: Sequence[Example], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-padded to the longest example. No attention mask is needed: under the causal mask a real
+    token never sees the padding to its right, and padded positions carry no loss."""
+    T = max(len(ex) for ex in examples)
+    input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), T), -100, dtype=torch.long)
+    for b, ex in enumerate(examples):
+        input_ids[b, :len(ex)] = torch.tensor(ex.input_ids)
+        labels[b, :len(ex)] = torch.tensor(ex.labels)
+    return {"input_ids": input_ids, "labels": labels}

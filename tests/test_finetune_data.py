@@ -1,0 +1,145 @@
+"""SFT data: the three record forms, assistant-only label masks, packing with per-example attention."""
+
+import json
+
+import pytest
+import torch
+
+from lmstack.config import ModelConfig
+from lmstack.data.finetune import (
+    alpaca_prompt,
+    collate_packed,
+    collate_padded,
+    load_sft_examples,
+    pack_examples,
+    render_record,
+    to_example,
+)
+from lmstack.errors import LMStackError
+from lmstack.models import build_model
+from lmstack.tokenizer import CHATML_TEMPLATE, Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    text = "Hello there! What is two plus two? It is four. Below is an instruction that describes a task.\n" * 20
+    return Tokenizer.train([text], 400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                           eos_token="<|im_end|>", chat_template="chatml")
+
+
+def trained_text(tok, ids, trained):
+    return tok.decode([i for i, t in zip(ids, trained) if t])
+
+
+def test_chat_labels_cover_every_assistant_turn_and_nothing_else(tok):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"},
+                {"role": "assistant", "content": "Hello there!"}, {"role": "user", "content": "Two plus two?"},
+                {"role": "assistant", "content": "It is four."}]
+    ids, trained = render_record({"messages": messages}, tok)
+    assert ids == tok.apply_chat_template(messages)  # the same tokens inference sees
+    assert trained_text(tok, ids, trained) == "Hello there!<|im_end|>It is four.<|im_end|>"
+    # The untrained part is exactly the system, user and role-header text.
+    untrained = tok.decode([i for i, t in zip(ids, trained) if not t])
+    assert "Hello there" not in untrained and "Two plus two?" in untrained
+    ex = to_example(ids, trained)
+    assert len(ex.input_ids) == len(ex.labels) == len(ids) - 1
+    for t, label in enumerate(ex.labels):  # label t is token t + 1 where trained, -100 elsewhere
+        assert label == (ids[t + 1] if trained[t + 1] else -100)
+
+
+def test_chat_without_generation_blocks_finds_turns_by_prefix(tok):
+    template = CHATML_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    assert "{% generation %}" not in template
+    messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hello there!"},
+                {"role": "user", "content": "Two?"}, {"role": "assistant", "content": "It is four."}]
+    ids, trained = render_record({"messages": messages}, tok, chat_template=template)
+    assert trained_text(tok, ids, trained) == "Hello there!<|im_end|>It is four.<|im_end|>"
+
+
+def test_instruction_and_prompt_completion_forms(tok):
+    ids, trained = render_record({"instruction": "Add.", "input": "2 and 2", "output": "four"}, tok)
+    text = tok.decode(ids)
+    assert text == alpaca_prompt("Add.", "2 and 2") + "four<|im_end|>"
+    assert "### Input:\n2 and 2" in text and text.count("### Response:\n") == 1
+    assert trained_text(tok, ids, trained) == "four<|im_end|>"
+    ids, _ = render_record({"instruction": "Greet.", "output": "Hello"}, tok)
+    assert "### Input" not in tok.decode(ids)
+    ids, trained = render_record({"prompt": "Two plus two is", "completion": " four"}, tok)
+    assert trained_text(tok, ids, trained) == " four<|im_end|>"
+    assert tok.decode([i for i, t in zip(ids, trained) if not t]) == "Two plus two is"
+
+
+def test_bad_records_name_file_and_line(tok, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n"
+                    + json.dumps({"messages": [{"role": "wizard", "content": "x"}]}) + "\n")
+    with pytest.raises(LMStackError, match=r"bad.jsonl:2: .*unknown role 'wizard'"):
+        load_sft_examples(path, tok, 64)
+    path.write_text(json.dumps({"instruction": "a"}) + "\n")
+    with pytest.raises(LMStackError, match=r"bad.jsonl:1: .*'output'"):
+        load_sft_examples(path, tok, 64)
+    path.write_text(json.dumps({"question": "a"}) + "\n")
+    with pytest.raises(LMStackError, match=r"bad.jsonl:1: expected 'messages'"):
+        load_sft_examples(path, tok, 64)
+
+
+def test_truncation_and_empty_examples_are_counted(tok, tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"prompt": "Hello " * 50, "completion": "four"}) + "\n"
+                    + json.dumps({"prompt": "Hello", "completion": "four"}) + "\n")
+    examples, stats = load_sft_examples(path, tok, 16)
+    assert stats == {"records": 2, "truncated": 1, "empty": 1} and len(examples) == 1
+
+
+def test_packing_keeps_examples_apart(tok):
+    texts = [("Hello", " there!"), ("Two plus two is", " four."), ("What is", " it?")]
+    examples = [to_example(*_pc(tok, p, c)) for p, c in texts]
+    rows = pack_examples(examples, block_size=24)
+    assert sum(len(r) for r in rows) == 3 and all(sum(len(e) for e in r) <= 24 for r in rows)
+    batch = collate_packed(rows, 24)
+    row0 = rows[0]
+    # Positions restart with each example and labels are each example's own.
+    t = 0
+    for d, ex in enumerate(row0):
+        n = len(ex)
+        assert batch["position_ids"][0, t:t + n].tolist() == list(range(n))
+        assert batch["document_ids"][0, t:t + n].tolist() == [d] * n
+        assert batch["labels"][0, t:t + n].tolist() == ex.labels
+        t += n
+    assert (batch["labels"][0, t:] == -100).all()
+
+    # A packed forward gives each example the logits it has alone.
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_name("tiny-llama", vocab_size=len(tok), block_size=32)).eval()
+    with torch.no_grad():
+        packed = model(batch["input_ids"][:1], position_ids=batch["position_ids"][:1],
+                       document_ids=batch["document_ids"][:1])
+        t = 0
+        for ex in row0:
+            alone = model(torch.tensor([ex.input_ids]))
+            assert torch.allclose(packed[0, t:t + len(ex)], alone[0], atol=1e-5)
+            t += len(ex)
+        # Without the document mask the second example would see the first: the logits differ.
+        leaky = model(batch["input_ids"][:1], position_ids=batch["position_ids"][:1])
+        n0 = len(row0[0])
+        assert not torch.allclose(leaky[0, n0:n0 + len(row0[1])], packed[0, n0:n0 + len(row0[1])], atol=1e-3)
+
+
+def test_padded_batch_loss_equals_per_example_loss(tok):
+    examples = [to_example(*_pc(tok, "Hello", " there!")), to_example(*_pc(tok, "Two plus two is", " four."))]
+    batch = collate_padded(examples)
+    assert batch["input_ids"].shape == (2, max(len(e) for e in examples))
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_name("tiny-llama", vocab_size=len(tok), block_size=32)).eval()
+    with torch.no_grad():
+        _, loss = model(batch["input_ids"], batch["labels"])
+        logits = [model(torch.tensor([e.input_ids]))[0] for e in examples]
+    # Token-mean cross-entropy over the trained tokens of both examples, computed one example at a time.
+    nll = torch.cat([torch.nn.functional.cross_entropy(lg, torch.tensor(e.labels), ignore_index=-100,
+                                                       reduction="none")[torch.tensor(e.labels) != -100]
+                     for lg, e in zip(logits, examples)])
+    assert torch.allclose(loss, nll.mean(), atol=1e-5)
+
+
+def _pc(tok, prompt, completion):
+    return render_record({"prompt": prompt, "completion": completion}, tok)
