@@ -121,6 +121,29 @@ def _plot(args: argparse.Namespace) -> None:
     print(f"wrote {plot_losses(args.run_dir, args.output)}")
 
 
+def _eval_classify(args: argparse.Namespace) -> None:
+    import json
+
+    from lmstack.checkpoints import load_model, load_tokenizer
+    from lmstack.evaluate.classification import classification_metrics, format_classification_report
+    from lmstack.evaluate.classify import predict_labels
+    from lmstack.train.tasks import read_classification
+
+    model = load_model(args.model, dtype="float32", device=args.device)
+    tokenizer = load_tokenizer(args.model)
+    labels = args.labels.split(",") if args.labels else getattr(model, "labels", None)
+    texts, gold = read_classification(args.data, labels)
+    if labels is None:
+        labels = sorted(set(gold))
+    predicted = predict_labels(model, tokenizer, texts, labels, prompt=args.prompt, chat=args.chat,
+                               batch_size=args.batch_size)
+    metrics = classification_metrics(gold, predicted, labels=list(labels))
+    print(format_classification_report(metrics))
+    if args.output:
+        Path(args.output).write_text(json.dumps(metrics, indent=2) + "\n")
+        print(f"wrote {args.output}")
+
+
 def _eval_perplexity(args: argparse.Namespace) -> None:
     from lmstack.checkpoints import load_model, load_tokenizer
     from lmstack.data.readers import iter_texts
@@ -437,6 +460,19 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--max-chars", type=int, default=None, help="score only the first N characters")
     ppl.add_argument("--device", default=None)
     ppl.set_defaults(func=_eval_perplexity)
+
+    cls = ev_verbs.add_parser("classify", help="accuracy, precision/recall/F1 and confusion matrix of a "
+                              "classifier, or of a language model answering with one of the labels")
+    cls.add_argument("--model", required=True, help="a classifier checkpoint, or a language model")
+    cls.add_argument("--data", required=True, help='JSONL records {"text": ..., "label": ...}')
+    cls.add_argument("--labels", default=None, help="comma-separated label set (default: the classifier's, "
+                     "or the data's)")
+    cls.add_argument("--prompt", default="{text}\nLabel: ", help="language models: the prompt, with {text}")
+    cls.add_argument("--chat", action="store_true", help="language models: send the prompt as a chat turn")
+    cls.add_argument("--batch-size", type=int, default=16)
+    cls.add_argument("--output", default=None, help="also write the metrics as JSON")
+    cls.add_argument("--device", default=None)
+    cls.set_defaults(func=_eval_classify)
 
     for name, what in (("rouge", "ROUGE-1/2/L/Lsum (rouge-score)"), ("bleu", "corpus BLEU (sacrebleu)")):
         metric = ev_verbs.add_parser(name, help=f"{what} of predictions against references, one per line")

@@ -33,9 +33,34 @@ def load_model(
 
     if is_quantized_checkpoint(Path(path)):
         return load_quantized(path, device=device)
-    if (Path(path) / "config.json").exists() and read_hf_config(path).get("model_type") == NATIVE:
-        return load_native(path, dtype=dtype, device=device)
+    if (Path(path) / "adapter_config.json").exists() and not (Path(path) / "config.json").exists():
+        return load_adapter_model(path, dtype=dtype, device=device)
+    if (Path(path) / "config.json").exists():
+        hf = read_hf_config(path)
+        if hf.get("model_type") == NATIVE:
+            return load_native(path, dtype=dtype, device=device)
+        if any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or []):
+            from lmstack.models.classifier import load_classifier
+
+            return load_classifier(path, dtype=dtype, device=device).eval()
     return load_hf_model(path, dtype=dtype, device=device)
+
+
+def load_adapter_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
+                       device: torch.device | str | None = None) -> DecoderLM:
+    """A PEFT LoRA adapter directory applied to its base model (`base_model_name_or_path`), merged."""
+    import json
+
+    from lmstack.train.lora import load_peft, merge_and_unload
+
+    config = json.loads((Path(path) / "adapter_config.json").read_text())
+    base = config.get("base_model_name_or_path")
+    if not base or not Path(base).exists():
+        raise LMStackError(f"{path}: the adapter's base model {base!r} is not on this machine; load the base "
+                           "model and apply the adapter with lmstack.train.lora.load_peft")
+    model = load_model(base, dtype=torch.float32, device=device)
+    merge_and_unload(load_peft(model, path))
+    return model.to(dtype) if dtype is not None else model
 
 
 NATIVE = "lmstack"  # config.json model_type of architectures transformers has no class for (RNN LMs)

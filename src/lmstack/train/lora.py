@@ -147,6 +147,20 @@ def merge_lora(model: nn.Module) -> None:
         m.merge()
 
 
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold the adapters into the base weights and put the plain linear layers back (PEFT's
+    `merge_and_unload`): an ordinary model again, as fast as the base."""
+    for name, layer in lora_layers(model):
+        layer.merge()
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer.base)
+    if hasattr(model, "lora"):
+        del model.lora
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
 def unmerge_lora(model: nn.Module) -> None:
     for _, m in lora_layers(model):
         m.unmerge()

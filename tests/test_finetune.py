@@ -1,0 +1,205 @@
+"""Finetuning tasks through the one training loop: SFT (full, LoRA, packed), classification, reward model, the
+DPO family and GRPO, with checkpoints, exact resume, the CLI and evaluation."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from lmstack.checkpoints import load_model, save_model
+from lmstack.cli import main
+from lmstack.config import ModelConfig
+from lmstack.evaluate.classification import classification_metrics
+from lmstack.evaluate.classify import predict_labels
+from lmstack.models import build_model
+from lmstack.models.classifier import SequenceClassifier
+from lmstack.tokenizer import Tokenizer
+from lmstack.train.config import load_config
+from lmstack.train.loop import train
+from lmstack.train.metrics import read_metrics
+
+WORDS = ["the", "a", "cat", "dog", "sat", "ran", "on", "under", "mat", "log", "good", "bad", "great", "awful", "film", "book", "day", "night"]
+
+
+def _sentence(rng: random.Random, n: int = 6) -> str:
+    return " ".join(rng.choice(WORDS[:10]) for _ in range(n))  # no sentiment words
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny random Llama-style checkpoint with a ChatML BPE tokenizer."""
+    rng = random.Random(0)
+    text = "\n".join(_sentence(rng, 12) + " good bad great awful film book day night" for _ in range(200))
+    tok = Tokenizer.train([text], 300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                          eos_token="<|im_end|>", chat_template="chatml")
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_name("tiny-llama", vocab_size=len(tok), block_size=64))
+    path = tmp_path_factory.mktemp("base") / "model"
+    save_model(model, path, tokenizer=tok)
+    return path
+
+
+def _write(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _run(base, tmp_path, task, data, resume=False, **settings):
+    values = dict(task=task, model=str(base), data=str(data), out_dir=str(tmp_path / task), batch_size=8,
+                  block_size=64, max_steps=20, learning_rate=3e-3, min_lr=3e-4, warmup_steps=2, eval_interval=10,
+                  eval_batches=4, log_interval=1, checkpoint_interval=100, progress=False, weight_decay=0.0,
+                  val_fraction=0.1, precision="fp32", device="cpu")
+    values.update(settings)
+    overrides = [x for k, v in values.items() for x in (f"--{k}", json.dumps(v) if isinstance(v, list) else str(v))]
+    return train(load_config(None, overrides), resume=resume), read_metrics(values["out_dir"])
+
+
+def _val(metrics, key="val_loss"):
+    return [r[key] for r in metrics if key in r]
+
+
+def _chats(n, seed=0):
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        s = _sentence(rng, 4)
+        out.append({"messages": [{"role": "user", "content": s},
+                                 {"role": "assistant", "content": " ".join(reversed(s.split()))}]})
+    return out
+
+
+def test_sft_through_the_cli_learns_the_assistant_turns(base, tmp_path):
+    data = _write(tmp_path / "chat.jsonl", _chats(200))
+    recipe = tmp_path / "sft.yaml"
+    recipe.write_text(f"model: {base}\ndata: {data}\nbatch_size: 8\nblock_size: 64\nmax_steps: 40\n"
+                      "learning_rate: 3.0e-3\nwarmup_steps: 2\neval_interval: 20\neval_batches: 4\n"
+                      "checkpoint_interval: 100\nprogress: false\npacking: true\ndevice: cpu\n")
+    assert main(["finetune", "sft", "--config", str(recipe), "--out_dir", str(tmp_path / "run")]) == 0
+    val = _val(read_metrics(tmp_path / "run"))
+    assert val[-1] < val[0] - 1.0  # the reversal of the user's words is learnable: the loss falls a lot
+    model = load_model(tmp_path / "run" / "checkpoints" / "step-0000040")
+    assert model.config.vocab_size == load_model(base).config.vocab_size
+
+
+def test_lora_sft_resumes_exactly_and_its_adapter_loads_merged(base, tmp_path):
+    data = _write(tmp_path / "chat.jsonl", _chats(100))
+    settings = dict(lora_r=4, lora_alpha=8, lora_targets=["q", "v", "down"], max_steps=6, checkpoint_interval=3,
+                    eval_interval=3)
+    _, straight = _run(base, tmp_path / "a", "sft", data, **settings)
+    _run(base, tmp_path / "b", "sft", data, **{**settings, "max_steps": 3})
+    _run(base, tmp_path / "b", "sft", data, resume=True, **settings)
+    resumed = read_metrics(tmp_path / "b" / "sft")
+    losses = {r["step"]: r["loss"] for r in straight if "loss" in r}
+    again = {r["step"]: r["loss"] for r in resumed if "loss" in r}
+    assert [again[s] for s in (3, 4, 5)] == [losses[s] for s in (3, 4, 5)]
+
+    # Trainable parameters: r * (in + out) for q [64->64], v [64->32] and down [160->64] in each of 2 layers.
+    counts = next(r for r in straight if "trainable_params" in r)
+    assert counts["trainable_params"] == 2 * 4 * ((64 + 64) + (64 + 32) + (160 + 64))
+
+    # The checkpoint holds a PEFT adapter; loading it applies it to the base and merges.
+    ckpt = tmp_path / "a" / "sft" / "checkpoints" / "step-0000006"
+    assert (ckpt / "adapter_config.json").exists() and not (ckpt / "model.safetensors").exists()
+    merged = load_model(ckpt)
+    from lmstack.train.lora import load_peft
+
+    adapted = load_peft(load_model(base), ckpt)
+    ids = torch.tensor([[5, 17, 42, 9, 77]])
+    with torch.no_grad():
+        assert torch.allclose(merged(ids), adapted(ids), atol=1e-5)
+        assert not torch.allclose(merged(ids), load_model(base)(ids), atol=1e-4)  # the adapter did train
+
+
+def _sentiment(n, seed):
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        label = rng.choice(["positive", "negative"])
+        words = _sentence(rng, 5).split()
+        words.insert(rng.randrange(len(words) + 1), rng.choice(["good", "great"] if label == "positive"
+                                                                else ["bad", "awful"]))
+        out.append({"text": " ".join(words), "label": label})
+    return out
+
+
+def test_classifier_head_learns_and_eval_classify_reports_its_metrics(base, tmp_path):
+    train_file = _write(tmp_path / "train.jsonl", _sentiment(300, 0))
+    test_file = _write(tmp_path / "test.jsonl", _sentiment(60, 1))
+    summary, metrics = _run(base, tmp_path, "classify", train_file, max_steps=80)
+    assert _val(metrics, "val_accuracy")[-1] >= 0.9
+    model = load_model(summary["checkpoint"])
+    assert isinstance(model, SequenceClassifier) and model.labels == ["negative", "positive"]
+
+    out = tmp_path / "report.json"
+    assert main(["eval", "classify", "--model", summary["checkpoint"], "--data", str(test_file),
+                 "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    records = [json.loads(line) for line in test_file.read_text().splitlines()]
+    from lmstack.checkpoints import load_tokenizer
+
+    predicted = predict_labels(model, load_tokenizer(summary["checkpoint"]), [r["text"] for r in records])
+    assert report == classification_metrics([r["label"] for r in records], predicted,
+                                            labels=["negative", "positive"])
+    assert report["accuracy"] >= 0.9
+
+
+def test_generative_classification_answers_only_with_labels(base):
+    from lmstack.checkpoints import load_tokenizer
+
+    labels = ["positive", "negative", "neutral"]
+    texts = [r["text"] for r in _sentiment(12, 2)]
+    predicted = predict_labels(load_model(base), load_tokenizer(base), texts, labels)
+    assert len(predicted) == 12 and set(predicted) <= set(labels)
+
+
+def _pairs(n, seed):
+    rng = random.Random(seed)
+    return [{"prompt": _sentence(rng, 3), "chosen": _sentence(rng, 2) + " good", "rejected": _sentence(rng, 2)
+             + " bad"} for _ in range(n)]
+
+
+def test_reward_model_learns_the_preference(base, tmp_path):
+    data = _write(tmp_path / "pairs.jsonl", _pairs(200, 0))
+    summary, metrics = _run(base, tmp_path, "reward", data, max_steps=30)
+    assert _val(metrics, "val_accuracy")[0] < 0.8 and _val(metrics, "val_accuracy")[-1] >= 0.95
+    assert load_model(summary["checkpoint"]).labels == ["score"]
+
+
+@pytest.mark.parametrize("task", ["dpo", "ipo", "kto", "orpo", "simpo"])
+def test_preference_objectives_improve_on_their_pairs(base, tmp_path, task):
+    records = _pairs(120, 0)
+    if task == "kto":  # unpaired: each answer with its own label
+        records = [r for p in records for r in ({"prompt": p["prompt"], "completion": p["chosen"], "label": True},
+                                                {"prompt": p["prompt"], "completion": p["rejected"],
+                                                 "label": False})]
+    data = _write(tmp_path / "data.jsonl", records)
+    _, metrics = _run(base, tmp_path, task, data, max_steps=15, learning_rate=1e-3, beta=0.5 if task == "ipo"
+                      else 0.1)
+    val = _val(metrics)
+    if task == "dpo":
+        assert val[0] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at the start
+    assert val[-1] < val[0] - 0.05
+
+
+def test_dpo_under_lora_uses_the_base_as_reference(base, tmp_path):
+    data = _write(tmp_path / "pairs.jsonl", _pairs(80, 0))
+    _, metrics = _run(base, tmp_path, "dpo", data, max_steps=20, lora_r=4, learning_rate=1e-2)
+    val = _val(metrics)
+    assert val[0] == pytest.approx(math.log(2), abs=1e-6) and val[-1] < val[0] - 0.05
+    margins = _val(metrics, "val_margin")
+    assert margins[0] == 0 and margins[-1] > 0
+
+
+def test_grpo_raises_a_verifiable_reward(base, tmp_path):
+    reward = tmp_path / "reward.py"
+    reward.write_text("def reward(prompt, completion, record):\n"
+                      "    return completion.count(record['letter']) / max(1, len(completion))\n")
+    rng = random.Random(0)
+    data = _write(tmp_path / "prompts.jsonl", [{"prompt": _sentence(rng, 3), "letter": "o"} for _ in range(64)])
+    _, metrics = _run(base, tmp_path, "grpo", data, reward_function=f"{reward}:reward", group_size=8,
+                      max_new_tokens=8, batch_size=4, max_steps=30, learning_rate=1e-2, beta=0.01,
+                      eval_interval=15, val_fraction=0.25)
+    rewards = _val(metrics, "val_reward")
+    assert rewards[-1] > rewards[0] + 0.2
