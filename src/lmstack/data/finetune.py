@@ -230,13 +230,19 @@ def collate_packed(rows: Sequence[Sequence[Example]], block_size: int, pad_id: i
             "position_ids": torch.from_numpy(positions), "document_ids": torch.from_numpy(documents)}
 
 
+def pad_right(seqs: Sequence[Sequence[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequences right-padded with `value` to the longest, [B, T], and the mask of real entries."""
+    T = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), T), value, dtype=torch.long)
+    real = torch.zeros((len(seqs), T), dtype=torch.bool)
+    for b, s in enumerate(seqs):
+        out[b, :len(s)], real[b, :len(s)] = torch.tensor(list(s), dtype=torch.long), True
+    return out, real
+
+
 def collate_padded(examples: Sequence[Example], pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Right-padded to the longest example. No attention mask is needed: under the causal mask a real
     token never sees the padding to its right, and padded positions carry no loss."""
-    T = max(len(ex) for ex in examples)
-    input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), T), -100, dtype=torch.long)
-    for b, ex in enumerate(examples):
-        input_ids[b, :len(ex)] = torch.tensor(ex.input_ids)
-        labels[b, :len(ex)] = torch.tensor(ex.labels)
+    input_ids, _ = pad_right([ex.input_ids for ex in examples], pad_id)
+    labels, _ = pad_right([ex.labels for ex in examples], -100)
     return {"input_ids": input_ids, "labels": labels}

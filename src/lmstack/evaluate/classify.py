@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from lmstack.data.finetune import pad_right
 from lmstack.errors import LMStackError
 from lmstack.models.classifier import SequenceClassifier
 from lmstack.tokenizer import Tokenizer
@@ -53,11 +54,7 @@ def _head_predictions(model: SequenceClassifier, tokenizer: Tokenizer, texts: Se
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for start in range(0, len(texts), batch_size):
         ids = [x[-block:] for x in tokenizer.encode_batch(list(texts[start:start + batch_size]))]
-        T = max(len(x) for x in ids)
-        batch = torch.full((len(ids), T), pad, dtype=torch.long)
-        real = torch.zeros((len(ids), T), dtype=torch.bool)
-        for b, x in enumerate(ids):
-            batch[b, :len(x)], real[b, :len(x)] = torch.tensor(x), True
+        batch, real = pad_right(ids, pad)
         with torch.no_grad():
             logits = model(batch.to(device), key_padding=real.to(device))
         out += [model.labels[i] for i in logits.argmax(-1).tolist()]

@@ -25,7 +25,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmstack.data.finetune import Example, collate_packed, collate_padded, load_sft_examples, pack_examples
+from lmstack.data.finetune import (
+    Example,
+    collate_packed,
+    collate_padded,
+    load_sft_examples,
+    pack_examples,
+    pad_right,
+)
 from lmstack.data.readers import read_jsonl
 from lmstack.errors import LMStackError
 from lmstack.tokenizer import Tokenizer
@@ -195,16 +202,6 @@ def read_classification(path: str, where_labels: list[str] | None = None
     return texts, labels
 
 
-def _pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and the mask of real tokens."""
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    real = torch.zeros((len(seqs), T), dtype=torch.bool)
-    for b, s in enumerate(seqs):
-        ids[b, :len(s)], real[b, :len(s)] = torch.tensor(s), True
-    return ids, real
-
-
 class ClassifyTask(Task):
     """A head on the last token; the label set comes from the config or the training data (sorted)."""
 
@@ -229,7 +226,7 @@ class ClassifyTask(Task):
 
     def collate(self, split, items):
         rows = [self.data[split][i] for i in items]
-        ids, real = _pad_right([r[0] for r in rows], self.pad_id)
+        ids, real = pad_right([r[0] for r in rows], self.pad_id)
         return {"input_ids": ids, "key_padding": real, "labels": torch.tensor([r[1] for r in rows])}
 
     def loss(self, model, batch):
@@ -307,6 +304,9 @@ class PreferenceTask(Task):
             ids, labels = _completion_batch(pairs + mismatched, self.block_size, self.pad_id)
             return {"input_ids": ids, "labels": labels, "desirable": torch.tensor([r[2] for r in rows])}
         pairs = [(p, c) for p, c, _ in rows] + [(p, r) for p, _, r in rows]
+        if self.name == "reward":  # the head reads the whole text, its last token included
+            ids, real = pad_right([(p + c)[-self.block_size:] for p, c in pairs], self.pad_id)
+            return {"input_ids": ids, "key_padding": real}
         ids, labels = _completion_batch(pairs, self.block_size, self.pad_id)
         return {"input_ids": ids, "labels": labels}
 
@@ -314,11 +314,11 @@ class PreferenceTask(Task):
         return reference_token_logprobs(self, batch["input_ids"], batch["labels"]).sum(-1)
 
     def loss(self, model, batch):
-        ids, labels = batch["input_ids"], batch["labels"]
         if self.name == "reward":
-            scores = model(ids, key_padding=labels_to_padding(ids, labels)).squeeze(-1)
+            scores = model(batch["input_ids"], key_padding=batch["key_padding"]).squeeze(-1)
             chosen, rejected = scores.chunk(2)
             return preference.bradley_terry_loss(chosen, rejected), {"accuracy": (chosen > rejected).float().mean()}
+        ids, labels = batch["input_ids"], batch["labels"]
         total, mean = preference.sequence_logprobs(model, ids, labels)
         if self.name == "kto":
             n = len(batch["desirable"])
@@ -348,13 +348,6 @@ class PreferenceTask(Task):
         if rpo_alpha:  # RPO (Pang et al. 2024): keep the chosen answers likely while separating the pairs
             loss = loss - rpo_alpha * chosen_mean.mean()
         return loss, metrics
-
-
-def labels_to_padding(ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Real-token mask of right-padded rows whose last real token is the last labelled position + 1."""
-    positions = torch.arange(ids.shape[1], device=ids.device)
-    last = torch.where(labels != -100, positions, -1).max(-1).values + 1
-    return positions[None, :] <= last[:, None]
 
 
 def reference_token_logprobs(task: Task, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
