@@ -106,6 +106,9 @@ def test_cli_quantize(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "int4 weights" in out and "perplexity on 2,000 characters" in out
     assert isinstance(lmstack.load_model(tmp_path / "q").layers[0].attn.q, QuantizedLinear)
+    assert main(["quantize", "--model", str(tmp_path / "m"), "--output", str(tmp_path / "nf4"), "--bits", "nf4"]) == 0
+    assert "NF4 weights" in capsys.readouterr().out
+    assert isinstance(lmstack.load_model(tmp_path / "nf4").layers[0].attn.q, NF4Linear)
 
 
 # --- NF4 (QLoRA's 4-bit NormalFloat) ---

@@ -308,10 +308,12 @@ def _quantize(args: argparse.Namespace) -> None:
 
         text = "\n\n".join(iter_texts(args.eval_data))[: args.eval_chars]
         ppl_before = perplexity(model, tokenizer, text, stride=args.stride).perplexity
-    quantize_model(model, bits=args.bits, group_size=args.group_size, dtype=parse_dtype(args.compute_dtype))
+    bits = args.bits if args.bits == "nf4" else int(args.bits)
+    quantize_model(model, bits=bits, group_size=args.group_size, dtype=parse_dtype(args.compute_dtype))
     save_quantized(model, args.output, tokenizer=tokenizer)
     after = model_bytes(model)
-    print(f"wrote {args.output}: int{args.bits} weights, {before / 1e6:,.1f} MB -> {after / 1e6:,.1f} MB "
+    kind = "NF4" if bits == "nf4" else f"int{bits}"
+    print(f"wrote {args.output}: {kind} weights, {before / 1e6:,.1f} MB -> {after / 1e6:,.1f} MB "
           f"({after / before:.0%})")
     if text is not None:
         ppl_after = perplexity(model, tokenizer, text, stride=args.stride).perplexity
@@ -490,8 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
     quant = verbs.add_parser("quantize", help="weight-only int8 / int4 quantization of a checkpoint")
     quant.add_argument("--model", required=True)
     quant.add_argument("--output", required=True)
-    quant.add_argument("--bits", type=int, default=8, choices=[8, 4])
-    quant.add_argument("--group-size", type=int, default=128, help="inputs per scale for int4")
+    quant.add_argument("--bits", default="8", choices=["8", "4", "nf4"], help="int8, int4, or 4-bit NormalFloat")
+    quant.add_argument("--group-size", type=int, default=None,
+                       help="weights per scale for int4 (default 128) and nf4 (default 64)")
     quant.add_argument("--compute-dtype", default="bfloat16", help="dtype of scales and activations")
     quant.add_argument("--eval-data", nargs="*", default=None, help="text to report the perplexity change on")
     quant.add_argument("--eval-chars", type=int, default=100_000)
