@@ -231,3 +231,31 @@ def test_smollm2_lora_recipe_lowers_the_validation_loss(smollm2_gguf, tmp_path):
     val = _val(read_metrics(tmp_path / "run"))
     assert val[-1] < val[0] - 0.2
     assert (__import__("pathlib").Path(summary["checkpoint"]) / "adapter_model.safetensors").exists()
+
+
+def test_sft_on_two_processes_matches_one(base, tmp_path):
+    """Examples of different lengths: the step's loss is the mean over every trained token of the global
+    batch, so 2 processes x 2 rows train exactly like 1 process x 4 rows (and like 2 accumulated micro-batches)."""
+    import os
+    import subprocess
+    import sys
+
+    data = _write(tmp_path / "chat.jsonl", _chats(64))
+    args = ["finetune", "sft", "--model", str(base), "--data", str(data), "--max_steps", "4", "--eval_interval",
+            "2", "--eval_batches", "2", "--log_interval", "1", "--warmup_steps", "1", "--progress", "false",
+            "--block_size", "64", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {"one": ["--batch_size", "4"], "accum": ["--batch_size", "2", "--grad_accum", "2"]}
+    for name, extra in runs.items():
+        r = subprocess.run([sys.executable, "-m", "lmstack.cli", *args, *extra, "--out_dir", str(tmp_path / name)],
+                           capture_output=True, text=True, env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+                          "lmstack.cli", *args, "--batch_size", "2", "--out_dir", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    losses = {name: [r["loss"] for r in read_metrics(tmp_path / name) if "loss" in r]
+              for name in ("one", "accum", "two")}
+    assert len(losses["one"]) == 4
+    for name in ("accum", "two"):
+        assert max(abs(a - b) for a, b in zip(losses["one"], losses[name])) < 1e-5

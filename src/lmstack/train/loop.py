@@ -422,8 +422,17 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
         items = items.reshape(cfg.grad_accum, rt.world_size, cfg.batch_size)[:, rt.rank]
         step_loss = torch.zeros((), device=rt.device)
         step_metrics: dict[str, torch.Tensor] = {}
-        for micro in range(cfg.grad_accum):
-            batch = task.collate("train", items[micro])
+        batches = [task.collate("train", items[micro]) for micro in range(cfg.grad_accum)]
+        # Weigh each micro-batch's mean loss by what it averages over (tokens, for SFT), all processes
+        # together, so the step's loss is the mean over the global batch however it is split.
+        weights = [float(task.weight(b, items[m])) for m, b in enumerate(batches)]
+        total = sum(weights)
+        if rt.distributed:  # host values, so a single process never waits on the device here
+            total_t = torch.tensor(total, device=rt.device)
+            dist.all_reduce(total_t)
+            total = total_t.item()
+        shares = [w * rt.world_size / max(total, 1.0) for w in weights]
+        for micro, batch in enumerate(batches):
             if "input_ids" in batch:
                 tokens_since += batch["input_ids"].numel() * rt.world_size
             batch = _to_device(batch, rt.device)
@@ -433,11 +442,11 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
                 model.set_requires_gradient_sync(sync)
             with no_sync, _autocast(rt.device, precision):
                 loss, metrics = task.loss(forward, batch)
-                loss = loss / cfg.grad_accum
+                loss = loss * shares[micro]
             scaler.scale(loss).backward()
             step_loss += loss.detach()
             for name, value in metrics.items():
-                step_metrics[name] = step_metrics.get(name, 0) + value.detach().float().to(rt.device) / cfg.grad_accum
+                step_metrics[name] = step_metrics.get(name, 0) + value.detach().float().to(rt.device) * shares[micro]
         if cfg.grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

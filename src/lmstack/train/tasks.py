@@ -114,6 +114,15 @@ class Task:
         """The micro-batch's mean loss and metrics to log (scalars)."""
         raise NotImplementedError
 
+    def weight(self, batch: dict[str, Any], items: np.ndarray) -> int:
+        """How many things the micro-batch's mean loss averages over (its examples); the loop weighs
+        micro-batches and processes by it, so a step's loss is the mean over the whole global batch."""
+        return len(items)
+
+
+def _label_count(batch: dict[str, Any]) -> int:
+    return int((batch["labels"] != -100).sum())
+
 
 # ---------------------------------------------------------------------------------------------- pretraining
 
@@ -146,6 +155,9 @@ class PretrainTask(Task):
         rows = torch.from_numpy(np.stack([data[o:o + self.block_size + 1] for o in items]).astype(np.int64))
         return {"input_ids": rows[:, :-1], "labels": rows[:, 1:]}
 
+    def weight(self, batch, items):
+        return _label_count(batch)
+
     def loss(self, model, batch):
         _, loss = model(batch["input_ids"], batch["labels"])
         return loss, {}
@@ -176,6 +188,9 @@ class SFTTask(Task):
         if self.packing:
             return collate_packed(rows, self.block_size, self.pad_id)
         return collate_padded(rows, self.pad_id)
+
+    def weight(self, batch, items):  # token-level loss: each trained token counts once in the step
+        return _label_count(batch)
 
     def loss(self, model, batch):
         extra = {k: batch[k] for k in ("position_ids", "document_ids") if k in batch}
