@@ -259,3 +259,55 @@ def test_sft_on_two_processes_matches_one(base, tmp_path):
     assert len(losses["one"]) == 4
     for name in ("accum", "two"):
         assert max(abs(a - b) for a, b in zip(losses["one"], losses[name])) < 1e-5
+
+
+def test_lora_classifier_checkpoint_loads_with_its_head(base, tmp_path):
+    train_file = _write(tmp_path / "train.jsonl", _sentiment(300, 0))
+    summary, _ = _run(base, tmp_path, "classify", train_file, max_steps=60, lora_r=8, lora_targets=["q", "v"])
+    model = load_model(summary["checkpoint"])  # adapters merged into the base, plus the trained head
+    assert isinstance(model, SequenceClassifier) and model.labels == ["negative", "positive"]
+    from lmstack.checkpoints import load_tokenizer
+
+    records = _sentiment(60, 1)
+    predicted = predict_labels(model, load_tokenizer(summary["checkpoint"]), [r["text"] for r in records])
+    assert sum(p == r["label"] for p, r in zip(predicted, records)) / len(records) >= 0.85
+
+
+def test_reference_under_lora_is_deterministic_and_adapter_free(base):
+    from lmstack.train.lora import apply_lora
+    from lmstack.train.tasks import Task, reference_token_logprobs
+
+    model = load_model(base, dtype=torch.float32)
+    for m in model.modules():  # a model that trains with dropout
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.5
+    plain = load_model(base, dtype=torch.float32).eval()
+    apply_lora(model, r=4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.1)  # adapters that change the output
+    model.train()
+    task = Task(tokenizer=None, seed=0)
+    task.policy = task.reference = model
+    ids = torch.tensor([[5, 17, 42, 9, 77, 3]])
+    labels = torch.tensor([[17, 42, 9, 77, 3, -100]])
+    first, second = reference_token_logprobs(task, ids, labels), reference_token_logprobs(task, ids, labels)
+    assert torch.equal(first, second) and model.training  # no dropout in the reference; mode restored
+    from lmstack.train.preference import token_logprobs
+
+    with torch.no_grad():
+        assert torch.allclose(first, token_logprobs(plain, ids, labels), atol=1e-5)
+
+
+def test_bad_finetuning_settings_are_named(base, tmp_path):
+    from lmstack.errors import LMStackError
+
+    with pytest.raises(LMStackError, match="group_size must be >= 2"):
+        load_config(None, ["--task", "grpo", "--group_size", "1"])
+    data = _write(tmp_path / "kto.jsonl", [{"prompt": "a", "completion": "b", "label": "false"}])
+    with pytest.raises(LMStackError, match=r"kto.jsonl:1: a KTO 'label' is true"):
+        _run(base, tmp_path, "kto", data)
+    sft = _write(tmp_path / "sft.jsonl", _chats(10))
+    with pytest.raises(LMStackError, match="model_overrides"):
+        _run(base, tmp_path, "sft", sft, **{"model.dropout": 0.1})

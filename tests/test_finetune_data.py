@@ -143,3 +143,13 @@ def test_padded_batch_loss_equals_per_example_loss(tok):
 
 def _pc(tok, prompt, completion):
     return render_record({"prompt": prompt, "completion": completion}, tok)
+
+
+def test_preference_completion_stops_at_the_end_of_turn(tok):
+    from lmstack.train.tasks import _prompt_completion
+
+    prompt, completion = _prompt_completion(tok, [{"role": "user", "content": "Two plus two?"}], "It is four.", "x")
+    assert tok.decode(completion) == "It is four.<|im_end|>"  # not the template's newline after it
+    assert tok.decode(prompt).endswith("<|im_start|>assistant\n")
+    prompt, completion = _prompt_completion(tok, "Two plus two is", " four.", "x")
+    assert tok.decode(completion) == " four.<|im_end|>"

@@ -48,7 +48,8 @@ def load_model(
 
 def load_adapter_model(path: str | os.PathLike, dtype: torch.dtype | None = None,
                        device: torch.device | str | None = None) -> DecoderLM:
-    """A PEFT LoRA adapter directory applied to its base model (`base_model_name_or_path`), merged."""
+    """A PEFT LoRA adapter directory applied to its base model (`base_model_name_or_path`), merged (with
+    its classification head, if it was trained as one)."""
     import json
 
     from lmstack.train.lora import load_peft, merge_and_unload
@@ -60,6 +61,10 @@ def load_adapter_model(path: str | os.PathLike, dtype: torch.dtype | None = None
                            "model and apply the adapter with lmstack.train.lora.load_peft")
     model = load_model(base, dtype=torch.float32, device=device)
     merge_and_unload(load_peft(model, path))
+    from lmstack.models.classifier import HEAD_FILE, attach_head
+
+    if (Path(path) / HEAD_FILE).exists():  # a classifier or reward model trained with LoRA
+        model = attach_head(model, path).eval()
     return model.to(dtype) if dtype is not None else model
 
 

@@ -8,6 +8,7 @@ checkpoint layout is Hugging Face's: the decoder's tensors under `model.*` (GPT-
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -218,3 +219,38 @@ def load_classifier(
     model.load_state_dict(state, strict=True, assign=True)
     model.model.init_buffers(device or "cpu")
     return model.eval()
+
+
+HEAD_FILE = "classifier_head.safetensors"  # a LoRA-trained classifier's head, beside its adapters
+
+
+def save_head(model: SequenceClassifier, path: str | os.PathLike) -> Path:
+    """Write the head of a classifier whose body is saved as LoRA adapters: `score.weight`, with the label
+    names and pad id in the file's metadata."""
+    from safetensors.torch import save_file
+
+    out = Path(path) / HEAD_FILE
+    save_file({"score.weight": model.score.weight.detach().cpu().contiguous()}, str(out),
+              metadata={"labels": json.dumps(model.labels), "pad_token_id": json.dumps(model.pad_token_id)})
+    return out
+
+
+def read_head(path: str | os.PathLike) -> tuple[torch.Tensor, list[str], int | None]:
+    """(score.weight, labels, pad_token_id) from `save_head`'s file in directory `path`."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(path) / HEAD_FILE), framework="pt") as f:
+        meta = f.metadata() or {}
+        return f.get_tensor("score.weight"), json.loads(meta["labels"]), json.loads(meta.get("pad_token_id", "null"))
+
+
+def attach_head(decoder: DecoderLM, path: str | os.PathLike) -> SequenceClassifier:
+    """The classifier made of `decoder` and the head saved in directory `path`."""
+    weight, labels, pad = read_head(path)
+    model = SequenceClassifier.from_decoder(decoder, labels, pad)
+    if weight.shape != model.score.weight.shape:
+        raise LMStackError(f"{Path(path) / HEAD_FILE}: score.weight has shape {list(weight.shape)}, the model "
+                           f"needs {list(model.score.weight.shape)}")
+    with torch.no_grad():
+        model.score.weight.copy_(weight)
+    return model

@@ -93,6 +93,9 @@ class TrainConfig:
             raise LMStackError(f"task {self.task!r} is not one of {', '.join(TASKS)}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise LMStackError(f"precision {self.precision!r} is not one of auto, fp32, bf16, fp16")
+        if self.task == "grpo" and self.group_size < 2:
+            raise LMStackError(f"group_size must be >= 2 for GRPO (advantages compare a group's completions), "
+                               f"got {self.group_size}")
         if self.distributed not in ("ddp", "fsdp"):
             raise LMStackError(f"distributed {self.distributed!r} is not ddp or fsdp")
         if self.init_from not in ("scratch", "checkpoint"):

@@ -24,13 +24,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 
 from lmstack.checkpoints import load_model, load_tokenizer, save_model
 from lmstack.data.shards import TokenShards
 from lmstack.errors import LMStackError
 from lmstack.models import active_params, build_model, flops_per_token
-from lmstack.models.classifier import SequenceClassifier, load_classifier, save_classifier
+from lmstack.models.classifier import (
+    SequenceClassifier,
+    load_classifier,
+    read_head,
+    save_classifier,
+    save_head,
+)
 from lmstack.train import checkpoint as ckpt
 from lmstack.train.config import TrainConfig, config_differences
 from lmstack.train.metrics import MetricsLog, peak_flops, plot_losses, read_metrics
@@ -170,14 +175,21 @@ def build_policy(cfg: TrainConfig, task: Task) -> torch.nn.Module:
         else:
             model = build_model(cfg.model_config(vocab_size=task.vocab_size))
     else:
+        if cfg.model_overrides:
+            raise LMStackError(f"model_overrides ({', '.join(cfg.model_overrides)}) apply when a model is built; "
+                               f"task {cfg.task} starts from the checkpoint {cfg.model} as it is")
         model = load_model(cfg.model, dtype=torch.float32)
         if cfg.task in ("classify", "reward"):
             labels = task.labels if cfg.task == "classify" else ["score"]
-            model = SequenceClassifier.from_decoder(model, labels, task.pad_id)
+            model = SequenceClassifier.from_decoder(model, labels, task.tokenizer.pad_token_id)
     if cfg.lora_r:
+        # Adapters go on the decoder; a classifier's new head stays outside them and trains in full.
+        from lmstack.checkpoints.hf import family_of
         from lmstack.train.lora import apply_lora, prepare_qlora
 
-        # Adapters go on the decoder; a classifier's new head stays outside them and trains in full.
+        if family_of(decoder_of(model).config) in ("gpt2", "phi3") or decoder_of(model).config.n_expert:
+            raise LMStackError("LoRA checkpoints are PEFT adapters, which need separate q/k/v and gate/up/down "
+                               "projections without experts: GPT-2, Phi-3 and mixtures of experts train in full")
         wrap = prepare_qlora if cfg.qlora else apply_lora
         wrap(decoder_of(model), r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
              targets=cfg.lora_targets)
@@ -197,15 +209,12 @@ def save_weights(model: torch.nn.Module, path: Path, cfg: TrainConfig, tokenizer
 
         save_peft(decoder_of(model), path, base_model_name_or_path=str(Path(cfg.model).resolve()))
         if isinstance(model, SequenceClassifier):
-            save_file({"score.weight": model.score.weight.detach().cpu().contiguous()}, str(path / HEAD_FILE))
+            save_head(model, path)
         tokenizer.save(path)
     elif isinstance(model, SequenceClassifier):
         save_classifier(model, path, tokenizer=tokenizer)
     else:
         save_model(model, path, tokenizer=tokenizer)
-
-
-HEAD_FILE = "classifier_head.safetensors"  # a LoRA classifier's trained head, beside its adapters
 
 
 def restore_weights(model: torch.nn.Module, path: Path, cfg: TrainConfig) -> None:
@@ -216,7 +225,7 @@ def restore_weights(model: torch.nn.Module, path: Path, cfg: TrainConfig) -> Non
         load_adapter_weights(decoder_of(model), path)
         if isinstance(model, SequenceClassifier):
             with torch.no_grad():
-                model.score.weight.copy_(load_file(str(path / HEAD_FILE))["score.weight"])
+                model.score.weight.copy_(read_head(path)[0])
     elif isinstance(model, SequenceClassifier):
         model.load_state_dict(load_classifier(path, dtype=torch.float32).state_dict())
     else:
@@ -254,9 +263,9 @@ train = pretrain
 def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
     run_dir = Path(cfg.out_dir)
     fsdp = rt.distributed and cfg.distributed == "fsdp"
-    if fsdp and (cfg.lora_r or cfg.task in ("classify", "reward")):
-        raise LMStackError("distributed: fsdp supports full finetuning of language models; use ddp with LoRA "
-                           "or classification heads")
+    if fsdp and (cfg.lora_r or cfg.task in ("classify", "reward", "grpo")):
+        raise LMStackError("distributed: fsdp supports full finetuning of language models (not GRPO's sampling); "
+                           "use ddp with LoRA, classification heads or GRPO")
     start_step, state, resume_from = 0, {}, None
     if resume:
         resume_from = ckpt.latest_checkpoint(run_dir)
@@ -288,8 +297,8 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
     raw_model = model
     task.policy = raw_model
     if cfg.task in NEEDS_REFERENCE and cfg.beta:
-        # Under LoRA the reference is the base model itself, with the adapters switched off: no copy.
-        task.reference = raw_model if cfg.lora_r else \
+        # Under LoRA the default reference is the base model itself, with the adapters switched off: no copy.
+        task.reference = raw_model if cfg.lora_r and not cfg.reference else \
             load_model(cfg.reference or cfg.model, dtype=torch.float32).to(rt.device).eval().requires_grad_(False)
     if fsdp:
         from torch.distributed.fsdp import fully_shard

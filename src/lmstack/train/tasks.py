@@ -260,7 +260,8 @@ def _prompt_completion(tokenizer: Tokenizer, prompt: Any, completion: Any, where
         raise LMStackError(f"{where}: 'prompt' must be text or a list of messages and the completion text")
     ids, trained = prompt_completion_ids(tokenizer, prompt, completion, where)
     k = trained.index(True)
-    return ids[:k], ids[k:]
+    end = len(trained) - trained[::-1].index(True)  # what the template adds after the turn is not the answer
+    return ids[:k], ids[k:end]
 
 
 def _completion_batch(pairs: list[tuple[list[int], list[int]]], block_size: int, pad_id: int
@@ -297,8 +298,10 @@ class PreferenceTask(Task):
             if self.name == "kto":
                 if not {"prompt", "completion", "label"} <= set(r):
                     raise LMStackError(f"{where}: a KTO record needs 'prompt', 'completion' and 'label'")
+                if not isinstance(r["label"], bool):
+                    raise LMStackError(f"{where}: a KTO 'label' is true (desirable) or false, got {r['label']!r}")
                 records.append((*_prompt_completion(self.tokenizer, r["prompt"], r["completion"], where),
-                                bool(r["label"])))
+                                r["label"]))
             else:
                 if not {"prompt", "chosen", "rejected"} <= set(r):
                     raise LMStackError(f"{where}: a preference record needs 'prompt', 'chosen' and 'rejected'")
@@ -374,11 +377,15 @@ def reference_token_logprobs(task: Task, ids: torch.Tensor, labels: torch.Tensor
     with torch.no_grad():
         if task.reference is not task.policy:
             return token_logprobs(task.reference, ids, labels)
+        # The base is the policy with its adapters off, and in eval mode: a reference is deterministic.
+        was_training = task.policy.training
         set_adapters_enabled(task.policy, False)
+        task.policy.eval()
         try:
             return token_logprobs(task.policy, ids, labels)
         finally:
             set_adapters_enabled(task.policy, True)
+            task.policy.train(was_training)
 
 
 # ---------------------------------------------------------------------------------------------- GRPO
