@@ -351,18 +351,25 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
         with torch.no_grad():
             for i in range(task.eval_batches(rows, cfg.eval_batches)):
                 items = task.eval_items(i, rows)[rt.rank * cfg.batch_size:][:cfg.batch_size]
+                # A process left without items by a short last batch scores one with weight 0, so every
+                # process reduces the same metrics.
+                empty = len(items) == 0
+                if empty:
+                    items = task.eval_items(0, rows)[:1]
                 batch = _to_device(task.collate("val", items), rt.device)
+                weight = 0.0 if empty else float(task.weight(batch, items))  # a mean over tokens for SFT
                 with _autocast(rt.device, precision):
                     loss, metrics = task.loss(forward, batch)
-                for name, value in {"loss": loss, **metrics, "batches": torch.ones(())}.items():
-                    totals[name] = totals.get(name, 0) + value.detach().float().to(rt.device)
+                for name, value in {"loss": loss, **metrics}.items():
+                    totals[name] = totals.get(name, 0) + value.detach().float().to(rt.device) * weight
+                totals["weight"] = totals.get("weight", 0) + torch.tensor(weight, device=rt.device)
         names = sorted(totals)
         stacked = torch.stack([totals[n] for n in names])
         if rt.distributed:
             dist.all_reduce(stacked)
         model.train()
-        means = dict(zip(names, (stacked / stacked[names.index("batches")]).tolist()))
-        means.pop("batches")
+        means = dict(zip(names, (stacked / stacked[names.index("weight")]).tolist()))
+        means.pop("weight")
         return means
 
     def log_eval(step: int) -> float:

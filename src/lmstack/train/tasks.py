@@ -100,8 +100,9 @@ class Task:
         return epoch_order(self.seed, stream, count, self.size(split))
 
     def eval_items(self, batch: int, count: int) -> np.ndarray:
-        """Items of validation batch `batch`: the validation set in a fixed order."""
-        return epoch_order(self.seed, batch, count, self.size("val"))
+        """Items of validation batch `batch`: the validation set in order, each item once (the last batch
+        may be short)."""
+        return np.arange(batch * count, min((batch + 1) * count, self.size("val")))
 
     def eval_batches(self, rows: int, limit: int) -> int:
         """How many validation batches of `rows` to run: enough to cover the set once, at most `limit`."""
