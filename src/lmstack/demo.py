@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import shutil
 import sys
 import time
@@ -77,11 +78,17 @@ def main() -> int:
         print(f"[5] SmolLM2-135M-Instruct from GGUF ({time.time() - t0:.1f}s): Q: What is the capital of "
               f"France? A: {answer!r}")
         lmstack.save_model(smol, OUT / "smollm2-135m-instruct", tokenizer=smol_tok)
+        # transformers may import optional kernels (torchao's) that have nothing to do with this check and log
+        # about them; keep the demo's output to what it shows.
+        for noisy in ("torchao", "torch.utils._pytree", "transformers"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
         try:
             from transformers import AutoModelForCausalLM
+            from transformers.utils import logging as hf_logging
         except ImportError:
             print("    (install transformers to cross-check the converted checkpoint)")
         else:
+            hf_logging.disable_progress_bar()
             hf = AutoModelForCausalLM.from_pretrained(OUT / "smollm2-135m-instruct").eval()
             ids = torch.tensor([prompt_ids])
             with torch.no_grad():
