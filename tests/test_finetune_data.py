@@ -153,3 +153,24 @@ def test_preference_completion_stops_at_the_end_of_turn(tok):
     assert tok.decode(prompt).endswith("<|im_start|>assistant\n")
     prompt, completion = _prompt_completion(tok, "Two plus two is", " four.", "x")
     assert tok.decode(completion) == " four.<|im_end|>"
+
+
+def test_end_of_turn_is_found_from_the_template_and_stops_generation(tok):
+    from lmstack.data.finetune import end_of_turn_id
+    from lmstack.generate import Engine, SamplingParams
+
+    eot = tok.token_to_id("<|im_end|>")
+    assert end_of_turn_id(tok) == eot
+    bare = Tokenizer(tok.backend, eos_token="<|endoftext|>")  # no template: nothing to stop at
+    assert end_of_turn_id(bare) is None
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_name("tiny-llama", vocab_size=len(tok), block_size=32)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[eot] = 0  # a head that always prefers <|im_end|>: every logit 0 but its bias
+        model.lm_head.bias = torch.nn.Parameter(torch.zeros(len(tok)))
+        model.lm_head.bias[eot] = 10.0
+    out = Engine(model, tok).generate(["Hello"], SamplingParams(temperature=0, max_new_tokens=5,
+                                                                stop_token_ids=[eot]))[0]
+    assert out.finish_reason == "stop" and out.stop_token_id == eot and out.token_ids == []

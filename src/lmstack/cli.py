@@ -191,11 +191,24 @@ def _load_engine(args: argparse.Namespace):
     return Engine(model, load_tokenizer(args.tokenizer or args.model), max_batch_size=max(1, args.n))
 
 
+def _stop_at_end_of_turn(params, tokenizer):
+    """Chat: also stop at the template's end of turn (ChatML's <|im_end|>) when it is not the eos token."""
+    from dataclasses import replace
+
+    from lmstack.data.finetune import end_of_turn_id
+
+    turn_end = end_of_turn_id(tokenizer)
+    if turn_end is None or turn_end == tokenizer.eos_token_id or turn_end in params.stop_token_ids:
+        return params
+    return replace(params, stop_token_ids=[*params.stop_token_ids, turn_end])
+
+
 def _generate(args: argparse.Namespace) -> None:
     params = _sampling_params(args)
     engine = _load_engine(args)
     prompt = args.prompt
     if args.chat:
+        params = _stop_at_end_of_turn(params, engine.tokenizer)
         prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                                       add_generation_prompt=True, tokenize=False)
     if args.speculative:
@@ -232,6 +245,7 @@ def _chat(args: argparse.Namespace) -> None:
     engine = _load_engine(args)
     if engine.tokenizer.chat_template is None:
         raise LMStackError(f"{args.model}: the tokenizer has no chat template")
+    params = _stop_at_end_of_turn(params, engine.tokenizer)
     system = args.system
     messages: list[dict[str, str]] = []
     interactive = sys.stdin.isatty()

@@ -121,6 +121,20 @@ def chat_segments(tokenizer: Tokenizer, messages: list[dict[str, Any]], where: s
     return segments
 
 
+def end_of_turn_id(tokenizer: Tokenizer, chat_template: str | None = None) -> int | None:
+    """The special token the chat template closes an assistant turn with (ChatML's `<|im_end|>`), which
+    generation should stop at; None without a template or when the turn ends in ordinary text."""
+    if (chat_template or tokenizer.chat_template) is None:
+        return None
+    messages = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "ok"}]
+    try:
+        turn = [text for text, trained in chat_segments(tokenizer, messages, "template", chat_template) if trained]
+    except LMStackError:
+        return None
+    ids = tokenizer.encode(turn[-1], add_special_tokens=False) if turn else []
+    return ids[-1] if ids and ids[-1] in tokenizer.special_ids else None
+
+
 def render_record(record: dict[str, Any], tokenizer: Tokenizer, where: str = "record",
                   chat_template: str | None = None) -> tuple[list[int], list[bool]]:
     """Token ids of an SFT record and which of them the model is trained to produce."""

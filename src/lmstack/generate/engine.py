@@ -33,6 +33,7 @@ class Completion:
     prompt_tokens: int
     logprobs: list[TokenLogprob] | None = None
     score: float | None = None  # beam search: summed log-probability / length ** length_penalty
+    stop_token_id: int | None = None  # the stop token that ended it (eos or one of stop_token_ids), not in token_ids
 
 
 @dataclass
@@ -44,6 +45,7 @@ class _Row:
     text: str = ""
     emitted: int = 0  # characters of `text` already streamed
     finish_reason: str | None = None
+    stop_token_id: int | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
@@ -261,7 +263,7 @@ class Engine:
                     continue
                 token = chosen_list[i]
                 if token in stop_ids or (constraint is not None and token == self.tokenizer.eos_token_id):
-                    r.finish_reason = "stop"
+                    r.finish_reason, r.stop_token_id = "stop", token
                     continue
                 r.tokens.append(token)
                 if constraint is not None and not constraint.advance(i, token):
@@ -313,7 +315,7 @@ class Engine:
             tokens = next((tokens[:k] for k in range(len(tokens) + 1)
                            if len(self.tokenizer.decode(tokens[:k])) >= len(row.text)), tokens)
         return Completion(text=row.text, token_ids=tokens, finish_reason=row.finish_reason or "length",
-                          prompt_tokens=len(row.prompt),
+                          prompt_tokens=len(row.prompt), stop_token_id=row.stop_token_id,
                           logprobs=row.logprobs[:len(tokens)] if params.logprobs is not None else None)
 
 

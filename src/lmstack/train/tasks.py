@@ -29,6 +29,7 @@ from lmstack.data.finetune import (
     Example,
     collate_packed,
     collate_padded,
+    end_of_turn_id,
     load_sft_examples,
     pack_examples,
     pad_right,
@@ -459,8 +460,10 @@ class GRPOTask(Task):
         was_training = model.training
         engine = Engine(model, self.tokenizer, max_batch_size=len(records) * self.group_size)
         prompts = [self.prompt_ids(r) for r in records]
+        # Chat prompts end their answer at the template's end of turn, which may not be the eos token.
+        turn_end = end_of_turn_id(self.tokenizer) if any(isinstance(r["prompt"], list) for r in records) else None
         params = SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                                n=self.group_size, seed=seed)
+                                n=self.group_size, seed=seed, stop_token_ids=[turn_end] if turn_end is not None else [])
         completions = engine.generate(prompts, params)
         model.clear_kv_cache()
         model.train(was_training)
@@ -476,13 +479,12 @@ class GRPOTask(Task):
         G = self.group_size
         grouped = rewards.view(-1, G)
         advantages = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).view(-1)
-        eos = self.tokenizer.eos_token_id
         pairs = []
         for i, c in enumerate(completions):
             tail = list(c.token_ids)
-            if c.finish_reason == "stop" and eos is not None and (not tail or tail[-1] != eos):
-                tail.append(eos)  # the model chose to stop: that choice is trained too
-            pairs.append((prompts[i // G], tail or [eos if eos is not None else self.pad_id]))
+            if c.stop_token_id is not None:
+                tail.append(c.stop_token_id)  # the model chose to stop: that choice is trained too
+            pairs.append((prompts[i // G], tail or [self.pad_id]))
         block = self.policy.config.block_size
         ids, labels = _completion_batch(pairs, block - 1, self.pad_id)
         device = next(self.policy.parameters()).device
