@@ -141,13 +141,9 @@ def render_record(record: dict[str, Any], tokenizer: Tokenizer, where: str = "re
     if "messages" in record:
         return _encode_segments(tokenizer, chat_segments(tokenizer, record["messages"], where, chat_template))
     if "instruction" in record:
-        if "output" not in record:
-            raise LMStackError(f"{where}: an instruction record needs an 'output'")
         prompt = alpaca_prompt(_text(record, "instruction", where), _text(record, "input", where, ""))
         return prompt_completion_ids(tokenizer, prompt, _text(record, "output", where))
     if "prompt" in record:
-        if "completion" not in record:
-            raise LMStackError(f"{where}: a prompt record needs a 'completion'")
         return prompt_completion_ids(tokenizer, _text(record, "prompt", where), _text(record, "completion", where))
     raise LMStackError(f"{where}: expected 'messages', 'instruction'/'output' or 'prompt'/'completion'; "
                        f"the record has {sorted(record)}")

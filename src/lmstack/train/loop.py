@@ -117,13 +117,11 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def _full_state(model: torch.nn.Module, rt: Runtime, fsdp: bool) -> dict[str, torch.Tensor] | None:
-    """The whole model's weights on the CPU of rank 0 (gathered from the shards under FSDP)."""
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def _gathered_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """An FSDP model's whole weights, gathered from the shards onto the CPU."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return model.state_dict() if rt.is_main else None
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def _full_optimizer_state(model, optimizer, rt: Runtime, fsdp: bool) -> Any:
@@ -184,12 +182,9 @@ def build_policy(cfg: TrainConfig, task: Task) -> torch.nn.Module:
             model = SequenceClassifier.from_decoder(model, labels, task.tokenizer.pad_token_id)
     if cfg.lora_r:
         # Adapters go on the decoder; a classifier's new head stays outside them and trains in full.
-        from lmstack.checkpoints.hf import family_of
-        from lmstack.train.lora import apply_lora, prepare_qlora
+        from lmstack.train.lora import apply_lora, check_peft_exportable, prepare_qlora
 
-        if family_of(decoder_of(model).config) in ("gpt2", "phi3") or decoder_of(model).config.n_expert:
-            raise LMStackError("LoRA checkpoints are PEFT adapters, which need separate q/k/v and gate/up/down "
-                               "projections without experts: GPT-2, Phi-3 and mixtures of experts train in full")
+        check_peft_exportable(decoder_of(model))  # LoRA checkpoints are PEFT adapters: fail now, not at a save
         wrap = prepare_qlora if cfg.qlora else apply_lora
         wrap(decoder_of(model), r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
              targets=cfg.lora_targets)
@@ -241,10 +236,9 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- the loop
 
 
-def pretrain(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
-    """Train (or continue training) the run in `cfg.out_dir`; returns a summary of the run. Despite the
-    name, any task: `cfg.task` picks pretraining, SFT, classification, a reward model, DPO and its
-    family, or GRPO."""
+def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
+    """Train (or continue training) the run in `cfg.out_dir`; returns a summary of the run. `cfg.task`
+    picks pretraining, SFT, classification, a reward model, DPO and its family, or GRPO."""
     rt = setup_runtime(cfg)
     try:
         return _train(cfg, resume, rt)
@@ -257,7 +251,7 @@ def pretrain(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
             dist.destroy_process_group()
 
 
-train = pretrain
+pretrain = train  # the name pretraining callers know
 
 
 def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
@@ -356,8 +350,9 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
                 empty = len(items) == 0
                 if empty:
                     items = task.eval_items(0, rows)[:1]
-                batch = _to_device(task.collate("val", items), rt.device)
-                weight = 0.0 if empty else float(task.weight(batch, items))  # a mean over tokens for SFT
+                batch = task.collate("val", items)
+                weight = 0.0 if empty else float(task.weight(batch, items))  # on the host, before the copy
+                batch = _to_device(batch, rt.device)
                 with _autocast(rt.device, precision):
                     loss, metrics = task.loss(forward, batch)
                 for name, value in {"loss": loss, **metrics}.items():
@@ -384,7 +379,7 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
 
     def save(step: int) -> Path | None:
         stage = ckpt.staging_dir(run_dir, step)
-        full = _full_state(model, rt, fsdp) if fsdp else None
+        full = _gathered_state(model) if fsdp else None
         optim = _full_optimizer_state(model, optimizer, rt, fsdp)
         if rt.is_main:
             if stage.exists():

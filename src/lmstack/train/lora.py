@@ -182,14 +182,21 @@ def _hf_key(name: str) -> str:
     return f"base_model.model.model.{block}.{group}.{HF_NAMES[leaf]}"
 
 
-def save_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
-    """Write the adapters in PEFT's format."""
+def check_peft_exportable(model: nn.Module) -> None:
+    """Raise unless adapters on `model` can be written in PEFT's format (checked before training, too)."""
     from lmstack.checkpoints.hf import family_of
 
-    if not getattr(model, "lora", None):
-        raise LMStackError("the model has no LoRA adapters (apply_lora first)")
     if family_of(model.config) in ("gpt2", "phi3"):
         raise LMStackError("PEFT export needs separate q/k/v and gate/up projections (GPT-2 and Phi-3 fuse them)")
+    if model.config.n_expert:
+        raise LMStackError("PEFT export of mixture-of-experts layers is not supported")
+
+
+def save_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
+    """Write the adapters in PEFT's format."""
+    if not getattr(model, "lora", None):
+        raise LMStackError("the model has no LoRA adapters (apply_lora first)")
+    check_peft_exportable(model)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {}

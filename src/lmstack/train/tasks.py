@@ -26,13 +26,14 @@ import numpy as np
 import torch
 
 from lmstack.data.finetune import (
-    Example,
     collate_packed,
     collate_padded,
     end_of_turn_id,
     load_sft_examples,
     pack_examples,
     pad_right,
+    prompt_completion_ids,
+    to_example,
 )
 from lmstack.data.readers import read_jsonl
 from lmstack.errors import LMStackError
@@ -63,6 +64,12 @@ def epoch_order(seed: int, stream: int, count: int, n: int) -> np.ndarray:
         sel = k // n == epoch
         out[sel] = np.random.default_rng([seed, int(epoch)]).permutation(n)[k[sel] % n]
     return out
+
+
+def _shuffled_split(items: list, seed: int, val_fraction: float, val_items: list | None) -> tuple[list, list]:
+    """`_split_val` after a fixed shuffle, so neither the split nor the packing depends on the file's order."""
+    order = np.random.default_rng([seed, 1]).permutation(len(items))
+    return _split_val([items[i] for i in order], val_fraction, val_items)
 
 
 def _split_val(items: list, val_fraction: float, val_items: list | None) -> tuple[list, list]:
@@ -122,10 +129,6 @@ class Task:
         return len(items)
 
 
-def _label_count(batch: dict[str, Any]) -> int:
-    return int((batch["labels"] != -100).sum())
-
-
 # ---------------------------------------------------------------------------------------------- pretraining
 
 
@@ -157,8 +160,8 @@ class PretrainTask(Task):
         rows = torch.from_numpy(np.stack([data[o:o + self.block_size + 1] for o in items]).astype(np.int64))
         return {"input_ids": rows[:, :-1], "labels": rows[:, 1:]}
 
-    def weight(self, batch, items):
-        return _label_count(batch)
+    def weight(self, batch, items):  # every position of a window is a target
+        return batch["labels"].numel()
 
     def loss(self, model, batch):
         _, loss = model(batch["input_ids"], batch["labels"])
@@ -178,9 +181,7 @@ class SFTTask(Task):
         super().__init__(tokenizer, seed)
         train, self.stats = load_sft_examples(data, tokenizer, block_size, chat_template)
         val = load_sft_examples(val_data, tokenizer, block_size, chat_template)[0] if val_data else None
-        # A fixed shuffle before the split and the packing, so neither depends on the file's order.
-        order = np.random.default_rng([seed, 1]).permutation(len(train))
-        train, val = _split_val([train[i] for i in order], val_fraction, val)
+        train, val = _shuffled_split(train, seed, val_fraction, val)
         self.block_size, self.packing = block_size, packing
         self.data = {"train": pack_examples(train, block_size) if packing else train,
                      "val": pack_examples(val, block_size) if packing else val}
@@ -192,7 +193,7 @@ class SFTTask(Task):
         return collate_padded(rows, self.pad_id)
 
     def weight(self, batch, items):  # token-level loss: each trained token counts once in the step
-        return _label_count(batch)
+        return int((batch["labels"] != -100).sum())
 
     def loss(self, model, batch):
         extra = {k: batch[k] for k in ("position_ids", "document_ids") if k in batch}
@@ -237,8 +238,7 @@ class ClassifyTask(Task):
 
         train = encode(texts, names)
         val = encode(*read_classification(val_data, self.labels)) if val_data else None
-        order = np.random.default_rng([seed, 1]).permutation(len(train))
-        train, val = _split_val([train[i] for i in order], val_fraction, val)
+        train, val = _shuffled_split(train, seed, val_fraction, val)
         self.data = {"train": train, "val": val}
 
     def collate(self, split, items):
@@ -256,8 +256,6 @@ class ClassifyTask(Task):
 
 def _prompt_completion(tokenizer: Tokenizer, prompt: Any, completion: Any, where: str) -> tuple[list[int], list[int]]:
     """(prompt ids, completion ids): the completion is everything from the first trained token on."""
-    from lmstack.data.finetune import prompt_completion_ids
-
     if not isinstance(prompt, (str, list)) or not isinstance(completion, str):
         raise LMStackError(f"{where}: 'prompt' must be text or a list of messages and the completion text")
     ids, trained = prompt_completion_ids(tokenizer, prompt, completion, where)
@@ -274,8 +272,7 @@ def _completion_batch(pairs: list[tuple[list[int], list[int]]], block_size: int,
     for prompt, completion in pairs:
         ids = (prompt + completion)[-(block_size + 1):]
         n_completion = min(len(completion), len(ids) - 1)
-        trained = [False] * (len(ids) - n_completion) + [True] * n_completion
-        examples.append(Example(ids[:-1], [t if f else -100 for t, f in zip(ids[1:], trained[1:])]))
+        examples.append(to_example(ids, [False] * (len(ids) - n_completion) + [True] * n_completion))
     batch = collate_padded(examples, pad_id)
     return batch["input_ids"], batch["labels"]
 
@@ -288,9 +285,8 @@ class PreferenceTask(Task):
                  block_size: int, beta: float, val_fraction: float = 0.05, **options: float) -> None:
         super().__init__(tokenizer, seed)
         self.name, self.block_size, self.beta, self.options = name, block_size, beta, options
-        train = self._read(data)
-        order = np.random.default_rng([seed, 1]).permutation(len(train))
-        train, val = _split_val([train[i] for i in order], val_fraction, self._read(val_data) if val_data else None)
+        train, val = _shuffled_split(self._read(data), seed, val_fraction,
+                                     self._read(val_data) if val_data else None)
         self.data = {"train": train, "val": val}
 
     def _read(self, path: str) -> list[tuple]:
@@ -348,10 +344,8 @@ class PreferenceTask(Task):
                                        **self.options), {"kl": kl}
         chosen, rejected = total.chunk(2)
         chosen_mean, rejected_mean = mean.chunk(2)
-        if self.name == "orpo":
-            n_tokens = (labels[: len(chosen)] != -100).sum(-1).clamp(min=1)
-            nll = -chosen / n_tokens
-            loss = preference.orpo_loss(chosen_mean, rejected_mean, nll, lam=self.beta)
+        if self.name == "orpo":  # the SFT term is the chosen answers' per-token NLL
+            loss = preference.orpo_loss(chosen_mean, rejected_mean, -chosen_mean, lam=self.beta)
             return loss, {"accuracy": (chosen_mean > rejected_mean).float().mean()}
         if self.name == "simpo":
             loss = preference.simpo_loss(chosen_mean, rejected_mean, beta=self.beta, **self.options)
@@ -431,6 +425,9 @@ class GRPOTask(Task):
         train = self._read(data)
         train, val = _split_val(train, val_fraction, self._read(val_data) if val_data else None)
         self.data = {"train": train, "val": val}
+        # Chat prompts end their answer at the template's end of turn, which may not be the eos token.
+        chat = any(isinstance(r["prompt"], list) for r in train + val)
+        self.turn_end = end_of_turn_id(tokenizer) if chat else None
 
     def _read(self, path: str) -> list[dict[str, Any]]:
         records = []
@@ -460,10 +457,9 @@ class GRPOTask(Task):
         was_training = model.training
         engine = Engine(model, self.tokenizer, max_batch_size=len(records) * self.group_size)
         prompts = [self.prompt_ids(r) for r in records]
-        # Chat prompts end their answer at the template's end of turn, which may not be the eos token.
-        turn_end = end_of_turn_id(self.tokenizer) if any(isinstance(r["prompt"], list) for r in records) else None
         params = SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                                n=self.group_size, seed=seed, stop_token_ids=[turn_end] if turn_end is not None else [])
+                                n=self.group_size, seed=seed,
+                                stop_token_ids=[self.turn_end] if self.turn_end is not None else [])
         completions = engine.generate(prompts, params)
         model.clear_kv_cache()
         model.train(was_training)
