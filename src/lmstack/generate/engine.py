@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lmstack.errors import LMStackError
+from lmstack.generate.packed_linear import PackedLinears
 from lmstack.generate.sampling import SamplingParams, process_logits, sample_from
 from lmstack.models.decoder import DecoderLM
 from lmstack.tokenizer import Tokenizer
@@ -52,19 +53,19 @@ class _Row:
 class Engine:
     """Generates with one model and tokenizer; the KV cache is allocated once and reused across calls.
 
-    The engine puts the model in eval mode and, on the CPU, re-lays out its float32 linear weights for
-    matrix-vector speed (same values and shapes; see `transpose_linear_storage`)."""
+    The engine puts the model in eval mode. On the CPU it runs float32 linear layers through oneDNN-packed
+    copies of their weights (`PackedLinears`: faster than PyTorch's default BLAS, at the cost of a second
+    copy of those weights; `pack_weights=False` turns it off)."""
 
     def __init__(self, model: DecoderLM, tokenizer: Tokenizer, max_batch_size: int = 8,
-                 max_seq_len: int | None = None, compile: bool = False) -> None:
+                 max_seq_len: int | None = None, compile: bool = False, pack_weights: bool = True) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_seq_len = min(max_seq_len or model.config.block_size, model.config.block_size)
         self.device = model.embed.weight.device
         self._cache_batch = 0
-        if self.device.type == "cpu":
-            transpose_linear_storage(model)
+        self._packed = PackedLinears(model, enabled=pack_weights and self.device.type == "cpu")
         # The decode step always sees the same shapes (one token per sequence, the whole cache), so it
         # compiles once; on a GPU, mode="reduce-overhead" also captures it in a CUDA graph.
         self._decode = self._decode_step
@@ -77,6 +78,10 @@ class Engine:
         return self.model(feed, input_pos=slot, position_ids=positions, key_padding=key_padding,
                           last_only=True, kv_len=kv_len)[:, -1]
 
+    def _forward(self, *args, **kwargs) -> torch.Tensor:
+        """The model's next-token logits [B, V] at the last position."""
+        with self._packed.swapped_in():
+            return self.model(*args, last_only=True, **kwargs)[:, -1]
 
     # ------------------------------------------------------------------------------------------ public
 
@@ -122,8 +127,7 @@ class Engine:
         steps = min(max_new_tokens, self.max_seq_len - L)
         eos = self._stop_ids(params)
         self._ensure_cache(K)
-        logits = self.model(torch.tensor([ids], device=dev), input_pos=torch.arange(L, device=dev),
-                            last_only=True, kv_len=L)[:, -1]
+        logits = self._forward(torch.tensor([ids], device=dev), input_pos=torch.arange(L, device=dev), kv_len=L)
         self.model.reorder_kv_cache(torch.zeros(K, dtype=torch.long, device=dev))  # every beam starts there
         running: list[tuple[list[int], float]] = [([], 0.0)]
         finished: list[tuple[float, list[int], float]] = []  # (penalised score, tokens, summed logprob)
@@ -151,7 +155,7 @@ class Engine:
             running = next_running
             self.model.reorder_kv_cache(torch.tensor(origins, device=dev))
             feed = torch.tensor([[t[-1]] for t, _ in running], device=dev)
-            logits = self.model(feed, input_pos=torch.tensor([L + step], device=dev), kv_len=L + step + 1)[:, -1]
+            logits = self._forward(feed, input_pos=torch.tensor([L + step], device=dev), kv_len=L + step + 1)
         out = []
         for score, tokens, _ in finished[:num_return_sequences]:
             tokens = [t for t in tokens if t not in eos]
@@ -241,8 +245,7 @@ class Engine:
 
         slots = torch.arange(L, device=dev)
         positions = (slots[None, :] - pads[:, None]).clamp(min=0)
-        logits = self.model(ids, input_pos=slots, position_ids=positions, key_padding=key_padding,
-                            last_only=True, kv_len=L)[:, -1]
+        logits = self._forward(ids, input_pos=slots, position_ids=positions, key_padding=key_padding, kv_len=L)
         for step in range(steps):
             active = [r.finish_reason is None for r in rows]
             histories = [r.prompt + r.tokens for r in rows] if params.no_repeat_ngram_size else None
@@ -292,7 +295,8 @@ class Engine:
                 constraint.start_masks([r.finish_reason is None for r in rows])
             slot = torch.tensor([L + step], device=dev)
             kv_len = None if self._decode is not self._decode_step else L + step + 1  # static when compiled
-            logits = self._decode(feed, slot, (slot - pads)[:, None], key_padding, kv_len)
+            with self._packed.swapped_in():
+                logits = self._decode(feed, slot, (slot - pads)[:, None], key_padding, kv_len)
 
     def _safe_delta(self, row: _Row, params: SamplingParams) -> str:
         """New text that can be shown now: not a partial UTF-8 character, not a possible stop-string start."""
@@ -317,20 +321,6 @@ class Engine:
         return Completion(text=row.text, token_ids=tokens, finish_reason=row.finish_reason or "length",
                           prompt_tokens=len(row.prompt), stop_token_id=row.stop_token_id,
                           logprobs=row.logprobs[:len(tokens)] if params.logprobs is not None else None)
-
-
-@torch.no_grad()
-def transpose_linear_storage(model: torch.nn.Module) -> None:
-    """Store every linear weight as the transpose of an [in, out] matrix (same values, same shape).
-
-    At batch 1 a decoding step is one matrix-vector product per weight, and on the CPU the BLAS reads an
-    [in, out] operand about 1.6x faster than nn.Linear's [out, in] in float32 (bench/decode.py); bf16 weights
-    are faster as they are, so they are left alone. Idempotent.
-    """
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and module.weight.is_contiguous() and \
-                module.weight.dtype == torch.float32:
-            module.weight.data = module.weight.data.t().contiguous().t()
 
 
 def _params(params: SamplingParams | None, overrides: dict) -> SamplingParams:

@@ -16,6 +16,7 @@ import torch
 
 from lmstack.errors import LMStackError
 from lmstack.generate.engine import Completion
+from lmstack.generate.packed_linear import PackedLinears
 from lmstack.generate.sampling import SamplingParams, process_logits
 from lmstack.models.decoder import DecoderLM
 from lmstack.tokenizer import Tokenizer
@@ -96,14 +97,16 @@ def speculative_generate(
     models = [target] if lookup else [target, draft]
     for m in models:
         m.eval().setup_kv_cache(1, total, device=device)
+    packed = {id(m): PackedLinears(m, enabled=device.type == "cpu") for m in models}
     stats = SpeculativeStats()
     tokens = list(ids)
     try:
         # Prefill: the target holds every token but the last; so does the draft.
         def run(model: DecoderLM, new: list[int], start: int) -> torch.Tensor:
             x = torch.tensor([new], device=device)
-            return model(x, input_pos=torch.arange(start, start + len(new), device=device),
-                         kv_len=start + len(new))[0]
+            with packed[id(model)].swapped_in():
+                return model(x, input_pos=torch.arange(start, start + len(new), device=device),
+                             kv_len=start + len(new))[0]
 
         if len(tokens) > 1:
             for m in models:
