@@ -19,6 +19,7 @@ import torch
 
 import lmstack
 from lmstack.models import active_params, flops_per_token
+from lmstack.train.loop import compute_context
 from lmstack.train.metrics import peak_flops
 
 SHAPES = {
@@ -76,14 +77,17 @@ def main() -> None:
     tokens = args.batch * args.seq
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16"
                 else contextlib.nullcontext())
+    # lmstack's training loop computes in `compute_context`: autocast, or float32 linear layers through oneDNN
+    # on the CPU. transformers runs PyTorch's defaults.
+    ours_context = compute_context(device, args.precision)
     flops = flops_per_token(cfg, active_params(ours), args.seq)
     peak = peak_flops(device, args.precision)
 
-    def trainer(model, loss_of):
+    def trainer(model, loss_of, context):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
 
         def step():
-            with autocast:
+            with context:
                 loss = loss_of(model)
             loss.backward()
             opt.step()
@@ -97,8 +101,8 @@ def main() -> None:
     if args.compile:
         variants.append(("compiled", torch.compile))
     for label, wrap in variants:
-        seconds = time_steps({"lmstack": trainer(wrap(ours), lambda m: m(ids, ids)[1]),
-                              "transformers": trainer(wrap(theirs), lambda m: m(ids, labels=ids).loss)},
+        seconds = time_steps({"lmstack": trainer(wrap(ours), lambda m: m(ids, ids)[1], ours_context),
+                              "transformers": trainer(wrap(theirs), lambda m: m(ids, labels=ids).loss, autocast)},
                              device, args.warmup, args.repeat)
         results = {}
         for who, s in seconds.items():

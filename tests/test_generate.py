@@ -15,7 +15,6 @@ from transformers.generation.logits_process import (
 
 import lmstack
 from lmstack import Engine, LMStackError, SamplingParams
-from lmstack.generate.packed_linear import PackedLinear, PackedLinears, onednn_available
 from lmstack.generate.sampling import (
     apply_frequency_presence,
     apply_min_p,
@@ -279,50 +278,6 @@ def test_cli_generate_and_chat(tmp_path, monkeypatch, capsys):
     assert replies[0] == replies[2]  # after /reset the same question gets the same (greedy) answer
     assert main(["generate", "x", "--model", str(tmp_path), "--temperature", "-1"]) == 1
     assert "temperature=-1.0: must be >= 0" in capsys.readouterr().err
-
-
-needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this PyTorch has no usable oneDNN")
-
-
-@needs_onednn
-def test_packed_linears_compute_the_same_and_leave_the_model_alone():
-    torch.manual_seed(0)
-    model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", bias="all")).eval()
-    ids = torch.randint(0, 256, (2, 9))
-    packed = PackedLinears(model)
-    assert len(packed.slots) == 7 * model.config.n_layer + 1  # q k v o gate up down per block, and the head
-    with torch.no_grad():
-        before = model(ids)
-        with packed.swapped_in():
-            assert isinstance(model.layers[0].attn.q, PackedLinear)
-            inside = model(ids)
-        assert type(model.layers[0].attn.q) is torch.nn.Linear
-        assert torch.allclose(before, inside, atol=1e-5)
-        with pytest.raises(IndexError), packed.swapped_in():
-            model(torch.full((1, 3), 10**6))  # an out-of-range token id fails inside the pass
-        assert type(model.lm_head) is torch.nn.Linear  # restored after an error too
-
-        # An in-place update (an optimizer step) is seen by the next pass: that layer alone is repacked.
-        q = next(i for i, (_, _, linear) in enumerate(packed.slots) if linear is model.layers[0].attn.q)
-        old_q, old_k = packed.packed[q], packed.packed[q + 1]
-        model.layers[0].attn.q.weight.mul_(2)
-        with packed.swapped_in():
-            changed = model(ids)
-        assert packed.packed[q] is not old_q and packed.packed[q + 1] is old_k
-        assert torch.allclose(changed, model(ids), atol=1e-5) and not torch.allclose(changed, before, atol=1e-3)
-
-
-@needs_onednn
-def test_packed_linears_skip_layers_they_cannot_run():
-    from lmstack.train.lora import apply_lora
-
-    model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama"))
-    apply_lora(model, r=2, targets=("q", "v"))
-    model.layers[1].mlp.up.to(torch.bfloat16)
-    names = {name for _, name, _ in PackedLinears(model).slots}
-    assert "q" not in names and "v" not in names and "k" in names  # LoRA layers keep their forward
-    assert sum(linear is model.layers[1].mlp.up for _, _, linear in PackedLinears(model).slots) == 0
-    assert PackedLinears(model, enabled=False).slots == []
 
 
 def test_engine_tokens_do_not_depend_on_packing(tiny):

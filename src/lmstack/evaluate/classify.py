@@ -14,6 +14,7 @@ import torch
 from lmstack.data.finetune import pad_right
 from lmstack.errors import LMStackError
 from lmstack.models.classifier import SequenceClassifier
+from lmstack.onednn import onednn_linears
 from lmstack.tokenizer import Tokenizer
 
 DEFAULT_PROMPT = "{text}\nLabel: "
@@ -55,7 +56,7 @@ def _head_predictions(model: SequenceClassifier, tokenizer: Tokenizer, texts: Se
     for start in range(0, len(texts), batch_size):
         ids = [x[-block:] for x in tokenizer.encode_batch(list(texts[start:start + batch_size]))]
         batch, real = pad_right(ids, pad)
-        with torch.no_grad():
+        with torch.no_grad(), onednn_linears():
             logits = model(batch.to(device), key_padding=real.to(device))
         out += [model.labels[i] for i in logits.argmax(-1).tolist()]
     return out

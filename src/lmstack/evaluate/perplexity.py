@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from lmstack.errors import LMStackError
 from lmstack.models.decoder import DecoderLM
+from lmstack.onednn import onednn_linears
 from lmstack.tokenizer import Tokenizer
 
 
@@ -57,7 +58,8 @@ def perplexity(
     for begin in tqdm(starts, disable=not progress, desc="perplexity", unit="window"):
         end = min(begin + max_length, len(ids))
         window = ids_t[begin:end]
-        logits = model(window[None, :-1])[0].float()
+        with onednn_linears():  # float32 on the CPU: oneDNN's matmul (lmstack.onednn)
+            logits = model(window[None, :-1])[0].float()
         targets = window[1:].clone()
         fresh = end - max(prev_end, begin + 1)  # tokens not scored by an earlier window
         targets[: len(targets) - fresh] = -100

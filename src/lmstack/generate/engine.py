@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import torch
 
 from lmstack.errors import LMStackError
-from lmstack.generate.packed_linear import PackedLinears
 from lmstack.generate.sampling import SamplingParams, process_logits, sample_from
 from lmstack.models.decoder import DecoderLM
+from lmstack.onednn import PackedLinears
 from lmstack.tokenizer import Tokenizer
 
 

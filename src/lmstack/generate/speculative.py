@@ -16,9 +16,9 @@ import torch
 
 from lmstack.errors import LMStackError
 from lmstack.generate.engine import Completion
-from lmstack.generate.packed_linear import PackedLinears
 from lmstack.generate.sampling import SamplingParams, process_logits
 from lmstack.models.decoder import DecoderLM
+from lmstack.onednn import PackedLinears
 from lmstack.tokenizer import Tokenizer
 
 

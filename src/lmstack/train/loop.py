@@ -36,6 +36,7 @@ from lmstack.models.classifier import (
     save_classifier,
     save_head,
 )
+from lmstack.onednn import onednn_linears
 from lmstack.train import checkpoint as ckpt
 from lmstack.train.config import TrainConfig, config_differences
 from lmstack.train.metrics import MetricsLog, peak_flops, plot_losses, read_metrics
@@ -111,9 +112,11 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
-def _autocast(device: torch.device, precision: str):
+def compute_context(device: torch.device, precision: str):
+    """How a forward pass computes: autocast for bf16 / fp16; in float32 on the CPU, linear layers through
+    oneDNN (`lmstack.onednn`: 1.6x the step of PyTorch's default on the AMD machine of BENCHMARKS.md)."""
     if precision == "fp32":
-        return contextlib.nullcontext()
+        return onednn_linears(enabled=device.type == "cpu")
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
@@ -353,7 +356,7 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
                 batch = task.collate("val", items)
                 weight = 0.0 if empty else float(task.weight(batch, items))  # on the host, before the copy
                 batch = _to_device(batch, rt.device)
-                with _autocast(rt.device, precision):
+                with compute_context(rt.device, precision):
                     loss, metrics = task.loss(forward, batch)
                 for name, value in {"loss": loss, **metrics}.items():
                     totals[name] = totals.get(name, 0) + value.detach().float().to(rt.device) * weight
@@ -451,7 +454,7 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
             no_sync = model.no_sync() if rt.distributed and not fsdp and not sync else contextlib.nullcontext()
             if fsdp:
                 model.set_requires_gradient_sync(sync)
-            with no_sync, _autocast(rt.device, precision):
+            with no_sync, compute_context(rt.device, precision):
                 loss, metrics = task.loss(forward, batch)
                 loss = loss * shares[micro]
             scaler.scale(loss).backward()

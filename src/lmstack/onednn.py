@@ -1,0 +1,172 @@
+"""Float32 linear layers through oneDNN on the CPU, for training and inference.
+
+PyTorch sends a float32 `nn.Linear` on the CPU to MKL. On x86 parts that are not Intel's, MKL runs a generic
+code path: on the 2-core AMD EPYC this project is developed on, oneDNN (bundled with PyTorch as `mkldnn`)
+multiplies 2.2-2.9x faster from 8 to 2048 rows and reads weights 1.2-3x faster in the matrix-vector products
+of batch-1 decoding (`bench/matmul.py`). Two ways in, neither of which changes a model for good:
+
+- `onednn_linears()`, for training and evaluation: inside the block every float32 CPU `F.linear` (which is
+  what `nn.Linear` calls) runs forward and backward through oneDNN on the weights as they are.
+- `PackedLinears(model)`, for the generation engine: oneDNN is faster still on weights reordered ("packed")
+  into its blocked layout once. The packed copies live beside the model, are refreshed when a weight
+  changes (an optimizer step, a loaded state dict) and are swapped in only for a forward pass. The cost is
+  a second copy of the float32 linear weights in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@torch.library.custom_op("lmstack::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`x @ weight.T + bias` by oneDNN; `weight` is a plain [out, in] matrix or one packed by
+    `torch.ops.mkldnn._reorder_linear_weight` (inference only). An opaque op, so `torch.compile` leaves it be."""
+    return _linear(x, weight, bias)
+
+
+@onednn_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad: torch.Tensor):
+    x, weight = ctx.saved_tensors
+    grad_2d = grad.reshape(-1, grad.shape[-1])  # [M, out]
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:  # grad @ W = linear(grad, W.T)
+        grad_x = onednn_linear(grad, weight.t().contiguous(), None)
+    if ctx.needs_input_grad[1]:  # grad.T @ x = linear(grad.T, x.T)
+        grad_w = onednn_linear(grad_2d.t().contiguous(), x.reshape(-1, x.shape[-1]).t().contiguous(), None)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_b = grad_2d.sum(0)
+    return grad_x, grad_w, grad_b
+
+
+onednn_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+@functools.cache
+def onednn_available() -> bool:
+    """Whether this PyTorch can run oneDNN's linear on the CPU, packed weights included."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:  # some builds list the ops but cannot run them (e.g. aarch64 without ACL)
+        # Fixed values, not a random nn.Linear: the probe must not move the RNG (a resumed run restores it first).
+        x, weight, bias = torch.ones(2, 4), torch.arange(12.0).view(3, 4), torch.ones(3)
+        expected = F.linear(x, weight, bias)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight)
+        return (torch.allclose(_linear(x, weight, bias), expected, atol=1e-5)
+                and torch.allclose(_linear(x, packed, bias), expected, atol=1e-5))
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+class _OneDNNLinearMode(TorchFunctionMode):
+    """Routes float32 CPU `F.linear` calls to `onednn_linear`; every other call passes through."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            x, weight = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            if (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.numel()
+                    and type(weight) in (torch.Tensor, nn.Parameter)
+                    and (bias is None or bias.dtype == torch.float32)
+                    and not torch.is_autocast_enabled("cpu")):  # autocast would compute in bf16
+                return onednn_linear(x, weight, bias)
+        return func(*args, **kwargs)
+
+
+def onednn_linears(enabled: bool = True) -> contextlib.AbstractContextManager:
+    """A context in which float32 CPU linear layers run through oneDNN, gradients included.
+
+    A no-op when not `enabled`, where oneDNN is not usable, and under CPU autocast."""
+    return _OneDNNLinearMode() if enabled and onednn_available() else contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------- inference
+
+
+class PackedLinear(nn.Module):
+    """An inference-only stand-in for a float32 `nn.Linear`: the same product on oneDNN's packed weight."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.linear = linear
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
+        self.version = _version_of(linear.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.linear.bias is None else self.linear.bias.detach()
+        if torch.compiler.is_compiling():  # inductor only lowers packed weights it froze itself
+            return onednn_linear(x, self.packed, bias)
+        return _linear(x, self.packed, bias)  # the custom op's dispatch costs ~10 us a call in eager
+
+
+def _version_of(weight: torch.Tensor) -> tuple[int, int]:
+    # In-place updates bump `_version`; assigning `.data` changes the storage.
+    return weight._version, weight.data_ptr()
+
+
+class PackedLinears:
+    """oneDNN-packed copies of a model's float32 CPU `nn.Linear` layers, used via `with packed.swapped_in():`.
+
+    Layers of other types (LoRA, quantized) and of other dtypes or devices keep their own forward. Does
+    nothing when not `enabled` or where PyTorch has no usable oneDNN.
+    """
+
+    def __init__(self, model: nn.Module, enabled: bool = True) -> None:
+        self.model = model
+        self.slots: list[tuple[nn.Module, str, nn.Linear]] = []
+        if not (enabled and onednn_available()):
+            return
+        for parent in model.modules():
+            for name, child in parent.named_children():
+                if type(child) is nn.Linear and child.weight.dtype == torch.float32 \
+                        and child.weight.device.type == "cpu":
+                    self.slots.append((parent, name, child))
+        self.packed: list[PackedLinear | None] = [None] * len(self.slots)
+
+    def refresh(self) -> None:
+        """Repack the layers whose weights changed since they were last packed."""
+        for i, (_, _, linear) in enumerate(self.slots):
+            current = self.packed[i]
+            if current is None or current.version != _version_of(linear.weight):
+                self.packed[i] = PackedLinear(linear)
+
+    @contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        """Run the model's float32 linear layers through their packed copies inside the block."""
+        if not self.slots:
+            yield
+            return
+        self.refresh()
+        for (parent, name, _), packed in zip(self.slots, self.packed):
+            parent._modules[name] = packed
+        try:
+            yield
+        finally:
+            for parent, name, linear in self.slots:
+                parent._modules[name] = linear

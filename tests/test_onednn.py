@@ -1,0 +1,129 @@
+"""oneDNN linear layers on the CPU: same numbers as PyTorch's default path, forward and backward, and the
+model left as it was."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lmstack
+from lmstack.onednn import PackedLinear, PackedLinears, onednn_available, onednn_linears
+from lmstack.train.lora import apply_lora
+
+needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this PyTorch has no usable oneDNN")
+
+
+@needs_onednn
+def test_packed_linears_compute_the_same_and_leave_the_model_alone():
+    torch.manual_seed(0)
+    model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", bias="all")).eval()
+    ids = torch.randint(0, 256, (2, 9))
+    packed = PackedLinears(model)
+    assert len(packed.slots) == 7 * model.config.n_layer + 1  # q k v o gate up down per block, and the head
+    with torch.no_grad():
+        before = model(ids)
+        with packed.swapped_in():
+            assert isinstance(model.layers[0].attn.q, PackedLinear)
+            inside = model(ids)
+        assert type(model.layers[0].attn.q) is torch.nn.Linear
+        assert torch.allclose(before, inside, atol=1e-5)
+        with pytest.raises(IndexError), packed.swapped_in():
+            model(torch.full((1, 3), 10**6))  # an out-of-range token id fails inside the pass
+        assert type(model.lm_head) is torch.nn.Linear  # restored after an error too
+
+        # An in-place update (an optimizer step) is seen by the next pass: that layer alone is repacked.
+        q = next(i for i, (_, _, linear) in enumerate(packed.slots) if linear is model.layers[0].attn.q)
+        old_q, old_k = packed.packed[q], packed.packed[q + 1]
+        model.layers[0].attn.q.weight.mul_(2)
+        with packed.swapped_in():
+            changed = model(ids)
+        assert packed.packed[q] is not old_q and packed.packed[q + 1] is old_k
+        assert torch.allclose(changed, model(ids), atol=1e-5) and not torch.allclose(changed, before, atol=1e-3)
+
+
+@needs_onednn
+def test_packed_linears_skip_layers_they_cannot_run():
+    model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama"))
+    apply_lora(model, r=2, targets=("q", "v"))
+    model.layers[1].mlp.up.to(torch.bfloat16)
+    names = {name for _, name, _ in PackedLinears(model).slots}
+    assert "q" not in names and "v" not in names and "k" in names  # LoRA layers keep their forward
+    assert sum(linear is model.layers[1].mlp.up for _, _, linear in PackedLinears(model).slots) == 0
+    assert PackedLinears(model, enabled=False).slots == []
+
+
+def _ops_run(fn) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events()}
+
+
+@needs_onednn
+def test_onednn_linears_give_the_same_loss_and_gradients():
+    torch.manual_seed(0)
+    model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", bias="all"))
+    apply_lora(model, r=4, targets=("q", "v"))  # LoRA's own F.linear calls go through it too
+    for p in model.parameters():
+        p.requires_grad_(True)  # the base weights as well: every gradient path of the op
+    other = copy.deepcopy(model)
+    ids = torch.randint(0, 256, (3, 17))
+    reference = model(ids, ids)[1]
+    reference.backward()
+
+    def run():
+        with onednn_linears():
+            loss = other(ids, ids)[1]
+        loss.backward()
+        return loss
+
+    assert "lmstack::onednn_linear" in _ops_run(run)
+    other.zero_grad()
+    loss = run()
+    assert torch.allclose(loss, reference, atol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), other.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), name
+
+
+@needs_onednn
+def test_onednn_linears_leave_other_dtypes_and_autograd_cases_alone():
+    x, w = torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(5, 8, dtype=torch.bfloat16)
+    with onednn_linears():
+        ops = _ops_run(lambda: F.linear(x, w))
+        empty = F.linear(torch.randn(0, 8), torch.randn(5, 8))  # zero rows: PyTorch's path
+    assert "lmstack::onednn_linear" not in ops and empty.shape == (0, 5)
+    # Only the input needs a gradient (a frozen weight): no weight gradient is computed or returned.
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    w = torch.randn(5, 8)
+    with onednn_linears():
+        y = F.linear(x, w)
+    y.square().sum().backward()
+    expected = torch.autograd.grad(F.linear(x, w).square().sum(), x)[0]
+    assert torch.allclose(x.grad, expected, atol=1e-5) and w.grad is None
+    x, w = torch.randn(2, 8), torch.randn(5, 8)
+    with onednn_linears(enabled=False):
+        assert "lmstack::onednn_linear" not in _ops_run(lambda: F.linear(x, w))
+    with onednn_linears(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's bf16 product, not ours
+        assert "lmstack::onednn_linear" not in _ops_run(lambda: F.linear(x, w))
+
+
+def test_checking_for_onednn_leaves_the_rng_alone():
+    # A resumed run restores the RNG before its first forward pass, which is where the check first runs.
+    state = torch.get_rng_state()
+    onednn_available.__wrapped__()
+    assert torch.equal(state, torch.get_rng_state())
+
+
+@needs_onednn
+def test_onednn_linears_under_torch_compile():
+    torch.manual_seed(0)
+    model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama"))
+    other = copy.deepcopy(model)
+    ids = torch.randint(0, 256, (2, 12))
+    model(ids, ids)[1].backward()
+    compiled = torch.compile(other)
+    with onednn_linears():
+        loss = compiled(ids, ids)[1]
+    loss.backward()
+    for (name, p), q in zip(model.named_parameters(), other.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), name
