@@ -105,3 +105,22 @@ def test_sharded_save_loads_in_transformers(tmp_path):
     reloaded = lmstack.load_model(tmp_path)
     with torch.no_grad():
         assert torch.equal(reloaded(ids), model(ids))
+
+
+def test_bias_free_gpt2_saves_as_gpt2(tmp_path):
+    """nanoGPT's bias=False GPT-2 (recipes/shakespeare-char.yaml): GPT-2 checkpoints always carry linear biases,
+    so they are written as zeros, and transformers and lmstack reload the same logits."""
+    torch.manual_seed(0)
+    cfg = lmstack.ModelConfig.from_name("gpt2", vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=32,
+                                        bias="none")
+    model = lmstack.DecoderLM(cfg).eval()
+    assert model.layers[0].attn.q.bias is None
+    lmstack.save_model(model, tmp_path / "m")
+    ids = _inputs(65, 16)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "m", attn_implementation="eager").eval()
+    reloaded = lmstack.load_model(tmp_path / "m")
+    with torch.no_grad():
+        expected = model(ids)
+        assert (theirs(ids).logits - expected).abs().max().item() < TOL
+        assert (reloaded(ids) - expected).abs().max().item() < TOL
+    assert not theirs.transformer.h[0].attn.c_attn.bias.any()

@@ -173,7 +173,9 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     fam = family_of(config)
     out: dict[str, Any] = {"architectures": [ARCHITECTURES[fam]], "model_type": fam}
     if fam == "gpt2":
-        _require(config, fam, positions="learned", norm="layernorm", mlp="gelu", bias="all",
+        # GPT-2 checkpoints always hold linear biases: a bias-free model (nanoGPT's bias=False) writes zeros.
+        _require(config, fam, positions="learned", norm="layernorm", mlp="gelu",
+                 bias=config.bias if config.bias in ("all", "none") else "all",
                  n_kv_head=config.n_head, head_dim=config.n_embd // config.n_head, lm_head_bias=False,
                  sliding_window=None, n_expert=0)
         out.update(
@@ -450,9 +452,16 @@ def hf_state_dict(model: DecoderLM, lm_head: bool = True) -> dict[str, torch.Ten
     """`model`'s weights under Hugging Face names (fused and transposed where the family wants it);
     `lm_head=False` leaves out the output head."""
     ours = model.state_dict()
+
+    def tensor(name: str) -> torch.Tensor:
+        if name not in ours and name.endswith(".bias"):  # the family always has it (GPT-2); none is zeros
+            weight = ours[name.removesuffix("bias") + "weight"]
+            return weight.new_zeros(weight.shape[0])
+        return ours[name]
+
     out = {}
     for rule in weight_rules(model.config, lm_head=lm_head):
-        t = torch.cat([ours[n] for n in rule.ours], dim=0) if len(rule.ours) > 1 else ours[rule.ours[0]]
+        t = torch.cat([tensor(n) for n in rule.ours], dim=0) if len(rule.ours) > 1 else tensor(rule.ours[0])
         out[rule.hf] = (t.t() if rule.transpose else t).detach().contiguous().cpu()
     return out
 
