@@ -53,6 +53,23 @@ def test_packed_linears_skip_layers_they_cannot_run():
     assert PackedLinears(model, enabled=False).slots == []
 
 
+@needs_onednn
+def test_a_model_too_large_to_pack_runs_unpacked_through_onednn():
+    torch.manual_seed(0)
+    model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama")).eval()
+    ids = torch.randint(0, 256, (2, 9))
+    packed = PackedLinears(model, max_bytes=1000)
+    assert packed.slots == [] and packed.unpacked
+    with torch.no_grad():
+        expected = model(ids)
+        with packed.swapped_in():
+            assert type(model.layers[0].attn.q) is torch.nn.Linear  # nothing swapped, no copies made
+            ops = _ops_run(lambda: model(ids))
+            got = model(ids)
+    assert "lmstack::onednn_linear" in ops and torch.allclose(got, expected, atol=1e-5)
+    assert PackedLinears(model).slots  # a tiny model fits in half of this machine's memory
+
+
 def _ops_run(fn) -> set[str]:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -130,16 +131,34 @@ def _version_of(weight: torch.Tensor) -> tuple[int, int]:
     return weight._version, weight.data_ptr()
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations now (Linux: MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 class PackedLinears:
     """oneDNN-packed copies of a model's float32 CPU `nn.Linear` layers, used via `with packed.swapped_in():`.
 
-    Layers of other types (LoRA, quantized) and of other dtypes or devices keep their own forward. Does
-    nothing when not `enabled` or where PyTorch has no usable oneDNN.
+    Layers of other types (LoRA, quantized) and of other dtypes or devices keep their own forward. The copies
+    may take at most `max_bytes` (default: half the memory available now); a model whose float32 linear
+    weights are larger runs them through oneDNN as they are (`onednn_linears`), a little slower and with no
+    extra memory. Does nothing when not `enabled` or where PyTorch has no usable oneDNN.
     """
 
-    def __init__(self, model: nn.Module, enabled: bool = True) -> None:
+    def __init__(self, model: nn.Module, enabled: bool = True, max_bytes: int | None = None) -> None:
         self.model = model
         self.slots: list[tuple[nn.Module, str, nn.Linear]] = []
+        self.unpacked = False  # too large to pack: onednn_linears() instead
         if not (enabled and onednn_available()):
             return
         for parent in model.modules():
@@ -147,6 +166,12 @@ class PackedLinears:
                 if type(child) is nn.Linear and child.weight.dtype == torch.float32 \
                         and child.weight.device.type == "cpu":
                     self.slots.append((parent, name, child))
+        size = sum(linear.weight.numel() * 4 for _, _, linear in self.slots)
+        if max_bytes is None:
+            available = available_memory()
+            max_bytes = available // 2 if available is not None else size
+        if size > max_bytes:
+            self.slots, self.unpacked = [], True
         self.packed: list[PackedLinear | None] = [None] * len(self.slots)
 
     def refresh(self) -> None:
@@ -160,7 +185,8 @@ class PackedLinears:
     def swapped_in(self) -> Iterator[None]:
         """Run the model's float32 linear layers through their packed copies inside the block."""
         if not self.slots:
-            yield
+            with onednn_linears(enabled=self.unpacked):
+                yield
             return
         self.refresh()
         for (parent, name, _), packed in zip(self.slots, self.packed):
