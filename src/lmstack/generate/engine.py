@@ -55,7 +55,7 @@ class Engine:
 
     The engine puts the model in eval mode. On the CPU it runs float32 linear layers through oneDNN-packed
     copies of their weights (`PackedLinears`: faster than PyTorch's default BLAS, at the cost of a second
-    copy of those weights where memory allows; `pack_weights=False` turns packing off)."""
+    copy of those weights where memory allows; `pack_weights=False` keeps PyTorch's default path)."""
 
     def __init__(self, model: DecoderLM, tokenizer: Tokenizer, max_batch_size: int = 8,
                  max_seq_len: int | None = None, compile: bool = False, pack_weights: bool = True) -> None:
