@@ -2,6 +2,7 @@
 model left as it was."""
 
 import copy
+import weakref
 
 import pytest
 import torch
@@ -144,3 +145,53 @@ def test_onednn_linears_under_torch_compile():
     loss.backward()
     for (name, p), q in zip(model.named_parameters(), other.parameters()):
         assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), name
+
+
+@needs_onednn
+def test_activation_checkpointing_recomputes_through_onednn():
+    torch.manual_seed(0)
+    model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama")).train()
+    ids = torch.randint(0, 256, (2, 16))
+    with onednn_linears():
+        loss = model(ids, ids)[1]
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.activation_checkpointing = True
+    with onednn_linears():
+        loss2 = model(ids, ids)[1]
+    loss2.backward()  # the recomputation saves what the forward saved (no CheckpointError) and matches it
+    assert torch.equal(loss, loss2)
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+
+
+@needs_onednn
+def test_odd_biases_take_pytorchs_path():
+    x, w = torch.randn(3, 4), torch.randn(5, 4)
+    for bias in (torch.tensor(0.5), torch.randn(1)):  # broadcast biases F.linear accepts
+        with onednn_linears():
+            ops = _ops_run(lambda bias=bias: F.linear(x, w, bias))
+            got = F.linear(x, w, bias)
+        assert "lmstack::onednn_linear" not in ops and torch.allclose(got, x @ w.T + bias)
+
+
+@needs_onednn
+def test_a_layer_replaced_after_packing_is_left_in_place():
+    model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama")).eval()
+    packed = PackedLinears(model)
+    apply_lora(model, r=2, targets=("q",))
+    lora = model.layers[0].attn.q
+    with torch.no_grad(), packed.swapped_in():
+        assert model.layers[0].attn.q is lora
+        model(torch.randint(0, 256, (1, 5)))
+    assert model.layers[0].attn.q is lora and type(model.layers[0].attn.k) is torch.nn.Linear
+
+
+def test_an_engine_and_its_packed_copies_are_freed_when_dropped():
+    tok = lmstack.Tokenizer.train_chars(["abcdefgh "])
+    model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", vocab_size=len(tok)))
+    engine = lmstack.Engine(model, tok)
+    engine.generate(["abc"], max_new_tokens=3)
+    alive = weakref.ref(engine)
+    del engine  # no reference cycle: freed at once, not at the next garbage collection
+    assert alive() is None

@@ -93,11 +93,19 @@ class _OneDNNLinearMode(TorchFunctionMode):
             x, weight = args[0], args[1]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             if (x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and x.numel()
-                    and type(weight) in (torch.Tensor, nn.Parameter)
-                    and (bias is None or bias.dtype == torch.float32)
+                    and type(weight) in (torch.Tensor, nn.Parameter) and weight.dim() == 2 and weight.shape[0]
+                    and (bias is None or bias.dtype == torch.float32 and bias.shape == weight.shape[:1])
                     and not torch.is_autocast_enabled("cpu")):  # autocast would compute in bf16
                 return onednn_linear(x, weight, bias)
         return func(*args, **kwargs)
+
+
+def checkpoint_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """`context_fn` for `torch.utils.checkpoint`: activation checkpointing recomputes a block during
+    backward, outside the forward's `with onednn_linears():`; the recomputation must run as the forward did
+    (the same saved tensors, the same numbers)."""
+    active = any(isinstance(m, _OneDNNLinearMode) for m in torch.overrides._get_current_function_mode_stack())
+    return contextlib.nullcontext(), (_OneDNNLinearMode() if active else contextlib.nullcontext())
 
 
 def onednn_linears(enabled: bool = True) -> contextlib.AbstractContextManager:
@@ -149,7 +157,9 @@ def available_memory() -> int | None:
 class PackedLinears:
     """oneDNN-packed copies of a model's float32 CPU `nn.Linear` layers, used via `with packed.swapped_in():`.
 
-    Layers of other types (LoRA, quantized) and of other dtypes or devices keep their own forward. The copies
+    Layers of other types (LoRA's and quantized wrappers; a LoRA layer's inner base `nn.Linear` is packed) and
+    of other dtypes or devices keep their own forward. A weight is repacked when it changes in place or is
+    reassigned; writes through `.data` are not seen (call `refresh` after them). The copies
     may take at most `max_bytes` (default: half the memory available now); a model whose float32 linear
     weights are larger runs them through oneDNN as they are (`onednn_linears`), a little slower and with no
     extra memory. Does nothing when not `enabled` or where PyTorch has no usable oneDNN.
@@ -175,7 +185,7 @@ class PackedLinears:
         self.packed: list[PackedLinear | None] = [None] * len(self.slots)
 
     def refresh(self) -> None:
-        """Repack the layers whose weights changed since they were last packed."""
+        """Repack the layers whose weights changed (`_version` or storage) since they were last packed."""
         for i, (_, _, linear) in enumerate(self.slots):
             current = self.packed[i]
             if current is None or current.version != _version_of(linear.weight):
@@ -189,10 +199,13 @@ class PackedLinears:
                 yield
             return
         self.refresh()
-        for (parent, name, _), packed in zip(self.slots, self.packed):
+        # Only where the layer packed is still in place: one replaced since (LoRA, quantization) stays.
+        swapped = [(parent, name, linear, packed) for (parent, name, linear), packed in zip(self.slots, self.packed)
+                   if parent._modules.get(name) is linear]
+        for parent, name, _, packed in swapped:
             parent._modules[name] = packed
         try:
             yield
         finally:
-            for parent, name, linear in self.slots:
+            for parent, name, linear, _ in swapped:
                 parent._modules[name] = linear

@@ -67,16 +67,13 @@ class Engine:
         self._cache_batch = 0
         self._packed = PackedLinears(model, enabled=pack_weights and self.device.type == "cpu")
         # The decode step always sees the same shapes (one token per sequence, the whole cache), so it
-        # compiles once; on a GPU, mode="reduce-overhead" also captures it in a CUDA graph.
-        self._decode = self._decode_step
+        # compiles once; on a GPU, mode="reduce-overhead" also captures it in a CUDA graph. (A module-level
+        # function, not a bound method: an engine that referred to itself would outlive its last use, and
+        # with it the packed weight copies, until the cyclic garbage collector ran.)
+        self._compiled = None
         if compile:
             mode = "reduce-overhead" if self.device.type == "cuda" else None
-            self._decode = torch.compile(self._decode_step, dynamic=False, mode=mode)
-
-    def _decode_step(self, feed: torch.Tensor, slot: torch.Tensor, positions: torch.Tensor,
-                     key_padding: torch.Tensor, kv_len: int | None) -> torch.Tensor:
-        return self.model(feed, input_pos=slot, position_ids=positions, key_padding=key_padding,
-                          last_only=True, kv_len=kv_len)[:, -1]
+            self._compiled = torch.compile(_decode_step, dynamic=False, mode=mode)
 
     def _forward(self, *args, **kwargs) -> torch.Tensor:
         """The model's next-token logits [B, V] at the last position."""
@@ -294,9 +291,10 @@ class Engine:
             if constraint is not None:  # the next masks are computed while the model runs
                 constraint.start_masks([r.finish_reason is None for r in rows])
             slot = torch.tensor([L + step], device=dev)
-            kv_len = None if self._decode is not self._decode_step else L + step + 1  # static when compiled
+            kv_len = None if self._compiled else L + step + 1  # the whole cache when compiled: static shapes
             with self._packed.swapped_in():
-                logits = self._decode(feed, slot, (slot - pads)[:, None], key_padding, kv_len)
+                logits = (self._compiled or _decode_step)(self.model, feed, slot, (slot - pads)[:, None],
+                                                          key_padding, kv_len)
 
     def _safe_delta(self, row: _Row, params: SamplingParams) -> str:
         """New text that can be shown now: not a partial UTF-8 character, not a possible stop-string start."""
@@ -321,6 +319,13 @@ class Engine:
         return Completion(text=row.text, token_ids=tokens, finish_reason=row.finish_reason or "length",
                           prompt_tokens=len(row.prompt), stop_token_id=row.stop_token_id,
                           logprobs=row.logprobs[:len(tokens)] if params.logprobs is not None else None)
+
+
+def _decode_step(model: DecoderLM, feed: torch.Tensor, slot: torch.Tensor, positions: torch.Tensor,
+                 key_padding: torch.Tensor, kv_len: int | None) -> torch.Tensor:
+    """One decoding step: next-token logits [B, V] for one new token per sequence at cache slot `slot`."""
+    return model(feed, input_pos=slot, position_ids=positions, key_padding=key_padding, last_only=True,
+                 kv_len=kv_len)[:, -1]
 
 
 def _params(params: SamplingParams | None, overrides: dict) -> SamplingParams:

@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from lmstack.config import ModelConfig
 from lmstack.models.attention import Attention, KVCache, attention_mask, rope_cos_sin, rope_inv_freq
 from lmstack.models.layers import MLP, MoE, load_balancing_loss, make_norm
+from lmstack.onednn import checkpoint_contexts
 
 
 class Block(nn.Module):
@@ -176,7 +177,9 @@ class DecoderLM(nn.Module):
         router_logits = []
         for block in self.layers:
             if self.activation_checkpointing and self.training:
-                x, logits = checkpoint(block, x, rope, mask, input_pos, use_reentrant=False)
+                # Under torch.compile the recomputation is traced from the forward graph: no contexts needed.
+                contexts = {} if torch.compiler.is_compiling() else {"context_fn": checkpoint_contexts}
+                x, logits = checkpoint(block, x, rope, mask, input_pos, use_reentrant=False, **contexts)
             else:
                 x, logits = block(x, rope, mask, input_pos)
             if logits is not None:
