@@ -162,7 +162,8 @@ class PackedLinears:
     reassigned; writes through `.data` are not seen (call `refresh` after them). The copies
     may take at most `max_bytes` (default: half the memory available now); a model whose float32 linear
     weights are larger runs them through oneDNN as they are (`onednn_linears`), a little slower and with no
-    extra memory. Does nothing when not `enabled` or where PyTorch has no usable oneDNN.
+    extra memory. Does nothing when not `enabled` or where PyTorch has no usable oneDNN. The swap changes the
+    model's module tree for the duration of a pass: not for a model that other threads run at the same time.
     """
 
     def __init__(self, model: nn.Module, enabled: bool = True, max_bytes: int | None = None) -> None:
