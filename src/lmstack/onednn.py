@@ -53,10 +53,16 @@ def _backward(ctx, grad: torch.Tensor):
     x, weight = ctx.saved_tensors
     grad_2d = grad.reshape(-1, grad.shape[-1])  # [M, out]
     grad_x = grad_w = grad_b = None
-    if ctx.needs_input_grad[0]:  # grad @ W = linear(grad, W.T)
-        grad_x = onednn_linear(grad, weight.t().contiguous(), None)
-    if ctx.needs_input_grad[1]:  # grad.T @ x = linear(grad.T, x.T)
-        grad_w = onednn_linear(grad_2d.t().contiguous(), x.reshape(-1, x.shape[-1]).t().contiguous(), None)
+    if ctx.needs_input_grad[0]:  # grad @ W = linear(grad, W.T); oneDNN takes the transposed view as it is
+        grad_x = onednn_linear(grad, weight.t(), None)
+    if ctx.needs_input_grad[1]:
+        x_2d = x.reshape(-1, x.shape[-1])  # [M, in]
+        # grad.T @ x, computed with the smaller of (out, in) as the rows of oneDNN's product: 2x faster for an
+        # output head (out = vocabulary) than the other way round, and slower for a down projection.
+        if weight.shape[0] <= weight.shape[1]:
+            grad_w = onednn_linear(grad_2d.t(), x_2d.t(), None)
+        else:
+            grad_w = onednn_linear(x_2d.t(), grad_2d.t(), None).t().contiguous()
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_b = grad_2d.sum(0)
     return grad_x, grad_w, grad_b
