@@ -280,17 +280,9 @@ def test_cli_generate_and_chat(tmp_path, monkeypatch, capsys):
     assert "temperature=-1.0: must be >= 0" in capsys.readouterr().err
 
 
-def test_engine_tokens_do_not_depend_on_packing(tiny):
+@pytest.mark.parametrize("option", [{"pack_weights": False}, {"compile": True}], ids=["unpacked", "compiled"])
+def test_engine_options_give_the_same_tokens(tiny, option):
     model, tok, _ = tiny
-    packed = Engine(model, tok).generate(PROMPTS, max_new_tokens=10, temperature=0, ignore_eos=True)
-    plain = Engine(model, tok, pack_weights=False).generate(PROMPTS, max_new_tokens=10, temperature=0,
-                                                             ignore_eos=True)
-    assert [c.token_ids for c in packed] == [c.token_ids for c in plain]
-
-
-def test_compiled_decode_step_gives_the_same_tokens(tiny):
-    model, tok, _ = tiny
-    eager = Engine(model, tok).generate(PROMPTS, max_new_tokens=10, temperature=0, ignore_eos=True)
-    compiled = Engine(model, tok, compile=True).generate(PROMPTS, max_new_tokens=10, temperature=0,
-                                                         ignore_eos=True)
-    assert [c.token_ids for c in compiled] == [c.token_ids for c in eager]
+    default = Engine(model, tok).generate(PROMPTS, max_new_tokens=10, temperature=0, ignore_eos=True)
+    other = Engine(model, tok, **option).generate(PROMPTS, max_new_tokens=10, temperature=0, ignore_eos=True)
+    assert [c.token_ids for c in other] == [c.token_ids for c in default]

@@ -173,8 +173,8 @@ class PackedLinears:
     """
 
     def __init__(self, model: nn.Module, enabled: bool = True, max_bytes: int | None = None) -> None:
-        self.model = model
         self.slots: list[tuple[nn.Module, str, nn.Linear]] = []
+        self.packed: list[PackedLinear | None] = []
         self.unpacked = False  # too large to pack: onednn_linears() instead
         if not (enabled and onednn_available()):
             return
@@ -189,7 +189,7 @@ class PackedLinears:
             max_bytes = available // 2 if available is not None else size
         if size > max_bytes:
             self.slots, self.unpacked = [], True
-        self.packed: list[PackedLinear | None] = [None] * len(self.slots)
+        self.packed = [None] * len(self.slots)
 
     def refresh(self) -> None:
         """Repack the layers whose weights changed (`_version` or storage) since they were last packed."""

@@ -73,12 +73,13 @@ class Engine:
         self._compiled = None
         if compile:
             mode = "reduce-overhead" if self.device.type == "cuda" else None
-            self._compiled = torch.compile(_decode_step, dynamic=False, mode=mode)
+            self._compiled = torch.compile(_next_token_logits, dynamic=False, mode=mode)
 
-    def _forward(self, *args, **kwargs) -> torch.Tensor:
-        """The model's next-token logits [B, V] at the last position."""
+    def _forward(self, ids: torch.Tensor, decode_step: bool = False, **kwargs) -> torch.Tensor:
+        """The model's next-token logits [B, V]; a `decode_step` of the sampling loop runs compiled if asked."""
+        step = self._compiled if decode_step and self._compiled else _next_token_logits
         with self._packed.swapped_in():
-            return self.model(*args, last_only=True, **kwargs)[:, -1]
+            return step(self.model, ids, **kwargs)
 
     # ------------------------------------------------------------------------------------------ public
 
@@ -292,9 +293,8 @@ class Engine:
                 constraint.start_masks([r.finish_reason is None for r in rows])
             slot = torch.tensor([L + step], device=dev)
             kv_len = None if self._compiled else L + step + 1  # the whole cache when compiled: static shapes
-            with self._packed.swapped_in():
-                logits = (self._compiled or _decode_step)(self.model, feed, slot, (slot - pads)[:, None],
-                                                          key_padding, kv_len)
+            logits = self._forward(feed, decode_step=True, input_pos=slot, position_ids=(slot - pads)[:, None],
+                                   key_padding=key_padding, kv_len=kv_len)
 
     def _safe_delta(self, row: _Row, params: SamplingParams) -> str:
         """New text that can be shown now: not a partial UTF-8 character, not a possible stop-string start."""
@@ -321,11 +321,9 @@ class Engine:
                           logprobs=row.logprobs[:len(tokens)] if params.logprobs is not None else None)
 
 
-def _decode_step(model: DecoderLM, feed: torch.Tensor, slot: torch.Tensor, positions: torch.Tensor,
-                 key_padding: torch.Tensor, kv_len: int | None) -> torch.Tensor:
-    """One decoding step: next-token logits [B, V] for one new token per sequence at cache slot `slot`."""
-    return model(feed, input_pos=slot, position_ids=positions, key_padding=key_padding, last_only=True,
-                 kv_len=kv_len)[:, -1]
+def _next_token_logits(model: DecoderLM, ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Logits [B, V] of the token after the last position of `ids` (keyword arguments go to the model)."""
+    return model(ids, last_only=True, **kwargs)[:, -1]
 
 
 def _params(params: SamplingParams | None, overrides: dict) -> SamplingParams:
