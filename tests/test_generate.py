@@ -74,6 +74,15 @@ def test_no_repeat_ngram():
     assert banned_ngram_tokens([1, 2, 3, 4], 3) == set()
 
 
+def test_logit_bias_and_bans_leave_the_input_alone():
+    """Processors return new logits: the engine reports logprobs from the model's own, untouched ones."""
+    logits = LOGITS.clone()
+    params = SamplingParams(temperature=0, logit_bias={1: 2.5, 3: -1.0}, no_repeat_ngram_size=2)
+    out = process_logits(logits, params, histories=[[0, 2, 0]])  # 0 -> 2 seen: 2 is banned after 0
+    assert torch.allclose(out, torch.tensor([[3.0, 4.5, float("-inf"), -0.9]]))
+    assert torch.equal(logits, LOGITS)
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_processors_match_transformers(seed):
     g = torch.Generator().manual_seed(seed)
@@ -91,12 +100,18 @@ def test_processors_match_transformers(seed):
     assert torch.equal(ours, NoRepeatNGramLogitsProcessor(2)(ids, scores.clone()))
 
 
-def test_sampled_frequencies_match_the_distribution():
-    from lmstack.generate.sampling import sample_from
+@pytest.mark.parametrize("sampler", ["multinomial", "exponential_race"])
+def test_sampled_frequencies_match_the_distribution(sampler):
+    """The CPU draws with torch.multinomial, a GPU with the exponential race (no host sync): both sample p."""
+    from lmstack.generate.sampling import exponential_race, sample_from
 
     params = SamplingParams(temperature=0.7, top_p=0.9)
     processed = process_logits(LOGITS.repeat(20000, 1), params)
-    draws = sample_from(processed, False, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    if sampler == "multinomial":
+        draws = sample_from(processed, False, g)
+    else:
+        draws = exponential_race(processed.softmax(dim=-1), g)
     freq = torch.bincount(draws, minlength=4).float() / len(draws)
     assert torch.allclose(freq, probs(processed[:1]), atol=0.01)
     assert freq[3] == 0
@@ -286,3 +301,31 @@ def test_engine_options_give_the_same_tokens(tiny, option):
     default = Engine(model, tok).generate(PROMPTS, max_new_tokens=10, temperature=0, ignore_eos=True)
     other = Engine(model, tok, **option).generate(PROMPTS, max_new_tokens=10, temperature=0, ignore_eos=True)
     assert [c.token_ids for c in other] == [c.token_ids for c in default]
+
+
+LOOKAHEAD_CASES = {
+    "greedy-stop-string-logprobs": dict(temperature=0, max_new_tokens=12, stop=["e"], logprobs=2),
+    "sampled-penalties-stop-ids": dict(temperature=0.8, top_p=0.9, seed=5, n=2, max_new_tokens=12,
+                                       repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.2,
+                                       logit_bias={5: 3.0}),
+}
+
+
+@pytest.mark.parametrize("case", LOOKAHEAD_CASES, ids=list(LOOKAHEAD_CASES))
+def test_lookahead_gives_the_same_completions(tiny, case):
+    """Queueing step t + 1 before reading step t's tokens (a GPU's default) changes nothing: rows that stop
+    early, stop strings, seeded sampling with penalties and logprobs all come out the same as in lockstep."""
+    from dataclasses import asdict
+
+    model, tok, _ = tiny
+    params = LOOKAHEAD_CASES[case]
+    if params["temperature"]:  # stop on a token the first sample draws at its fourth step
+        free = Engine(model, tok, lookahead=False).generate(PROMPTS, **params, ignore_eos=True)
+        params = dict(params, stop_token_ids=[free[0].token_ids[3]])
+    lockstep = Engine(model, tok, lookahead=False).generate(PROMPTS, **params)
+    ahead = Engine(model, tok, lookahead=True).generate(PROMPTS, **params)
+    assert [asdict(c) for c in ahead] == [asdict(c) for c in lockstep]
+    assert {c.finish_reason for c in lockstep} == {"stop", "length"}  # rows stop at different steps
+    one = dict(params, n=1)
+    assert list(Engine(model, tok, lookahead=True).stream(PROMPTS[0], **one)) == \
+        list(Engine(model, tok, lookahead=False).stream(PROMPTS[0], **one))

@@ -1,7 +1,8 @@
 """Weight-only quantization: int8 per output channel, group-wise int4, and NF4 (QLoRA's 4-bit NormalFloat).
 
-int8: w ~ scale[o] * q[o, i], q in [-127, 127], computed with PyTorch's int8 weight-pack matmul (the kernel
-gpt-fast uses), which reads a quarter of float32's bytes. int4: w ~ low[o, g] + scale[o, g] * q[o, i], q in
+int8: w ~ scale[o] * q[o, i], q in [-127, 127], computed on the CPU with PyTorch's int8 weight-pack matmul,
+which reads a quarter of float32's bytes, and elsewhere as gpt-fast does (int8 weights converted inside the
+matmul, which torch.compile fuses). int4: w ~ low[o, g] + scale[o, g] * q[o, i], q in
 [0, 15] packed two per byte, with a minimum and a step per group of `group_size` inputs (asymmetric, like
 llama.cpp's Q4_1); dequantized on the fly (half the memory of int8 again). NF4 (Dettmers et al. 2023, stored
 as bitsandbytes does): the flattened weight in blocks of 64, each block divided by its absmax into [-1, 1] and
@@ -83,10 +84,16 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.to(self.scale.dtype)
-        if self.bits == 8 and x.device.type in ("cpu", "cuda"):
+        if self.bits == 8 and x.device.type == "cpu":
             shape = x.shape
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.qweight, self.scale)
             y = y.view(*shape[:-1], self.out_features)
+            if self.bias is not None:
+                y = y + self.bias
+        elif self.bits == 8:
+            # gpt-fast's form: under torch.compile the int8-to-float conversion fuses into the matmul's
+            # reads, so a decode step reads one byte per weight (eager, it materializes the float weight).
+            y = F.linear(x, self.qweight.to(x.dtype)) * self.scale
             if self.bias is not None:
                 y = y + self.bias
         else:

@@ -7,13 +7,13 @@ its own (eos, stop ids, stop strings, or `max_new_tokens`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from lmstack.errors import LMStackError
-from lmstack.generate.sampling import SamplingParams, process_logits, sample_from
+from lmstack.generate.sampling import SamplingParams, logit_bias_vector, process_logits, sample_from
 from lmstack.models.decoder import DecoderLM
 from lmstack.onednn import PackedLinears
 from lmstack.tokenizer import Tokenizer
@@ -55,16 +55,20 @@ class Engine:
 
     The engine puts the model in eval mode. On the CPU it runs float32 linear layers through oneDNN-packed
     copies of their weights (`PackedLinears`: faster than PyTorch's default BLAS, at the cost of a second
-    copy of those weights where memory allows; `pack_weights=False` keeps PyTorch's default path)."""
+    copy of those weights where memory allows; `pack_weights=False` keeps PyTorch's default path). On a GPU
+    it queues each decode step before the host has read the previous step's tokens (`lookahead`, on by
+    default there), so the device never waits for Python; `compile=True` adds a CUDA graph of the step."""
 
     def __init__(self, model: DecoderLM, tokenizer: Tokenizer, max_batch_size: int = 8,
-                 max_seq_len: int | None = None, compile: bool = False, pack_weights: bool = True) -> None:
+                 max_seq_len: int | None = None, compile: bool = False, pack_weights: bool = True,
+                 lookahead: bool | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_seq_len = min(max_seq_len or model.config.block_size, model.config.block_size)
         self.device = model.embed.weight.device
         self._cache_batch = 0
+        self.lookahead = self.device.type == "cuda" if lookahead is None else lookahead
         self._packed = PackedLinears(model, enabled=pack_weights and self.device.type == "cpu")
         # The decode step always sees the same shapes (one token per sequence, the whole cache), so it
         # compiles once; on a GPU, mode="reduce-overhead" also captures it in a CUDA graph. (A module-level
@@ -78,6 +82,8 @@ class Engine:
     def _forward(self, ids: torch.Tensor, decode_step: bool = False, **kwargs) -> torch.Tensor:
         """The model's next-token logits [B, V]; a `decode_step` of the sampling loop runs compiled if asked."""
         step = self._compiled if decode_step and self._compiled else _next_token_logits
+        if step is self._compiled and self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs may be overwritten now
         with self._packed.swapped_in():
             return step(self.model, ids, **kwargs)
 
@@ -239,15 +245,28 @@ class Engine:
     def _decode_loop(self, rows, params, ids, pads, key_padding, L, steps, generator, stop_ids, seen, counts,
                      constraint) -> Iterator[None]:
         B, dev = len(rows), self.device
-        pad_id = self.tokenizer.pad_token_id or 0
-
+        # Lookahead: queue step t + 1's forward pass before step t's tokens reach the host, so a GPU never
+        # idles while Python handles them. Everything the next step needs stays on the device; a row that has
+        # stopped is fed its own last token (rows never see each other, and its outputs are dropped). A grammar
+        # and no-repeat-ngram need every token on the host before the next step, so they go in lockstep.
+        lookahead = self.lookahead and constraint is None and not params.no_repeat_ngram_size
+        batch_index = torch.arange(B, device=dev)
+        bias = logit_bias_vector(params.logit_bias, self.model.config.vocab_size, dev)
         slots = torch.arange(L, device=dev)
         positions = (slots[None, :] - pads[:, None]).clamp(min=0)
         logits = self._forward(ids, input_pos=slots, position_ids=positions, key_padding=key_padding, kv_len=L)
+        slot = slots[-1:]
+
+        def next_step(chosen: torch.Tensor, step: int) -> torch.Tensor:
+            nonlocal slot
+            slot = slot + 1
+            kv_len = None if self._compiled else L + step + 1  # the whole cache when compiled: static shapes
+            return self._forward(chosen[:, None], decode_step=True, input_pos=slot,
+                                 position_ids=(slot - pads)[:, None], key_padding=key_padding, kv_len=kv_len)
+
         for step in range(steps):
-            active = [r.finish_reason is None for r in rows]
             histories = [r.prompt + r.tokens for r in rows] if params.no_repeat_ngram_size else None
-            processed = process_logits(logits, params, seen, counts, histories)
+            processed = process_logits(logits, params, seen, counts, histories, bias)
             if constraint is not None:
                 allowed = constraint.allowed(dev)
                 eos = self.tokenizer.eos_token_id
@@ -255,46 +274,56 @@ class Engine:
                     allowed[~allowed.any(dim=-1), eos] = True
                 processed = processed.masked_fill(~allowed, float("-inf"))
             chosen = sample_from(processed, params.greedy, generator)
+            outputs = [chosen]
             if params.logprobs is not None:
                 logp = logits.float().log_softmax(dim=-1)
-                top = torch.topk(logp, params.logprobs, dim=-1) if params.logprobs else None
-            chosen_list = chosen.tolist()
-            for i, r in enumerate(rows):
-                if not active[i]:
-                    continue
-                token = chosen_list[i]
-                if token in stop_ids or (constraint is not None and token == self.tokenizer.eos_token_id):
-                    r.finish_reason, r.stop_token_id = "stop", token
-                    continue
-                r.tokens.append(token)
-                if constraint is not None and not constraint.advance(i, token):
-                    r.finish_reason = "stop"  # the output is complete: the grammar allows nothing more
-                if params.logprobs is not None:
-                    alternatives = list(zip(top.indices[i].tolist(), top.values[i].tolist())) if top else []
-                    r.logprobs.append(TokenLogprob(token, logp[i, token].item(), alternatives))
-                r.text = self.tokenizer.decode(r.tokens)
-                if params.stop:
-                    cut = min((r.text.find(s) for s in params.stop if s in r.text), default=-1)
-                    if cut >= 0:
-                        r.text = r.text[:cut]
-                        r.finish_reason = "stop"
-                if r.finish_reason is None and len(r.tokens) >= params.max_new_tokens:
-                    r.finish_reason = "length"
+                outputs.append(logp.gather(-1, chosen[:, None])[:, 0])
+                if params.logprobs:
+                    top = torch.topk(logp, params.logprobs, dim=-1)
+                    outputs += [top.indices, top.values]
             if seen is not None:
-                seen[torch.arange(B, device=dev), chosen] = True
+                seen[batch_index, chosen] = True
             if counts is not None:
-                counts[torch.arange(B, device=dev), chosen] += 1
+                counts[batch_index, chosen] += 1
+            on_host, wait = _copy_to_host(outputs)
+            last = step == steps - 1
+            if lookahead and not last:
+                logits = next_step(chosen, step)
+            wait()
+            self._take(rows, params, stop_ids, constraint, *(t.tolist() for t in on_host))
             yield
-            if all(r.finish_reason is not None for r in rows) or step == steps - 1:
+            if last or all(r.finish_reason is not None for r in rows):
                 break
-            feed = torch.tensor([[t if r.finish_reason is None else pad_id] for t, r in zip(chosen_list, rows)],
-                                device=dev)
-            if constraint is not None:  # the next masks are computed while the model runs
-                constraint.start_masks([r.finish_reason is None for r in rows])
-            slot = torch.tensor([L + step], device=dev)
-            kv_len = None if self._compiled else L + step + 1  # the whole cache when compiled: static shapes
-            logits = self._forward(feed, decode_step=True, input_pos=slot, position_ids=(slot - pads)[:, None],
-                                   key_padding=key_padding, kv_len=kv_len)
+            if not lookahead:
+                if constraint is not None:  # the next masks are computed while the model runs
+                    constraint.start_masks([r.finish_reason is None for r in rows])
+                logits = next_step(chosen, step)
+
+    def _take(self, rows: list[_Row], params: SamplingParams, stop_ids: set[int], constraint, tokens: list[int],
+              logprobs: list[float] | None = None, top_ids: list[list[int]] | None = None,
+              top_logprobs: list[list[float]] | None = None) -> None:
+        """Add one step's tokens (on the host) to the rows still running, and see which of them stop."""
+        for i, r in enumerate(rows):
+            if r.finish_reason is not None:
+                continue
+            token = tokens[i]
+            if token in stop_ids or (constraint is not None and token == self.tokenizer.eos_token_id):
+                r.finish_reason, r.stop_token_id = "stop", token
+                continue
+            r.tokens.append(token)
+            if constraint is not None and not constraint.advance(i, token):
+                r.finish_reason = "stop"  # the output is complete: the grammar allows nothing more
+            if logprobs is not None:
+                alternatives = list(zip(top_ids[i], top_logprobs[i])) if top_ids else []
+                r.logprobs.append(TokenLogprob(token, logprobs[i], alternatives))
+            r.text = self.tokenizer.decode(r.tokens)
+            if params.stop:
+                cut = min((r.text.find(s) for s in params.stop if s in r.text), default=-1)
+                if cut >= 0:
+                    r.text = r.text[:cut]
+                    r.finish_reason = "stop"
+            if r.finish_reason is None and len(r.tokens) >= params.max_new_tokens:
+                r.finish_reason = "length"
 
     def _safe_delta(self, row: _Row, params: SamplingParams) -> str:
         """New text that can be shown now: not a partial UTF-8 character, not a possible stop-string start."""
@@ -319,6 +348,18 @@ class Engine:
         return Completion(text=row.text, token_ids=tokens, finish_reason=row.finish_reason or "length",
                           prompt_tokens=len(row.prompt), stop_token_id=row.stop_token_id,
                           logprobs=row.logprobs[:len(tokens)] if params.logprobs is not None else None)
+
+
+def _copy_to_host(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], Callable[[], None]]:
+    """Start copying `tensors` to the host; returns the copies and a function that waits until they are there.
+    From a GPU the copy goes through pinned memory and the wait is on an event recorded after it, so work
+    queued since (the next step) keeps running: no stream synchronization."""
+    if tensors[0].device.type != "cuda":
+        return tensors, lambda: None
+    copies = [t.to("cpu", non_blocking=True) for t in tensors]
+    arrived = torch.cuda.Event()
+    arrived.record()
+    return copies, arrived.synchronize
 
 
 def _next_token_logits(model: DecoderLM, ids: torch.Tensor, **kwargs) -> torch.Tensor:

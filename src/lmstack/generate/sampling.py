@@ -163,27 +163,42 @@ def apply_typical_p(logits: torch.Tensor, mass: float) -> torch.Tensor:
     return logits.masked_fill(remove.scatter(-1, order, remove), NEG_INF)
 
 
+def logit_bias_vector(logit_bias: dict[int, float], vocab_size: int,
+                      device: torch.device | str = "cpu") -> torch.Tensor | None:
+    """`logit_bias` as a dense [V] vector to add to logits (None when there is none). Built once per
+    generation: a fresh host-to-device copy per step would make a GPU wait."""
+    if not logit_bias:
+        return None
+    bias = torch.zeros(vocab_size)
+    bias[list(logit_bias)] = torch.tensor(list(logit_bias.values()), dtype=torch.float32)
+    return bias.to(device)
+
+
 def process_logits(
     logits: torch.Tensor,
     params: SamplingParams,
     seen: torch.Tensor | None = None,
     counts: torch.Tensor | None = None,
     histories: list[list[int]] | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """All of `params`' processors on logits [B, V]; `seen`/`counts`/`histories` describe what came before."""
+    """All of `params`' processors on logits [B, V]; `seen`/`counts`/`histories` describe what came before,
+    `bias` is `logit_bias_vector(params.logit_bias, ...)` if the caller keeps one. `logits` is not modified."""
     logits = logits.float()
     if params.repetition_penalty != 1.0 and seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if (params.frequency_penalty or params.presence_penalty) and counts is not None:
         logits = apply_frequency_presence(logits, counts, params.frequency_penalty, params.presence_penalty)
     if params.no_repeat_ngram_size and histories is not None:
-        for row, tokens in enumerate(histories):
-            banned = banned_ngram_tokens(tokens, params.no_repeat_ngram_size)
-            if banned:
-                logits[row, list(banned)] = NEG_INF
-    if params.logit_bias:
-        ids = torch.tensor(list(params.logit_bias), device=logits.device)
-        logits[:, ids] += torch.tensor(list(params.logit_bias.values()), device=logits.device)
+        banned = [(row, token) for row, tokens in enumerate(histories)
+                  for token in banned_ngram_tokens(tokens, params.no_repeat_ngram_size)]
+        if banned:
+            logits = logits.clone()
+            logits[tuple(zip(*banned))] = NEG_INF
+    if bias is None:
+        bias = logit_bias_vector(params.logit_bias, logits.size(-1), logits.device)
+    if bias is not None:
+        logits = logits + bias
     if params.greedy:
         return logits
     if params.temperature != 1.0:
@@ -198,7 +213,18 @@ def sample_from(logits: torch.Tensor, greedy: bool, generator: torch.Generator |
     """argmax, or one draw per row from softmax(logits) (rows are already processed)."""
     if greedy:
         return logits.argmax(dim=-1)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+    probs = logits.softmax(dim=-1)
+    if probs.device.type == "cuda":
+        return exponential_race(probs, generator)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def exponential_race(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per row of `probs`: argmax(p / E) with E ~ Exp(1) independent per token, i.e. the first of
+    exponential clocks with rates p to ring, which is token i with probability p_i. On a GPU it runs without
+    the host sync that torch.multinomial spends checking its input."""
+    race = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / race).argmax(dim=-1)
 
 
 def sample_next_token(

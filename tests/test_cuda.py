@@ -1,0 +1,115 @@
+"""The GPU paths: decoding with lookahead and CUDA graphs, no host sync per token, int8 weights, sampling
+and a bf16 training run. They need CUDA and skip without it (CI has no GPU)."""
+
+import warnings
+
+import pytest
+import torch
+
+import lmstack
+from lmstack import Engine
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+PROMPTS = ["ROMEO:", "First Citizen:\nBefore we proceed", "O"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    text = (REPO / "data" / "tinyshakespeare.txt").read_text()[:100_000]
+    tok = lmstack.Tokenizer.train([text], vocab_size=400, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    torch.manual_seed(0)
+    model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", vocab_size=400)).eval()
+    with torch.no_grad():  # sharp distributions: greedy paths without near-ties
+        model.lm_head.weight.mul_(20)
+    return model.cuda(), tok
+
+
+def count_syncs(fn) -> int:
+    """How many synchronizing CUDA operations `fn` makes (PyTorch's sync debug mode, as warnings)."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchronizing" in str(w.message) for w in caught)
+
+
+def test_lookahead_and_cuda_graphs_give_the_same_tokens(tiny):
+    model, tok = tiny
+    params = dict(max_new_tokens=16, temperature=0, ignore_eos=True)
+    lockstep = Engine(model, tok, lookahead=False).generate(PROMPTS, **params)
+    ahead = Engine(model, tok).generate(PROMPTS, **params)
+    graphed = Engine(model, tok, compile=True)
+    graphed.generate(PROMPTS, **params)  # warm-up and CUDA graph capture
+    again = graphed.generate(PROMPTS, **params)
+    assert [c.token_ids for c in ahead] == [c.token_ids for c in lockstep]
+    assert [c.token_ids for c in again] == [c.token_ids for c in lockstep]
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=0.8, top_p=0.9, seed=1)],
+                         ids=["greedy", "sampled"])
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "graphed"])
+def test_decoding_makes_no_host_sync_per_token(tiny, sampling, compile):
+    """A longer generation makes no more synchronizing calls than a shorter one: each step's tokens reach
+    the host through an event, never by waiting for the whole stream."""
+    model, tok = tiny
+    assert count_syncs(lambda: [x.item() for x in torch.ones(3, device="cuda")]) == 3  # the counter counts
+    engine = Engine(model, tok, compile=compile)
+
+    def run(n):
+        return lambda: engine.generate(PROMPTS, max_new_tokens=n, ignore_eos=True, **sampling)
+
+    run(24)(), run(8)()  # warm-up (compilation, graph capture)
+    assert count_syncs(run(24)) == count_syncs(run(8))
+
+
+def test_int8_linear_on_the_gpu(tiny):
+    from lmstack.quantize import QuantizedLinear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 512, bias=True).cuda()
+    q = QuantizedLinear.from_linear(linear, bits=8, dtype=torch.bfloat16).cuda()
+    x = torch.randn(3, 7, 256, device="cuda", dtype=torch.bfloat16)
+    expected = torch.nn.functional.linear(x.float(), q.dequantized().float(), q.bias.float())
+    for fn in (q, torch.compile(q)):
+        assert (fn(x).float() - expected).abs().max().item() < 0.05 * expected.abs().max().item()
+
+
+def test_exponential_race_on_the_gpu_is_seeded_and_unbiased():
+    from lmstack.generate.sampling import exponential_race
+
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05], device="cuda").repeat(50_000, 1)
+    draws = [exponential_race(probs, torch.Generator(device="cuda").manual_seed(3)) for _ in range(2)]
+    assert torch.equal(draws[0], draws[1])
+    freq = torch.bincount(draws[0], minlength=4).float() / len(draws[0])
+    assert torch.allclose(freq, probs[0], atol=0.01)
+
+
+def test_bf16_compiled_training_follows_the_cpu_run(tmp_path):
+    """A few steps of compiled bf16 training with fused AdamW on the GPU track the float32 CPU run."""
+    import json
+
+    from lmstack.data.shards import prepare_shards
+    from lmstack.train.config import load_config
+    from lmstack.train.loop import train
+
+    corpus = REPO / "data" / "tinyshakespeare.txt"
+    data = tmp_path / "data"
+    prepare_shards([corpus], lmstack.Tokenizer.train_chars([corpus.read_text()]), data, progress=False)
+    losses = {}
+    for device, precision, compile in (("cpu", "fp32", False), ("cuda", "bf16", True)):
+        out = tmp_path / device
+        cfg = load_config(None, ["--data", str(data), "--out_dir", str(out), "--device", device, "--precision",
+                                 precision, "--compile", str(compile).lower(), "--max_steps", "8", "--block_size",
+                                 "64", "--batch_size", "8", "--log_interval", "1", "--eval_interval", "8",
+                                 "--progress", "false", "--model.n_layer", "2", "--model.dropout", "0"])
+        train(cfg)
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses[device] = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses["cuda"]) == len(losses["cpu"]) == 8
+    assert max(abs(a - b) for a, b in zip(losses["cuda"], losses["cpu"])) < 0.05
+    assert losses["cuda"][-1] < losses["cuda"][0]
