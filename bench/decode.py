@@ -51,6 +51,33 @@ class _NoTokenizer:
         return ""
 
 
+def bytes_read_per_step(model) -> int:
+    """Weight bytes a decode step reads: every parameter and weight buffer but the input embedding table, of
+    which it reads one row per token (as gpt-fast counts; a table tied to the output head is read by the head).
+    The KV cache is left out."""
+    from lmstack.models.attention import KVCache
+
+    skip = {id(t) for m in model.modules() if isinstance(m, KVCache) for t in m.buffers()}
+    if not model.config.tie_embeddings:
+        skip |= {id(t) for t in model.embed.parameters()}
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()) if id(t) not in skip)
+
+
+def time_decode(run, batch: int, new_tokens: int, device) -> tuple[float, float]:
+    """(decode tokens/s, seconds to the first token): one warm-up, one single-token run, one full run."""
+    run(2)
+    sync(device)
+    t0 = time.perf_counter()
+    run(1)
+    sync(device)
+    ttft = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    run(new_tokens)
+    sync(device)
+    total = time.perf_counter() - t0
+    return batch * (new_tokens - 1) / max(total - ttft, 1e-9), ttft
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -75,7 +102,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         lmstack.save_model(ours, d)
         theirs = AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(device).eval()
-    weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())
+    weight_bytes = bytes_read_per_step(ours)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{args.shape}: {ours.num_params():,} parameters ({weight_bytes / 1e9:.2f} GB), {args.dtype}, {name}, "
           f"prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy")
@@ -95,25 +122,13 @@ def main() -> None:
 
         results = {}
         for who, run in (("lmstack", run_ours), ("transformers", run_theirs)):
-            run(2)  # warm up
-            sync(device)
-            t0 = time.perf_counter()
-            run(1)
-            sync(device)
-            ttft = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            run(args.new_tokens)
-            sync(device)
-            total = time.perf_counter() - t0
-            tok_s = batch * (args.new_tokens - 1) / max(total - ttft, 1e-9)
-            results[who] = tok_s
+            results[who] = tok_s, ttft = time_decode(run, batch, args.new_tokens, device)
             line = f"  batch {batch:>3} {who:>12}: {tok_s:10,.1f} tok/s, first token {ttft * 1000:7.1f} ms"
-            peak = next((v for k, v in PEAK_BANDWIDTH.items() if k in name), None)
             if device.type == "cuda" and batch == 1:
-                gbs = weight_bytes * tok_s
-                line += f", {gbs / 1e9:7.1f} GB/s" + (f" = {gbs / peak:.1%} of the weight-read bound" if peak else "")
+                line += bandwidth(weight_bytes * tok_s, name)
             print(line)
-        print(f"  batch {batch:>3} ratio lmstack / transformers: {results['lmstack'] / results['transformers']:.2f}")
+        ratio = results["lmstack"][0] / results["transformers"][0]
+        print(f"  batch {batch:>3} ratio lmstack / transformers: {ratio:.2f}")
     if args.quantize:
         from lmstack.quantize import model_bytes, quantize_model
 
@@ -121,16 +136,25 @@ def main() -> None:
                        dtype=dtype if dtype != torch.float32 else torch.bfloat16)
         qengine = lmstack.Engine(ours, _NoTokenizer(), max_batch_size=max_batch,
                                  max_seq_len=args.prompt_len + args.new_tokens, compile=args.compile)
+        weight_bytes = bytes_read_per_step(ours)
         for batch in args.batch:
             prompts = torch.randint(0, ours.config.vocab_size, (batch, args.prompt_len), generator=g).tolist()
-            qengine.generate(prompts, max_new_tokens=2, temperature=0, ignore_eos=True)
-            sync(device)
-            t0 = time.perf_counter()
-            qengine.generate(prompts, max_new_tokens=args.new_tokens, temperature=0, ignore_eos=True)
-            sync(device)
-            tok_s = batch * args.new_tokens / (time.perf_counter() - t0)
-            print(f"  batch {batch:>3} lmstack int{args.quantize}: {tok_s:10,.1f} tok/s (prefill included), "
-                  f"{model_bytes(ours) / 1e9:.2f} GB of weights")
+
+            def run_quantized(n, prompts=prompts):
+                return qengine.generate(prompts, max_new_tokens=n, temperature=0, ignore_eos=True)
+
+            tok_s, ttft = time_decode(run_quantized, batch, args.new_tokens, device)
+            line = (f"  batch {batch:>3} lmstack int{args.quantize}: {tok_s:10,.1f} tok/s, first token "
+                    f"{ttft * 1000:7.1f} ms, {model_bytes(ours) / 1e9:.2f} GB of weights")
+            if device.type == "cuda" and batch == 1:
+                line += bandwidth(weight_bytes * tok_s, name)
+            print(line)
+
+
+def bandwidth(bytes_per_s: float, device_name: str) -> str:
+    peak = next((v for k, v in PEAK_BANDWIDTH.items() if k in device_name), None)
+    share = f" = {bytes_per_s / peak:.1%} of the weight-read bound" if peak else ""
+    return f", {bytes_per_s / 1e9:7.1f} GB/s{share}"
 
 
 if __name__ == "__main__":

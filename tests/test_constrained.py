@@ -58,6 +58,16 @@ def test_regex_choice_and_grammar(random_engine):
         assert re.fullmatch(r"\(\d{1,2}(\+\d{1,2})*\)", c.text) or c.finish_reason == "length"
 
 
+@pytest.mark.parametrize("truncation", [dict(top_k=1), dict(top_k=5), dict(top_p=0.05), dict(min_p=0.9),
+                                        dict(typical_p=0.2), dict(temperature=0)], ids=str)
+def test_truncating_samplers_choose_among_allowed_tokens(random_engine, truncation):
+    """The grammar masks the logits before top-k / top-p / min-p / typical-p cut them: a truncation that
+    would keep only forbidden tokens still yields valid output."""
+    params = dict(dict(temperature=1.0, seed=4), **truncation)
+    outs = random_engine.generate("x", max_new_tokens=12, n=4, regex=r"(19|20)[0-9]{2}", **params)
+    assert all(re.fullmatch(r"(19|20)[0-9]{2}", c.text) for c in outs)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(json_schema={"type": "nonsense"}), "json_schema: the grammar engine rejects it"),
     (dict(json_schema="{not json"), "json_schema is not a JSON object"),

@@ -120,6 +120,10 @@ def test_sampled_frequencies_match_the_distribution(sampler):
 @pytest.mark.parametrize("bad,match", [
     (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(temperature=-1), "temperature"),
     (dict(stop=[5]), "stop"), (dict(n=0), "n="), (dict(repetition_penalty=0), "repetition_penalty"),
+    (dict(top_k=2.5), "top_k"), (dict(n=2.5), "n="), (dict(temperature=None), "temperature"),
+    (dict(top_p="0.5"), "top_p"), (dict(frequency_penalty=float("nan")), "frequency_penalty"),
+    (dict(stop_token_ids=5), "stop_token_ids"), (dict(stop_token_ids=[-5]), "stop_token_ids"),
+    (dict(logit_bias={"a": 1.0}), "logit_bias"), (dict(choice="yes"), "choice"),
 ])
 def test_bad_sampling_parameters_name_the_parameter(bad, match):
     with pytest.raises(LMStackError, match=match):
@@ -225,7 +229,14 @@ def test_prompt_too_long(tiny):
     with pytest.raises(LMStackError, match="prompt 0 has .* tokens.*truncate_prompt"):
         Engine(model, tok).generate(long, max_new_tokens=10)
     out = Engine(model, tok).generate(long, max_new_tokens=10, truncate_prompt=True, ignore_eos=True)[0]
-    assert out.prompt_tokens + 10 <= model.config.block_size and len(out.token_ids) == 10
+    assert out.prompt_tokens + 10 == model.config.block_size and len(out.token_ids) == 10
+    S, short = model.config.block_size, tok.encode("ROMEO:")
+    # a short prompt and more new tokens than fit: generation stops at the end of the context
+    out = Engine(model, tok).generate("ROMEO:", max_new_tokens=S + 50, ignore_eos=True, temperature=0)[0]
+    assert len(out.token_ids) == S - len(short) and out.finish_reason == "length"
+    # truncation keeps at least half the context for the prompt
+    out = Engine(model, tok).generate(long, max_new_tokens=S + 50, truncate_prompt=True, ignore_eos=True)[0]
+    assert out.prompt_tokens == S - S // 2 and len(out.token_ids) == S // 2
 
 
 def test_smollm2_engine_answers_and_matches_transformers(smollm2_gguf):
@@ -293,6 +304,19 @@ def test_cli_generate_and_chat(tmp_path, monkeypatch, capsys):
     assert replies[0] == replies[2]  # after /reset the same question gets the same (greedy) answer
     assert main(["generate", "x", "--model", str(tmp_path), "--temperature", "-1"]) == 1
     assert "temperature=-1.0: must be >= 0" in capsys.readouterr().err
+    # bad input: one line naming what is wrong, no traceback
+    for args, message in (
+            (["--grammar", str(tmp_path / "missing.lark")], "No such file or directory"),
+            (["--num-beams", "0"], "--num-beams 0: must be >= 1"),
+            (["--logit-bias", "99999=1"], "token id 99999 is outside the vocabulary of 400"),
+            (["--stop-token-ids", "-5"], "stop_token_ids=[-5]"),
+            (["--device", "tpu9"], "unknown device 'tpu9'")):
+        assert main(["generate", "x", *common, *args]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    if not torch.cuda.is_available():
+        assert main(["generate", "x", *common, "--device", "cuda"]) == 1
+        assert "this PyTorch has no CUDA, or no GPU is visible" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("option", [{"pack_weights": False}, {"compile": True}], ids=["unpacked", "compiled"])
@@ -329,3 +353,18 @@ def test_lookahead_gives_the_same_completions(tiny, case):
     one = dict(params, n=1)
     assert list(Engine(model, tok, lookahead=True).stream(PROMPTS[0], **one)) == \
         list(Engine(model, tok, lookahead=False).stream(PROMPTS[0], **one))
+
+
+def test_engines_sharing_a_model_keep_working(tiny):
+    """The KV cache lives in the model: an engine reallocates it when another user replaced or freed it."""
+    from lmstack.generate import generate_ids
+
+    model, tok, _ = tiny
+    params = dict(max_new_tokens=8, temperature=0, ignore_eos=True)
+    first = Engine(model, tok, max_batch_size=4, max_seq_len=64)
+    before = first.generate(PROMPTS, **params)
+    lmstack.generate(model, tok, "O", **params)
+    Engine(model, tok, max_seq_len=32).generate("ROMEO:", **params)
+    generate_ids(model, tok.encode("ROMEO:"), 4)  # frees the cache when done
+    after = first.generate(PROMPTS, **params)
+    assert [c.token_ids for c in after] == [c.token_ids for c in before]

@@ -224,6 +224,8 @@ def _generate(args: argparse.Namespace) -> None:
               f"{stats.acceptance_rate:.0%}; {stats.target_passes} target passes for {len(out.token_ids)} tokens)",
               file=sys.stderr)
         return
+    if args.num_beams < 1:
+        raise LMStackError(f"--num-beams {args.num_beams}: must be >= 1 (1 means no beam search)")
     if args.num_beams > 1:
         for c in engine.beam_search(prompt, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
                                     num_return_sequences=args.n, ignore_eos=args.ignore_eos):
@@ -538,7 +540,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.func(args, extra)
         else:
             args.func(args)
-    except LMStackError as e:
+    except (LMStackError, OSError) as e:  # bad input, a missing or unreadable file: one line, no traceback
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)

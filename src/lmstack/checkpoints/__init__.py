@@ -25,6 +25,8 @@ def load_model(
     """
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
+    if device is not None:
+        device = parse_device(device)
     if Path(path).suffix == ".gguf":
         from lmstack.checkpoints.gguf import load_gguf_model
 
@@ -143,4 +145,18 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-__all__: list[Any] = ["load_model", "save_model", "load_tokenizer", "parse_dtype"]
+def parse_device(device: torch.device | str) -> torch.device:
+    """`device` as a torch.device, or an error that says why it cannot be used here."""
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise LMStackError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LMStackError(f"device {str(device)!r}: this PyTorch has no CUDA, or no GPU is visible")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise LMStackError(f"device {str(device)!r}: only {torch.cuda.device_count()} GPU(s) visible")
+    return device
+
+
+__all__: list[Any] = ["load_model", "save_model", "load_tokenizer", "parse_device", "parse_dtype"]

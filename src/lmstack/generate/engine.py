@@ -107,7 +107,7 @@ class Engine:
         if params.n != 1:
             raise LMStackError("stream() makes one completion; use generate() for n > 1")
         row = _Row(self._encode([prompt] if isinstance(prompt, str) else [list(prompt)], params)[0])
-        for _ in self._run([row], params, 0):
+        for _ in self._run([row], params, 0, stream=True):
             delta = self._safe_delta(row, params)
             if delta:
                 yield delta
@@ -123,6 +123,8 @@ class Engine:
         sequences by summed log-probability; a sequence ending in eos is scored sum / length**length_penalty
         (eos counted) and kept among the `num_beams` best finished ones; stop when no running beam can beat the
         worst of those, or at `max_new_tokens`, where the running beams are scored the same way."""
+        if num_beams < 1:
+            raise LMStackError(f"num_beams={num_beams}: must be >= 1")
         if not 1 <= num_return_sequences <= num_beams:
             raise LMStackError(f"num_return_sequences={num_return_sequences} must be between 1 and num_beams")
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0, ignore_eos=ignore_eos)
@@ -178,20 +180,22 @@ class Engine:
             if not ids:
                 ids = [self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None
                        else self.tokenizer.eos_token_id or 0]
-            room = self.max_seq_len - max(1, min(params.max_new_tokens, self.max_seq_len - 1))
-            if len(ids) > room:
-                if not params.truncate_prompt:
-                    raise LMStackError(
-                        f"prompt {i} has {len(ids)} tokens; with max_new_tokens={params.max_new_tokens} at most "
-                        f"{room} fit the context of {self.max_seq_len} (set truncate_prompt=True to keep its end)")
-                ids = ids[-room:]
+            if len(ids) >= self.max_seq_len and not params.truncate_prompt:
+                raise LMStackError(
+                    f"prompt {i} has {len(ids)} tokens; the context holds {self.max_seq_len}, with room for "
+                    f"a new token at most {self.max_seq_len - 1} (set truncate_prompt=True to keep its end)")
+            if params.truncate_prompt:  # keep the end, leaving room for max_new_tokens or half the context
+                ids = ids[-(self.max_seq_len - max(1, min(params.max_new_tokens, self.max_seq_len // 2))):]
             out.append(ids)
         return out
 
     def _ensure_cache(self, batch: int) -> None:
-        """Allocate the cache on first use, and again only if a larger batch comes."""
-        if self._cache_batch < batch or self.model.layers[0].attn.kv_cache is None:
-            self._cache_batch = max(batch, self._cache_batch)
+        """Allocate the cache on first use, and again only if a larger batch comes or something else that
+        uses the model (another engine, `generate_ids`, speculative decoding) has replaced or freed it."""
+        self._cache_batch = max(batch, self._cache_batch)
+        cache = self.model.layers[0].attn.kv_cache
+        if (cache is None or cache.k.shape[0] < self._cache_batch or cache.k.shape[2] != self.max_seq_len
+                or cache.k.device != self.device or cache.k.dtype != self.model.embed.weight.dtype):
             self.model.setup_kv_cache(self._cache_batch, self.max_seq_len, device=self.device)
 
     def _stop_ids(self, params: SamplingParams) -> set[int]:
@@ -201,8 +205,9 @@ class Engine:
         return ids
 
     @torch.no_grad()
-    def _run(self, rows: list[_Row], params: SamplingParams, seed_offset: int) -> Iterator[None]:
-        """Decode `rows` together; yields after every step so callers can stream."""
+    def _run(self, rows: list[_Row], params: SamplingParams, seed_offset: int,
+             stream: bool = False) -> Iterator[None]:
+        """Decode `rows` together; yields after every step (with each row's text up to date if `stream`)."""
         B, L = len(rows), max(len(r.prompt) for r in rows)
         steps = min(params.max_new_tokens, self.max_seq_len - L)
         if steps <= 0:
@@ -232,18 +237,21 @@ class Engine:
 
             constraint = Constraint(*constraint_grammar(**params.constraint), self.tokenizer, V, B)
             constraint.start_masks([True] * B)  # overlaps with the prefill
+        text_each_step = stream or bool(params.stop)
         try:
             yield from self._decode_loop(rows, params, ids, pads, key_padding, L, steps, generator, stop_ids,
-                                         seen, counts, constraint)
+                                         seen, counts, constraint, text_each_step)
         finally:
             if constraint is not None:
                 constraint.close()
         for r in rows:
             if r.finish_reason is None:
                 r.finish_reason = "length"
+            if not text_each_step:
+                r.text = self.tokenizer.decode(r.tokens)
 
     def _decode_loop(self, rows, params, ids, pads, key_padding, L, steps, generator, stop_ids, seen, counts,
-                     constraint) -> Iterator[None]:
+                     constraint, text_each_step) -> Iterator[None]:
         B, dev = len(rows), self.device
         # Lookahead: queue step t + 1's forward pass before step t's tokens reach the host, so a GPU never
         # idles while Python handles them. Everything the next step needs stays on the device; a row that has
@@ -266,14 +274,15 @@ class Engine:
 
         for step in range(steps):
             histories = [r.prompt + r.tokens for r in rows] if params.no_repeat_ngram_size else None
-            processed = process_logits(logits, params, seen, counts, histories, bias)
-            if constraint is not None:
+            scores = logits
+            if constraint is not None:  # before the truncations, so top-k / top-p choose among allowed tokens
                 allowed = constraint.allowed(dev)
                 eos = self.tokenizer.eos_token_id
                 if eos is not None:  # a matcher with nothing left to allow may still end
                     allowed[~allowed.any(dim=-1), eos] = True
-                processed = processed.masked_fill(~allowed, float("-inf"))
-            chosen = sample_from(processed, params.greedy, generator)
+                scores = logits.float().masked_fill(~allowed, float("-inf"))
+            chosen = sample_from(process_logits(scores, params, seen, counts, histories, bias), params.greedy,
+                                 generator)
             outputs = [chosen]
             if params.logprobs is not None:
                 logp = logits.float().log_softmax(dim=-1)
@@ -290,7 +299,7 @@ class Engine:
             if lookahead and not last:
                 logits = next_step(chosen, step)
             wait()
-            self._take(rows, params, stop_ids, constraint, *(t.tolist() for t in on_host))
+            self._take(rows, params, stop_ids, constraint, text_each_step, *(t.tolist() for t in on_host))
             yield
             if last or all(r.finish_reason is not None for r in rows):
                 break
@@ -299,10 +308,12 @@ class Engine:
                     constraint.start_masks([r.finish_reason is None for r in rows])
                 logits = next_step(chosen, step)
 
-    def _take(self, rows: list[_Row], params: SamplingParams, stop_ids: set[int], constraint, tokens: list[int],
+    def _take(self, rows: list[_Row], params: SamplingParams, stop_ids: set[int], constraint, text: bool,
+              tokens: list[int],
               logprobs: list[float] | None = None, top_ids: list[list[int]] | None = None,
               top_logprobs: list[list[float]] | None = None) -> None:
-        """Add one step's tokens (on the host) to the rows still running, and see which of them stop."""
+        """Add one step's tokens (on the host) to the rows still running, and see which of them stop. The text
+        is decoded only if `text` (streaming or stop strings): else once at the end, not every step."""
         for i, r in enumerate(rows):
             if r.finish_reason is not None:
                 continue
@@ -316,8 +327,8 @@ class Engine:
             if logprobs is not None:
                 alternatives = list(zip(top_ids[i], top_logprobs[i])) if top_ids else []
                 r.logprobs.append(TokenLogprob(token, logprobs[i], alternatives))
-            r.text = self.tokenizer.decode(r.tokens)
-            if params.stop:
+            if text:
+                r.text = self.tokenizer.decode(r.tokens)
                 cut = min((r.text.find(s) for s in params.stop if s in r.text), default=-1)
                 if cut >= 0:
                     r.text = r.text[:cut]

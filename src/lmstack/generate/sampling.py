@@ -57,6 +57,20 @@ class SamplingParams:
         def bad(name: str, rule: str) -> LMStackError:
             return LMStackError(f"{name}={getattr(self, name)!r}: {rule}")
 
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        for name in ("temperature", "top_p", "min_p", "typical_p", "repetition_penalty", "frequency_penalty",
+                     "presence_penalty"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
+                raise bad(name, "must be a finite number")
+        for name in ("max_new_tokens", "n", "no_repeat_ngram_size"):
+            if not is_int(getattr(self, name)):
+                raise bad(name, "must be an integer")
+        for name in ("top_k", "seed", "logprobs"):
+            if getattr(self, name) is not None and not is_int(getattr(self, name)):
+                raise bad(name, "must be an integer or None")
         if self.temperature < 0 or not math.isfinite(self.temperature):
             raise bad("temperature", "must be >= 0 (0 means greedy)")
         if not 0 < self.top_p <= 1:
@@ -77,8 +91,16 @@ class SamplingParams:
             raise bad("no_repeat_ngram_size", "must be >= 0")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             raise bad("stop", "must be a list of non-empty strings")
-        if not all(isinstance(t, int) for t in self.stop_token_ids):
-            raise bad("stop_token_ids", "must be a list of token ids")
+        if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
+                is_int(t) and t >= 0 for t in self.stop_token_ids):
+            raise bad("stop_token_ids", "must be a list of token ids (integers >= 0)")
+        if not isinstance(self.logit_bias, dict) or not all(
+                is_int(t) and t >= 0 and isinstance(b, (int, float)) and math.isfinite(b)
+                for t, b in self.logit_bias.items()):
+            raise bad("logit_bias", "must map token ids (integers >= 0) to finite numbers")
+        if self.choice is not None and (not isinstance(self.choice, (list, tuple)) or not self.choice
+                                        or not all(isinstance(c, str) and c for c in self.choice)):
+            raise bad("choice", "must be a non-empty list of non-empty strings")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise bad("logprobs", "must be between 0 and 20")
         given = [k for k in ("choice", "regex", "json_schema", "grammar") if getattr(self, k) is not None]
@@ -169,6 +191,8 @@ def logit_bias_vector(logit_bias: dict[int, float], vocab_size: int,
     generation: a fresh host-to-device copy per step would make a GPU wait."""
     if not logit_bias:
         return None
+    if max(logit_bias) >= vocab_size:
+        raise LMStackError(f"logit_bias: token id {max(logit_bias)} is outside the vocabulary of {vocab_size}")
     bias = torch.zeros(vocab_size)
     bias[list(logit_bias)] = torch.tensor(list(logit_bias.values()), dtype=torch.float32)
     return bias.to(device)

@@ -74,7 +74,9 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
     if cfg.device == "auto":
         device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     else:
-        device = torch.device(cfg.device)
+        from lmstack.checkpoints import parse_device
+
+        device = parse_device(cfg.device)
         if device.type == "cuda" and device.index is None:
             device = torch.device(f"cuda:{local}")
     if device.type == "cuda":
