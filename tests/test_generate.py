@@ -169,6 +169,8 @@ def test_batched_equals_one_by_one(tiny):
     batched = engine.generate(PROMPTS, max_new_tokens=15, temperature=0, ignore_eos=True)
     single = [engine.generate(p, max_new_tokens=15, temperature=0, ignore_eos=True)[0] for p in PROMPTS]
     assert [c.token_ids for c in batched] == [c.token_ids for c in single]
+    as_ids = engine.generate(tok.encode(PROMPTS[0]), max_new_tokens=15, temperature=0, ignore_eos=True)
+    assert len(as_ids) == 1 and as_ids[0].token_ids == single[0].token_ids  # one prompt given as token ids
 
 
 def test_seeded_samples_are_reproducible(tiny):
@@ -304,6 +306,11 @@ def test_cli_generate_and_chat(tmp_path, monkeypatch, capsys):
     assert replies[0] == replies[2]  # after /reset the same question gets the same (greedy) answer
     assert main(["generate", "x", "--model", str(tmp_path), "--temperature", "-1"]) == 1
     assert "temperature=-1.0: must be >= 0" in capsys.readouterr().err
+    assert main(["generate", "ROMEO:", *common, "--logprobs", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == expected and len(lines) == 9 and all(line.count("|") == 1 for line in lines[1:])
+    assert main(["generate", "ROMEO:", *common, "--num-beams", "2", "--length-penalty", "0.5"]) == 0
+    assert capsys.readouterr().out.strip()
     # bad input: one line naming what is wrong, no traceback
     for args, message in (
             (["--grammar", str(tmp_path / "missing.lark")], "No such file or directory"),

@@ -180,7 +180,7 @@ def _sampling_params(args: argparse.Namespace):
         frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
         no_repeat_ngram_size=args.no_repeat_ngram_size, logit_bias=bias, stop=args.stop or [],
         stop_token_ids=args.stop_token_ids or [], ignore_eos=args.ignore_eos, n=args.n, seed=args.seed,
-        truncate_prompt=args.truncate_prompt)
+        truncate_prompt=args.truncate_prompt, logprobs=getattr(args, "logprobs", None))
 
 
 def _load_engine(args: argparse.Namespace):
@@ -228,10 +228,11 @@ def _generate(args: argparse.Namespace) -> None:
         raise LMStackError(f"--num-beams {args.num_beams}: must be >= 1 (1 means no beam search)")
     if args.num_beams > 1:
         for c in engine.beam_search(prompt, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
-                                    num_return_sequences=args.n, ignore_eos=args.ignore_eos):
+                                    length_penalty=args.length_penalty, num_return_sequences=args.n,
+                                    ignore_eos=args.ignore_eos):
             print(c.text)
         return
-    if params.n == 1 and not args.no_stream:
+    if params.n == 1 and not args.no_stream and params.logprobs is None:
         for delta in engine.stream(prompt, params):
             print(delta, end="", flush=True)
         print()
@@ -240,6 +241,10 @@ def _generate(args: argparse.Namespace) -> None:
         if params.n > 1:
             print(f"--- sample {i + 1} ({c.finish_reason}, {len(c.token_ids)} tokens)")
         print(c.text)
+        for lp in c.logprobs or []:  # one line per token: the token, its logprob, then the alternatives
+            alternatives = "  ".join(f"{engine.tokenizer.decode([t])!r} {v:.3f}" for t, v in lp.top)
+            print(f"  {engine.tokenizer.decode([lp.token_id])!r} {lp.logprob:.3f}" +
+                  (f"  | {alternatives}" if alternatives else ""))
 
 
 def _chat(args: argparse.Namespace) -> None:
@@ -455,6 +460,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(gen)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message (chat template)")
     gen.add_argument("--num-beams", type=int, default=1, help="> 1: beam search")
+    gen.add_argument("--length-penalty", type=float, default=1.0,
+                     help="beam search: a finished beam scores its log-probability / length ** this")
+    gen.add_argument("--logprobs", type=int, default=None, metavar="K",
+                     help="print each token's log-probability and its K most likely alternatives")
     gen.add_argument("--no-stream", action="store_true")
     gen.add_argument("--speculative", default=None, metavar="DRAFT",
                      help="speculative decoding with a draft model directory, or 'prompt_lookup'")

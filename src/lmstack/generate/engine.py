@@ -172,8 +172,8 @@ class Engine:
     # ------------------------------------------------------------------------------------------ internals
 
     def _encode(self, prompts, params: SamplingParams) -> list[list[int]]:
-        if isinstance(prompts, str):
-            prompts = [prompts]
+        if isinstance(prompts, str) or (prompts and all(isinstance(t, int) for t in prompts)):
+            prompts = [prompts]  # one prompt, as text or token ids
         out = []
         for i, p in enumerate(prompts):
             ids = self.tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p]
