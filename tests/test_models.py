@@ -225,11 +225,13 @@ def test_loss_ignores_minus_100():
 
 
 def test_flops_per_token_gpt2():
-    # nanoGPT's estimate for GPT-2 124M at T=1024: 6 N + 12 L H Q T with N the non-embedding count.
+    # nanoGPT's estimate for GPT-2 124M at T=1024: 6 N + 12 L H Q T, with N all parameters but the position
+    # embedding (the token embedding is the tied output head's weight, so it counts).
     with torch.device("meta"):
         model = DecoderLM(ModelConfig.from_name("gpt2"))
-    n = model.num_params(non_embedding=True)
-    assert n == 124_439_808 - 50257 * 768 - 1024 * 768
+    assert model.num_params(non_embedding=True) == 124_439_808 - 50257 * 768 - 1024 * 768
+    n = active_params(model)
+    assert n == 124_439_808 - 1024 * 768
     assert flops_per_token(model.config, n, 1024) == 6 * n + 12 * 12 * 12 * 64 * 1024
 
 

@@ -133,7 +133,16 @@ class ModelConfig:
         """A named preset (see `PRESETS`), optionally with fields changed."""
         if name not in PRESETS:
             raise LMStackError(f"unknown model preset {name!r}; known presets: {sorted(PRESETS)}")
+        cls.check_settings(changes)
         return cls(name=name, **{**PRESETS[name], **changes})
+
+    @classmethod
+    def check_settings(cls, changes: dict[str, Any], where: str = "model") -> None:
+        """Name the keys of `changes` that are not ModelConfig fields, and list the valid ones."""
+        valid = {f.name for f in dataclasses.fields(cls)} - {"name"}
+        unknown = sorted(set(changes) - valid)
+        if unknown:
+            raise LMStackError(f"{where}: unknown setting(s) {unknown}; valid ones: {', '.join(sorted(valid))}")
 
     @classmethod
     def from_hf(cls, hf_config: dict[str, Any] | str) -> ModelConfig:

@@ -213,8 +213,9 @@ class DecoderLM(nn.Module):
 def flops_per_token(config: ModelConfig, n_params: int, seq_len: int | None = None) -> float:
     """Training FLOPs per token (forward + backward): 6 N for the weights plus 12 L H D T for attention.
 
-    The PaLM appendix B estimate that nanoGPT uses for MFU; `n_params` should exclude embeddings, and for a
-    mixture of experts only the active experts' weights.
+    The PaLM appendix B estimate that nanoGPT uses for MFU; `n_params` counts the weights of matrix products
+    (`active_params`: no embedding lookups, the output head always, and for a mixture of experts only the
+    active experts).
     """
     seq_len = seq_len or config.block_size
     if config.arch != "transformer":  # a recurrence costs its weights only
@@ -223,9 +224,13 @@ def flops_per_token(config: ModelConfig, n_params: int, seq_len: int | None = No
 
 
 def active_params(model: nn.Module) -> int:
-    """Non-embedding parameters a token touches: for MoE only `n_expert_per_token` of the experts."""
+    """Parameters a token multiplies with (the N of `flops_per_token`): all but the embedding lookups, the
+    output head included also when it is tied to the token embedding (as nanoGPT counts); for MoE only
+    `n_expert_per_token` of the experts."""
     cfg = model.config
     n = model.num_params(non_embedding=True)
+    if cfg.tie_embeddings:  # the shared table is also the output head's weight
+        n += model.embed.weight.numel()
     if cfg.n_expert and cfg.arch == "transformer":
         per_expert = sum(p.numel() for p in model.layers[0].mlp.experts[0].parameters())
         n -= cfg.n_layer * per_expert * (cfg.n_expert - cfg.n_expert_per_token)

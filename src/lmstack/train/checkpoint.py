@@ -78,8 +78,16 @@ def publish(run_dir: Path, step: int, keep: int) -> Path:
     """Rename the staged checkpoint into place and delete all but the newest `keep`."""
     final, stage = checkpoint_dir(run_dir, step), staging_dir(run_dir, step)
     if final.exists():
-        shutil.rmtree(final)
-    stage.rename(final)
+        # The same step saved again: move the old one aside first, so that the name never holds a
+        # half-deleted checkpoint.
+        old = final.with_name(final.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        final.rename(old)
+        stage.rename(final)
+        shutil.rmtree(old)
+    else:
+        stage.rename(final)
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old)
     return final

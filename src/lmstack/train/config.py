@@ -100,6 +100,7 @@ class TrainConfig:
             raise LMStackError(f"distributed {self.distributed!r} is not ddp or fsdp")
         if self.init_from not in ("scratch", "checkpoint"):
             raise LMStackError(f"init_from {self.init_from!r} is not scratch or checkpoint")
+        ModelConfig.check_settings(self.model_overrides, where="model_overrides")
         for name in ("batch_size", "block_size", "grad_accum", "max_steps", "eval_interval", "log_interval",
                      "checkpoint_interval", "eval_batches"):
             if getattr(self, name) < 1:
@@ -163,10 +164,15 @@ def _coerce(name: str, value: Any, kind: Any) -> Any:
 def build_config(values: dict[str, Any], where: str = "config") -> TrainConfig:
     """A `TrainConfig` from a mapping; unknown keys are named, with the valid ones listed."""
     fields = _field_types()
+    _check_keys(values, where)
+    return TrainConfig(**{k: _coerce(k, v, fields[k]) for k, v in values.items()})
+
+
+def _check_keys(values: dict[str, Any], where: str) -> None:
+    fields = _field_types()
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise LMStackError(f"{where}: unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(fields))}")
-    return TrainConfig(**{k: _coerce(k, v, fields[k]) for k, v in values.items()})
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -209,6 +215,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         if not isinstance(values, dict):
             raise LMStackError(f"{p}: a recipe is a mapping of keys to values")
     extra = parse_overrides(overrides or [])
+    _check_keys(extra, where="command line")
     if "model_overrides" in extra:
         extra["model_overrides"] = {**values.get("model_overrides", {}), **extra["model_overrides"]}
     return build_config({**values, **extra}, where=str(path or "command line"))

@@ -291,7 +291,9 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
         restore_weights(model, resume_from, cfg)
         state, optim_state, rng = ckpt.read_trainer_state(resume_from, rt.rank)
         start_step = state["step"]
-    model.to(rt.device).train()
+    if not fsdp:  # FSDP moves each block to the device as it shards it: no device ever holds the whole model
+        model.to(rt.device)
+    model.train()
     decoder.activation_checkpointing = cfg.activation_checkpointing
     raw_model = model
     task.policy = raw_model
