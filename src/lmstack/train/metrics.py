@@ -38,7 +38,12 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
     """The device's dense peak for `precision` (bf16/fp16 tensor cores, or tf32 for fp32), if known."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
+    return peak_flops_of(torch.cuda.get_device_name(device), precision)
+
+
+def peak_flops_of(device_name: str, precision: str) -> float | None:
+    """The dense peak of the GPU called `device_name` (as CUDA names it) for `precision`, if known."""
+    name = device_name
     for key, half, tf32 in PEAK_FLOPS:
         if key in name:
             return half if precision in ("bf16", "fp16") else tf32

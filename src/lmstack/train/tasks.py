@@ -142,6 +142,11 @@ class PretrainTask(Task):
         self.arrays = {"train": shards["train"], "val": shards["val"]}
         self.vocab_size = shards.meta["vocab_size"]
         self.block_size = block_size
+        for split, array in self.arrays.items():
+            if len(array) <= block_size:
+                hint = " (prepare the data with a larger --val-fraction)" if split == "val" else ""
+                raise LMStackError(f"the {split} split has {len(array)} tokens, fewer than block_size + 1 = "
+                                   f"{block_size + 1}{hint}")
 
     def size(self, split: str) -> int:
         return len(self.arrays[split])

@@ -1,0 +1,65 @@
+"""The training loop's pieces: gradient accumulation, weight-decay groups, the GPU peak table, data checks."""
+
+import json
+
+import pytest
+
+import lmstack
+from lmstack import LMStackError
+from lmstack.data.shards import prepare_shards
+from lmstack.train.config import load_config
+from lmstack.train.loop import optimizer_groups, train
+from lmstack.train.metrics import peak_flops_of
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    corpus = tmp_path_factory.mktemp("corpus") / "shakespeare.txt"
+    corpus.write_text((REPO / "data" / "tinyshakespeare.txt").read_text()[:200_000])
+    out = tmp_path_factory.mktemp("shards") / "char"
+    prepare_shards([corpus], lmstack.Tokenizer.train_chars([corpus.read_text()]), out, workers=1, progress=False)
+    return out
+
+
+def run(shards, out, *args):
+    cfg = load_config(None, ["--data", str(shards), "--out_dir", str(out), "--max_steps", "5", "--block_size", "32",
+                             "--log_interval", "1", "--eval_interval", "5", "--eval_batches", "1", "--progress",
+                             "false", "--model.n_layer", "1", "--model.dropout", "0", "--warmup_steps", "2", *args])
+    train(cfg)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def test_gradient_accumulation_equals_the_larger_batch(shards, tmp_path):
+    """Two micro-batches of 2 accumulate to the step that one batch of 4 (the same rows) takes."""
+    whole = run(shards, tmp_path / "whole", "--batch_size", "4")
+    accumulated = run(shards, tmp_path / "accum", "--batch_size", "2", "--grad_accum", "2")
+    assert len(whole) == 5 and max(abs(a - b) for a, b in zip(whole, accumulated)) < 1e-5
+    clipped = run(shards, tmp_path / "clipped", "--batch_size", "4", "--grad_clip", "1e-4")
+    assert clipped[0] == pytest.approx(whole[0], abs=1e-6) and clipped[-1] > whole[-1] + 1e-3  # tiny steps
+
+
+def test_a_split_too_small_is_named(shards, tmp_path):
+    with pytest.raises(LMStackError, match=r"the val split has \d+ tokens, fewer than block_size \+ 1"):
+        run(shards, tmp_path / "big", "--block_size", "100000", "--model.block_size", "100000")
+
+
+def test_weight_decay_on_matrices_only():
+    model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("gpt2", n_layer=1, n_embd=32, n_head=2,
+                                                            vocab_size=64, block_size=16))
+    decay, no_decay = optimizer_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {names[id(p)] for p in decay["params"]} == {n for n, p in model.named_parameters() if p.dim() == 2}
+    assert all("norm" in names[id(p)] or "bias" in names[id(p)] for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("name,precision,peak", [
+    ("NVIDIA H100 80GB HBM3", "bf16", 989.4e12), ("NVIDIA H100 PCIe", "bf16", 756e12),
+    ("NVIDIA A100-SXM4-80GB", "fp32", 156e12), ("NVIDIA GeForce RTX 4090", "fp16", 165.2e12),
+    ("Some Future GPU", "bf16", None),
+])
+def test_mfu_peak_is_looked_up_by_device_name(name, precision, peak):
+    assert peak_flops_of(name, precision) == peak
