@@ -50,12 +50,17 @@ def test_char_shards_match_nanogpt(char_shards):
     assert np.array_equal(data["val"], expected)
 
 
-def test_blockwise_tokenization_equals_whole(tmp_path, monkeypatch):
+@pytest.mark.parametrize("one_line", [False, True], ids=["lines", "one-line"])
+def test_blockwise_tokenization_equals_whole(tmp_path, monkeypatch, one_line):
     text = CORPUS.read_text()[:300_000]
+    if one_line:  # no newline to cut at: blocks end before a single space between words instead
+        text = text.replace("\n", " ")
     tok = Tokenizer.train([text], vocab_size=500)
     src = tmp_path / "corpus.txt"
     src.write_text(text)
     monkeypatch.setattr(shards_mod, "BLOCK_CHARS", 4096)  # ~70 blocks
+    blocks = list(shards_mod._text_blocks(src, shards_mod.ReadStats()))
+    assert "".join(blocks) == text and len(blocks) > 50 and max(map(len, blocks)) <= 2 * 4096  # streamed
     prepare_shards([src], tok, tmp_path / "s", val_fraction=0.0, workers=2, progress=False)
     got = TokenShards(tmp_path / "s")["train"]
     assert got.tolist() == tok.encode(text) + [tok.eos_token_id]
@@ -113,6 +118,104 @@ def test_parquet_and_hash_split(tmp_path):
     assert again["val_tokens"] == meta["val_tokens"]  # deterministic, whatever the number of workers
     with pytest.raises(LMStackError, match="no column 'text'"):
         prepare_shards([tmp_path / "d.parquet"], tok, tmp_path / "s3", progress=False, workers=1)
+
+
+def test_prepare_replaces_only_shard_directories(tmp_path):
+    tok = Tokenizer.train_chars(["abc\n"])
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "corpus.txt").write_text("abcabc\n" * 50)
+    (precious / "notes.md").write_text("x\n")
+    with pytest.raises(LMStackError, match="precious exists and is not a shard directory"):
+        prepare_shards([precious / "corpus.txt"], tok, precious, progress=False, workers=1)
+    assert sorted(p.name for p in precious.iterdir()) == ["corpus.txt", "notes.md"]
+    assert [p.name for p in tmp_path.iterdir()] == ["precious"]  # no temporary directory left behind
+
+    out = tmp_path / "shards"
+    out.mkdir()  # an empty directory is fine
+    prepare_shards([precious / "corpus.txt"], tok, out, progress=False, workers=1)
+    (out / "train.bin").write_bytes(b"")  # an earlier output is replaced as a whole
+    meta = prepare_shards([precious / "corpus.txt"], tok, out, val_fraction=0.0, progress=False, workers=1)
+    assert len(TokenShards(out)["train"]) == meta["train_tokens"] == 350
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious", "shards"]
+    (out / "notes.md").write_text("x\n")  # a shard directory that holds something else is left alone too
+    with pytest.raises(LMStackError, match="not a shard directory"):
+        prepare_shards([precious / "corpus.txt"], tok, out, progress=False, workers=1)
+    assert (out / "notes.md").exists()
+
+
+def test_jsonl_skip_drops_only_bad_lines(tmp_path):
+    from lmstack.data.readers import iter_texts
+
+    tok = Tokenizer.train(["hello world, good day"] * 20, vocab_size=300)
+    bad = tmp_path / "b.jsonl"
+    bad.write_text('{"text": "hello"}\nnot json\n{"text": "a"}\n[1, 2]\n{"text": 3}\n{"text": "b"}\n')
+    meta = prepare_shards([bad], tok, tmp_path / "s", val_fraction=0.0, on_bad_record="skip", progress=False,
+                          workers=1)
+    assert meta["documents"] == 3 and meta["skipped_records"] == 3
+    assert [e.split(": ")[0] for e in meta["skipped_examples"]] == [f"{bad}:2", f"{bad}:4", f"{bad}:5"]
+    eos = tok.eos_token_id
+    assert TokenShards(tmp_path / "s")["train"].tolist() == [
+        *tok.encode("hello"), eos, *tok.encode("a"), eos, *tok.encode("b"), eos]
+    bad.write_text('{"text": "hello"}\n[1, 2]\n')
+    with pytest.raises(LMStackError, match=r"b.jsonl:2: expected a JSON object, got list"):
+        prepare_shards([bad], tok, tmp_path / "t", progress=False, workers=1)
+    # the --tokenizer char path reads the corpus through iter_texts first
+    bad.write_text('{"text": "hello"}\nnot json\n{"text": "xyz"}\n')
+    with pytest.raises(LMStackError, match=r"b.jsonl:2: not valid JSON"):
+        list(iter_texts([bad]))
+    assert list(iter_texts([bad], on_bad_record="skip")) == ["hello", "xyz"]
+
+
+def test_failed_prepare_leaves_no_temporary_directory(tmp_path):
+    tok = Tokenizer.train_chars(["ab"])
+    bad = tmp_path / "in" / "b.jsonl"
+    bad.parent.mkdir()
+    bad.write_text('{"text": "ab"}\n' * 500 + "not json\n")
+    with pytest.raises(LMStackError, match="not valid JSON"):
+        prepare_shards([bad], tok, tmp_path / "out", progress=False, workers=1)
+    good = tmp_path / "in" / "good.txt"
+    good.write_text("ab\n" * 500)
+    with pytest.raises(LMStackError, match="no such file"):
+        prepare_shards([good, tmp_path / "missing.txt"], tok, tmp_path / "out", progress=False, workers=1)
+    assert [p.name for p in tmp_path.iterdir()] == ["in"]
+
+
+def test_char_tokenizer_reads_parquet_and_jsonl_text(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lmstack.data.readers import iter_texts
+
+    pq.write_table(pa.table({"content": ["abc", "cab"]}), tmp_path / "d.parquet")
+    (tmp_path / "d.jsonl").write_text('{"content": "xyz"}\n')
+    texts = list(iter_texts([tmp_path / "d.parquet", tmp_path / "d.jsonl"], "content"))
+    assert texts == ["abc", "cab", "xyz"]
+    assert Tokenizer.train_chars(texts).vocab_size == 6 + 1
+
+
+def test_parquet_column_that_is_not_text(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lmstack.data.readers import iter_texts
+
+    pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "n.parquet")
+    tok = Tokenizer.train_chars(["ab"])
+    with pytest.raises(LMStackError, match=r"n.parquet: Parquet column 'text' holds int64, not text"):
+        prepare_shards([tmp_path / "n.parquet"], tok, tmp_path / "s", progress=False, workers=1)
+    with pytest.raises(LMStackError, match=r"n.parquet: Parquet column 'text'"):
+        list(iter_texts([tmp_path / "n.parquet"]))
+
+
+def test_jsonl_not_utf8_is_replaced_and_counted(tmp_path):
+    tok = Tokenizer.train_chars(["cafe"])
+    src = tmp_path / "l1.jsonl"
+    src.write_bytes(b'{"text": "caf\xe9"}\n{"text": "ok \xef\xbf\xbd"}\n{"text": "\xe2\x82 x"}\n')
+    meta = prepare_shards([src], tok, tmp_path / "s", val_fraction=0.0, progress=False, workers=1)
+    # a genuine U+FFFD is not an error; a cut-off sequence is one replacement, as in a text file
+    assert meta["files_not_utf8"] == [str(src)] and meta["replacement_chars"] == 2
+    assert meta["documents"] == 3
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -266,3 +369,27 @@ def test_out_of_memory_says_what_to_change(char_shards, tmp_path, monkeypatch):
     cfg = load_config(None, ["--data", str(char_shards), "--out_dir", str(tmp_path / "r"), *TINY])
     with pytest.raises(LMStackError, match="out of GPU memory at batch_size=8.*activation_checkpointing"):
         pretrain(cfg)
+
+
+def test_publishing_a_step_again_replaces_it_whole(tmp_path):
+    from lmstack.train import checkpoint as ckpt
+
+    for content in ("first", "second"):
+        stage = ckpt.staging_dir(tmp_path, 7)
+        stage.mkdir(parents=True)
+        (stage / "weights").write_text(content)
+        final = ckpt.publish(tmp_path, 7, keep=2)
+    assert (final / "weights").read_text() == "second"
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [final.name]
+
+
+def test_unknown_model_setting_and_command_line_key_are_named(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data: d\nmodel_overrides: {n_layers: 2}\n")
+    with pytest.raises(LMStackError, match=r"model_overrides: unknown setting\(s\) \['n_layers'\]; valid ones: .*n_layer"):
+        load_config(recipe)
+    recipe.write_text("data: d\n")
+    with pytest.raises(LMStackError, match="command line: unknown key 'max_stepz'"):
+        load_config(recipe, ["--max_stepz", "3"])
+    with pytest.raises(LMStackError, match=r"unknown setting\(s\) \['n_layr'\]"):
+        load_config(recipe, ["--model.n_layr", "3"])

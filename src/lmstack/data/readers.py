@@ -1,27 +1,60 @@
-"""Readers for text and JSONL corpora that name the file and line of a bad record."""
+"""Readers for text, JSONL and Parquet corpora that name the file and line of a bad record."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lmstack.errors import LMStackError
 
+JSONL_SUFFIXES = (".jsonl", ".json")
+RECORD_SUFFIXES = (*JSONL_SUFFIXES, ".parquet")  # files of records whose `text_field` is the text
+
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of a byte that is not UTF-8
+
+
+@dataclass
+class ReadStats:
+    documents: int = 0
+    replaced_bytes_files: list[str] = field(default_factory=list)  # files that were not valid UTF-8
+    replacement_chars: int = 0
+    skipped_records: list[str] = field(default_factory=list)  # "file:line: why"
+
+    def count_replaced(self, path: str | os.PathLike, n: int) -> None:
+        if n > 0:
+            self.replacement_chars += n
+            if str(path) not in self.replaced_bytes_files:
+                self.replaced_bytes_files.append(str(path))
+
+
+def _text_lines(path: str | os.PathLike, stats: ReadStats | None = None) -> Iterator[tuple[int, str]]:
+    """`(line_number, line)` of a UTF-8 file. Bytes that are not UTF-8 become U+FFFD and are counted in `stats`
+    as for a text file (one U+FFFD per maximal bad sequence); a genuine U+FFFD is not counted."""
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        for lineno, line in enumerate(f, 1):
+            if _ESCAPED_BYTE.search(line):
+                fixed = line.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+                if stats is not None:
+                    stats.count_replaced(path, fixed.count("\ufffd") - line.count("\ufffd"))
+                line = fixed
+            yield lineno, line
+
 
 def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     """Yield `(line_number, value)` for each non-blank line; a line that is not JSON raises `LMStackError`
     naming `file:line`."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LMStackError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    for lineno, line in _text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LMStackError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -32,19 +65,73 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
         yield lineno, record
 
 
-def iter_texts(files: Iterable[str | os.PathLike], text_field: str = "text") -> Iterator[str]:
-    """Documents from text files (one document per file) and JSONL files (`text_field` of each record)."""
+def iter_record_texts(
+    path: Path, text_field: str, stats: ReadStats, on_bad_record: str = "fail", hint: str = ""
+) -> Iterator[str]:
+    """The `text_field` string of each record of a JSONL or Parquet file. A JSONL line that is not JSON, not an
+    object or without the string field raises `LMStackError` naming `file:line` (+ `hint`), or with
+    `on_bad_record="skip"` is recorded in `stats.skipped_records` and reading goes on with the next line."""
+    if path.suffix == ".parquet":
+        yield from _parquet_texts(path, text_field)
+        return
+    for lineno, line in _text_lines(path, stats):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            why = f"not valid JSON ({e.msg})"
+        else:
+            if not isinstance(record, dict):
+                why = f"expected a JSON object, got {type(record).__name__}"
+            elif text_field not in record:
+                why = f"record has no field {text_field!r}"
+            elif not isinstance(record[text_field], str):
+                why = f"field {text_field!r} is not a string"
+            else:
+                yield record[text_field]
+                continue
+        if on_bad_record == "fail":
+            raise LMStackError(f"{path}:{lineno}: {why}{hint}")
+        stats.skipped_records.append(f"{path}:{lineno}: {why}")
+
+
+def _parquet_texts(path: Path, text_field: str) -> Iterator[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise LMStackError(f"{path}: not a readable Parquet file ({e})") from None
+    schema = table.schema_arrow
+    if text_field not in schema.names:
+        raise LMStackError(f"{path}: Parquet file has no column {text_field!r} (columns: {schema.names})")
+    kind = schema.field(text_field).type
+    value_kind = kind.value_type if pa.types.is_dictionary(kind) else kind
+    is_string_view = getattr(pa.types, "is_string_view", lambda _: False)  # pyarrow >= 16
+    if not (pa.types.is_string(value_kind) or pa.types.is_large_string(value_kind) or is_string_view(value_kind)):
+        # checked here: the tokenizer would fail on the first value, with a traceback from a worker process
+        raise LMStackError(f"{path}: Parquet column {text_field!r} holds {kind}, not text "
+                           "(name the text column with --text-field)")
+    for batch in table.iter_batches(columns=[text_field], batch_size=1024):
+        for value in batch.column(0).to_pylist():
+            if value is not None:  # a null is no document
+                yield value
+
+
+def iter_texts(
+    files: Iterable[str | os.PathLike], text_field: str = "text", on_bad_record: str = "fail",
+    stats: ReadStats | None = None,
+) -> Iterator[str]:
+    """Documents from text files (one document per file) and JSONL / Parquet files (`text_field` of each
+    record; see `iter_record_texts` for bad records)."""
+    stats = stats if stats is not None else ReadStats()
     for file in files:
         path = Path(file)
         if not path.exists():
             raise LMStackError(f"{path}: no such file")
-        if path.suffix in (".jsonl", ".json"):
-            for lineno, record in read_jsonl(path):
-                if text_field not in record:
-                    raise LMStackError(f"{path}:{lineno}: record has no field {text_field!r}")
-                value = record[text_field]
-                if not isinstance(value, str):
-                    raise LMStackError(f"{path}:{lineno}: field {text_field!r} is not a string")
-                yield value
+        if path.suffix in RECORD_SUFFIXES:
+            yield from iter_record_texts(path, text_field, stats, on_bad_record)
         else:
             yield path.read_text(encoding="utf-8", errors="replace")

@@ -9,6 +9,10 @@ tokenizes them in worker processes, separates documents with eos, and writes
 
 The split is deterministic: `tail` keeps the last `val_fraction` of the token stream for validation (nanoGPT's
 first 90% / last 10%), `hash` sends whole documents to validation by a hash of their text.
+
+The shards are built in a temporary directory next to out_dir, removed if anything fails, and only then put in
+its place. An existing out_dir is replaced only when it is empty or an earlier output: --output may well name a
+directory that holds the corpus.
 """
 
 from __future__ import annotations
@@ -17,10 +21,10 @@ import codecs
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -28,24 +32,25 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from lmstack.data.readers import RECORD_SUFFIXES, ReadStats, iter_record_texts
 from lmstack.errors import LMStackError
 from lmstack.tokenizer import Tokenizer
 
 BLOCK_CHARS = 1 << 20  # text files are read and tokenized in blocks of about this many characters
+SHARD_FILES = {"meta.json", "train.bin", "val.bin", "tokenizer"}  # what a shard directory holds
 
-
-@dataclass
-class ReadStats:
-    documents: int = 0
-    replaced_bytes_files: list[str] = field(default_factory=list)  # files that were not valid UTF-8
-    replacement_chars: int = 0
-    skipped_records: list[str] = field(default_factory=list)  # "file:line: why"
+# Block boundaries (zero-width): after a newline before a non-space character, or, as a fallback for text
+# with few newlines, before a single space between two non-space characters. Every split rule lmstack uses
+# (GPT-2's and Llama 3's pre-tokenizer patterns, characters) cuts there anyway.
+_NEWLINE_CUT = re.compile(r"(?<=\n)(?=\S)")
+_SPACE_CUT = re.compile(r"(?<=\S)(?= \S)")
+_ANY_CUT = re.compile(r"(?<=\n)(?=\S)|(?<=\S)(?= \S)")
 
 
 def _text_blocks(path: Path, stats: ReadStats) -> Iterator[str]:
     """A text file as a stream of blocks. Bytes that are not UTF-8 become U+FFFD and are counted. Blocks end
-    after a newline that precedes a non-space character, where every split rule lmstack uses would cut
-    anyway, so blockwise tokenization equals whole-file tokenization."""
+    at a boundary (above) where every split rule lmstack uses would cut anyway, so blockwise tokenization
+    equals whole-file tokenization."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     replacement = "\ufffd".encode()
     carry = ""
@@ -53,70 +58,51 @@ def _text_blocks(path: Path, stats: ReadStats) -> Iterator[str]:
         while True:
             raw = f.read(BLOCK_CHARS)
             chunk = decoder.decode(raw, final=not raw)
-            bad = chunk.count("\ufffd") - raw.count(replacement)  # genuine U+FFFD characters are not errors
-            if bad > 0:
-                stats.replacement_chars += bad
-                if str(path) not in stats.replaced_bytes_files:
-                    stats.replaced_bytes_files.append(str(path))
+            stats.count_replaced(path, chunk.count("\ufffd") - raw.count(replacement))  # genuine U+FFFD is fine
             if not raw:
                 break
-            pieces = list(_cut(carry + chunk))
+            # a carry longer than a block has no boundary: don't scan it again (a huge line would be quadratic)
+            pieces = list(_cut(carry + chunk, scanned=len(carry) - 1 if len(carry) > BLOCK_CHARS else 0))
             carry = pieces.pop() if pieces else ""
             yield from pieces
     if carry:
         yield carry
 
 
-def _cut(text: str) -> Iterator[str]:
+def _cut(text: str, scanned: int = 0) -> Iterator[str]:
+    """Blocks of at least BLOCK_CHARS characters; the last one is the rest, which may end anywhere. No boundary
+    lies in text[BLOCK_CHARS:scanned]."""
     start = 0
     while start < len(text):
-        end = start + BLOCK_CHARS
-        while end < len(text) and not (text[end - 1] == "\n" and not text[end].isspace()):
-            end += 1
+        end = _boundary(text, start + BLOCK_CHARS, scanned)
         yield text[start:end]
         start = end
+
+
+def _boundary(text: str, lo: int, scanned: int = 0) -> int:
+    """The first newline boundary in [lo, lo + BLOCK_CHARS), else the first space boundary there, else the first
+    boundary of either kind after lo (none before `scanned`), else len(text)."""
+    if lo >= len(text):
+        return len(text)
+    hi = lo + BLOCK_CHARS
+    match = (_NEWLINE_CUT.search(text, lo, hi) or _SPACE_CUT.search(text, lo, hi)
+             or _ANY_CUT.search(text, max(lo, scanned)))
+    return match.start() if match else len(text)
 
 
 def iter_documents(
     files: Sequence[str | os.PathLike], text_field: str, stats: ReadStats, on_bad_record: str = "fail"
 ) -> Iterator[tuple[str, bool]]:
     """Yield `(text_block, ends_document)` over text, JSONL and Parquet files."""
-    from lmstack.data.readers import read_jsonl
-
     for file in files:
         path = Path(file)
         if not path.exists():
             raise LMStackError(f"{path}: no such file")
-        if path.suffix in (".jsonl", ".json"):
-            try:
-                for lineno, record in read_jsonl(path):
-                    value = record.get(text_field)
-                    if not isinstance(value, str):
-                        why = f"{path}:{lineno}: " + (f"record has no field {text_field!r}" if value is None
-                                                       else f"field {text_field!r} is not a string")
-                        if on_bad_record == "fail":
-                            raise LMStackError(why + " (use --on-bad-record skip to skip such records)")
-                        stats.skipped_records.append(why)
-                        continue
-                    stats.documents += 1
-                    yield value, True
-            except LMStackError as e:
-                if on_bad_record == "fail" or "not valid JSON" not in str(e):
-                    raise
-                stats.skipped_records.append(str(e))  # read_jsonl stops at a broken line: skip the rest
-        elif path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            table = pq.ParquetFile(path)
-            if text_field not in table.schema_arrow.names:
-                raise LMStackError(f"{path}: Parquet file has no column {text_field!r} "
-                                   f"(columns: {table.schema_arrow.names})")
-            for batch in table.iter_batches(columns=[text_field], batch_size=1024):
-                for value in batch.column(0).to_pylist():
-                    if value is None:
-                        continue
-                    stats.documents += 1
-                    yield value, True
+        if path.suffix in RECORD_SUFFIXES:
+            for value in iter_record_texts(path, text_field, stats, on_bad_record,
+                                           hint=" (use --on-bad-record skip to skip such records)"):
+                stats.documents += 1
+                yield value, True
         else:
             blocks = _text_blocks(path, stats)
             previous = next(blocks, None)
@@ -186,14 +172,29 @@ def prepare_shards(
     if on_bad_record not in ("fail", "skip"):
         raise LMStackError(f"on_bad_record {on_bad_record!r} is not 'fail' or 'skip'")
     out = Path(out_dir)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    _check_replaceable(out)  # before the work, not after an hour of tokenizing
+    full = Path(os.path.abspath(out))  # has a name even for "." or "dir/.."
+    tmp = full.with_name(f".{full.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    try:
+        meta = _write_shards(files, tokenizer, tmp, text_field=text_field, val_fraction=val_fraction, split=split,
+                             workers=workers or max(1, min(8, (os.cpu_count() or 1))),
+                             on_bad_record=on_bad_record, progress=progress)
+        _swap_in(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # whatever failed, no partial shards are left behind
+    return meta
+
+
+def _write_shards(
+    files: Sequence[str | os.PathLike], tokenizer: Tokenizer, tmp: Path, *, text_field: str, val_fraction: float,
+    split: str, workers: int, on_bad_record: str, progress: bool,
+) -> dict[str, Any]:
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
     eos = tokenizer.eos_token_id
     stats = ReadStats()
     counts = {"train": 0, "val": 0}
-    workers = workers or max(1, min(8, (os.cpu_count() or 1)))
     docs = iter_documents(files, text_field, stats, on_bad_record)
     with ExitStack() as stack:
         sinks = {name: stack.enter_context(open(tmp / f"{name}.bin", "wb"))
@@ -213,7 +214,6 @@ def prepare_shards(
                 bar.update(len(array))
     total = counts["train"] + counts["val"]
     if total == 0:
-        shutil.rmtree(tmp)
         raise LMStackError(f"the corpus is empty: no text in {[str(f) for f in files]}")
     if split == "tail":
         n_train = int(total * (1 - val_fraction))  # nanoGPT's data[:int(n * 0.9)]
@@ -237,10 +237,47 @@ def prepare_shards(
         "skipped_examples": stats.skipped_records[:10],
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
     return meta
+
+
+def _check_replaceable(out: Path) -> None:
+    """Refuse an `out` that is anything but missing, an empty directory or an earlier output: replacing it
+    deletes what it holds, and --output may name the folder of the corpus."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_dir():
+        names = {p.name for p in out.iterdir()}
+        if not names:
+            return
+        try:
+            meta = json.loads((out / "meta.json").read_text())
+        except (OSError, ValueError):
+            meta = None
+        if isinstance(meta, dict) and "train_tokens" in meta and names <= SHARD_FILES:
+            return
+    raise LMStackError(f"{out} exists and is not a shard directory from `lmstack data prepare` (nor empty): "
+                       "not replacing it, since that would delete what it holds; name a new or empty --output")
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Put the finished `tmp` at `out`. An old output is first renamed aside, so `out` is never half-written
+    and the old one is back if the rename fails."""
+    if not out.exists() and not out.is_symlink():
+        os.replace(tmp, out)
+        return
+    _check_replaceable(out)  # again: it may have changed while tokenizing
+    old = tmp.with_name(f"{tmp.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        os.replace(old, out)
+        raise
+    if old.is_symlink():  # --output was a link to a shard directory: the link is replaced, its target is kept
+        old.unlink()
+    else:
+        shutil.rmtree(old)
 
 
 def _hash_split(text: str, val_fraction: float) -> str:
