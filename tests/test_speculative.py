@@ -84,6 +84,20 @@ def test_bad_speculative_arguments(models):
     small = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", vocab_size=300))
     with pytest.raises(LMStackError, match="vocabulary"):
         speculative_generate(target, tok, "x", small)
+    long = "word " * 500
+    with pytest.raises(LMStackError, match="leaves no room.*truncate_prompt"):
+        speculative_generate(target, tok, long, max_new_tokens=8)
+
+
+def test_overrides_and_truncation(models):
+    """Keyword overrides apply on top of `params`; truncate_prompt keeps as much of the prompt's end as fits."""
+    target, _, tok = models
+    base = lmstack.SamplingParams(temperature=0, max_new_tokens=30, ignore_eos=True)
+    out, _ = speculative_generate(target, tok, "ROMEO:", params=base, max_new_tokens=5)
+    assert len(out.token_ids) == 5
+    long = "word " * 500
+    out, _ = speculative_generate(target, tok, long, params=base, truncate_prompt=True, max_new_tokens=8, k=4)
+    assert len(out.token_ids) == 8 and out.prompt_tokens == target.config.block_size - 8 - 4 - 1
 
 
 def test_cli_speculative(models, tmp_path, capsys):

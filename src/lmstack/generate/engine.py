@@ -13,7 +13,13 @@ from dataclasses import dataclass, field
 import torch
 
 from lmstack.errors import LMStackError
-from lmstack.generate.sampling import SamplingParams, logit_bias_vector, process_logits, sample_from
+from lmstack.generate.sampling import (
+    SamplingParams,
+    logit_bias_vector,
+    process_logits,
+    sample_from,
+    sampling_params,
+)
 from lmstack.models.decoder import DecoderLM
 from lmstack.onednn import PackedLinears
 from lmstack.tokenizer import Tokenizer
@@ -92,7 +98,7 @@ class Engine:
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
                  params: SamplingParams | None = None, **overrides) -> list[Completion]:
         """Complete each prompt (`params.n` completions per prompt, in prompt order)."""
-        params = _params(params, overrides)
+        params = sampling_params(params, overrides)
         rows = [_Row(ids) for ids in self._encode(prompts, params) for _ in range(params.n)]
         for start in range(0, len(rows), self.max_batch_size):
             for _ in self._run(rows[start:start + self.max_batch_size], params, start):
@@ -103,7 +109,7 @@ class Engine:
                **overrides) -> Iterator[str]:
         """Yield the completion of one prompt as text deltas. A delta never ends inside a UTF-8 character
         or inside a possible stop string."""
-        params = _params(params, overrides)
+        params = sampling_params(params, overrides)
         if params.n != 1:
             raise LMStackError("stream() makes one completion; use generate() for n > 1")
         row = _Row(self._encode([prompt] if isinstance(prompt, str) else [list(prompt)], params)[0])
@@ -376,16 +382,6 @@ def _copy_to_host(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], Call
 def _next_token_logits(model: DecoderLM, ids: torch.Tensor, **kwargs) -> torch.Tensor:
     """Logits [B, V] of the token after the last position of `ids` (keyword arguments go to the model)."""
     return model(ids, last_only=True, **kwargs)[:, -1]
-
-
-def _params(params: SamplingParams | None, overrides: dict) -> SamplingParams:
-    if params is None:
-        return SamplingParams(**overrides)
-    if overrides:
-        from dataclasses import replace
-
-        return replace(params, **overrides)
-    return params
 
 
 def generate(model: DecoderLM, tokenizer: Tokenizer, prompts: str | Sequence[str] | Sequence[Sequence[int]],

@@ -9,7 +9,7 @@ top-p keeping the token that crosses p) and OpenAI (frequency and presence penal
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -117,6 +117,13 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def sampling_params(params: SamplingParams | None, overrides: dict[str, Any]) -> SamplingParams:
+    """`params` with `overrides` applied (a fresh SamplingParams from the overrides when `params` is None)."""
+    if params is None:
+        return SamplingParams(**overrides)
+    return replace(params, **overrides) if overrides else params
 
 
 # ---------------------------------------------------------------------------------------------- processors

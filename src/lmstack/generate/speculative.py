@@ -16,7 +16,7 @@ import torch
 
 from lmstack.errors import LMStackError
 from lmstack.generate.engine import Completion
-from lmstack.generate.sampling import SamplingParams, process_logits
+from lmstack.generate.sampling import SamplingParams, process_logits, sampling_params
 from lmstack.models.decoder import DecoderLM
 from lmstack.onednn import PackedLinears
 from lmstack.tokenizer import Tokenizer
@@ -72,7 +72,7 @@ def speculative_generate(
     k: int = 4, params: SamplingParams | None = None, **overrides,
 ) -> tuple[Completion, SpeculativeStats]:
     """Generate one completion with speculative decoding; `draft` is a model or "prompt_lookup"."""
-    params = params or SamplingParams(**overrides)
+    params = sampling_params(params, overrides)
     if params.repetition_penalty != 1.0 or params.frequency_penalty or params.presence_penalty \
             or params.no_repeat_ngram_size or params.constraint or params.n != 1:
         raise LMStackError("speculative decoding supports temperature, top-k, top-p, min-p, typical-p, stop "
@@ -86,10 +86,13 @@ def speculative_generate(
         raise LMStackError(f"the draft's vocabulary ({draft.config.vocab_size}) differs from the target's "
                            f"({target.config.vocab_size})")
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    device = target.embed.weight.device
-    total = min(len(ids) + params.max_new_tokens + k + 1, target.config.block_size)
+    device, block = target.embed.weight.device, target.config.block_size
+    if params.truncate_prompt:  # as the engine does: room for max_new_tokens, or half the context (less k + 1)
+        ids = ids[-(block - k - 1 - max(1, min(params.max_new_tokens, block // 2))):]
+    total = min(len(ids) + params.max_new_tokens + k + 1, block)
     if len(ids) >= total - k - 1:
-        raise LMStackError(f"prompt of {len(ids)} tokens leaves no room in the context of {target.config.block_size}")
+        raise LMStackError(f"prompt of {len(ids)} tokens leaves no room in the context of {block} "
+                           f"(set truncate_prompt=True to keep its end)")
     g = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
     stop_ids = set(params.stop_token_ids)
     if not params.ignore_eos and tokenizer.eos_token_id is not None:
