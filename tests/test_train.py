@@ -165,6 +165,12 @@ def test_jsonl_skip_drops_only_bad_lines(tmp_path):
     with pytest.raises(LMStackError, match=r"b.jsonl:2: not valid JSON"):
         list(iter_texts([bad]))
     assert list(iter_texts([bad], on_bad_record="skip")) == ["hello", "xyz"]
+    # ... and so does the CLI, which also says that a char tokenizer has no eos to separate documents
+    cli = _run(["data", "prepare", "--input", str(bad), "--tokenizer", "char", "--output", str(tmp_path / "c"),
+                "--on-bad-record", "skip", "--val-fraction", "0.3"])
+    assert cli.returncode == 0, cli.stderr
+    assert "from 2 documents" in cli.stdout and "skipped 1 bad records, e.g. " in cli.stderr
+    assert "no eos token, so the 2 documents follow each other" in cli.stderr
 
 
 def test_failed_prepare_leaves_no_temporary_directory(tmp_path):

@@ -87,6 +87,9 @@ def _data_prepare(args: argparse.Namespace) -> None:
     if meta["skipped_records"]:
         print(f"note: skipped {meta['skipped_records']:,} bad records, e.g. {meta['skipped_examples'][0]}",
               file=sys.stderr)
+    if meta["eos_token_id"] is None and meta["documents"] > 1:
+        print(f"note: the tokenizer has no eos token, so the {meta['documents']:,} documents follow each other "
+              "without a separator", file=sys.stderr)
 
 
 def _pretrain(args: argparse.Namespace, overrides: list[str]) -> None:
