@@ -63,3 +63,17 @@ def test_weight_decay_on_matrices_only():
 ])
 def test_mfu_peak_is_looked_up_by_device_name(name, precision, peak):
     assert peak_flops_of(name, precision) == peak
+
+
+def test_resuming_with_more_steps_says_how_the_schedule_changes(shards, tmp_path, capsys):
+    run(shards, tmp_path / "r", "--batch_size", "2", "--checkpoint_interval", "5")
+    common = ["--data", str(shards), "--out_dir", str(tmp_path / "r"), "--block_size", "32", "--log_interval", "1",
+              "--eval_interval", "5", "--eval_batches", "1", "--progress", "false", "--model.n_layer", "1",
+              "--model.dropout", "0", "--warmup_steps", "2", "--batch_size", "2", "--checkpoint_interval", "5"]
+    capsys.readouterr()
+    train(load_config(None, [*common, "--max_steps", "7", "--lr_decay_steps", "5"]), resume=True)
+    assert "note: max_steps" not in capsys.readouterr().err
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows if r.get("step", 0) >= 5 and "lr" in r] == [pytest.approx(6e-5)] * 2  # min_lr
+    train(load_config(None, [*common, "--max_steps", "9"]), resume=True)
+    assert "note: max_steps is now 9 (was 7)" in capsys.readouterr().err

@@ -84,7 +84,7 @@ class TrainConfig:
     temperature: float = 1.0  # grpo: sampling temperature
 
     # Fields that may change when a run resumes; any other difference is refused.
-    RESUMABLE_CHANGES = ("max_steps", "eval_interval", "eval_batches", "log_interval", "checkpoint_interval",
+    RESUMABLE_CHANGES = ("max_steps", "lr_decay_steps", "eval_interval", "eval_batches", "log_interval", "checkpoint_interval",
                          "keep_checkpoints", "tensorboard", "sample_prompts", "sample_tokens",
                          "sample_temperature", "sample_top_k", "progress", "compile", "device", "out_dir")
 

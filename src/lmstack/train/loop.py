@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -272,6 +273,10 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
         diffs = config_differences(saved_config, cfg)
         if diffs:
             raise LMStackError(f"{run_dir}: cannot resume with a different config: " + "; ".join(diffs))
+        old_steps = saved_config.get("max_steps")
+        if rt.is_main and old_steps != cfg.max_steps and cfg.lr_decay_steps is None:
+            print(f"note: max_steps is now {cfg.max_steps} (was {old_steps}): the cosine decay now ends at step "
+                  f"{cfg.max_steps}; --lr_decay_steps {old_steps} keeps the old schedule", file=sys.stderr)
     elif rt.is_main and (run_dir / "checkpoints").exists() and ckpt.list_checkpoints(run_dir):
         raise LMStackError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or choose "
                            "another out_dir")
