@@ -399,3 +399,18 @@ def test_unknown_model_setting_and_command_line_key_are_named(tmp_path):
         load_config(recipe, ["--max_stepz", "3"])
     with pytest.raises(LMStackError, match=r"unknown setting\(s\) \['n_layr'\]"):
         load_config(recipe, ["--model.n_layr", "3"])
+
+
+def test_prepare_from_a_script_on_standard_input(tmp_path):
+    """Spawned workers re-import the main script; one read from stdin has no file, so the work stays in-process
+    (it used to hang) and gives the same shards as worker processes."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(CORPUS.read_text()[:50_000])
+    script = (f"from lmstack.data.shards import prepare_shards\nfrom lmstack import Tokenizer\n"
+              f"text = open({str(corpus)!r}).read()\n"
+              f"prepare_shards([{str(corpus)!r}], Tokenizer.train_chars([text]), {str(tmp_path / 'a')!r}, "
+              f"workers=2, progress=False)\n")
+    done = subprocess.run([sys.executable, "-"], input=script, text=True, capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    prepare_shards([corpus], Tokenizer.train_chars([corpus.read_text()]), tmp_path / "b", workers=2, progress=False)
+    assert (tmp_path / "a" / "train.bin").read_bytes() == (tmp_path / "b" / "train.bin").read_bytes()

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from multiprocessing import get_context
@@ -118,6 +119,13 @@ def iter_documents(
 _WORKER_TOKENIZER: Tokenizer | None = None
 
 
+def _can_spawn() -> bool:
+    """Whether worker processes can start: a spawned process re-imports the main script, which a script read
+    from standard input or typed at a prompt does not have as a file."""
+    main_file = getattr(sys.modules["__main__"], "__file__", None)
+    return main_file is None or Path(main_file).is_file()
+
+
 def _init_worker(tokenizer_json: str) -> None:
     global _WORKER_TOKENIZER
     from tokenizers import Tokenizer as Backend
@@ -201,10 +209,15 @@ def _write_shards(
                  for name in (["all"] if split == "tail" else ["train", "val"])}
         bar = stack.enter_context(tqdm(unit="tok", unit_scale=True, desc="tokenizing", disable=not progress,
                                        mininterval=0.5))
-        pool = stack.enter_context(get_context("spawn").Pool(workers, _init_worker,
-                                                             (tokenizer.backend.to_str(),)))
-        # imap keeps the corpus order, so the shards are the same whatever the number of workers.
-        for results in pool.imap(_encode_batch, _jobs(docs, 64, split, val_fraction)):
+        if workers > 1 and _can_spawn():
+            pool = stack.enter_context(get_context("spawn").Pool(workers, _init_worker,
+                                                                 (tokenizer.backend.to_str(),)))
+            encoded = pool.imap(_encode_batch, _jobs(docs, 64, split, val_fraction))
+        else:  # one worker: this process (the tokenizer's encode_batch is multi-threaded anyway)
+            _init_worker(tokenizer.backend.to_str())
+            encoded = map(_encode_batch, _jobs(docs, 64, split, val_fraction))
+        # Both keep the corpus order, so the shards are the same whatever the number of workers.
+        for results in encoded:
             for ids, end, target in results:
                 if end and eos is not None:
                     ids = [*ids, eos]
