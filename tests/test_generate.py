@@ -171,6 +171,13 @@ def test_batched_equals_one_by_one(tiny):
     assert [c.token_ids for c in batched] == [c.token_ids for c in single]
     as_ids = engine.generate(tok.encode(PROMPTS[0]), max_new_tokens=15, temperature=0, ignore_eos=True)
     assert len(as_ids) == 1 and as_ids[0].token_ids == single[0].token_ids  # one prompt given as token ids
+    import numpy as np
+
+    as_numpy = engine.generate(np.array(tok.encode(PROMPTS[0])), max_new_tokens=15, temperature=0, ignore_eos=True)
+    assert as_numpy[0].token_ids == single[0].token_ids
+    for bad in ([5, 400], [-1, 5]):
+        with pytest.raises(LMStackError, match=f"prompt 0 holds token id {bad[0] if bad[0] < 0 else 400}, outside"):
+            engine.generate([bad], max_new_tokens=2)
 
 
 def test_seeded_samples_are_reproducible(tiny):
@@ -236,6 +243,9 @@ def test_prompt_too_long(tiny):
     # a short prompt and more new tokens than fit: generation stops at the end of the context
     out = Engine(model, tok).generate("ROMEO:", max_new_tokens=S + 50, ignore_eos=True, temperature=0)[0]
     assert len(out.token_ids) == S - len(short) and out.finish_reason == "length"
+    # a context of one token: truncation keeps one prompt token, and nothing fits after it
+    out = Engine(model, tok, max_seq_len=1).generate(long, max_new_tokens=5, truncate_prompt=True)[0]
+    assert out.prompt_tokens == 1 and out.token_ids == [] and out.finish_reason == "length"
     # truncation keeps at least half the context for the prompt
     out = Engine(model, tok).generate(long, max_new_tokens=S + 50, truncate_prompt=True, ignore_eos=True)[0]
     assert out.prompt_tokens == S - S // 2 and len(out.token_ids) == S // 2
@@ -317,7 +327,8 @@ def test_cli_generate_and_chat(tmp_path, monkeypatch, capsys):
             (["--num-beams", "0"], "--num-beams 0: must be >= 1"),
             (["--logit-bias", "99999=1"], "token id 99999 is outside the vocabulary of 400"),
             (["--stop-token-ids", "-5"], "stop_token_ids=[-5]"),
-            (["--device", "tpu9"], "unknown device 'tpu9'")):
+            (["--device", "tpu9"], "unknown device 'tpu9'"),
+            (["--logprobs", "2", "--num-beams", "2"], "--logprobs works with sampling and greedy decoding")):
         assert main(["generate", "x", *common, *args]) == 1
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1

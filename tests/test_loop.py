@@ -76,4 +76,12 @@ def test_resuming_with_more_steps_says_how_the_schedule_changes(shards, tmp_path
     rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in rows if r.get("step", 0) >= 5 and "lr" in r] == [pytest.approx(6e-5)] * 2  # min_lr
     train(load_config(None, [*common, "--max_steps", "9"]), resume=True)
-    assert "note: max_steps is now 9 (was 7)" in capsys.readouterr().err
+    assert "note: the cosine decay now ends at step 9 (it ended at 5); --lr_decay_steps 5 keeps" in \
+        capsys.readouterr().err
+
+
+def test_an_empty_recipe_key_is_an_empty_setting(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data: d\nmodel_overrides:\nsample_prompts:\n")
+    cfg = load_config(recipe, ["--model.n_layer", "1"])
+    assert cfg.model_overrides == {"n_layer": 1} and cfg.sample_prompts == []

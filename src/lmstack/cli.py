@@ -208,6 +208,10 @@ def _stop_at_end_of_turn(params, tokenizer):
 
 def _generate(args: argparse.Namespace) -> None:
     params = _sampling_params(args)
+    if args.num_beams < 1:
+        raise LMStackError(f"--num-beams {args.num_beams}: must be >= 1 (1 means no beam search)")
+    if params.logprobs is not None and (args.num_beams > 1 or args.speculative):
+        raise LMStackError("--logprobs works with sampling and greedy decoding, not beam search or --speculative")
     engine = _load_engine(args)
     prompt = args.prompt
     if args.chat:
@@ -227,8 +231,6 @@ def _generate(args: argparse.Namespace) -> None:
               f"{stats.acceptance_rate:.0%}; {stats.target_passes} target passes for {len(out.token_ids)} tokens)",
               file=sys.stderr)
         return
-    if args.num_beams < 1:
-        raise LMStackError(f"--num-beams {args.num_beams}: must be >= 1 (1 means no beam search)")
     if args.num_beams > 1:
         for c in engine.beam_search(prompt, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
                                     length_penalty=args.length_penalty, num_return_sequences=args.n,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from numbers import Integral
 
 import torch
 
@@ -181,11 +182,15 @@ class Engine:
     # ------------------------------------------------------------------------------------------ internals
 
     def _encode(self, prompts, params: SamplingParams) -> list[list[int]]:
-        if isinstance(prompts, str) or (prompts and all(isinstance(t, int) for t in prompts)):
+        if isinstance(prompts, str) or (len(prompts) and all(isinstance(t, Integral) for t in prompts)):
             prompts = [prompts]  # one prompt, as text or token ids
         out = []
+        V = self.model.config.vocab_size
         for i, p in enumerate(prompts):
             ids = self.tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p]
+            if ids and not 0 <= min(ids) <= max(ids) < V:
+                bad = next(t for t in ids if not 0 <= t < V)
+                raise LMStackError(f"prompt {i} holds token id {bad}, outside the model's vocabulary of {V}")
             if not ids:
                 ids = [self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None
                        else self.tokenizer.eos_token_id or 0]
@@ -194,7 +199,7 @@ class Engine:
                     f"prompt {i} has {len(ids)} tokens; the context holds {self.max_seq_len}, with room for "
                     f"a new token at most {self.max_seq_len - 1} (set truncate_prompt=True to keep its end)")
             if params.truncate_prompt:  # keep the end, leaving room for max_new_tokens or half the context
-                ids = ids[-(self.max_seq_len - max(1, min(params.max_new_tokens, self.max_seq_len // 2))):]
+                ids = ids[-max(1, self.max_seq_len - max(1, min(params.max_new_tokens, self.max_seq_len // 2))):]
             out.append(ids)
         return out
 

@@ -71,7 +71,7 @@ class SamplingParams:
         for name in ("top_k", "seed", "logprobs"):
             if getattr(self, name) is not None and not is_int(getattr(self, name)):
                 raise bad(name, "must be an integer or None")
-        if self.temperature < 0 or not math.isfinite(self.temperature):
+        if self.temperature < 0:
             raise bad("temperature", "must be >= 0 (0 means greedy)")
         if not 0 < self.top_p <= 1:
             raise bad("top_p", "must be in (0, 1]")

@@ -88,7 +88,7 @@ def speculative_generate(
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     device, block = target.embed.weight.device, target.config.block_size
     if params.truncate_prompt:  # as the engine does: room for max_new_tokens, or half the context (less k + 1)
-        ids = ids[-(block - k - 1 - max(1, min(params.max_new_tokens, block // 2))):]
+        ids = ids[-max(1, block - k - 1 - max(1, min(params.max_new_tokens, block // 2))):]
     total = min(len(ids) + params.max_new_tokens + k + 1, block)
     if len(ids) >= total - k - 1:
         raise LMStackError(f"prompt of {len(ids)} tokens leaves no room in the context of {block} "

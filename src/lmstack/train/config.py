@@ -84,8 +84,8 @@ class TrainConfig:
     temperature: float = 1.0  # grpo: sampling temperature
 
     # Fields that may change when a run resumes; any other difference is refused.
-    RESUMABLE_CHANGES = ("max_steps", "lr_decay_steps", "eval_interval", "eval_batches", "log_interval", "checkpoint_interval",
-                         "keep_checkpoints", "tensorboard", "sample_prompts", "sample_tokens",
+    RESUMABLE_CHANGES = ("max_steps", "lr_decay_steps", "eval_interval", "eval_batches", "log_interval",
+                         "checkpoint_interval", "keep_checkpoints", "tensorboard", "sample_prompts", "sample_tokens",
                          "sample_temperature", "sample_top_k", "progress", "compile", "device", "out_dir")
 
     def __post_init__(self) -> None:
@@ -135,6 +135,8 @@ def _coerce(name: str, value: Any, kind: Any) -> Any:
     if origin in (list, dict):  # given as YAML on the command line
         if isinstance(value, str):
             value = yaml.safe_load(value)
+        if value is None:  # a key left empty in YAML
+            value = origin()
         if not isinstance(value, origin):
             raise LMStackError(f"{name}: expected a {'list' if origin is list else 'mapping'}, got {value!r}")
         return value
@@ -163,8 +165,8 @@ def _coerce(name: str, value: Any, kind: Any) -> Any:
 
 def build_config(values: dict[str, Any], where: str = "config") -> TrainConfig:
     """A `TrainConfig` from a mapping; unknown keys are named, with the valid ones listed."""
-    fields = _field_types()
     _check_keys(values, where)
+    fields = _field_types()
     return TrainConfig(**{k: _coerce(k, v, fields[k]) for k, v in values.items()})
 
 
@@ -217,7 +219,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     extra = parse_overrides(overrides or [])
     _check_keys(extra, where="command line")
     if "model_overrides" in extra:
-        extra["model_overrides"] = {**values.get("model_overrides", {}), **extra["model_overrides"]}
+        extra["model_overrides"] = {**(values.get("model_overrides") or {}), **extra["model_overrides"]}
     return build_config({**values, **extra}, where=str(path or "command line"))
 
 

@@ -273,10 +273,11 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
         diffs = config_differences(saved_config, cfg)
         if diffs:
             raise LMStackError(f"{run_dir}: cannot resume with a different config: " + "; ".join(diffs))
-        old_steps = saved_config.get("max_steps")
-        if rt.is_main and old_steps != cfg.max_steps and cfg.lr_decay_steps is None:
-            print(f"note: max_steps is now {cfg.max_steps} (was {old_steps}): the cosine decay now ends at step "
-                  f"{cfg.max_steps}; --lr_decay_steps {old_steps} keeps the old schedule", file=sys.stderr)
+        old_end = saved_config.get("lr_decay_steps") or saved_config.get("max_steps")
+        new_end = cfg.lr_decay_steps or cfg.max_steps
+        if rt.is_main and old_end != new_end:
+            print(f"note: the cosine decay now ends at step {new_end} (it ended at {old_end}); "
+                  f"--lr_decay_steps {old_end} keeps the old schedule", file=sys.stderr)
     elif rt.is_main and (run_dir / "checkpoints").exists() and ckpt.list_checkpoints(run_dir):
         raise LMStackError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or choose "
                            "another out_dir")

@@ -43,9 +43,8 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
 
 def peak_flops_of(device_name: str, precision: str) -> float | None:
     """The dense peak of the GPU called `device_name` (as CUDA names it) for `precision`, if known."""
-    name = device_name
     for key, half, tf32 in PEAK_FLOPS:
-        if key in name:
+        if key in device_name:
             return half if precision in ("bf16", "fp16") else tf32
     return None
 
