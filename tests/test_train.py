@@ -15,6 +15,7 @@ import torch
 from lmstack import LMStackError, Tokenizer
 from lmstack.data import shards as shards_mod
 from lmstack.data.shards import TokenShards, prepare_shards
+from lmstack.tokenizer import GPT4_SPLIT
 from lmstack.train.config import TrainConfig, load_config
 from lmstack.train.loop import lr_at
 from lmstack.train.tasks import batch_offsets
@@ -50,14 +51,18 @@ def test_char_shards_match_nanogpt(char_shards):
     assert np.array_equal(data["val"], expected)
 
 
-@pytest.mark.parametrize("one_line", [False, True], ids=["lines", "one-line"])
-def test_blockwise_tokenization_equals_whole(tmp_path, monkeypatch, one_line):
+@pytest.mark.parametrize("case", ["lines", "one-line", "gpt2"])
+def test_blockwise_tokenization_equals_whole(tmp_path, monkeypatch, case):
     text = CORPUS.read_text()[:300_000]
-    if one_line:  # no newline to cut at: blocks end before a single space between words instead
+    if case == "one-line":  # no newline to cut at: blocks end before a single space between words instead
         text = text.replace("\n", " ")
-    tok = Tokenizer.train([text], vocab_size=500)
+    if case == "gpt2":  # GPT-2's `\s+(?!\S)` splits "\n\n", "\r\n", " \n" before a word, but not at a block end
+        endings = ["\n", "\r\n", " \n", "\n\n", "\t\n", "\n\t"]
+        text = "".join(line + endings[i % len(endings)] for i, line in enumerate(text.split("\n")))
+        text = text.replace(": ", ":\t")
+    tok = Tokenizer.train([text], vocab_size=500, split_pattern=None if case == "gpt2" else GPT4_SPLIT)
     src = tmp_path / "corpus.txt"
-    src.write_text(text)
+    src.write_bytes(text.encode())  # "\r\n" as it is
     monkeypatch.setattr(shards_mod, "BLOCK_CHARS", 4096)  # ~70 blocks
     blocks = list(shards_mod._text_blocks(src, shards_mod.ReadStats()))
     assert "".join(blocks) == text and len(blocks) > 50 and max(map(len, blocks)) <= 2 * 4096  # streamed
@@ -222,6 +227,119 @@ def test_jsonl_not_utf8_is_replaced_and_counted(tmp_path):
     # a genuine U+FFFD is not an error; a cut-off sequence is one replacement, as in a text file
     assert meta["files_not_utf8"] == [str(src)] and meta["replacement_chars"] == 2
     assert meta["documents"] == 3
+
+
+def test_jsonl_lone_surrogate_is_replaced_and_counted(tmp_path):
+    from lmstack.data.readers import iter_texts
+
+    tok = Tokenizer.train(["ab"] * 10, vocab_size=260)
+    src = tmp_path / "s.jsonl"
+    src.write_text('{"text": "a\\ud800b"}\n')  # valid JSON, but no text: the tokenizer cannot take it
+    meta = prepare_shards([src], tok, tmp_path / "s", val_fraction=0.0, progress=False, workers=1)
+    assert meta["files_not_utf8"] == [str(src)] and meta["replacement_chars"] == 1
+    assert TokenShards(tmp_path / "s")["train"].tolist() == tok.encode("a\ufffdb") + [tok.eos_token_id]
+    assert list(iter_texts([src])) == ["a\ufffdb"]  # the --tokenizer char path
+
+
+def test_cut_off_utf8_at_end_of_file_is_kept(tmp_path):
+    src = tmp_path / "t.txt"
+    src.write_bytes(b"caf\xc3\xa9 \xe9")
+    stats = shards_mod.ReadStats()
+    assert list(shards_mod._text_blocks(src, stats)) == ["café \ufffd"] and stats.replacement_chars == 1
+
+
+def test_char_vocabulary_keeps_crlf_and_drops_bom(tmp_path, monkeypatch):
+    from lmstack.data import readers
+    from lmstack.data.readers import iter_texts
+
+    src = tmp_path / "crlf.txt"
+    src.write_bytes("\ufeffab\r\ncd\r\n".encode() * 40)
+    text = "ab\r\ncd\r\n" + "\ufeffab\r\ncd\r\n" * 39  # a BOM is dropped at the start of the file only
+    assert list(iter_texts([src])) == [text]
+    monkeypatch.setattr(readers, "CHUNK_CHARS", 16)
+    chunks = list(iter_texts([src], chunked=True))  # streamed, for a character vocabulary
+    assert len(chunks) > 10 and "".join(chunks) == text
+    tok = Tokenizer.train_chars(chunks)
+    prepare_shards([src], tok, tmp_path / "s", val_fraction=0.0, progress=False, workers=1)
+    ids = TokenShards(tmp_path / "s")["train"].tolist()
+    assert tok.token_to_id("<unk>") not in ids and tok.decode(ids) == text
+
+
+def test_byte_order_mark_is_not_text(tmp_path):
+    tok = Tokenizer.train(["hello world"] * 10, vocab_size=300)
+    jsonl = tmp_path / "b.jsonl"
+    jsonl.write_bytes('\ufeff{"text": "hello"}\n'.encode())
+    txt = tmp_path / "b.txt"
+    txt.write_bytes("\ufeffworld".encode())
+    prepare_shards([jsonl, txt], tok, tmp_path / "s", val_fraction=0.0, progress=False, workers=1)
+    eos = tok.eos_token_id
+    assert TokenShards(tmp_path / "s")["train"].tolist() == [*tok.encode("hello"), eos, *tok.encode("world"), eos]
+
+
+def test_hash_split_keeps_a_long_text_file_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(shards_mod, "BLOCK_CHARS", 64)
+    files = []
+    for i in range(6):  # six documents of ~10 blocks each
+        files.append(tmp_path / f"doc{i}.txt")
+        files[-1].write_text("".join(f"line {i} {j} abc\n" for j in range(40)))
+    tok = Tokenizer.train_chars(f.read_text() for f in files)
+    meta = prepare_shards(files, tok, tmp_path / "s", split="hash", val_fraction=0.5, progress=False, workers=1)
+    val = tok.decode(TokenShards(tmp_path / "s")["val"].tolist())
+    assert all(val.count(f"line {i} ") in (0, 40) for i in range(6))  # each document whole in one split
+    assert 0 < meta["val_tokens"] < meta["train_tokens"] + meta["val_tokens"]  # (and both splits have some)
+
+
+def test_output_that_is_the_current_directory_is_refused(tmp_path, monkeypatch):
+    src = tmp_path / "c.txt"
+    src.write_text("ab\n")
+    work = tmp_path / "empty"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for out in (".", str(work), "../empty"):
+        with pytest.raises(LMStackError, match="current directory"):
+            prepare_shards([src], Tokenizer.train_chars(["ab\n"]), out, progress=False, workers=1)
+    assert list(work.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "empty"]
+
+
+def test_output_symlink_to_a_directory_is_followed(tmp_path):
+    src = tmp_path / "c.txt"
+    src.write_text("ab\n" * 10)
+    tok = Tokenizer.train_chars(["ab\n"])
+    (tmp_path / "real").mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "real", target_is_directory=True)
+    for _ in range(2):  # a new output, then an earlier one replaced
+        prepare_shards([src], tok, link, val_fraction=0.0, progress=False, workers=1)
+        assert link.is_symlink() and (tmp_path / "real" / "meta.json").exists()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "link", "real"]
+    assert TokenShards(link).meta["train_tokens"] == 30
+
+
+def test_stale_temporary_directories_are_removed(tmp_path):
+    src = tmp_path / "c.txt"
+    src.write_text("ab\n")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # a process that has exited: its PID is free
+    for name in (f".s.tmp{dead}", f".s.tmp{dead}.old", f".s.tmp{os.getppid()}", ".s.tmpx", f".t.tmp{dead}"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train.bin").write_bytes(b"\0" * 8)
+    prepare_shards([src], Tokenizer.train_chars(["ab\n"]), tmp_path / "s", progress=False, workers=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [".s.tmpx", f".s.tmp{os.getppid()}", f".t.tmp{dead}", "c.txt", "s"])  # live or not ours: kept
+
+
+def test_dead_tokenizer_worker_is_an_error_not_a_hang(tmp_path):
+    # A script without a main guard: each spawned worker re-runs it on import, and dies starting its own.
+    (tmp_path / "c.txt").write_text("ab\n" * 100)
+    script = tmp_path / "prep.py"
+    script.write_text("from lmstack import Tokenizer\nfrom lmstack.data.shards import prepare_shards\n"
+                      "prepare_shards(['c.txt'], Tokenizer.train_chars(['ab\\n']), 'out', workers=2, progress=False)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
+    run = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert run.returncode != 0 and "a tokenizer worker process died" in run.stderr
+    assert 'if __name__ == "__main__":' in run.stderr.splitlines()[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "prep.py"]  # no shards, no temporary directory
 
 
 # ---------------------------------------------------------------------------------------------- config

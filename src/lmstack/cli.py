@@ -73,7 +73,8 @@ def _data_prepare(args: argparse.Namespace) -> None:
     from lmstack.tokenizer import Tokenizer
 
     if args.tokenizer == "char":
-        tokenizer = Tokenizer.train_chars(iter_texts(args.input, args.text_field, on_bad_record=args.on_bad_record))
+        tokenizer = Tokenizer.train_chars(iter_texts(args.input, args.text_field, on_bad_record=args.on_bad_record,
+                                                     chunked=True))
     else:
         tokenizer = load_tokenizer(args.tokenizer)
     meta = prepare_shards(args.input, tokenizer, args.output, text_field=args.text_field,

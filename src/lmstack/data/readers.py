@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import re
@@ -15,7 +16,10 @@ from lmstack.errors import LMStackError
 JSONL_SUFFIXES = (".jsonl", ".json")
 RECORD_SUFFIXES = (*JSONL_SUFFIXES, ".parquet")  # files of records whose `text_field` is the text
 
+CHUNK_CHARS = 1 << 20  # text files are read in chunks of about this many characters
+
 _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of a byte that is not UTF-8
+_SURROGATE = re.compile("[\ud800-\udfff]")  # a JSON escape such as "\ud800" alone: valid JSON, but not text
 
 
 @dataclass
@@ -32,10 +36,31 @@ class ReadStats:
                 self.replaced_bytes_files.append(str(path))
 
 
+def iter_text_chunks(
+    path: str | os.PathLike, stats: ReadStats | None = None, size: int = CHUNK_CHARS
+) -> Iterator[str]:
+    """A UTF-8 text file as a stream of chunks of about `size` characters, newlines as they are ("\\r\\n" stays
+    two characters: the tokenizer sees the file's own bytes). A byte order mark at the start is dropped. Bytes
+    that are not UTF-8 become U+FFFD and are counted in `stats` (a genuine U+FFFD is not)."""
+    decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="replace")
+    replacement = "\ufffd".encode()
+    with open(path, "rb") as f:
+        while True:
+            raw = f.read(size)
+            chunk = decoder.decode(raw, final=not raw)  # the final call turns a cut-off sequence into U+FFFD
+            if stats is not None:
+                stats.count_replaced(path, chunk.count("\ufffd") - raw.count(replacement))
+            if chunk:
+                yield chunk
+            if not raw:
+                return
+
+
 def _text_lines(path: str | os.PathLike, stats: ReadStats | None = None) -> Iterator[tuple[int, str]]:
-    """`(line_number, line)` of a UTF-8 file. Bytes that are not UTF-8 become U+FFFD and are counted in `stats`
-    as for a text file (one U+FFFD per maximal bad sequence); a genuine U+FFFD is not counted."""
-    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+    """`(line_number, line)` of a UTF-8 file, without a byte order mark at the start. Bytes that are not UTF-8
+    become U+FFFD and are counted in `stats` as for a text file (one U+FFFD per maximal bad sequence); a genuine
+    U+FFFD is not counted."""
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
         for lineno, line in enumerate(f, 1):
             if _ESCAPED_BYTE.search(line):
                 fixed = line.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
@@ -89,7 +114,10 @@ def iter_record_texts(
             elif not isinstance(record[text_field], str):
                 why = f"field {text_field!r} is not a string"
             else:
-                yield record[text_field]
+                # a lone surrogate escape would crash the tokenizer: it becomes U+FFFD, counted as bad UTF-8 is
+                text, n = _SURROGATE.subn("\ufffd", record[text_field])
+                stats.count_replaced(path, n)
+                yield text
                 continue
         if on_bad_record == "fail":
             raise LMStackError(f"{path}:{lineno}: {why}{hint}")
@@ -122,10 +150,11 @@ def _parquet_texts(path: Path, text_field: str) -> Iterator[str]:
 
 def iter_texts(
     files: Iterable[str | os.PathLike], text_field: str = "text", on_bad_record: str = "fail",
-    stats: ReadStats | None = None,
+    stats: ReadStats | None = None, *, chunked: bool = False,
 ) -> Iterator[str]:
     """Documents from text files (one document per file) and JSONL / Parquet files (`text_field` of each
-    record; see `iter_record_texts` for bad records)."""
+    record; see `iter_record_texts` for bad records). With `chunked=True` a text file comes as a stream of
+    chunks instead (enough for a character vocabulary, and a file larger than memory is fine)."""
     stats = stats if stats is not None else ReadStats()
     for file in files:
         path = Path(file)
@@ -133,5 +162,7 @@ def iter_texts(
             raise LMStackError(f"{path}: no such file")
         if path.suffix in RECORD_SUFFIXES:
             yield from iter_record_texts(path, text_field, stats, on_bad_record)
+        elif chunked:
+            yield from iter_text_chunks(path, stats, CHUNK_CHARS)
         else:
-            yield path.read_text(encoding="utf-8", errors="replace")
+            yield "".join(iter_text_chunks(path, stats, CHUNK_CHARS))

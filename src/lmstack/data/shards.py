@@ -8,23 +8,27 @@ tokenizes them in worker processes, separates documents with eos, and writes
     out_dir/tokenizer/                   the tokenizer, so a run needs nothing else
 
 The split is deterministic: `tail` keeps the last `val_fraction` of the token stream for validation (nanoGPT's
-first 90% / last 10%), `hash` sends whole documents to validation by a hash of their text.
+first 90% / last 10%), `hash` sends whole documents to validation by a hash of their text (of their first
+block, for a text file longer than one).
 
-The shards are built in a temporary directory next to out_dir, removed if anything fails, and only then put in
-its place. An existing out_dir is replaced only when it is empty or an earlier output: --output may well name a
-directory that holds the corpus.
+The shards are built in a temporary directory next to out_dir (next to its target, when out_dir is a symlink),
+removed if anything fails, and only then put in its place; one left by a killed run is removed by the next.
+An existing out_dir is replaced only when it is empty or an earlier output: --output may well name a directory
+that holds the corpus.
 """
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 import json
 import os
 import re
 import shutil
 import sys
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import ExitStack
 from multiprocessing import get_context
 from pathlib import Path
@@ -33,39 +37,32 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from lmstack.data.readers import RECORD_SUFFIXES, ReadStats, iter_record_texts
+from lmstack.data.readers import RECORD_SUFFIXES, ReadStats, iter_record_texts, iter_text_chunks
 from lmstack.errors import LMStackError
 from lmstack.tokenizer import Tokenizer
 
 BLOCK_CHARS = 1 << 20  # text files are read and tokenized in blocks of about this many characters
 SHARD_FILES = {"meta.json", "train.bin", "val.bin", "tokenizer"}  # what a shard directory holds
 
-# Block boundaries (zero-width): after a newline before a non-space character, or, as a fallback for text
-# with few newlines, before a single space between two non-space characters. Every split rule lmstack uses
-# (GPT-2's and Llama 3's pre-tokenizer patterns, characters) cuts there anyway.
-_NEWLINE_CUT = re.compile(r"(?<=\n)(?=\S)")
+# Block boundaries (zero-width): after a newline that follows a non-space character and comes before one, or,
+# as a fallback for text with few newlines, before a single space between two non-space characters. Every
+# split rule lmstack uses (GPT-2's and Llama 3's pre-tokenizer patterns, characters) cuts there anyway. Not
+# after "\n\n", "\r\n" or " \n": before a word GPT-2's `\s+(?!\S)` splits them in two, at a block end it can't.
+_NEWLINE_CUT = re.compile(r"(?<=\S\n)(?=\S)")
 _SPACE_CUT = re.compile(r"(?<=\S)(?= \S)")
-_ANY_CUT = re.compile(r"(?<=\n)(?=\S)|(?<=\S)(?= \S)")
+_ANY_CUT = re.compile(r"(?<=\S\n)(?=\S)|(?<=\S)(?= \S)")
 
 
 def _text_blocks(path: Path, stats: ReadStats) -> Iterator[str]:
-    """A text file as a stream of blocks. Bytes that are not UTF-8 become U+FFFD and are counted. Blocks end
-    at a boundary (above) where every split rule lmstack uses would cut anyway, so blockwise tokenization
-    equals whole-file tokenization."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    replacement = "\ufffd".encode()
+    """A text file as a stream of blocks (decoded as `iter_text_chunks` does). Blocks end at a boundary (above)
+    where every split rule lmstack uses would cut anyway, so blockwise tokenization equals whole-file
+    tokenization."""
     carry = ""
-    with open(path, "rb") as f:
-        while True:
-            raw = f.read(BLOCK_CHARS)
-            chunk = decoder.decode(raw, final=not raw)
-            stats.count_replaced(path, chunk.count("\ufffd") - raw.count(replacement))  # genuine U+FFFD is fine
-            if not raw:
-                break
-            # a carry longer than a block has no boundary: don't scan it again (a huge line would be quadratic)
-            pieces = list(_cut(carry + chunk, scanned=len(carry) - 1 if len(carry) > BLOCK_CHARS else 0))
-            carry = pieces.pop() if pieces else ""
-            yield from pieces
+    for chunk in iter_text_chunks(path, stats, BLOCK_CHARS):
+        # a carry longer than a block has no boundary: don't scan it again (a huge line would be quadratic)
+        pieces = list(_cut(carry + chunk, scanned=len(carry) - 1 if len(carry) > BLOCK_CHARS else 0))
+        carry = pieces.pop() if pieces else ""
+        yield from pieces
     if carry:
         yield carry
 
@@ -134,7 +131,8 @@ def _init_worker(tokenizer_json: str) -> None:
 
 
 def _encode_batch(job: tuple[list[str], list[bool], str, float]) -> list[tuple[list[int], bool, str]]:
-    """Token ids, end-of-document flag and destination split of each text block of a batch."""
+    """Token ids, end-of-document flag and destination split of each text block of a batch (with
+    split="hash", the one of a document's first block holds for the whole document)."""
     texts, ends, split, val_fraction = job
     assert _WORKER_TOKENIZER is not None
     ids = _WORKER_TOKENIZER.encode_batch(texts, add_special_tokens=False)
@@ -152,6 +150,18 @@ def _jobs(docs: Iterator[tuple[str, bool]], size: int, split: str, val_fraction:
             texts, ends = [], []
     if texts:
         yield texts, ends, split, val_fraction
+
+
+def _ordered_map(executor: Executor, fn: Callable, jobs: Iterable, in_flight: int) -> Iterator:
+    """`executor.map(fn, jobs)` with at most `in_flight` jobs submitted ahead: Executor.map would read all of
+    `jobs` at once, that is the whole corpus into memory."""
+    pending: deque[Future] = deque()
+    for job in jobs:
+        pending.append(executor.submit(fn, job))
+        if len(pending) >= in_flight:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def tokenizer_hash(tokenizer: Tokenizer) -> str:
@@ -180,8 +190,13 @@ def prepare_shards(
     if on_bad_record not in ("fail", "skip"):
         raise LMStackError(f"on_bad_record {on_bad_record!r} is not 'fail' or 'skip'")
     out = Path(out_dir)
-    _check_replaceable(out)  # before the work, not after an hour of tokenizing
+    if out.is_symlink() and out.is_dir():
+        out = out.resolve()  # build next to the target and replace it, so the link keeps pointing at the shards
     full = Path(os.path.abspath(out))  # has a name even for "." or "dir/.."
+    if Path.cwd().resolve().is_relative_to(full.resolve()):  # it could not be renamed aside at the end
+        raise LMStackError(f"output {out_dir} is the current directory or holds it: name another output directory")
+    _check_replaceable(out)  # before the work, not after an hour of tokenizing
+    _remove_stale_builds(full)
     tmp = full.with_name(f".{full.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -209,22 +224,35 @@ def _write_shards(
                  for name in (["all"] if split == "tail" else ["train", "val"])}
         bar = stack.enter_context(tqdm(unit="tok", unit_scale=True, desc="tokenizing", disable=not progress,
                                        mininterval=0.5))
+        jobs = _jobs(docs, 64, split, val_fraction)
         if workers > 1 and _can_spawn():
-            pool = stack.enter_context(get_context("spawn").Pool(workers, _init_worker,
-                                                                 (tokenizer.backend.to_str(),)))
-            encoded = pool.imap(_encode_batch, _jobs(docs, 64, split, val_fraction))
+            # not multiprocessing.Pool: that waits forever for a worker that died, this raises BrokenProcessPool
+            pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
+                                       initargs=(tokenizer.backend.to_str(),))
+            stack.callback(pool.shutdown, cancel_futures=True)
+            encoded = _ordered_map(pool, _encode_batch, jobs, in_flight=2 * workers)
         else:  # one worker: this process (the tokenizer's encode_batch is multi-threaded anyway)
             _init_worker(tokenizer.backend.to_str())
-            encoded = map(_encode_batch, _jobs(docs, 64, split, val_fraction))
+            encoded = map(_encode_batch, jobs)
         # Both keep the corpus order, so the shards are the same whatever the number of workers.
-        for results in encoded:
-            for ids, end, target in results:
-                if end and eos is not None:
-                    ids = [*ids, eos]
-                array = np.asarray(ids, dtype=dtype)
-                sinks[target].write(array.tobytes())
-                counts["train" if target == "all" else target] += len(array)
-                bar.update(len(array))
+        starts_document = True
+        try:
+            for results in encoded:
+                for ids, end, target in results:
+                    if starts_document:
+                        document_target = target  # all blocks of a document go where its first one goes
+                    starts_document = end
+                    if end and eos is not None:
+                        ids = [*ids, eos]
+                    array = np.asarray(ids, dtype=dtype)
+                    sinks[document_target].write(array.tobytes())
+                    counts["train" if document_target == "all" else document_target] += len(array)
+                    bar.update(len(array))
+        except BrokenProcessPool:
+            raise LMStackError(
+                "a tokenizer worker process died (killed, e.g. out of memory, or it re-ran the script that "
+                "started it): guard the script's entry point with `if __name__ == \"__main__\":`, or use "
+                "workers=1") from None
     total = counts["train"] + counts["val"]
     if total == 0:
         raise LMStackError(f"the corpus is empty: no text in {[str(f) for f in files]}")
@@ -270,6 +298,26 @@ def _check_replaceable(out: Path) -> None:
             return
     raise LMStackError(f"{out} exists and is not a shard directory from `lmstack data prepare` (nor empty): "
                        "not replacing it, since that would delete what it holds; name a new or empty --output")
+
+
+def _remove_stale_builds(full: Path) -> None:
+    """Remove the temporary directories (`.<name>.tmp<PID>`, and their `.old`) that runs which were killed
+    left next to `full`: those whose process is gone."""
+    if os.name != "posix":  # os.kill(pid, 0) only asks on POSIX; elsewhere it would end the process
+        return
+    if not full.parent.is_dir():
+        return
+    stale = re.compile(rf"\.{re.escape(full.name)}\.tmp(\d+)(\.old)?")
+    for path in full.parent.iterdir():
+        match = stale.fullmatch(path.name)
+        if not match or int(match[1]) == os.getpid():
+            continue
+        try:
+            os.kill(int(match[1]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except (PermissionError, OverflowError):  # alive, another user's; or not a PID at all
+            pass
 
 
 def _swap_in(tmp: Path, out: Path) -> None:
