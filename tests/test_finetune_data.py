@@ -174,3 +174,14 @@ def test_end_of_turn_is_found_from_the_template_and_stops_generation(tok):
     out = Engine(model, tok).generate(["Hello"], SamplingParams(temperature=0, max_new_tokens=5,
                                                                 stop_token_ids=[eot]))[0]
     assert out.finish_reason == "stop" and out.stop_token_id == eot and out.token_ids == []
+
+
+def test_jsonl_lone_surrogates_become_replacement_characters(tmp_path):
+    """A lone "\\ud800" escape is valid JSON but not text (the tokenizer would fail on it): U+FFFD instead,
+    anywhere in a record; an escaped surrogate pair stays the character it spells."""
+    from lmstack.data.readers import read_jsonl
+
+    path = tmp_path / "chat.jsonl"
+    path.write_text('{"messages": [{"role": "user", "content": "a\\ud800b"}], "x": "\\ud83d\\ude00"}\n')
+    [(_, record)] = list(read_jsonl(path))
+    assert record == {"messages": [{"role": "user", "content": "a\ufffdb"}], "x": "\U0001F600"}

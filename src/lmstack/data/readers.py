@@ -20,6 +20,7 @@ CHUNK_CHARS = 1 << 20  # text files are read in chunks of about this many charac
 
 _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of a byte that is not UTF-8
 _SURROGATE = re.compile("[\ud800-\udfff]")  # a JSON escape such as "\ud800" alone: valid JSON, but not text
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # how such an escape, paired or not, is spelled
 
 
 @dataclass
@@ -77,9 +78,22 @@ def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
         if not line.strip():
             continue
         try:
-            yield lineno, json.loads(line)
+            value = json.loads(line)
         except json.JSONDecodeError as e:
             raise LMStackError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if _SURROGATE_ESCAPE.search(line):  # a lone "\ud800" is valid JSON but no text: U+FFFD instead
+            value = _replace_surrogates(value)
+        yield lineno, value
+
+
+def _replace_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_replace_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _replace_surrogates(v) for k, v in value.items()}
+    return value
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
