@@ -37,6 +37,7 @@ train() {
 
 shakespeare() {
     local data=$LOG_DIR/shakespeare-char-data run_dir=$LOG_DIR/shakespeare-char
+    rm -rf "$run_dir"  # a benchmark starts from nothing (an earlier run there would be refused)
     run prepare "$PYTHON" -m lmstack.cli data prepare --input data/tinyshakespeare.txt --tokenizer char \
         --output "$data"
     run shakespeare "$PYTHON" -m lmstack.cli pretrain --config recipes/shakespeare-char.yaml --data "$data" \
