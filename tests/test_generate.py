@@ -269,12 +269,22 @@ def test_beam_search_equals_transformers(tiny, num_beams):
     model, tok, path = tiny
     hf = AutoModelForCausalLM.from_pretrained(path).eval()
     engine = Engine(model, tok, max_batch_size=1)
+    changed = []
     for prompt in PROMPTS:
         ids = tok.encode(prompt)
         ours = engine.beam_search(prompt, num_beams=num_beams, max_new_tokens=12, ignore_eos=True)[0]
         theirs = hf.generate(torch.tensor([ids]), max_new_tokens=12, num_beams=num_beams, do_sample=False,
                              eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
         assert ours.token_ids == theirs and ours.finish_reason == "length"
+        # a stop token ends beams as an eos id does in transformers (here the one the best beam takes third)
+        free, stop = theirs, theirs[2]
+        ours = engine.beam_search(prompt, num_beams=num_beams, max_new_tokens=12, ignore_eos=True,
+                                  stop_token_ids=[stop])[0]
+        theirs = hf.generate(torch.tensor([ids]), max_new_tokens=12, num_beams=num_beams, do_sample=False,
+                             eos_token_id=stop, pad_token_id=0)[0, len(ids):].tolist()
+        assert ours.token_ids == [t for t in theirs if t != stop]
+        changed.append(ours.token_ids != free)
+    assert any(changed)  # the stop token changed the search's outcome somewhere
 
 
 def test_beam_search_with_eos_equals_transformers(smollm2_gguf):

@@ -235,7 +235,7 @@ def _generate(args: argparse.Namespace) -> None:
     if args.num_beams > 1:
         for c in engine.beam_search(prompt, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
                                     length_penalty=args.length_penalty, num_return_sequences=args.n,
-                                    ignore_eos=args.ignore_eos):
+                                    ignore_eos=args.ignore_eos, stop_token_ids=params.stop_token_ids):
             print(c.text)
         return
     if params.n == 1 and not args.no_stream and params.logprobs is None:

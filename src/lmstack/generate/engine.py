@@ -128,16 +128,18 @@ class Engine:
     @torch.no_grad()
     def beam_search(self, prompt: str | Sequence[int], num_beams: int = 4, max_new_tokens: int = 64,
                     length_penalty: float = 1.0, num_return_sequences: int = 1,
-                    ignore_eos: bool = False) -> list[Completion]:
+                    ignore_eos: bool = False, stop_token_ids: Sequence[int] = ()) -> list[Completion]:
         """Beam search as `transformers` runs it (early_stopping=False): keep the `num_beams` best partial
         sequences by summed log-probability; a sequence ending in eos is scored sum / length**length_penalty
         (eos counted) and kept among the `num_beams` best finished ones; stop when no running beam can beat the
-        worst of those, or at `max_new_tokens`, where the running beams are scored the same way."""
+        worst of those, or at `max_new_tokens`, where the running beams are scored the same way.
+        `stop_token_ids` end a beam as eos does (as a list of eos ids does in `transformers`)."""
         if num_beams < 1:
             raise LMStackError(f"num_beams={num_beams}: must be >= 1")
         if not 1 <= num_return_sequences <= num_beams:
             raise LMStackError(f"num_return_sequences={num_return_sequences} must be between 1 and num_beams")
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0, ignore_eos=ignore_eos)
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0, ignore_eos=ignore_eos,
+                                stop_token_ids=list(stop_token_ids))
         ids = self._encode([prompt] if isinstance(prompt, str) else [list(prompt)], params)[0]
         K, L, dev = num_beams, len(ids), self.device
         steps = min(max_new_tokens, self.max_seq_len - L)
