@@ -183,6 +183,32 @@ def test_preference_objectives_improve_on_their_pairs(base, tmp_path, task):
     assert val[-1] < val[0] - 0.05
 
 
+def test_dpo_under_fsdp_with_two_processes_matches_one(base, tmp_path):
+    """Policy and frozen reference both sharded over two gloo processes: the losses of one process with the
+    same global batch, within 1e-5."""
+    import os
+    import subprocess
+    import sys
+
+    data = _write(tmp_path / "pairs.jsonl", _pairs(80, 0))
+    settings = dict(max_steps=4, eval_interval=2, learning_rate=1e-3)
+    _, one = _run(base, tmp_path / "one", "dpo", data, batch_size=4, **settings)
+    args = ["finetune", "dpo", "--model", str(base), "--data", str(data), "--out_dir", str(tmp_path / "two"),
+            "--batch_size", "2", "--distributed", "fsdp", "--block_size", "64", "--learning_rate", "1e-3",
+            "--min_lr", "3e-4", "--warmup_steps", "2", "--max_steps", "4", "--eval_interval", "2",
+            "--eval_batches", "4", "--log_interval", "1", "--checkpoint_interval", "100", "--progress", "false",
+            "--weight_decay", "0.0", "--val_fraction", "0.1", "--precision", "fp32", "--device", "cpu"]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+                           "lmstack.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = read_metrics(tmp_path / "two")
+    losses = [(r["step"], r["loss"]) for r in one if "loss" in r], [(r["step"], r["loss"]) for r in two if "loss" in r]
+    assert [s for s, _ in losses[0]] == [s for s, _ in losses[1]] == [0, 1, 2, 3]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(*losses)) < 1e-5
+    assert _val(one) == pytest.approx(_val(two), abs=1e-5)
+
+
 def test_dpo_under_lora_uses_the_base_as_reference(base, tmp_path):
     data = _write(tmp_path / "pairs.jsonl", _pairs(80, 0))
     _, metrics = _run(base, tmp_path, "dpo", data, max_steps=20, lora_r=4, learning_rate=1e-2)

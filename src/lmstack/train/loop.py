@@ -305,14 +305,19 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
     task.policy = raw_model
     if cfg.task in NEEDS_REFERENCE and cfg.beta:
         # Under LoRA the default reference is the base model itself, with the adapters switched off: no copy.
-        task.reference = raw_model if cfg.lora_r and not cfg.reference else \
-            load_model(cfg.reference or cfg.model, dtype=torch.float32).to(rt.device).eval().requires_grad_(False)
+        if cfg.lora_r and not cfg.reference:
+            task.reference = raw_model
+        else:
+            reference = load_model(cfg.reference or cfg.model, dtype=torch.float32).eval().requires_grad_(False)
+            task.reference = reference if fsdp else reference.to(rt.device)
     if fsdp:
         from torch.distributed.fsdp import fully_shard
 
-        for block in decoder.layers:
-            fully_shard(block)
-        fully_shard(model)
+        # The frozen reference is sharded like the policy: neither is ever whole on one device.
+        for sharded in (model, task.reference) if task.reference not in (None, raw_model) else (model,):
+            for block in decoder_of(sharded).layers:
+                fully_shard(block)
+            fully_shard(sharded)
     elif rt.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
