@@ -396,3 +396,36 @@ def test_engines_sharing_a_model_keep_working(tiny):
     generate_ids(model, tok.encode("ROMEO:"), 4)  # frees the cache when done
     after = first.generate(PROMPTS, **params)
     assert [c.token_ids for c in after] == [c.token_ids for c in before]
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "metaspace"])
+def test_incremental_text_is_the_full_decoding(tiny, kind):
+    """Token by token, the text decoded from the last few tokens is the decoding of all of them, but for an
+    incomplete UTF-8 character at the end, kept back (byte-level BPE and SentencePiece-style tokenizers)."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from lmstack.generate.engine import _Row
+    from lmstack.tokenizer import Tokenizer
+
+    model, tok, _ = tiny
+    if kind == "metaspace":
+        backend = Backend(models.BPE(unk_token="<unk>"))
+        backend.pre_tokenizer = pre_tokenizers.Metaspace()
+        backend.decoder = decoders.Metaspace()
+        text = (REPO / "data" / "tinyshakespeare.txt").read_text()[:50_000]
+        backend.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>"]))
+        tok = Tokenizer(backend)
+    engine = Engine(model, tok)
+    g = torch.Generator().manual_seed(0)
+    ids = tok.encode("héllo wörld 🦙 and more: the llama's ünïcode", add_special_tokens=False)
+    for trial in range(20):  # real token sequences, and random ones (which may split characters anywhere)
+        tokens = ids if trial == 0 else torch.randint(0, tok.vocab_size, (40,), generator=g).tolist()
+        row = _Row([0])
+        for t in tokens:
+            row.tokens.append(t)
+            engine._extend_text(row)
+            full = tok.decode(row.tokens)
+            assert full.startswith(row.text) and (row.text == full or full.endswith("\ufffd"))
+        if trial == 0:
+            assert row.text == tok.decode(ids)

@@ -52,6 +52,10 @@ class _Row:
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     emitted: int = 0  # characters of `text` already streamed
+    # Incremental decoding: tokens[prefix_offset:read_offset] decode to the end of `text`.
+    prefix_offset: int = 0
+    read_offset: int = 0
+    cut_at_stop_string: bool = False
     finish_reason: str | None = None
     stop_token_id: int | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -263,7 +267,7 @@ class Engine:
         for r in rows:
             if r.finish_reason is None:
                 r.finish_reason = "length"
-            if not text_each_step:
+            if not r.cut_at_stop_string:  # the whole text at once (an incomplete last character included)
                 r.text = self.tokenizer.decode(r.tokens)
 
     def _decode_loop(self, rows, params, ids, pads, key_padding, L, steps, generator, stop_ids, seen, counts,
@@ -329,7 +333,7 @@ class Engine:
               logprobs: list[float] | None = None, top_ids: list[list[int]] | None = None,
               top_logprobs: list[list[float]] | None = None) -> None:
         """Add one step's tokens (on the host) to the rows still running, and see which of them stop. The text
-        is decoded only if `text` (streaming or stop strings): else once at the end, not every step."""
+        grows with each step only if `text` (streaming or stop strings); else it is decoded once at the end."""
         for i, r in enumerate(rows):
             if r.finish_reason is not None:
                 continue
@@ -344,13 +348,26 @@ class Engine:
                 alternatives = list(zip(top_ids[i], top_logprobs[i])) if top_ids else []
                 r.logprobs.append(TokenLogprob(token, logprobs[i], alternatives))
             if text:
-                r.text = self.tokenizer.decode(r.tokens)
-                cut = min((r.text.find(s) for s in params.stop if s in r.text), default=-1)
-                if cut >= 0:
-                    r.text = r.text[:cut]
-                    r.finish_reason = "stop"
+                seen_chars = len(r.text)
+                self._extend_text(r)
+                # A stop string found now ends in the new text: look back no further than it could reach.
+                start = max(0, seen_chars - max((len(s) for s in params.stop), default=1) + 1)
+                found = [at for s in params.stop if (at := r.text.find(s, start)) >= 0]
+                if found:
+                    r.text, r.cut_at_stop_string, r.finish_reason = r.text[:min(found)], True, "stop"
             if r.finish_reason is None and len(r.tokens) >= params.max_new_tokens:
                 r.finish_reason = "length"
+
+    def _extend_text(self, row: _Row) -> None:
+        """Append what `row`'s newest tokens add to `row.text`, decoding only the last few tokens (vLLM's
+        incremental detokenization): tokens[prefix_offset:] decode to the text of tokens[prefix_offset:
+        read_offset], already in `text`, plus the new text, kept back while it ends in an incomplete UTF-8
+        character. Decoding from `prefix_offset` rather than `read_offset` keeps word-initial spaces right."""
+        before = self.tokenizer.decode(row.tokens[row.prefix_offset:row.read_offset])
+        after = self.tokenizer.decode(row.tokens[row.prefix_offset:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            row.text += after[len(before):]
+            row.prefix_offset, row.read_offset = row.read_offset, len(row.tokens)
 
     def _safe_delta(self, row: _Row, params: SamplingParams) -> str:
         """New text that can be shown now: not a partial UTF-8 character, not a possible stop-string start."""
