@@ -429,3 +429,30 @@ def test_incremental_text_is_the_full_decoding(tiny, kind):
             assert full.startswith(row.text) and (row.text == full or full.endswith("\ufffd"))
         if trial == 0:
             assert row.text == tok.decode(ids)
+
+
+def test_a_stop_string_before_an_incomplete_character_still_stops(tiny):
+    """A token may end in the first byte of the next character: the text before it is whole and held back
+    with it until the character completes, yet a stop string in it must stop the row at once."""
+    from lmstack.generate.engine import _Row
+
+    class ByteTokens:  # token 1 is "λ" plus the lead byte of "α", token 2 the rest of "α"
+        eos_token_id = pad_token_id = bos_token_id = None
+        pieces = {1: "λ".encode() + b"\xce", 2: b"\xb1"}
+
+        def decode(self, ids):
+            return b"".join(self.pieces.get(i, b"x") for i in ids).decode("utf-8", errors="replace")
+
+        def encode(self, text):
+            return [3]
+
+    model, _, _ = tiny
+    engine = Engine(model, ByteTokens())
+    row = _Row([3])
+    engine._take([row], SamplingParams(stop=["λ"], max_new_tokens=5), set(), None, True, [1])
+    assert row.finish_reason == "stop" and row.text == ""
+    forced = dict(logit_bias={1: 1e4}, temperature=0, max_new_tokens=3)
+    assert engine.generate([[3]], stop=["λ"], **forced)[0].text == ""
+    assert "".join(engine.stream([3], stop=["λ"], **forced)) == ""
+    ended = engine.generate([[3]], stop=["zz"], **dict(forced, max_new_tokens=1))[0]
+    assert ended.text == "λ\ufffd" and ended.finish_reason == "length"  # the whole decoding once it ends

@@ -349,25 +349,31 @@ class Engine:
                 r.logprobs.append(TokenLogprob(token, logprobs[i], alternatives))
             if text:
                 seen_chars = len(r.text)
-                self._extend_text(r)
-                # A stop string found now ends in the new text: look back no further than it could reach.
+                held = self._extend_text(r)
+                # A stop string found now ends in the new text, the part held back included (it may hold
+                # whole characters before its incomplete last one): look back no further than it could reach.
+                window = r.text + held.rstrip("\ufffd")
                 start = max(0, seen_chars - max((len(s) for s in params.stop), default=1) + 1)
-                found = [at for s in params.stop if (at := r.text.find(s, start)) >= 0]
+                found = [at for s in params.stop if (at := window.find(s, start)) >= 0]
                 if found:
-                    r.text, r.cut_at_stop_string, r.finish_reason = r.text[:min(found)], True, "stop"
+                    r.text, r.cut_at_stop_string, r.finish_reason = window[:min(found)], True, "stop"
             if r.finish_reason is None and len(r.tokens) >= params.max_new_tokens:
                 r.finish_reason = "length"
 
-    def _extend_text(self, row: _Row) -> None:
+    def _extend_text(self, row: _Row) -> str:
         """Append what `row`'s newest tokens add to `row.text`, decoding only the last few tokens (vLLM's
         incremental detokenization): tokens[prefix_offset:] decode to the text of tokens[prefix_offset:
         read_offset], already in `text`, plus the new text, kept back while it ends in an incomplete UTF-8
-        character. Decoding from `prefix_offset` rather than `read_offset` keeps word-initial spaces right."""
+        character (and then returned). Decoding from `prefix_offset` rather than `read_offset` keeps
+        word-initial spaces right."""
         before = self.tokenizer.decode(row.tokens[row.prefix_offset:row.read_offset])
         after = self.tokenizer.decode(row.tokens[row.prefix_offset:])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            row.text += after[len(before):]
-            row.prefix_offset, row.read_offset = row.read_offset, len(row.tokens)
+        new = after[len(before):]
+        if not new or new.endswith("\ufffd"):
+            return new
+        row.text += new
+        row.prefix_offset, row.read_offset = row.read_offset, len(row.tokens)
+        return ""
 
     def _safe_delta(self, row: _Row, params: SamplingParams) -> str:
         """New text that can be shown now: not a partial UTF-8 character, not a possible stop-string start."""
