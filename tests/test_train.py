@@ -51,16 +51,19 @@ def test_char_shards_match_nanogpt(char_shards):
     assert np.array_equal(data["val"], expected)
 
 
-@pytest.mark.parametrize("case", ["lines", "one-line", "gpt2"])
+@pytest.mark.parametrize("case", ["lines", "one-line", "gpt2", "no-spaces", "no-spaces-gpt2"])
 def test_blockwise_tokenization_equals_whole(tmp_path, monkeypatch, case):
     text = CORPUS.read_text()[:300_000]
     if case == "one-line":  # no newline to cut at: blocks end before a single space between words instead
         text = text.replace("\n", " ")
+    if case.startswith("no-spaces"):  # as Chinese text: no spaces, paragraphs apart by blank lines or CRLF
+        lines = text.replace(" ", "").split("\n")
+        text = "".join(line + ("\n\n" if i % 2 else "\r\n") for i, line in enumerate(lines))
     if case == "gpt2":  # GPT-2's `\s+(?!\S)` splits "\n\n", "\r\n", " \n" before a word, but not at a block end
         endings = ["\n", "\r\n", " \n", "\n\n", "\t\n", "\n\t"]
         text = "".join(line + endings[i % len(endings)] for i, line in enumerate(text.split("\n")))
         text = text.replace(": ", ":\t")
-    tok = Tokenizer.train([text], vocab_size=500, split_pattern=None if case == "gpt2" else GPT4_SPLIT)
+    tok = Tokenizer.train([text], vocab_size=500, split_pattern=None if case.endswith("gpt2") else GPT4_SPLIT)
     src = tmp_path / "corpus.txt"
     src.write_bytes(text.encode())  # "\r\n" as it is
     monkeypatch.setattr(shards_mod, "BLOCK_CHARS", 4096)  # ~70 blocks
@@ -69,6 +72,18 @@ def test_blockwise_tokenization_equals_whole(tmp_path, monkeypatch, case):
     prepare_shards([src], tok, tmp_path / "s", val_fraction=0.0, workers=2, progress=False)
     got = TokenShards(tmp_path / "s")["train"]
     assert got.tolist() == tok.encode(text) + [tok.eos_token_id]
+
+
+def test_parquet_text_that_is_not_utf8_is_named(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    offsets = pa.py_buffer(np.array([0, 3], dtype=np.int32).tobytes())  # Arrow does not check the bytes
+    column = pa.Array.from_buffers(pa.string(), 1, [None, offsets, pa.py_buffer(b"ok\xff")])
+    pq.write_table(pa.table({"text": column}), tmp_path / "bad.parquet")
+    with pytest.raises(LMStackError, match=r"bad.parquet: Parquet column 'text' holds bytes that are not UTF-8"):
+        prepare_shards([tmp_path / "bad.parquet"], Tokenizer.train_chars(["ok"]), tmp_path / "s", progress=False,
+                       workers=1)
 
 
 def test_jsonl_documents_eos_and_bad_records(tmp_path):

@@ -157,7 +157,12 @@ def _parquet_texts(path: Path, text_field: str) -> Iterator[str]:
         raise LMStackError(f"{path}: Parquet column {text_field!r} holds {kind}, not text "
                            "(name the text column with --text-field)")
     for batch in table.iter_batches(columns=[text_field], batch_size=1024):
-        for value in batch.column(0).to_pylist():
+        try:
+            values = batch.column(0).to_pylist()
+        except UnicodeDecodeError as e:  # Arrow does not check that a string column holds UTF-8
+            raise LMStackError(f"{path}: Parquet column {text_field!r} holds bytes that are not UTF-8 ({e.reason} "
+                               f"at byte {e.start}); re-encode the file") from None
+        for value in values:
             if value is not None:  # a null is no document
                 yield value
 
