@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import sys
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -43,6 +44,7 @@ from lmstack.tokenizer import Tokenizer
 
 BLOCK_CHARS = 1 << 20  # text files are read and tokenized in blocks of about this many characters
 SHARD_FILES = {"meta.json", "train.bin", "val.bin", "tokenizer"}  # what a shard directory holds
+_HOST = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())  # in temporary names: whose build it is
 
 # Block boundaries (zero-width): after a newline that follows a non-space character and comes before one; as
 # fallbacks for text with few newlines, before a single space between two non-space characters, or before any
@@ -200,12 +202,13 @@ def prepare_shards(
     out = Path(out_dir)
     if out.is_symlink() and out.is_dir():
         out = out.resolve()  # build next to the target and replace it, so the link keeps pointing at the shards
-    full = Path(os.path.abspath(out))  # has a name even for "." or "dir/.."
-    if Path.cwd().resolve().is_relative_to(full.resolve()):  # it could not be renamed aside at the end
+    out = Path(os.path.abspath(out))  # has a name even for "." or "dir/..", and means the same throughout
+    if Path.cwd().resolve().is_relative_to(out.resolve()):  # it could not be renamed aside at the end
         raise LMStackError(f"output {out_dir} is the current directory or holds it: name another output directory")
     _check_replaceable(out)  # before the work, not after an hour of tokenizing
-    _remove_stale_builds(full)
-    tmp = full.with_name(f".{full.name}.tmp{os.getpid()}")
+    _remove_stale_builds(out)
+    # The host in the name too: on a shared file system, a build of another machine is not this one's to clean.
+    tmp = out.with_name(f".{out.name}.tmp{_HOST}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -315,7 +318,7 @@ def _remove_stale_builds(full: Path) -> None:
         return
     if not full.parent.is_dir():
         return
-    stale = re.compile(rf"\.{re.escape(full.name)}\.tmp(\d+)(\.old)?")
+    stale = re.compile(rf"\.{re.escape(full.name)}\.tmp{re.escape(_HOST)}-(\d+)(\.old)?")
     for path in full.parent.iterdir():
         match = stale.fullmatch(path.name)
         if not match or int(match[1]) == os.getpid():
