@@ -74,6 +74,18 @@ def test_blockwise_tokenization_equals_whole(tmp_path, monkeypatch, case):
     assert got.tolist() == tok.encode(text) + [tok.eos_token_id]
 
 
+def test_replacements_are_counted_whatever_the_read_size(tmp_path):
+    """Each bad byte sequence counts once, a genuine U+FFFD never, even when its bytes straddle two reads."""
+    from lmstack.data.readers import ReadStats, iter_text_chunks
+
+    path = tmp_path / "t.txt"
+    path.write_bytes("ab\ufffdcd café ".encode() + b"\xe9 \xff\xfe ok \xe2\x82")
+    for size in (1, 2, 3, 4, 100):
+        stats = ReadStats()
+        assert "".join(iter_text_chunks(path, stats, size)) == "ab\ufffdcd café \ufffd \ufffd\ufffd ok \ufffd"
+        assert stats.replacement_chars == 4
+
+
 def test_parquet_text_that_is_not_utf8_is_named(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

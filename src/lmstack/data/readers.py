@@ -23,6 +23,20 @@ _SURROGATE = re.compile("[\ud800-\udfff]")  # a JSON escape such as "\ud800" alo
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # how such an escape, paired or not, is spelled
 
 
+# errors="replace" that also counts what it replaces: counting U+FFFD in the output would also count genuine
+# ones, and one whose bytes straddle two reads could not be told from a replacement.
+_COUNTING_REPLACE = "lmstack-counting-replace"
+_replaced = [0]
+
+
+def _count_and_replace(error: UnicodeDecodeError) -> tuple[str, int]:
+    _replaced[0] += 1
+    return "\ufffd", error.end
+
+
+codecs.register_error(_COUNTING_REPLACE, _count_and_replace)
+
+
 @dataclass
 class ReadStats:
     documents: int = 0
@@ -43,14 +57,14 @@ def iter_text_chunks(
     """A UTF-8 text file as a stream of chunks of about `size` characters, newlines as they are ("\\r\\n" stays
     two characters: the tokenizer sees the file's own bytes). A byte order mark at the start is dropped. Bytes
     that are not UTF-8 become U+FFFD and are counted in `stats` (a genuine U+FFFD is not)."""
-    decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="replace")
-    replacement = "\ufffd".encode()
+    decoder = codecs.getincrementaldecoder("utf-8-sig")(errors=_COUNTING_REPLACE)
     with open(path, "rb") as f:
         while True:
             raw = f.read(size)
+            before = _replaced[0]
             chunk = decoder.decode(raw, final=not raw)  # the final call turns a cut-off sequence into U+FFFD
             if stats is not None:
-                stats.count_replaced(path, chunk.count("\ufffd") - raw.count(replacement))
+                stats.count_replaced(path, _replaced[0] - before)
             if chunk:
                 yield chunk
             if not raw:
