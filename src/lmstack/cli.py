@@ -11,6 +11,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from lmstack.errors import LMStackError
 
@@ -45,10 +46,18 @@ def _tokenizer_encode(args: argparse.Namespace) -> None:
         print(json.dumps([tok.decode([i]) for i in ids], ensure_ascii=False))
 
 
+def _refuse_quantized(path: Path, what: str, instead: str) -> None:
+    from lmstack.quantize import is_quantized_checkpoint
+
+    if path.is_dir() and is_quantized_checkpoint(path):
+        raise LMStackError(f"{path} holds quantized weights: lmstack cannot {what}; {instead}")
+
+
 def _convert(args: argparse.Namespace) -> None:
     from lmstack.checkpoints import load_model, load_tokenizer, save_model
 
     src, dst = Path(args.source), Path(args.destination)
+    _refuse_quantized(src, "convert it", "convert the model it was quantized from")
     model = load_model(src, dtype=args.dtype)
     tokenizer = None
     try:
@@ -323,9 +332,13 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
 
 def _quantize(args: argparse.Namespace) -> None:
     from lmstack.checkpoints import load_model, load_tokenizer, parse_dtype
+    from lmstack.models import DecoderLM
     from lmstack.quantize import model_bytes, quantize_model, save_quantized
 
+    _refuse_quantized(Path(args.model), "quantize it again", "quantize the model it was quantized from")
     model = load_model(args.model, dtype="float32")
+    if not isinstance(model, DecoderLM):
+        raise LMStackError(f"{args.model}: lmstack quantize takes a language model, not a {type(model).__name__}")
     tokenizer = load_tokenizer(args.model)
     before = model_bytes(model)
     text = None
@@ -396,8 +409,15 @@ def _info(args: argparse.Namespace) -> None:
                       "config": config.to_dict()}, indent=2))
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line, like every other error of the CLI (subcommands inherit it)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmstack", description="The language-model stack on PyTorch.")
+    parser = _Parser(prog="lmstack", description="The language-model stack on PyTorch.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     verbs = parser.add_subparsers(dest="verb", required=True)
 

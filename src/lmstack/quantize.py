@@ -254,10 +254,11 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, tokenizer=None) ->
 
 
 def is_quantized_checkpoint(path: Path) -> bool:
-    config = path / "config.json"
-    if not config.exists():
+    if not (path / "config.json").exists():
         return False
-    return json.loads(config.read_text()).get("quantization_config", {}).get("quant_method") == METHOD
+    from lmstack.checkpoints.hf import read_hf_config
+
+    return (read_hf_config(path).get("quantization_config") or {}).get("quant_method") == METHOD
 
 
 def load_quantized(path: str | os.PathLike, device: torch.device | str | None = None) -> nn.Module:

@@ -48,9 +48,12 @@ def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
     if not file.exists():
         raise LMStackError(f"{path}: no config.json (not a Hugging Face checkpoint directory)")
     try:
-        return json.loads(file.read_text())
+        config = json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise LMStackError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise LMStackError(f"{file}: expected a JSON object, got {type(config).__name__}")
+    return config
 
 
 def _rope_fields(c: dict[str, Any]) -> dict[str, Any]:
@@ -469,11 +472,14 @@ def hf_state_dict(model: DecoderLM, lm_head: bool = True) -> dict[str, torch.Ten
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Write through a temporary file and rename, so a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(str(tmp))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
+    try:
+        write(str(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # after a failure: no half-written file left beside the real one
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -493,8 +499,8 @@ def write_safetensors(path: Path, state: dict[str, torch.Tensor], max_shard_size
             size = 0
         shards[-1][name] = t
         size += n
-    for old in path.glob("model*.safetensors*"):  # a stale shard of an earlier save would confuse readers
-        old.unlink()
+    earlier = set(path.glob("model*.safetensors*"))
+    written = {path / "model.safetensors"}
     if len(shards) == 1:
         atomic_write(path / "model.safetensors", lambda p: save_file(shards[0], p, metadata={"format": "pt"}))
     else:
@@ -506,6 +512,11 @@ def write_safetensors(path: Path, state: dict[str, torch.Tensor], max_shard_size
         total = sum(t.numel() * t.element_size() for t in state.values())
         write_json(path / "model.safetensors.index.json",
                    {"metadata": {"total_size": total}, "weight_map": weight_map})
+        written = {path / name for name in set(weight_map.values())} | {path / "model.safetensors.index.json"}
+    # Only now, with the new weights in place, the files of an earlier save go (a stale shard would confuse
+    # readers); a save that fails midway leaves the earlier weights loadable.
+    for old in earlier - written:
+        old.unlink()
 
 
 def hf_config_of(model: DecoderLM, tokenizer: Any = None) -> dict[str, Any]:

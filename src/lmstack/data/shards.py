@@ -378,12 +378,19 @@ class TokenShards:
         meta_file = self.path / "meta.json"
         if not meta_file.exists():
             raise LMStackError(f"{self.path}: no meta.json (prepare it with `lmstack data prepare`)")
-        self.meta = json.loads(meta_file.read_text())
-        self.dtype = np.dtype(self.meta["dtype"])
+        try:
+            self.meta = json.loads(meta_file.read_text())
+            self.dtype = np.dtype(self.meta["dtype"])
+            sizes = {name: int(self.meta[f"{name}_tokens"]) for name in ("train", "val")}
+        except (ValueError, TypeError, KeyError) as e:
+            raise LMStackError(f"{meta_file}: not the meta.json of `lmstack data prepare` ({e!r})") from None
         self.splits = {}
-        for name in ("train", "val"):
+        for name, n in sizes.items():
             file = self.path / f"{name}.bin"
-            n = self.meta[f"{name}_tokens"]
+            if n and (not file.exists() or file.stat().st_size < n * self.dtype.itemsize):
+                have = file.stat().st_size if file.exists() else 0
+                raise LMStackError(f"{file}: {have:,} bytes, but meta.json counts {n:,} {self.dtype} tokens "
+                                   f"({n * self.dtype.itemsize:,} bytes): prepare the data again")
             self.splits[name] = np.memmap(file, dtype=self.dtype, mode="r", shape=(n,)) if n else \
                 np.zeros(0, dtype=self.dtype)
 

@@ -117,6 +117,7 @@ def read_trainer_state(ckpt: Path, rank: int) -> tuple[dict[str, Any], Any, dict
         optimizer = torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu")
         rng_file = folder / f"rng-rank{rank}.pt"
         rng = torch.load(rng_file, weights_only=True) if rng_file.exists() else {}
-    except (OSError, json.JSONDecodeError) as e:
-        raise LMStackError(f"{folder}: unreadable trainer state ({e})") from None
+    except (OSError, json.JSONDecodeError, RuntimeError, EOFError, ValueError) as e:  # missing, cut off, corrupt
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LMStackError(f"{folder}: unreadable trainer state ({first})") from None
     return state, optimizer, rng

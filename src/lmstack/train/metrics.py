@@ -56,9 +56,8 @@ class MetricsLog:
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
             # Lines a killed run wrote after its last checkpoint are dropped: they are about to be redone.
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) < resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [record for record in read_metrics(run_dir) if record.get("step", 0) < resume_step]
+            self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
         self.writer = None
         if tensorboard:
             try:
@@ -83,10 +82,22 @@ class MetricsLog:
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of `run_dir/metrics.jsonl`. A last line cut off (a run killed while writing it) is left
+    out; any other line that is not JSON is an error naming it."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         raise LMStackError(f"{run_dir}: no metrics.jsonl (not a training run directory)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().splitlines()
+    records = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if lineno < len(lines):
+                raise LMStackError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    return records
 
 
 def plot_losses(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:

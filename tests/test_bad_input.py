@@ -1,0 +1,114 @@
+"""Bad input across the CLI: one `error:` line and a non-zero exit, never a traceback, and nothing lost or
+half-written (a failed save keeps the earlier weights, a run killed mid-line resumes)."""
+
+import json
+
+import pytest
+import torch
+
+import lmstack
+from lmstack import LMStackError
+from lmstack.cli import main
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    text = (REPO / "data" / "tinyshakespeare.txt").read_text()[:20_000]
+    tok = lmstack.Tokenizer.train([text], vocab_size=300)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("m") / "model"
+    lmstack.save_model(lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", vocab_size=300)), path,
+                       tokenizer=tok)
+    return path
+
+
+def one_error_line(capsys, *argv: str) -> str:
+    assert main(list(argv)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_a_failed_save_keeps_the_earlier_weights(model_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from lmstack.checkpoints import hf
+
+    path = tmp_path / "copy"
+    shutil.copytree(model_dir, path)
+    before = lmstack.load_model(path).state_dict()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(hf, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        lmstack.save_model(lmstack.load_model(path), path)
+    after = lmstack.load_model(path).state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not [p.name for p in path.iterdir() if ".tmp" in p.name]  # no half-written file beside them
+
+
+def test_a_run_killed_mid_line_reads_and_resumes(tmp_path):
+    from lmstack.train.metrics import MetricsLog, read_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "loss": 1.5}\n{"step": 5, "loss": 1.2}\n{"step": 6, "lo')
+    assert read_metrics(tmp_path) == [{"step": 0, "loss": 1.5}, {"step": 5, "loss": 1.2}]
+    MetricsLog(tmp_path, resume_step=5)
+    assert read_metrics(tmp_path) == [{"step": 0, "loss": 1.5}]
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0\n{"step": 1}\n')
+    with pytest.raises(LMStackError, match=r"metrics.jsonl:1: not valid JSON"):
+        read_metrics(tmp_path)
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]"])
+def test_a_broken_config_is_named(model_dir, tmp_path, capsys, content):
+    import shutil
+
+    path = tmp_path / "broken"
+    shutil.copytree(model_dir, path)
+    (path / "config.json").write_text(content)
+    err = one_error_line(capsys, "generate", "hi", "--model", str(path))
+    assert f"{path / 'config.json'}:" in err
+
+
+def test_quantized_checkpoints_are_not_quantized_or_converted_again(model_dir, tmp_path, capsys):
+    assert main(["quantize", "--model", str(model_dir), "--output", str(tmp_path / "q8"), "--bits", "8"]) == 0
+    capsys.readouterr()
+    assert "holds quantized weights: lmstack cannot quantize it again" in one_error_line(
+        capsys, "quantize", "--model", str(tmp_path / "q8"), "--output", str(tmp_path / "q8q"), "--bits", "8")
+    assert "cannot convert it" in one_error_line(capsys, "convert", str(tmp_path / "q8"), str(tmp_path / "c"))
+    assert not (tmp_path / "q8q").exists() and not (tmp_path / "c").exists()
+
+
+def test_argument_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["quantize", "--model", "m", "--output", "o", "--bits", "3"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("error: lmstack quantize: argument --bits: invalid choice: '3'") and "--help)" in err
+
+
+def test_corrupt_trainer_state_and_shards_are_named(tmp_path):
+    from lmstack.data.shards import TokenShards, prepare_shards
+    from lmstack.train.checkpoint import read_trainer_state
+
+    state = tmp_path / "step-1" / "trainer_state"
+    state.mkdir(parents=True)
+    (state / "state.json").write_text("{}")
+    (state / "optimizer.pt").write_bytes(b"PK\x03\x04 cut off")
+    with pytest.raises(LMStackError, match="trainer_state: unreadable trainer state"):
+        read_trainer_state(tmp_path / "step-1", 0)
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("hello world\n" * 100)
+    prepare_shards([corpus], lmstack.Tokenizer.train_chars([corpus.read_text()]), tmp_path / "s", progress=False,
+                   workers=1)
+    train = tmp_path / "s" / "train.bin"
+    train.write_bytes(train.read_bytes()[:101])
+    with pytest.raises(LMStackError, match=r"train.bin: 101 bytes, but meta.json counts 1,080 uint16 tokens"):
+        TokenShards(tmp_path / "s")
+    (tmp_path / "s" / "meta.json").write_text(json.dumps({"dtype": "uint16"}))
+    with pytest.raises(LMStackError, match="not the meta.json of `lmstack data prepare`"):
+        TokenShards(tmp_path / "s")
