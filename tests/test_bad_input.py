@@ -73,6 +73,20 @@ def test_a_broken_config_is_named(model_dir, tmp_path, capsys, content):
     assert f"{path / 'config.json'}:" in err
 
 
+def test_a_config_without_a_needed_key_or_with_an_unknown_family_is_named(model_dir, tmp_path, capsys):
+    import shutil
+
+    path = tmp_path / "cfg"
+    shutil.copytree(model_dir, path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "hidden_size"}))
+    err = one_error_line(capsys, "info", str(path))
+    assert f"{path / 'config.json'}: no 'hidden_size', which a 'llama' config needs" in err
+    (path / "config.json").write_text(json.dumps({**config, "model_type": "bogus"}))
+    assert f"{path / 'config.json'}: model_type 'bogus' is not supported" in one_error_line(
+        capsys, "generate", "hi", "--model", str(path))
+
+
 def test_quantized_checkpoints_are_not_quantized_or_converted_again(model_dir, tmp_path, capsys):
     assert main(["quantize", "--model", str(model_dir), "--output", str(tmp_path / "q8"), "--bits", "8"]) == 0
     capsys.readouterr()

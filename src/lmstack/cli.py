@@ -397,7 +397,7 @@ def _info(args: argparse.Namespace) -> None:
     elif (raw := read_hf_config(path)).get("lmstack_config"):  # lmstack-native or quantized checkpoints
         config = ModelConfig.from_dict(raw["lmstack_config"])
     else:
-        config = config_from_hf(raw)
+        config = config_from_hf(path)
     import torch
 
     from lmstack.models import build_model

@@ -84,19 +84,30 @@ def _gated_mlp(act: str) -> str:
 
 
 def config_from_hf(hf: dict[str, Any] | str | os.PathLike) -> ModelConfig:
-    """Translate a Hugging Face config (dict or path) into a `ModelConfig`."""
-    c = hf if isinstance(hf, dict) else read_hf_config(hf)
+    """Translate a Hugging Face config (dict or path) into a `ModelConfig`; errors name the file and key."""
+    if isinstance(hf, dict):
+        c, where = hf, "config.json"
+    else:
+        c, path = read_hf_config(hf), Path(hf)
+        where = str(path / "config.json" if path.is_dir() else path)
+    try:
+        return _config_from_hf(c, where)
+    except KeyError as e:
+        raise LMStackError(f"{where}: no {e.args[0]!r}, which a {c.get('model_type')!r} config needs") from None
+
+
+def _config_from_hf(c: dict[str, Any], where: str) -> ModelConfig:
     family = c.get("model_type")
     if family not in FAMILIES:
-        raise LMStackError(f"config.json: model_type {family!r} is not supported; supported: {list(FAMILIES)}")
+        raise LMStackError(f"{where}: model_type {family!r} is not supported; supported: {list(FAMILIES)}")
     tokens = dict(bos_token_id=c.get("bos_token_id"), eos_token_id=c.get("eos_token_id"),
                   pad_token_id=c.get("pad_token_id"))
     if family == "gpt2":
         act = c.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
-            raise LMStackError(f"config.json: activation_function {act!r} is not supported for gpt2")
+            raise LMStackError(f"{where}: activation_function {act!r} is not supported for gpt2")
         if c.get("scale_attn_by_inverse_layer_idx") or c.get("scale_attn_weights") is False:
-            raise LMStackError("config.json: GPT-2 attention scaling variants are not supported")
+            raise LMStackError(f"{where}: GPT-2 attention scaling variants are not supported")
         return ModelConfig(
             vocab_size=c["vocab_size"], block_size=c.get("n_positions", 1024), n_layer=c["n_layer"],
             n_embd=c["n_embd"], n_head=c["n_head"], intermediate_size=c.get("n_inner") or 4 * c["n_embd"],
@@ -121,7 +132,7 @@ def config_from_hf(hf: dict[str, Any] | str | os.PathLike) -> ModelConfig:
     if family == "llama":
         attn_bias, mlp_bias = c.get("attention_bias", False), c.get("mlp_bias", False)
         if attn_bias != mlp_bias:
-            raise LMStackError("config.json: attention_bias and mlp_bias differ; lmstack supports both or neither")
+            raise LMStackError(f"{where}: attention_bias and mlp_bias differ; lmstack supports both or neither")
         fields["bias"] = "all" if attn_bias else "none"
     if family in ("mistral", "mixtral", "phi3"):
         fields["sliding_window"] = c.get("sliding_window")

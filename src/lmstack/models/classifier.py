@@ -193,7 +193,7 @@ def load_classifier(
 
     path = Path(path)
     hf = read_hf_config(path)
-    config = config_from_hf(hf)
+    config = config_from_hf(path)
     labels = _labels_from_hf(hf, path)
     source = TensorSource(safetensors_files(path))
     keys = source.keys()
