@@ -126,3 +126,30 @@ def test_corrupt_trainer_state_and_shards_are_named(tmp_path):
     (tmp_path / "s" / "meta.json").write_text(json.dumps({"dtype": "uint16"}))
     with pytest.raises(LMStackError, match="not the meta.json of `lmstack data prepare`"):
         TokenShards(tmp_path / "s")
+
+
+def test_recipe_and_override_mistakes_are_one_line(tmp_path, capsys):
+    from lmstack.train.config import load_config
+
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("a: [1\nb: 2\n")
+    err = one_error_line(capsys, "pretrain", "--config", str(recipe))
+    assert "bad.yaml: not valid YAML (line 2, column 2: expected ',' or ']'" in err
+    err = one_error_line(capsys, "pretrain", "--data", "d", "--model_overrides", "{vocab_size:300}")
+    assert "model_overrides: unknown setting(s) ['vocab_size:300']" in err
+    cfg = load_config(None, ["--data", "d", "--model_overrides", "{n_layer: 2}", "--model.n_head", "4"])
+    assert cfg.model_overrides == {"n_layer": 2, "n_head": 4}
+
+
+def test_evaluation_mismatches_name_their_files(model_dir, tmp_path, capsys):
+    (tmp_path / "p.txt").write_text("a\nb\n")
+    (tmp_path / "r.txt").write_text("a\n")
+    err = one_error_line(capsys, "eval", "rouge", "--predictions", str(tmp_path / "p.txt"), "--references",
+                         str(tmp_path / "r.txt"))
+    assert f"{tmp_path / 'p.txt'} has 2 lines but {tmp_path / 'r.txt'} has 1" in err
+    big = lmstack.Tokenizer.train([(REPO / "data" / "tinyshakespeare.txt").read_text()[:50_000]], vocab_size=400)
+    big.save(tmp_path / "big-tokenizer")
+    (tmp_path / "t.txt").write_text((REPO / "data" / "tinyshakespeare.txt").read_text()[:5_000])
+    err = one_error_line(capsys, "eval", "perplexity", "--model", str(model_dir), "--data", str(tmp_path / "t.txt"),
+                         "--tokenizer", str(tmp_path / "big-tokenizer"))
+    assert "outside the model's vocabulary of 300: is it the model's own tokenizer?" in err

@@ -367,6 +367,10 @@ def _eval_text(args: argparse.Namespace) -> None:
 
     predictions = read_lines(args.predictions)
     references = [read_lines(r) for r in args.references]
+    for path, lines in zip(args.references, references):
+        if len(lines) != len(predictions):
+            raise LMStackError(f"{args.predictions} has {len(predictions)} lines but {path} has {len(lines)}: "
+                               "one reference per prediction, line by line")
     if args.eval_verb == "rouge":
         if len(references) != 1:
             raise LMStackError("ROUGE takes one reference file")

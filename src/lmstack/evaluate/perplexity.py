@@ -50,6 +50,9 @@ def perplexity(
     ids = tokenizer.encode(text, add_special_tokens=False)
     if len(ids) < 2:
         raise LMStackError("the text has fewer than two tokens; nothing to score")
+    if max(ids) >= model.config.vocab_size:
+        raise LMStackError(f"the tokenizer gives token id {max(ids)}, outside the model's vocabulary of "
+                           f"{model.config.vocab_size}: is it the model's own tokenizer?")
     device = model.embed.weight.device
     model.eval()
     ids_t = torch.tensor(ids, device=device)

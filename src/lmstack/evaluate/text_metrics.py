@@ -64,7 +64,10 @@ def read_lines(path: str | os.PathLike) -> list[str]:
     if not path.exists():
         raise LMStackError(f"{path}: no such file")
     if path.suffix != ".jsonl":
-        return path.read_text(encoding="utf-8").splitlines()
+        try:
+            return path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise LMStackError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     out = []
     for lineno, value in iter_json_lines(path):
         if not isinstance(value, str):

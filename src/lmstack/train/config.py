@@ -198,6 +198,8 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if key.startswith("model."):
             field_name = key.split(".", 1)[1]
             out.setdefault("model_overrides", {})[field_name] = yaml.safe_load(value)
+        elif key == "model_overrides":  # a whole mapping, which --model.KEY values may add to
+            out["model_overrides"] = {**_coerce(key, value, dict[str, Any]), **out.get("model_overrides", {})}
         else:
             out[key] = value
     return out
@@ -212,8 +214,10 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
             raise LMStackError(f"{p}: no such recipe")
         try:
             values = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise LMStackError(f"{p}: not valid YAML ({e})") from None
+        except yaml.YAMLError as e:  # its message spans lines (a caret diagram): keep the problem and place
+            mark = getattr(e, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+            raise LMStackError(f"{p}: not valid YAML ({where}{getattr(e, 'problem', None) or e})") from None
         if not isinstance(values, dict):
             raise LMStackError(f"{p}: a recipe is a mapping of keys to values")
     extra = parse_overrides(overrides or [])
