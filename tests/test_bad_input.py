@@ -153,3 +153,25 @@ def test_evaluation_mismatches_name_their_files(model_dir, tmp_path, capsys):
     err = one_error_line(capsys, "eval", "perplexity", "--model", str(model_dir), "--data", str(tmp_path / "t.txt"),
                          "--tokenizer", str(tmp_path / "big-tokenizer"))
     assert "outside the model's vocabulary of 300: is it the model's own tokenizer?" in err
+
+
+def test_broken_side_files_and_user_code_are_named(model_dir, tmp_path):
+    import shutil
+
+    from lmstack.checkpoints import load_adapter_model, load_tokenizer
+    from lmstack.train.tasks import load_reward_function
+
+    bad = tmp_path / "bad_reward.py"
+    bad.write_text("import not_a_module_anywhere\n")
+    with pytest.raises(LMStackError, match=r"importing .*bad_reward.py failed \(ModuleNotFoundError"):
+        load_reward_function(f"{bad}:reward")
+    path = tmp_path / "tok"
+    shutil.copytree(model_dir, path)
+    (path / "tokenizer_config.json").write_text("[1]")
+    with pytest.raises(LMStackError, match=r"tokenizer_config.json: expected a JSON object, got list"):
+        load_tokenizer(path)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{not json")
+    with pytest.raises(LMStackError, match=r"adapter_config.json: not valid JSON"):
+        load_adapter_model(adapter)

@@ -250,11 +250,16 @@ class Tokenizer:
                 config = json.loads(config_file.read_text())
             except json.JSONDecodeError as e:
                 raise LMStackError(f"{config_file}: not valid JSON ({e})") from None
+            if not isinstance(config, dict):
+                raise LMStackError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
         template = config.get("chat_template")
         if (folder / "chat_template.jinja").exists():
             template = (folder / "chat_template.jinja").read_text()
         elif (folder / "chat_template.json").exists():
-            template = json.loads((folder / "chat_template.json").read_text()).get("chat_template")
+            try:
+                template = json.loads((folder / "chat_template.json").read_text()).get("chat_template")
+            except (json.JSONDecodeError, AttributeError) as e:
+                raise LMStackError(f"{folder / 'chat_template.json'}: not a JSON object ({e})") from None
         if isinstance(template, list):  # several named templates: take the default one
             template = {t["name"]: t["template"] for t in template}.get("default")
         max_len = config.get("model_max_length")
@@ -271,7 +276,10 @@ class Tokenizer:
     @classmethod
     def from_gpt2_files(cls, encoder_json: str | os.PathLike, vocab_bpe: str | os.PathLike) -> Tokenizer:
         """GPT-2's original release format: `encoder.json` (token -> id) and `vocab.bpe` (merges)."""
-        vocab = json.loads(Path(encoder_json).read_text(encoding="utf-8"))
+        try:
+            vocab = json.loads(Path(encoder_json).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise LMStackError(f"{encoder_json}: not valid JSON ({e})") from None
         lines = Path(vocab_bpe).read_text(encoding="utf-8").splitlines()
         merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
         backend = Backend(models.BPE(vocab=vocab, merges=merges))

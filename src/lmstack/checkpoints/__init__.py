@@ -56,7 +56,10 @@ def load_adapter_model(path: str | os.PathLike, dtype: torch.dtype | None = None
 
     from lmstack.train.lora import load_peft, merge_and_unload
 
-    config = json.loads((Path(path) / "adapter_config.json").read_text())
+    try:
+        config = json.loads((Path(path) / "adapter_config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise LMStackError(f"{Path(path) / 'adapter_config.json'}: not valid JSON ({e})") from None
     base = config.get("base_model_name_or_path")
     if not base or not Path(base).exists():
         raise LMStackError(f"{path}: the adapter's base model {base!r} is not on this machine; load the base "

@@ -243,7 +243,10 @@ def load_adapter_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module
         raise LMStackError("the model has no LoRA adapters (apply_lora first)")
     if not (path / "adapter_model.safetensors").exists():
         raise LMStackError(f"{path}: no adapter_model.safetensors")
-    tensors = load_file(str(path / "adapter_model.safetensors"))
+    try:
+        tensors = load_file(str(path / "adapter_model.safetensors"))
+    except Exception as e:  # safetensors' own error type: a cut-off or corrupt file
+        raise LMStackError(f"{path / 'adapter_model.safetensors'}: unreadable ({e})") from None
     for name, layer in layers:
         key = _hf_key(name)
         for which in ("lora_A", "lora_B"):

@@ -397,14 +397,18 @@ def load_reward_function(spec: str) -> Callable[..., float]:
     if ":" not in spec:
         raise LMStackError(f"reward function {spec!r}: expected 'file.py:function' or 'module:function'")
     target, name = spec.rsplit(":", 1)
-    if target.endswith(".py"):
-        if not Path(target).exists():
-            raise LMStackError(f"reward function file {target} does not exist")
-        module_spec = importlib.util.spec_from_file_location(Path(target).stem, target)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        module = importlib.import_module(target)
+    if target.endswith(".py") and not Path(target).exists():
+        raise LMStackError(f"reward function file {target} does not exist")
+    try:
+        if target.endswith(".py"):
+            module_spec = importlib.util.spec_from_file_location(Path(target).stem, target)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except Exception as e:  # the user's code: whatever it raises, say where it came from
+        raise LMStackError(f"reward function {spec!r}: importing {target} failed ({type(e).__name__}: {e})") \
+            from None
     if not hasattr(module, name):
         raise LMStackError(f"reward function {spec!r}: {target} has no {name!r}")
     return getattr(module, name)
