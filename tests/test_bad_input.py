@@ -94,6 +94,11 @@ def test_quantized_checkpoints_are_not_quantized_or_converted_again(model_dir, t
         capsys, "quantize", "--model", str(tmp_path / "q8"), "--output", str(tmp_path / "q8q"), "--bits", "8")
     assert "cannot convert it" in one_error_line(capsys, "convert", str(tmp_path / "q8"), str(tmp_path / "c"))
     assert not (tmp_path / "q8q").exists() and not (tmp_path / "c").exists()
+    config = json.loads((tmp_path / "q8" / "config.json").read_text())
+    config["quantization_config"]["modules"] = ["layers.0.attn.nope"]
+    (tmp_path / "q8" / "config.json").write_text(json.dumps(config))
+    assert "quantization_config does not describe this model" in one_error_line(
+        capsys, "generate", "hi", "--model", str(tmp_path / "q8"))
 
 
 def test_argument_errors_are_one_line(capsys):

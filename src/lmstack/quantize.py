@@ -15,7 +15,6 @@ back quantized.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -264,13 +263,18 @@ def is_quantized_checkpoint(path: Path) -> bool:
 def load_quantized(path: str | os.PathLike, device: torch.device | str | None = None) -> nn.Module:
     """Load a checkpoint written by `save_quantized`, quantized as it was saved."""
     from lmstack.checkpoints import load_native
+    from lmstack.checkpoints.hf import read_hf_config
     from lmstack.models.decoder import DecoderLM
 
-    qc = json.loads((Path(path) / "config.json").read_text())["quantization_config"]
+    qc = read_hf_config(path).get("quantization_config")
 
     def build(config):
         model = DecoderLM(config)
-        quantize_model_structure(model, qc)
+        try:
+            quantize_model_structure(model, qc)
+        except (KeyError, AttributeError, TypeError) as e:  # a hand-edited or foreign quantization_config
+            raise LMStackError(f"{Path(path) / 'config.json'}: quantization_config does not describe this "
+                               f"model ({type(e).__name__}: {e})") from None
         return model
 
     # Copied out of the memory map: the int8 kernel needs aligned, writable storage.
