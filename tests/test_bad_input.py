@@ -180,3 +180,10 @@ def test_broken_side_files_and_user_code_are_named(model_dir, tmp_path):
     (adapter / "adapter_config.json").write_text("{not json")
     with pytest.raises(LMStackError, match=r"adapter_config.json: not valid JSON"):
         load_adapter_model(adapter)
+
+
+def test_a_tokenizer_from_an_empty_corpus_is_refused(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text(" \n")
+    err = one_error_line(capsys, "tokenizer", "train", "--input", str(tmp_path / "empty.txt"), "--vocab-size", "300",
+                         "--output", str(tmp_path / "tok"))
+    assert "the corpus is empty" in err and not (tmp_path / "tok").exists()

@@ -441,4 +441,14 @@ def train_tokenizer(
 
     if not files:
         raise LMStackError("no training files given")
-    return Tokenizer.train(iter_texts(files, text_field), vocab_size, **kwargs)
+    seen = [0]
+
+    def texts():
+        for text in iter_texts(files, text_field):
+            seen[0] += len(text.strip())
+            yield text
+
+    tokenizer = Tokenizer.train(texts(), vocab_size, **kwargs)
+    if not seen[0]:
+        raise LMStackError(f"the corpus is empty: no text in {[str(f) for f in files]}")
+    return tokenizer
