@@ -187,3 +187,10 @@ def test_a_tokenizer_from_an_empty_corpus_is_refused(tmp_path, capsys):
     err = one_error_line(capsys, "tokenizer", "train", "--input", str(tmp_path / "empty.txt"), "--vocab-size", "300",
                          "--output", str(tmp_path / "tok"))
     assert "the corpus is empty" in err and not (tmp_path / "tok").exists()
+
+
+def test_gguf_metadata_without_the_shape_is_named():
+    from lmstack.checkpoints.gguf import config_from_gguf
+
+    with pytest.raises(LMStackError, match=r"GGUF metadata lacks llama.attention.head_count"):
+        config_from_gguf({"general.architecture": "llama", "llama.embedding_length": 64}, set())

@@ -72,6 +72,9 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> ModelConfi
     def get(key: str, default: Any = None) -> Any:
         return meta.get(f"{arch}.{key}", default)
 
+    for key in ("embedding_length", "attention.head_count", "block_count"):
+        if get(key) is None:
+            raise LMStackError(f"GGUF metadata lacks {arch}.{key}, which a {arch} model needs")
     n_embd, n_head = get("embedding_length"), get("attention.head_count")
     head_dim = get("attention.key_length") or n_embd // n_head
     rope_scaling = None
