@@ -194,3 +194,8 @@ def test_gguf_metadata_without_the_shape_is_named():
 
     with pytest.raises(LMStackError, match=r"GGUF metadata lacks llama.attention.head_count"):
         config_from_gguf({"general.architecture": "llama", "llama.embedding_length": 64}, set())
+
+
+def test_compare_checks_its_orders_before_any_work(tmp_path, capsys):
+    err = one_error_line(capsys, "compare", "--orders", "0", "--output", str(tmp_path / "cmp"))
+    assert "n-gram orders must be >= 1" in err and not (tmp_path / "cmp").exists()

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lmstack.data.shards import TokenShards, prepare_shards
+from lmstack.errors import LMStackError
 from lmstack.evaluate.perplexity import perplexity
 from lmstack.models.ngram import NGramLM
 from lmstack.tokenizer import train_tokenizer
@@ -30,6 +31,8 @@ def compare(corpus: str | Path, out_dir: str | Path, vocab_size: int = 2048, ord
             steps: int = 600, block_size: int = 128, batch_size: int = 16, progress: bool = False,
             max_val_chars: int | None = None) -> list[dict[str, Any]]:
     """Train and score every model; returns the rows of the table (also written to compare.md)."""
+    if not orders or min(orders) < 1:  # checked now, not after the data is prepared and models trained
+        raise LMStackError(f"orders {list(orders)}: n-gram orders must be >= 1")
     from lmstack.checkpoints import load_model
     from lmstack.train.config import TrainConfig
     from lmstack.train.loop import pretrain

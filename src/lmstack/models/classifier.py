@@ -163,6 +163,8 @@ def _labels_from_hf(hf: dict[str, Any], where: Path) -> list[str]:
     id2label = hf.get("id2label")
     if not id2label:
         return _label_names(int(hf.get("num_labels", 2)))  # 2: Hugging Face's default
+    if not isinstance(id2label, dict):
+        raise LMStackError(f"{where}/config.json: id2label must map label ids to names, got {id2label!r}")
     try:
         by_id = {int(i): name for i, name in id2label.items()}  # JSON keys are strings: "0", "1", ...
     except ValueError:
