@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import itertools
 import json
 import os
 import re
@@ -18,7 +19,6 @@ RECORD_SUFFIXES = (*JSONL_SUFFIXES, ".parquet")  # files of records whose `text_
 
 CHUNK_CHARS = 1 << 20  # text files are read in chunks of about this many characters
 
-_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of a byte that is not UTF-8
 _SURROGATE = re.compile("[\ud800-\udfff]")  # a JSON escape such as "\ud800" alone: valid JSON, but not text
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # how such an escape, paired or not, is spelled
 
@@ -75,13 +75,14 @@ def _text_lines(path: str | os.PathLike, stats: ReadStats | None = None) -> Iter
     """`(line_number, line)` of a UTF-8 file, without a byte order mark at the start. Bytes that are not UTF-8
     become U+FFFD and are counted in `stats` as for a text file (one U+FFFD per maximal bad sequence); a genuine
     U+FFFD is not counted."""
-    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
-        for lineno, line in enumerate(f, 1):
-            if _ESCAPED_BYTE.search(line):
-                fixed = line.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-                if stats is not None:
-                    stats.count_replaced(path, fixed.count("\ufffd") - line.count("\ufffd"))
-                line = fixed
+    with open(path, encoding="utf-8-sig", errors=_COUNTING_REPLACE) as f:
+        for lineno in itertools.count(1):
+            before = _replaced[0]
+            line = f.readline()
+            if stats is not None:
+                stats.count_replaced(path, _replaced[0] - before)
+            if not line:
+                return
             yield lineno, line
 
 

@@ -352,11 +352,12 @@ class Engine:
                 held = self._extend_text(r)
                 # A stop string found now ends in the new text, the part held back included (it may hold
                 # whole characters before its incomplete last one): look back no further than it could reach.
-                window = r.text + held.rstrip("\ufffd")
                 start = max(0, seen_chars - max((len(s) for s in params.stop), default=1) + 1)
-                found = [at for s in params.stop if (at := window.find(s, start)) >= 0]
+                tail = r.text[start:] + held.rstrip("\ufffd")  # not the whole text: this runs every step
+                found = [at for s in params.stop if (at := tail.find(s)) >= 0]
                 if found:
-                    r.text, r.cut_at_stop_string, r.finish_reason = window[:min(found)], True, "stop"
+                    r.text = r.text[:start] + tail[:min(found)]
+                    r.cut_at_stop_string, r.finish_reason = True, "stop"
             if r.finish_reason is None and len(r.tokens) >= params.max_new_tokens:
                 r.finish_reason = "length"
 
