@@ -38,10 +38,11 @@ train() {
 shakespeare() {
     local data=$LOG_DIR/shakespeare-char-data run_dir=$LOG_DIR/shakespeare-char
     rm -rf "$run_dir"  # a benchmark starts from nothing (an earlier run there would be refused)
+    # No samples at evaluations: nanoGPT's 129 s include none.
     run prepare "$PYTHON" -m lmstack.cli data prepare --input data/tinyshakespeare.txt --tokenizer char \
         --output "$data"
     run shakespeare "$PYTHON" -m lmstack.cli pretrain --config recipes/shakespeare-char.yaml --data "$data" \
-        --out_dir "$run_dir" --compile true --progress false ${SHAKESPEARE_ARGS:-}
+        --out_dir "$run_dir" --compile true --progress false --sample_tokens 0 ${SHAKESPEARE_ARGS:-}
     "$PYTHON" - "$run_dir/metrics.jsonl" <<'EOF'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]

@@ -355,6 +355,24 @@ def test_engine_options_give_the_same_tokens(tiny, option):
     assert [c.token_ids for c in other] == [c.token_ids for c in default]
 
 
+@pytest.mark.parametrize("pack_weights", [False, True], ids=["plain", "packed"])
+def test_compiled_decode_step_compiles_once(tiny, pack_weights):
+    """The compiled decode step is one graph, traced once: positions advancing, other prompts and other
+    sampling settings reuse it (a recompile or graph break per step would forfeit the GPU's CUDA graph)."""
+    from torch._dynamo.utils import counters
+
+    model, tok, _ = tiny
+    torch._dynamo.reset()  # forget compilations of earlier tests, which this one may otherwise reuse
+    counters.clear()
+    engine = Engine(model, tok, compile=True, pack_weights=pack_weights)
+    engine.generate(PROMPTS, max_new_tokens=6, temperature=0, ignore_eos=True)
+    traced = counters["stats"]["unique_graphs"]
+    engine.generate(PROMPTS[::-1], max_new_tokens=12, temperature=0.7, top_p=0.9, seed=3, ignore_eos=True,
+                    repetition_penalty=1.2, logprobs=2)
+    assert traced == 1 and counters["stats"]["unique_graphs"] == 1
+    assert not counters["graph_break"]
+
+
 LOOKAHEAD_CASES = {
     "greedy-stop-string-logprobs": dict(temperature=0, max_new_tokens=12, stop=["e"], logprobs=2),
     "sampled-penalties-stop-ids": dict(temperature=0.8, top_p=0.9, seed=5, n=2, max_new_tokens=12,

@@ -476,6 +476,30 @@ def test_resume_after_sigkill_logs_identical_losses(char_shards, tmp_path):
     assert again.returncode == 1 and "already holds a run" in again.stderr
 
 
+def test_shakespeare_recipe_at_a_tiny_size_trains_and_resumes(char_shards, tmp_path):
+    """recipes/shakespeare-char.yaml is nanoGPT's bias-free GPT: no bias in any linear layer or LayerNorm
+    (its GPT-2 checkpoints hold them as zeros, which a resume drops again), exact GELU; a run stopped at
+    step 3 and resumed to 6 logs the losses of one straight run to 6."""
+    args = ["pretrain", "--config", str(REPO / "recipes" / "shakespeare-char.yaml"), "--data", str(char_shards),
+            *TINY, "--model.n_embd", "48", "--model.n_head", "2", "--batch_size", "4", "--sample_tokens", "8"]
+    straight = _run([*args, "--out_dir", str(tmp_path / "a")])
+    assert straight.returncode == 0, straight.stderr
+    stopped = _run([*args, "--out_dir", str(tmp_path / "b"), "--max_steps", "3"])
+    assert stopped.returncode == 0, stopped.stderr
+    resumed = _run(["pretrain", "--resume", str(tmp_path / "b"), "--max_steps", "6", "--progress", "false"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert _losses(tmp_path / "b") == _losses(tmp_path / "a")
+    assert _losses(tmp_path / "b", "val_loss") == _losses(tmp_path / "a", "val_loss")
+
+    import lmstack
+
+    model = lmstack.DecoderLM(load_config(REPO / "recipes" / "shakespeare-char.yaml").model_config(vocab_size=65))
+    assert not [name for name, _ in model.named_parameters() if name.endswith("bias")]
+    assert model.config.gelu_approximate == "none" and model.num_params() == 10_745_088  # nanoGPT: 10.65M + 256 x 384 positions
+    saved = lmstack.load_model(tmp_path / "a" / "checkpoints" / "step-0000006")
+    assert all(not p.any() for name, p in saved.named_parameters() if name.endswith("bias"))
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_match_one(char_shards, tmp_path, strategy):
     single = _run(["pretrain", "--data", str(char_shards), *TINY, "--batch_size", "4",

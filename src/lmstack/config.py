@@ -47,7 +47,7 @@ class ModelConfig:
     mlp: MLPKind = "gelu"
     gelu_approximate: Literal["none", "tanh"] = "tanh"  # GPT-2's "gelu_new" is the tanh approximation
     intermediate_size: int | None = None  # None: 4 * n_embd
-    bias: Bias = "all"  # which linear layers carry a bias: all, none, or only q/k/v (Qwen2)
+    bias: Bias = "all"  # which linear layers carry a bias: all, none (LayerNorms too, nanoGPT's bias=False), q/k/v
     lm_head_bias: bool = False
     tie_embeddings: bool = True
     sliding_window: int | None = None  # a query sees at most this many keys, itself included

@@ -166,7 +166,10 @@ class Attention(nn.Module):
         self.v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=qkv_bias)
         self.o = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=config.bias == "all")
         self.dropout = config.dropout
-        self.kv_cache: KVCache | None = None
+        # A module slot from the start, so allocating the cache later does not change what a compiled
+        # training forward guards on (that would recompile it after sampling at eval time).
+        self.kv_cache: KVCache | None
+        self.register_module("kv_cache", None)
 
     def forward(
         self,

@@ -227,10 +227,16 @@ def restore_weights(model: torch.nn.Module, path: Path, cfg: TrainConfig) -> Non
         if isinstance(model, SequenceClassifier):
             with torch.no_grad():
                 model.score.weight.copy_(read_head(path)[0])
-    elif isinstance(model, SequenceClassifier):
-        model.load_state_dict(load_classifier(path, dtype=torch.float32).state_dict())
     else:
-        model.load_state_dict(load_model(path, dtype=torch.float32).state_dict())
+        saved = (load_classifier if isinstance(model, SequenceClassifier) else load_model)(path, dtype=torch.float32)
+        model.load_state_dict(_without_zero_biases(saved.state_dict(), model))
+
+
+def _without_zero_biases(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`state` less the all-zero biases that `model` does not have: a family whose checkpoints always hold
+    biases (GPT-2) stores a bias-free model's (nanoGPT's bias=False) as zeros."""
+    own = model.state_dict()
+    return {k: v for k, v in state.items() if k in own or not (k.endswith(".bias") and not v.any())}
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
