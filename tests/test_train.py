@@ -500,6 +500,27 @@ def test_shakespeare_recipe_at_a_tiny_size_trains_and_resumes(char_shards, tmp_p
     assert all(not p.any() for name, p in saved.named_parameters() if name.endswith("bias"))
 
 
+def test_compiled_training_equals_eager_and_compiles_twice(char_shards, tmp_path):
+    """`compile: true` logs the eager run's losses, tracing two graphs in all (training, and evaluation
+    without gradients): no recompilation as the step, learning rate or data change, nor after sampling at
+    evaluation (which allocates and frees a KV cache in the model)."""
+    from torch._dynamo.utils import counters
+
+    from lmstack.train.loop import pretrain
+
+    losses = {}
+    for compiled in ("false", "true"):
+        torch._dynamo.reset()
+        counters.clear()
+        out = tmp_path / compiled
+        pretrain(load_config(None, ["--data", str(char_shards), "--out_dir", str(out), "--compile", compiled,
+                                    *TINY, "--batch_size", "4", "--sample_tokens", "5"]))
+        losses[compiled] = _losses(out) + _losses(out, "val_loss")
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]
+    assert [s for s, _ in losses["true"]] == [s for s, _ in losses["false"]]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(losses["true"], losses["false"])) < 1e-5
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_match_one(char_shards, tmp_path, strategy):
     single = _run(["pretrain", "--data", str(char_shards), *TINY, "--batch_size", "4",
