@@ -1,42 +1,55 @@
 #!/usr/bin/env bash
-# The GPU measurements BENCHMARKS.md asks for, in as few steps as a borrowed machine allows.
+# The GPU measurements BENCHMARKS.md asks for, one part per call of a borrowed machine.
 #
-#   bench/gpu.sh decode        # TinyLlama-1.1B shape, bf16, batch 1 and 32, compiled; int8 against bf16
-#   bench/gpu.sh train         # GPT-2 124M at 12 x 1024 and TinyLlama-1.1B at 4 x 2048, bf16, compiled (MFU)
-#   bench/gpu.sh shakespeare   # recipes/shakespeare-char.yaml end to end: best validation loss, step, wall time
-#   bench/gpu.sh all
+#   bench/gpu.sh decode            # TinyLlama-1.1B shape, bf16, batch 1 and 32, compiled, against transformers
+#   bench/gpu.sh int8              # the same at batch 1: int8 weights against bf16, in one run
+#   bench/gpu.sh train-gpt2        # GPT-2 124M at 12 x 1024, bf16, compiled: MFU against transformers
+#   bench/gpu.sh train-tinyllama   # TinyLlama-1.1B at 4 x 2048, bf16, compiled
+#   bench/gpu.sh shakespeare       # recipes/shakespeare-char.yaml end to end: best validation loss, step, time
+#   bench/gpu.sh train | all       # both training parts | everything, in this order
 #
 # Runs from the repository root with the machine's own Python (PYTHON=python3 by default) and lmstack from
-# src/, so nothing needs installing beyond torch and transformers. Logs go to $LOG_DIR (default: bench-logs/).
-# Each section fits in ten minutes on an H100. SHAKESPEARE_ARGS adds overrides to the recipe (a quick check on
-# a CPU: SHAKESPEARE_ARGS="--max_steps 20 --eval_interval 10 --eval_batches 2 --compile false").
+# src/, so nothing needs installing beyond torch and transformers. Logs go to $LOG_DIR (default: $OUT where
+# that is set, as on the device machine, whose $OUT comes back; else bench-logs/). Each part should fit in
+# ten minutes on an H100, most of it compilation (not yet checked: no GPU has run it). Output is line-buffered
+# so that a part cut off at a time limit keeps what it printed. SHAKESPEARE_ARGS adds overrides to the recipe
+# (a quick check on a CPU: SHAKESPEARE_ARGS="--max_steps 20 --eval_interval 10 --eval_batches 2 --compile false").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-LOG_DIR=${LOG_DIR:-bench-logs}
+LOG_DIR=${LOG_DIR:-${OUT:-bench-logs}}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$LOG_DIR"
 
 run() {  # run NAME COMMAND...: print and log
     echo "== $1: ${*:2}"
     local start=$SECONDS
-    "${@:2}" 2>&1 | grep -v -e "it/s]" -e "^Loading weights" | tee "$LOG_DIR/$1.log"
+    "${@:2}" 2>&1 | { grep --line-buffered -v -e "it/s]" -e "^Loading weights" || true; } | tee "$LOG_DIR/$1.log"
     echo "== $1: $((SECONDS - start)) s"
 }
 
 decode() {
-    run decode-tinyllama "$PYTHON" bench/decode.py --shape tinyllama-1.1b --dtype bfloat16 --batch 1 32 \
+    run decode-tinyllama "$PYTHON" bench/decode.py --shape tinyllama-1.1b --dtype bfloat16 --batch 1 32 --compile
+}
+
+int8() {  # batch 1 only: at 32 rows Inductor no longer fuses the int8-to-bf16 conversion into the matmul
+    run decode-tinyllama-int8 "$PYTHON" bench/decode.py --shape tinyllama-1.1b --dtype bfloat16 --batch 1 \
         --compile --quantize 8
 }
 
-train() {
+train_gpt2() {
     run train-gpt2 "$PYTHON" bench/train_throughput.py --shape gpt2 --batch 12 --seq 1024 --precision bf16 --compile
+}
+
+train_tinyllama() {
     run train-tinyllama "$PYTHON" bench/train_throughput.py --shape tinyllama-1.1b --batch 4 --seq 2048 \
         --precision bf16 --compile --repeat 3
 }
 
 shakespeare() {
-    local data=$LOG_DIR/shakespeare-char-data run_dir=$LOG_DIR/shakespeare-char
+    # Data and checkpoints go to scratch space; the log, metrics.jsonl and loss.png to $LOG_DIR.
+    local scratch=${SCRATCH:-${TMPDIR:-/tmp}/lmstack-bench}
+    local data=$scratch/shakespeare-char-data run_dir=$scratch/shakespeare-char
     rm -rf "$run_dir"  # a benchmark starts from nothing (an earlier run there would be refused)
     # No samples at evaluations: nanoGPT's 129 s include none.
     run prepare "$PYTHON" -m lmstack.cli data prepare --input data/tinyshakespeare.txt --tokenizer char \
@@ -51,14 +64,18 @@ best = min(evals, key=lambda r: r["val_loss"])
 print(f"best validation loss {best['val_loss']:.4f} at step {best['step']}; last {evals[-1]['val_loss']:.4f} "
       f"at step {evals[-1]['step']} (nanoGPT: 1.4697; on an H100 best 1.4677 at step 1750, 129 s in all)")
 EOF
+    cp "$run_dir/metrics.jsonl" "$run_dir/loss.png" "$LOG_DIR/"
 }
 
 case "${1:-all}" in
     decode) decode ;;
-    train) train ;;
+    int8) int8 ;;
+    train-gpt2) train_gpt2 ;;
+    train-tinyllama) train_tinyllama ;;
+    train) train_gpt2; train_tinyllama ;;
     shakespeare) shakespeare ;;
     all) nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
          "$PYTHON" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-         decode; train; shakespeare ;;
-    *) echo "usage: bench/gpu.sh [decode|train|shakespeare|all]" >&2; exit 2 ;;
+         decode; int8; train_gpt2; train_tinyllama; shakespeare ;;
+    *) echo "usage: bench/gpu.sh [decode|int8|train-gpt2|train-tinyllama|train|shakespeare|all]" >&2; exit 2 ;;
 esac

@@ -72,11 +72,29 @@ def test_int8_linear_on_the_gpu(tiny):
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 512, bias=True).cuda()
-    q = QuantizedLinear.from_linear(linear, bits=8, dtype=torch.bfloat16).cuda()
+    q = QuantizedLinear.from_linear(linear, bits=8, dtype=torch.bfloat16)  # stays on the GPU
     x = torch.randn(3, 7, 256, device="cuda", dtype=torch.bfloat16)
     expected = torch.nn.functional.linear(x.float(), q.dequantized().float(), q.bias.float())
     for fn in (q, torch.compile(q)):
         assert (fn(x).float() - expected).abs().max().item() < 0.05 * expected.abs().max().item()
+
+
+def test_int8_engine_on_the_gpu_follows_bf16(tiny):
+    """A model quantized on the GPU decodes there, eager and graphed, mostly the bf16 model's greedy tokens."""
+    import copy
+
+    from lmstack.quantize import quantize_model
+
+    model, tok = tiny
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    params = dict(max_new_tokens=12, temperature=0, ignore_eos=True)
+    expected = Engine(bf16, tok).generate(PROMPTS, **params)
+    quantize_model(bf16, bits=8, dtype=torch.bfloat16)
+    assert all(t.is_cuda for t in bf16.buffers())
+    for compile in (False, True):
+        out = Engine(bf16, tok, compile=compile).generate(PROMPTS, **params)
+        same = sum(a == b for c, d in zip(out, expected) for a, b in zip(c.token_ids, d.token_ids))
+        assert same >= 0.8 * sum(len(c.token_ids) for c in expected)
 
 
 def test_exponential_race_on_the_gpu_is_seeded_and_unbiased():

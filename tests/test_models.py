@@ -130,6 +130,14 @@ def test_rope_frequencies_match_transformers(scaling):
 # ---------------------------------------------------------------------------------------------- attention
 
 
+def test_casting_the_model_keeps_rope_frequencies_in_float32():
+    model = DecoderLM(ModelConfig.from_name("tiny-llama"))
+    exact = model.rope_inv_freq.clone()
+    model.to(torch.bfloat16)
+    assert model.embed.weight.dtype == torch.bfloat16
+    assert model.rope_inv_freq.dtype == torch.float32 and torch.equal(model.rope_inv_freq, exact)
+
+
 def test_causal_attention_textbook():
     # VECTORS.md: scaled scores [2, 7, 4, 5] at query position 1 of 4 (keys 2, 3 masked) -> [0.0067, 0.9933].
     mask = attention_mask(torch.arange(4), 4)

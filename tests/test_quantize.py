@@ -45,6 +45,13 @@ def test_int4_codes_are_exact_for_representable_weights():
     assert torch.allclose(q.dequantized(), linear.weight, atol=1e-6)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_layer_is_built_on_the_layers_device(bits):
+    """A layer quantized on a GPU keeps its codes there (the meta device stands in for one on the CPU)."""
+    q = QuantizedLinear.from_linear(nn.Linear(64, 32, device="meta"), bits, 32)
+    assert {t.device.type for t in q.buffers()} == {"meta"}
+
+
 def test_group_size_must_divide():
     with pytest.raises(LMStackError, match="group_size 64 does not divide the layer's 96 inputs"):
         QuantizedLinear.from_linear(nn.Linear(96, 8), 4, 64)

@@ -51,7 +51,8 @@ class QuantizedLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int, group_size: int = 128,
                     dtype: torch.dtype = torch.bfloat16) -> QuantizedLinear:
-        q = cls(linear.in_features, linear.out_features, bits, group_size, linear.bias is not None, dtype)
+        with torch.device(linear.weight.device):  # on the layer's device: a GPU model stays on the GPU
+            q = cls(linear.in_features, linear.out_features, bits, group_size, linear.bias is not None, dtype)
         w = linear.weight.detach().float()
         with torch.no_grad():
             if bits == 8:

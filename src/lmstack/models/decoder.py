@@ -101,6 +101,14 @@ class DecoderLM(nn.Module):
         inv_freq, self.rope_scale = rope_inv_freq(self.config)
         self.rope_inv_freq = inv_freq.to(device) if device.type != "meta" else torch.empty_like(inv_freq, device="meta")
 
+    def _apply(self, fn, recurse: bool = True):
+        # Casting the model (`.to(torch.bfloat16)`) would round the RoPE frequencies too, turning angles at
+        # long positions by up to a third of a radian: recompute them in float32 instead.
+        super()._apply(fn, recurse)
+        if self.rope_inv_freq.is_floating_point() and self.rope_inv_freq.dtype != torch.float32:
+            self.init_buffers()
+        return self
+
     # ----------------------------------------------------------------------------------------- KV cache
 
     def setup_kv_cache(

@@ -366,6 +366,7 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
     def evaluate() -> dict[str, float]:
         model.eval()
         totals: dict[str, torch.Tensor] = {}
+        weight_sum = 0.0
         with torch.no_grad():
             for i in range(task.eval_batches(rows, cfg.eval_batches)):
                 items = task.eval_items(i, rows)[rt.rank * cfg.batch_size:][:cfg.batch_size]
@@ -381,7 +382,8 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
                     loss, metrics = task.loss(forward, batch)
                 for name, value in {"loss": loss, **metrics}.items():
                     totals[name] = totals.get(name, 0) + value.detach().float().to(rt.device) * weight
-                totals["weight"] = totals.get("weight", 0) + torch.tensor(weight, device=rt.device)
+                weight_sum += weight  # on the host: a tensor made from it per batch would sync with the GPU
+        totals["weight"] = torch.tensor(weight_sum, device=rt.device)
         names = sorted(totals)
         stacked = torch.stack([totals[n] for n in names])
         if rt.distributed:
