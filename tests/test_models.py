@@ -125,6 +125,8 @@ def test_rope_frequencies_match_transformers(scaling):
     ours, scale = rope_inv_freq(cfg, seq_len=seq_len)
     assert torch.allclose(ours, theirs.float(), rtol=1e-6)
     assert math.isclose(scale, expected_scale, rel_tol=1e-6)
+    if kind == "dynamic":  # as the model computes it, from a tensor (no host sync): the same frequencies
+        assert torch.equal(rope_inv_freq(cfg, seq_len=torch.tensor(seq_len))[0], ours)
 
 
 # ---------------------------------------------------------------------------------------------- attention

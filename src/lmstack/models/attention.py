@@ -13,12 +13,13 @@ from lmstack.config import ModelConfig
 # ---------------------------------------------------------------------------------------------- RoPE
 
 
-def rope_inv_freq(config: ModelConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+def rope_inv_freq(config: ModelConfig, seq_len: int | torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """Inverse frequencies of the rotary embedding and the factor that scales cos/sin (YaRN only).
 
     Follows the scaling schemes as Hugging Face defines them: linear (position interpolation), dynamic NTK
-    (the base grows once `seq_len` passes the trained length), Llama 3 (per-band wavelength rescaling) and
-    YaRN (blend of interpolation and extrapolation plus an attention temperature).
+    (the base grows once `seq_len` passes the trained length; a tensor `seq_len` keeps the computation on its
+    device, with no host sync), Llama 3 (per-band wavelength rescaling) and YaRN (blend of interpolation and
+    extrapolation plus an attention temperature).
     """
     dim, base = config.rotary_dim, config.rope_theta
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
@@ -27,9 +28,10 @@ def rope_inv_freq(config: ModelConfig, seq_len: int | None = None) -> tuple[torc
         return inv_freq / rs["factor"], 1.0
     if kind == "dynamic":
         trained = rs.get("original_max_position_embeddings") or config.block_size
-        seq_len = max(seq_len or trained, trained)
+        seq_len = torch.as_tensor(trained if seq_len is None else seq_len, dtype=torch.float64).clamp(min=trained)
         base = base * ((rs["factor"] * seq_len / trained) - (rs["factor"] - 1)) ** (dim / (dim - 2))
-        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)), 1.0
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=seq_len.device).float() / dim
+        return (1.0 / (base ** exponents.double())).float(), 1.0
     if kind == "llama3":
         factor, low, high = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
         old_len = rs["original_max_position_embeddings"]

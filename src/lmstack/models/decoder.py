@@ -174,9 +174,8 @@ class DecoderLM(nn.Module):
         if cfg.positions == "learned":
             x = x + self.pos_embed(position_ids)
         else:
-            if cfg.rope_type == "dynamic":  # the base grows with the longest position seen
-                inv_freq, _ = rope_inv_freq(cfg, seq_len=int(position_ids.max()) + 1)
-                inv_freq = inv_freq.to(x.device)
+            if cfg.rope_type == "dynamic":  # the base grows with the longest position seen (on the device)
+                inv_freq, _ = rope_inv_freq(cfg, seq_len=position_ids.max() + 1)
             else:
                 inv_freq = self.rope_inv_freq
             rope = rope_cos_sin(position_ids, inv_freq, self.rope_scale, x.dtype)
