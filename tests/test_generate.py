@@ -1,6 +1,8 @@
 """Samplers against hand-computed distributions and `transformers`' processors; the engine against
 `transformers` generate, itself batched vs unbatched, streaming, stopping and bad input."""
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -415,6 +417,28 @@ def test_engines_sharing_a_model_keep_working(tiny):
     after = first.generate(PROMPTS, **params)
     assert [c.token_ids for c in after] == [c.token_ids for c in before]
 
+
+def test_cache_holds_the_request_not_the_whole_context(tiny):
+    """A model with a long context reserves cache slots for what a call needs (a power of two, at least
+    256), growing when a longer call comes; the tokens do not depend on the cache's size."""
+    model, tok, _ = tiny
+    long_model = lmstack.DecoderLM(dataclasses.replace(model.config, block_size=4096)).eval()
+    long_model.load_state_dict(model.state_dict())
+    engine = Engine(long_model, tok)
+    slots = lambda: long_model.layers[0].attn.kv_cache.k.shape[2]  # noqa: E731
+    params = dict(max_new_tokens=8, temperature=0, ignore_eos=True)
+    short = engine.generate(PROMPTS, **params)
+    assert slots() == 256
+    prompt = tok.encode("ROMEO: " * 100)[:290]
+    longer = engine.generate([prompt], **params)
+    assert slots() == 512
+    assert [c.token_ids for c in engine.generate(PROMPTS, **params)] == [c.token_ids for c in short]
+    ids, expected = torch.tensor([prompt]), []
+    with torch.no_grad():  # greedy from full forward passes, no cache
+        for _ in range(8):
+            expected.append(long_model(ids)[0, -1].argmax().item())
+            ids = torch.cat([ids, torch.tensor([expected[-1:]])], dim=1)
+    assert longer[0].token_ids == expected
 
 @pytest.mark.parametrize("kind", ["byte-level", "metaspace"])
 def test_incremental_text_is_the_full_decoding(tiny, kind):

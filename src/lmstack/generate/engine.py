@@ -78,7 +78,7 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.max_seq_len = min(max_seq_len or model.config.block_size, model.config.block_size)
         self.device = model.embed.weight.device
-        self._cache_batch = 0
+        self._cache_batch = self._cache_len = 0
         self.lookahead = self.device.type == "cuda" if lookahead is None else lookahead
         self._packed = PackedLinears(model, enabled=pack_weights and self.device.type == "cpu")
         # The decode step always sees the same shapes (one token per sequence, the whole cache), so it
@@ -148,7 +148,7 @@ class Engine:
         K, L, dev = num_beams, len(ids), self.device
         steps = min(max_new_tokens, self.max_seq_len - L)
         eos = self._stop_ids(params)
-        self._ensure_cache(K)
+        self._ensure_cache(K, L + steps)
         logits = self._forward(torch.tensor([ids], device=dev), input_pos=torch.arange(L, device=dev), kv_len=L)
         self.model.reorder_kv_cache(torch.zeros(K, dtype=torch.long, device=dev))  # every beam starts there
         running: list[tuple[list[int], float]] = [([], 0.0)]
@@ -209,14 +209,18 @@ class Engine:
             out.append(ids)
         return out
 
-    def _ensure_cache(self, batch: int) -> None:
-        """Allocate the cache on first use, and again only if a larger batch comes or something else that
-        uses the model (another engine, `generate_ids`, speculative decoding) has replaced or freed it."""
+    def _ensure_cache(self, batch: int, length: int) -> None:
+        """Allocate the cache on first use, and again only if a larger batch or a longer sequence comes, or
+        something else that uses the model (another engine, `generate_ids`, speculative decoding) has replaced
+        or freed it. Its length is a power of two (at least 256) that holds `length` tokens, up to
+        `max_seq_len`: a model with a long context does not reserve all of it for short generations, and a
+        compiled decode step sees a new shape only when the length doubles."""
         self._cache_batch = max(batch, self._cache_batch)
+        self._cache_len = max(self._cache_len, min(self.max_seq_len, max(256, 1 << (length - 1).bit_length())))
         cache = self.model.layers[0].attn.kv_cache
-        if (cache is None or cache.k.shape[0] < self._cache_batch or cache.k.shape[2] != self.max_seq_len
+        if (cache is None or cache.k.shape[0] < self._cache_batch or cache.k.shape[2] != self._cache_len
                 or cache.k.device != self.device or cache.k.dtype != self.model.embed.weight.dtype):
-            self.model.setup_kv_cache(self._cache_batch, self.max_seq_len, device=self.device)
+            self.model.setup_kv_cache(self._cache_batch, self._cache_len, device=self.device)
 
     def _stop_ids(self, params: SamplingParams) -> set[int]:
         ids = set(params.stop_token_ids)
@@ -234,7 +238,7 @@ class Engine:
             for r in rows:
                 r.finish_reason = "length"
             return
-        self._ensure_cache(B)
+        self._ensure_cache(B, L + steps)
         S = self.model.layers[0].attn.kv_cache.k.shape[2]
         dev, V = self.device, self.model.config.vocab_size
         pads = torch.tensor([L - len(r.prompt) for r in rows], device=dev)
