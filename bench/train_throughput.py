@@ -72,7 +72,9 @@ def main() -> None:
         lmstack.save_model(ours, d)
         theirs = AutoModelForCausalLM.from_pretrained(d, attn_implementation="sdpa", dtype=torch.float32)
     ours.to(device).train()
-    theirs.to(device).train()
+    theirs.to(device=device, dtype=torch.float32).train()  # transformers < 4.56 ignores dtype= above
+    if device.type == "cuda":  # both sides: float32 products on TF32 tensor cores, as lmstack's loop runs them
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=device)
     tokens = args.batch * args.seq
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.precision == "bf16"

@@ -46,20 +46,17 @@ def test_sliding_window_scores_every_token_once(tok):
     model = DecoderLM(ModelConfig.from_name("tiny-llama", vocab_size=tok.vocab_size)).eval()
     text = TEXT[:200]
     ids = tok.encode(text)
-    w, s = 32, 8
-    total, prev_end = 0.0, 0
-    with torch.no_grad():
-        for begin in range(0, len(ids), s):
-            end = min(begin + w, len(ids))
-            logp = model(torch.tensor([ids[begin:end - 1]]))[0].log_softmax(-1)
-            for t in range(max(prev_end, begin + 1), end):
-                total -= logp[t - begin - 1, ids[t]].item()
-            prev_end = end
-            if end == len(ids):
-                break
-    r = perplexity(model, tok, text, max_length=w, stride=s)
-    assert r.tokens == len(ids) - 1
-    assert r.nll_per_token == pytest.approx(total / (len(ids) - 1), rel=1e-5)
+    for w, s in [(32, 8), (32, 32), (16, 5)]:
+        # Token t is scored once, by the first window whose inputs ids[begin:begin + w] reach t - 1.
+        logps = {}
+        with torch.no_grad():
+            for t in range(1, len(ids)):
+                begin = min(b for b in range(0, len(ids), s) if b <= t - 1 < b + w)
+                logp = model(torch.tensor([ids[begin:min(begin + w, len(ids) - 1)]]))[0].log_softmax(-1)
+                logps[t] = logp[t - 1 - begin, ids[t]].item()
+        r = perplexity(model, tok, text, max_length=w, stride=s)
+        assert r.tokens == len(ids) - 1 and r.bytes == len(text[1:].encode())  # none skipped, stride == w too
+        assert r.nll_per_token == pytest.approx(-sum(logps.values()) / (len(ids) - 1), rel=1e-5)
 
 
 def test_bad_arguments(tok):
@@ -68,6 +65,10 @@ def test_bad_arguments(tok):
         perplexity(model, tok, TEXT, max_length=16, stride=32)
     with pytest.raises(LMStackError, match="fewer than two tokens"):
         perplexity(model, tok, "a")
+    with pytest.raises(LMStackError, match="stride must be between 1"):
+        perplexity(model, tok, TEXT, max_length=16, stride=0)  # not the default in disguise
+    with pytest.raises(LMStackError, match="max_length must be at least 1"):
+        perplexity(model, tok, TEXT, max_length=0)
 
 
 def test_cli_perplexity(tok, tmp_path, capsys):

@@ -59,10 +59,50 @@ def test_weight_decay_on_matrices_only():
 @pytest.mark.parametrize("name,precision,peak", [
     ("NVIDIA H100 80GB HBM3", "bf16", 989.4e12), ("NVIDIA H100 PCIe", "bf16", 756e12),
     ("NVIDIA A100-SXM4-80GB", "fp32", 156e12), ("NVIDIA GeForce RTX 4090", "fp16", 165.2e12),
-    ("Some Future GPU", "bf16", None),
+    ("NVIDIA H200", "bf16", 989.4e12), ("NVIDIA H200 NVL", "bf16", 835.5e12), ("Some Future GPU", "bf16", None),
 ])
 def test_mfu_peak_is_looked_up_by_device_name(name, precision, peak):
     assert peak_flops_of(name, precision) == peak
+
+
+def test_a_fresh_run_starts_its_metrics_anew(shards, tmp_path):
+    """A run killed before its first checkpoint leaves metrics.jsonl but nothing to resume: running the same
+    command again must not append to the old records."""
+    first = run(shards, tmp_path / "r", "--batch_size", "2")
+    import shutil
+
+    shutil.rmtree(tmp_path / "r" / "checkpoints")
+    assert run(shards, tmp_path / "r", "--batch_size", "2") == first  # the same five losses, not ten
+
+
+def test_throughput_counts_training_steps_only(shards, tmp_path, monkeypatch):
+    """Checkpoints and evaluations stop the clock; the first step (compilation, warm-up) reports none."""
+    import time
+
+    from lmstack.train import checkpoint
+
+    publish = checkpoint.publish
+    monkeypatch.setattr(checkpoint, "publish", lambda *a, **k: (time.sleep(1.0), publish(*a, **k))[1])
+    run(shards, tmp_path / "r", "--batch_size", "2", "--checkpoint_interval", "2", "--eval_interval", "2")
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert "tok_per_s" not in steps[0] and all("tok_per_s" in r for r in steps[1:])
+    # 64 tokens a step: a window that held a one-second save would read about 64 tok/s.
+    assert min(r["tok_per_s"] for r in steps[1:]) > 64 / 0.25
+
+
+def test_resuming_with_another_number_of_processes_is_refused(shards, tmp_path):
+    run(shards, tmp_path / "r", "--batch_size", "2", "--checkpoint_interval", "3")
+    state_file = tmp_path / "r" / "checkpoints" / "step-0000005" / "trainer_state" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["world_size"] == 1
+    state_file.write_text(json.dumps({**state, "world_size": 2}))
+    cfg = load_config(None, ["--data", str(shards), "--out_dir", str(tmp_path / "r"), "--max_steps", "8",
+                             "--block_size", "32", "--log_interval", "1", "--eval_interval", "5", "--eval_batches",
+                             "1", "--progress", "false", "--model.n_layer", "1", "--model.dropout", "0",
+                             "--warmup_steps", "2", "--batch_size", "2", "--checkpoint_interval", "3"])
+    with pytest.raises(LMStackError, match="different number of processes: the run had 2, now 1"):
+        train(cfg, resume=True)
 
 
 def test_resuming_with_more_steps_says_how_the_schedule_changes(shards, tmp_path, capsys):

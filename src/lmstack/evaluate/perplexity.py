@@ -1,9 +1,10 @@
 """Sliding-window perplexity and bits per byte of a text under a model.
 
-As in the Hugging Face perplexity guide: windows of `max_length` tokens advance by `stride`; each window
-scores only the tokens the previous window did not, with the rest of the window as context. Bits per byte
-divides the total negative log-likelihood by the UTF-8 bytes of the scored text, so models with different
-tokenizers compare.
+As in the Hugging Face perplexity guide: windows of `max_length` input tokens advance by `stride`; each window
+scores only the tokens the previous window did not, with the rest of the window as context. A window predicts
+the token after its last input too, so with `stride == max_length` no token goes unscored (the guide's loop
+skips the first token of every window but the first). Bits per byte divides the total negative log-likelihood
+by the UTF-8 bytes of the scored text, so models with different tokenizers compare.
 """
 
 from __future__ import annotations
@@ -41,8 +42,10 @@ def perplexity(
 ) -> PerplexityResult:
     """Perplexity of `text`: exp(mean NLL) over every token after the first, with up to `max_length` tokens
     of context (default: the model's context) advanced `stride` tokens at a time (default: max_length / 2)."""
-    max_length = max_length or model.config.block_size
-    stride = stride or max(1, max_length // 2)
+    max_length = model.config.block_size if max_length is None else max_length
+    stride = max(1, max_length // 2) if stride is None else stride
+    if max_length < 1:
+        raise LMStackError(f"max_length must be at least 1, got {max_length}")
     if not 1 <= stride <= max_length:
         raise LMStackError(f"stride must be between 1 and max_length ({max_length}), got {stride}")
     if max_length > model.config.block_size:
@@ -56,20 +59,21 @@ def perplexity(
     device = model.embed.weight.device
     model.eval()
     ids_t = torch.tensor(ids, device=device)
+    # A window feeds ids[begin:end] and predicts ids[begin + 1:end + 1]; `last` is the last input position.
+    last = len(ids) - 1
     total_nll, scored, prev_end = 0.0, 0, 0
-    starts = range(0, len(ids), stride)
+    starts = range(0, last, stride)
     for begin in tqdm(starts, disable=not progress, desc="perplexity", unit="window"):
-        end = min(begin + max_length, len(ids))
-        window = ids_t[begin:end]
+        end = min(begin + max_length, last)
         with onednn_linears():  # float32 on the CPU: oneDNN's matmul (lmstack.onednn)
-            logits = model(window[None, :-1])[0].float()
-        targets = window[1:].clone()
-        fresh = end - max(prev_end, begin + 1)  # tokens not scored by an earlier window
+            logits = model(ids_t[None, begin:end])[0].float()
+        targets = ids_t[begin + 1:end + 1].clone()
+        fresh = end - max(prev_end, begin)  # tokens not scored by an earlier window
         targets[: len(targets) - fresh] = -100
         total_nll += F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum").item()
         scored += fresh
         prev_end = end
-        if end == len(ids):
+        if end == last:
             break
     scored_text = tokenizer.decode(ids[1:])
     n_bytes = len(scored_text.encode("utf-8"))

@@ -19,6 +19,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -82,8 +83,12 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
             device = torch.device(f"cuda:{local}")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        # float32 matrix products on tensor cores (TF32), as nanoGPT runs them and as MFU's fp32 peak assumes.
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        # The other ranks wait at a barrier while rank 0 writes a checkpoint: allow a large one 30 minutes
+        # (NCCL's default gives up after 10).
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
     return Runtime(rank, world, local, device)
 
 
@@ -92,7 +97,7 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
         raise LMStackError("precision fp16 needs a GPU (use bf16 or fp32 on the CPU)")
     if cfg.precision != "auto":
         return cfg.precision
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):  # not emulated (V100, T4)
         return "bf16"
     return "fp32"
 
@@ -303,6 +308,10 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
         restore_weights(model, resume_from, cfg)
         state, optim_state, rng = ckpt.read_trainer_state(resume_from, rt.rank)
         start_step = state["step"]
+        saved_world = state.get("world_size", 1)
+        if saved_world != rt.world_size:  # batch_size is per process: the global batch would change
+            raise LMStackError(f"{run_dir}: cannot resume with a different number of processes: the run had "
+                               f"{saved_world}, now {rt.world_size} (batch_size is per process)")
     if not fsdp:  # FSDP moves each block to the device as it shards it: no device ever holds the whole model
         model.to(rt.device)
     model.train()
@@ -350,7 +359,8 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    log = MetricsLog(run_dir, cfg.tensorboard, resume_step=start_step if resume else None) if rt.is_main else None
+    # A fresh run starts metrics.jsonl anew (a run killed before its first checkpoint may have left one).
+    log = MetricsLog(run_dir, cfg.tensorboard, resume_step=start_step) if rt.is_main else None
     if rt.is_main and cfg.lora_r:
         from lmstack.train.lora import parameter_counts
 
@@ -419,7 +429,7 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
             save_weights(to_save, stage, cfg, tokenizer)
         if rt.distributed:
             dist.barrier()  # the staging directory exists before the other ranks write their RNG state
-        ckpt.write_trainer_state(stage, rt.rank, {"step": step, "config": cfg.to_dict()},
+        ckpt.write_trainer_state(stage, rt.rank, {"step": step, "world_size": rt.world_size, "config": cfg.to_dict()},
                                  {"optimizer": optim, "scaler": scaler.state_dict()} if rt.is_main else None)
         if rt.distributed:
             dist.barrier()
@@ -446,11 +456,18 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
                unit="step", dynamic_ncols=True)
     t_last, tokens_since = time.perf_counter(), 0
     for step in range(start_step, cfg.max_steps):
-        if step % cfg.eval_interval == 0:  # evaluation reads no training RNG: redoing it on resume changes nothing
-            log_eval(step)
-            samples(step)
-        if step % cfg.checkpoint_interval == 0 and step > start_step:
-            save(step)
+        evaluating, saving = step % cfg.eval_interval == 0, step % cfg.checkpoint_interval == 0 and step > start_step
+        if evaluating or saving:
+            # The clock stops here: tok/s and MFU count training steps only. The queued steps finish first.
+            if rt.device.type == "cuda":
+                torch.cuda.synchronize(rt.device)
+            paused = time.perf_counter()
+            if evaluating:  # evaluation reads no training RNG: redoing it on resume changes nothing
+                log_eval(step)
+                samples(step)
+            if saving:
+                save(step)
+            t_last += time.perf_counter() - paused
 
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
@@ -498,19 +515,23 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
                 dist.all_reduce(values, op=dist.ReduceOp.AVG)
             loss_value, *metric_values = values.tolist()  # the one host sync per logged step
             now = time.perf_counter()
-            tok_s = tokens_since / (now - t_last)
+            # The first step after a start also compiles and warms up: it gives no throughput figure.
+            tok_s = tokens_since / (now - t_last) if step > start_step else None
             t_last, tokens_since = now, 0
-            mfu = flops * tok_s / (peak * rt.world_size) if peak else None
+            mfu = flops * tok_s / (peak * rt.world_size) if peak and tok_s is not None else None
             if rt.is_main:
-                record = {"step": step, "loss": loss_value, "lr": lr, "tok_per_s": round(tok_s, 1),
-                          **dict(zip(names, metric_values))}
+                record = {"step": step, "loss": loss_value, "lr": lr, **dict(zip(names, metric_values))}
+                if tok_s is not None:
+                    record["tok_per_s"] = round(tok_s, 1)
                 if cfg.task == "pretrain":
                     record["tokens"] = rows * cfg.grad_accum * cfg.block_size * (step + 1)
                 if mfu is not None:
                     record["mfu"] = round(mfu, 4)
                 log.log(record)
-                bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:,.0f}",
+                bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:,.0f}" if tok_s is not None else "-",
                                 mfu=f"{mfu:.1%}" if mfu is not None else "-", lr=f"{lr:.2e}", refresh=False)
+        if step == start_step:  # the warm-up step is left out of the first window
+            t_last, tokens_since = time.perf_counter(), 0
         bar.update(1)
     bar.close()
 
@@ -525,7 +546,11 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
     if rt.is_main:
         log.close()
         summary["checkpoint"] = str(final)
-        summary["plot"] = str(plot_losses(run_dir))
+        try:
+            summary["plot"] = str(plot_losses(run_dir))
+        except ImportError:  # a bare machine (a borrowed GPU) without matplotlib still finishes the run
+            print("note: matplotlib is not installed: no loss.png (lmstack plot RUN_DIR draws it later)",
+                  file=sys.stderr)
         summary["best_val_loss"] = min((r["val_loss"] for r in read_metrics(run_dir) if "val_loss" in r),
                                        default=last_val)
     return summary

@@ -17,7 +17,8 @@ PEAK_FLOPS: list[tuple[str, float, float]] = [
     ("H100 PCIe", 756e12, 378e12),
     ("H100 NVL", 835e12, 418e12),
     ("H100", 989.4e12, 494.7e12),  # SXM
-    ("H200", 989.4e12, 494.7e12),
+    ("H200 NVL", 835.5e12, 417.5e12),
+    ("H200", 989.4e12, 494.7e12),  # SXM
     ("GH200", 989.4e12, 494.7e12),
     ("B200", 2250e12, 1100e12),
     ("A100", 312e12, 156e12),
@@ -52,12 +53,15 @@ def peak_flops_of(device_name: str, precision: str) -> float | None:
 class MetricsLog:
     """Appends one JSON object per line to `metrics.jsonl` (and TensorBoard scalars when asked)."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = False, resume_step: int | None = None) -> None:
+    def __init__(self, run_dir: Path, tensorboard: bool = False, resume_step: int = 0) -> None:
+        """Records from step `resume_step` on are dropped: a killed run's lines after its last checkpoint are
+        about to be redone, and a fresh run (0) starts the file anew."""
         self.path = run_dir / "metrics.jsonl"
-        if resume_step is not None and self.path.exists():
-            # Lines a killed run wrote after its last checkpoint are dropped: they are about to be redone.
+        if self.path.exists():
             kept = [record for record in read_metrics(run_dir) if record.get("step", 0) < resume_step]
-            self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
+            os.replace(tmp, self.path)  # a kill here keeps the old file whole
         self.writer = None
         if tensorboard:
             try:
