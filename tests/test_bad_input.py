@@ -199,3 +199,23 @@ def test_gguf_metadata_without_the_shape_is_named():
 def test_compare_checks_its_orders_before_any_work(tmp_path, capsys):
     err = one_error_line(capsys, "compare", "--orders", "0", "--output", str(tmp_path / "cmp"))
     assert "n-gram orders must be >= 1" in err and not (tmp_path / "cmp").exists()
+
+
+def test_perplexity_notes_text_that_is_not_utf8(model_dir, tmp_path, capsys):
+    """Bad bytes read as U+FFFD, counted in one stderr note as `data prepare` gives it."""
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 cr\xe8me, ".encode("latin-1") * 20)
+    assert main(["eval", "perplexity", "--model", str(model_dir), "--data", str(tmp_path / "latin1.txt")]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["perplexity"] > 0
+    assert captured.err == (f"note: 40 invalid UTF-8 sequences replaced with U+FFFD in {tmp_path / 'latin1.txt'}"
+                            "\n")
+
+
+def test_a_bad_record_in_the_char_vocabulary_pass_gives_the_hint(tmp_path, capsys):
+    (tmp_path / "d.jsonl").write_text('{"text": "hello"}\n[1, 2]\n')
+    err = one_error_line(capsys, "data", "prepare", "--input", str(tmp_path / "d.jsonl"), "--tokenizer", "char",
+                         "--output", str(tmp_path / "out"))
+    assert "d.jsonl:2: expected a JSON object, got list (use --on-bad-record skip to skip such records)" in err
+    assert main(["data", "prepare", "--input", str(tmp_path / "d.jsonl"), "--tokenizer", "char", "--output",
+                 str(tmp_path / "out"), "--on-bad-record", "skip", "--val-fraction", "0"]) == 0
+    assert "skipped 1 bad records" in capsys.readouterr().err

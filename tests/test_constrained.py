@@ -68,6 +68,41 @@ def test_truncating_samplers_choose_among_allowed_tokens(random_engine, truncati
     assert all(re.fullmatch(r"(19|20)[0-9]{2}", c.text) for c in outs)
 
 
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0, seed=0)], ids=["greedy", "sampled"])
+def test_the_grammar_wins_over_processors_that_ban_every_allowed_token(random_engine, sampling):
+    """"zzzz" is four "z" tokens; no-repeat-ngram 1 bans "z" once it has come, leaving the grammar nothing: the
+    row falls back to the grammar's mask alone (it used to pick token 0, or crash in torch.multinomial)."""
+    tok = random_engine.tokenizer
+    assert tok.encode("zzzz") == [tok.encode("z")[0]] * 4 and "z" not in tok.decode(tok.encode("x"))
+    outs = random_engine.generate("x", max_new_tokens=8, n=3, choice=["zzzz"], no_repeat_ngram_size=1, **sampling)
+    assert [c.text for c in outs] == ["zzzz"] * 3 and {c.finish_reason for c in outs} == {"stop"}
+
+
+def test_cli_constraint_flags(tmp_path, capsys):
+    """--json-schema reads a file or inline JSON (and names a value that is neither); --choice repeats."""
+    from lmstack.cli import main
+
+    text = (REPO / "data" / "tinyshakespeare.txt").read_text()[:50_000]
+    tok = lmstack.Tokenizer.train([text], vocab_size=400, eos_token="<|endoftext|>")
+    torch.manual_seed(0)
+    model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", vocab_size=400))
+    lmstack.save_model(model, tmp_path, tokenizer=tok)
+    common = ["generate", "x", "--model", str(tmp_path), "--temperature", "0", "--max-new-tokens", "40"]
+    schema = {"enum": ["yes", "no", 7]}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    for value in (str(tmp_path / "schema.json"), json.dumps(schema)):
+        assert main([*common, "--json-schema", value]) == 0
+        jsonschema.validate(json.loads(capsys.readouterr().out), schema)
+    assert main([*common, "--json-schema", str(tmp_path / "missing.json")]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: --json-schema: not JSON and no such file: {tmp_path / 'missing.json'}\n"
+    (tmp_path / "bad.json").write_text("{oops")
+    assert main([*common, "--json-schema", str(tmp_path / "bad.json")]) == 1
+    assert "bad.json: the file is not JSON" in capsys.readouterr().err
+    assert main([*common, "--choice", "yes", "--choice", "no"]) == 0
+    assert capsys.readouterr().out.strip() in {"yes", "no"}
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(json_schema={"type": "nonsense"}), "json_schema: the grammar engine rejects it"),
     (dict(json_schema="{not json"), "json_schema is not a JSON object"),

@@ -71,6 +71,18 @@ def test_min_p_hand_values():
     assert torch.isinf(out[0, 3]) and torch.isfinite(out[0, :3]).all()
 
 
+def test_typical_p_hand_values():
+    # p = [1/2, 1/4, 1/8, 1/8]: surprises -log2 p = [1, 2, 3, 3] bits, entropy H = 1.75 bits, so the distances
+    # |surprise - H| = [0.75, 0.25, 1.25, 1.25]. Nearest first: token 1, token 0, then tokens 2 and 3 (tied),
+    # with cumulative mass 0.25, 0.75, 1.0. typical_p keeps the smallest such set whose mass reaches it (the
+    # crossing token included), and ties with the last kept one:
+    #   0.2 -> {1}: [0, 1, 0, 0];  0.5 -> {1, 0}: renormalised [0.5, 0.25] / 0.75 = [2/3, 1/3, 0, 0];
+    #   0.8 -> {1, 0, 2} and 3 (tied with 2): everything, unchanged.
+    logits = torch.tensor([[0.5, 0.25, 0.125, 0.125]]).log()
+    for mass, expected in ((0.2, [0.0, 1.0, 0.0, 0.0]), (0.5, [2 / 3, 1 / 3, 0.0, 0.0]), (0.8, [0.5, 0.25, 0.125, 0.125])):
+        assert torch.allclose(probs(apply_typical_p(logits, mass)), torch.tensor(expected), atol=1e-6), mass
+
+
 def test_no_repeat_ngram():
     assert banned_ngram_tokens([1, 2, 3, 1, 2], 3) == {3}
     assert banned_ngram_tokens([1, 2, 3, 4], 3) == set()
@@ -126,6 +138,8 @@ def test_sampled_frequencies_match_the_distribution(sampler):
     (dict(top_p="0.5"), "top_p"), (dict(frequency_penalty=float("nan")), "frequency_penalty"),
     (dict(stop_token_ids=5), "stop_token_ids"), (dict(stop_token_ids=[-5]), "stop_token_ids"),
     (dict(logit_bias={"a": 1.0}), "logit_bias"), (dict(choice="yes"), "choice"),
+    (dict(regex=5), "regex=5: must be a string"), (dict(grammar=5), "grammar=5: must be a string"),
+    (dict(json_schema=5), "json_schema=5"),
 ])
 def test_bad_sampling_parameters_name_the_parameter(bad, match):
     with pytest.raises(LMStackError, match=match):
@@ -498,3 +512,152 @@ def test_a_stop_string_before_an_incomplete_character_still_stops(tiny):
     assert "".join(engine.stream([3], stop=["λ"], **forced)) == ""
     ended = engine.generate([[3]], stop=["zz"], **dict(forced, max_new_tokens=1))[0]
     assert ended.text == "λ\ufffd" and ended.finish_reason == "length"  # the whole decoding once it ends
+
+
+def test_stop_token_ids_outside_the_vocabulary_are_named(tiny):
+    model, tok, _ = tiny
+    engine = Engine(model, tok)
+    with pytest.raises(LMStackError, match="stop_token_ids: token id 400 is outside the vocabulary of 400"):
+        engine.generate("x", max_new_tokens=2, stop_token_ids=[400])
+    with pytest.raises(LMStackError, match="stop_token_ids: token id 999"):
+        engine.beam_search("x", num_beams=2, max_new_tokens=2, stop_token_ids=[3, 999])
+
+
+def _chat_model(path, block_size=128, **tokenizer_options):
+    text = (REPO / "data" / "tinyshakespeare.txt").read_text()[:50_000]
+    options = dict(chat_template="chatml", eos_token="<|im_end|>", **tokenizer_options)
+    tok = lmstack.Tokenizer.train([text], vocab_size=400, **options)
+    torch.manual_seed(0)
+    model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", vocab_size=400, block_size=block_size))
+    lmstack.save_model(model, path, tokenizer=tok)
+    return model, tok
+
+
+def _spy_prompts(monkeypatch) -> list[list[int]]:
+    """Every prompt the engine encodes, as the ids it runs on."""
+    seen, encode = [], Engine._encode
+
+    def spy(self, prompts, params):
+        out = encode(self, prompts, params)
+        seen.extend(out)
+        return out
+
+    monkeypatch.setattr(Engine, "_encode", spy)
+    return seen
+
+
+def test_cli_chat_template_gets_one_bos(tmp_path, monkeypatch, capsys):
+    """A tokenizer that adds bos and a template that writes {{ bos_token }}: the prompt starts with one bos."""
+    import io
+
+    from lmstack.cli import main
+
+    template = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+                "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    _, tok = _chat_model(tmp_path, bos_token="<s>", add_bos=True, special_tokens=["<s>", "<|im_end|>"])
+    tok.chat_template = template
+    tok.save(tmp_path)
+    assert tok.encode("hi")[0] == tok.bos_token_id  # the tokenizer does add bos to plain text
+    seen = _spy_prompts(monkeypatch)
+    common = ["--model", str(tmp_path), "--temperature", "0", "--max-new-tokens", "2"]
+    assert main(["generate", "Hello", "--chat", *common]) == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n"))
+    assert main(["chat", *common]) == 0
+    assert len(seen) == 2
+    for ids in seen:
+        assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+
+
+def test_cli_beam_search_refuses_the_flags_it_ignores(tmp_path, capsys):
+    from lmstack.cli import main
+
+    _chat_model(tmp_path)
+    common = ["generate", "ROMEO:", "--model", str(tmp_path), "--max-new-tokens", "4", "--num-beams", "2"]
+    for flags, named in ((["--temperature", "0.9"], "--temperature"), (["--top-p", "0.5"], "--top-p"),
+                         (["--stop", "x", "--seed", "1"], "--stop, --seed"), (["--regex", "a+"], "--regex"),
+                         (["--repetition-penalty", "1.2"], "--repetition-penalty"),
+                         (["--speculative", "prompt_lookup"], "--speculative and --num-beams")):
+        assert main([*common, *flags]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and named in err and err.count("\n") == 1, err
+    # what beam search does use: greedy, stop ids, the prompt's end
+    assert main([*common, "--temperature", "0", "--stop-token-ids", "5", "--truncate-prompt"]) == 0
+
+
+def test_cli_list_flags_repeat_and_leave_the_prompt_alone(tmp_path, monkeypatch, capsys):
+    """`--stop END "ROMEO:"`: the prompt after a repeatable flag is the prompt, not a second stop string."""
+    from lmstack.cli import main
+
+    model, tok = _chat_model(tmp_path)
+    seen = _spy_prompts(monkeypatch)
+    common = ["--model", str(tmp_path), "--temperature", "0", "--max-new-tokens", "6", "--no-stream"]
+    assert main(["generate", *common, "--stop", "END", "--stop", "zz", "--stop-token-ids", "7",
+                 "--stop-token-ids", "8", "--logit-bias", "5=1", "--logit-bias", "6=-1", "ROMEO:"]) == 0
+    assert seen == [tok.encode("ROMEO:")]
+    expected = Engine(model, tok).generate("ROMEO:", max_new_tokens=6, temperature=0, stop=["END", "zz"],
+                                           stop_token_ids=[7, 8], logit_bias={5: 1.0, 6: -1.0})[0].text
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_cli_chat_drops_old_turns_and_survives_a_message_too_long(tmp_path, monkeypatch, capsys):
+    """The conversation outgrows a 64-token context: the oldest turns go (the system prompt stays), with one
+    note; a message that alone does not fit fails that turn only, and the chat goes on."""
+    import io
+
+    from lmstack.cli import main
+
+    _, tok = _chat_model(tmp_path, block_size=64)
+    seen = _spy_prompts(monkeypatch)
+    turns = ["Good morrow, cousin.", "What news from the court?", "Is the king well?", "word " * 80,
+             "Farewell then."]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(turns) + "\n"))
+    assert main(["chat", "--model", str(tmp_path), "--temperature", "0", "--max-new-tokens", "8",
+                 "--ignore-eos", "--system", "Be brief."]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(seen) == 4  # every turn but the one too long was answered
+    assert all(len(ids) <= 64 - 8 and tok.decode(ids).count("Be brief.") == 1 for ids in seen)
+    assert "Farewell then." in tok.decode(seen[-1]) and "Good morrow" not in tok.decode(seen[-1])
+    notes = [line for line in err if line.startswith("note: dropped the")]
+    errors = [line for line in err if line.startswith("error:")]
+    assert notes and len(errors) == 1 and "does not fit the context of 64 tokens" in errors[0], err
+
+
+def test_cli_chat_ctrl_c_stops_a_reply_not_the_chat(tmp_path, monkeypatch, capsys):
+    import builtins
+    import io
+
+    from lmstack.cli import main
+
+    _, tok = _chat_model(tmp_path)
+    prompts = []
+
+    def interrupted_stream(self, prompt, params=None, **overrides):
+        prompts.append(list(prompt))
+        yield "Half a"
+        if len(prompts) == 1:
+            raise KeyboardInterrupt  # Ctrl-C while the first reply streams
+
+    monkeypatch.setattr(Engine, "stream", interrupted_stream)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\nAgain\n"))
+    assert main(["chat", "--model", str(tmp_path), "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out == "Half a\nHalf a\n"
+    assert len(prompts) == 2 and "assistant\nHalf a" in tok.decode(prompts[1])  # the cut reply was kept
+
+    def ctrl_c(prompt=""):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(builtins, "input", ctrl_c)  # Ctrl-C at the prompt ends the chat cleanly
+    assert main(["chat", "--model", str(tmp_path)]) == 0
+
+
+@pytest.mark.parametrize("name,peak", [("NVIDIA H100 80GB HBM3", 3.35e12), ("NVIDIA H100 PCIe", 2.0e12),
+                                       ("NVIDIA H100 NVL", 3.9e12), ("NVIDIA H200", 4.8e12),
+                                       ("NVIDIA H200 NVL", 4.8e12), ("NVIDIA L40S", 0.864e12),
+                                       ("NVIDIA L4", 0.3e12), ("Some GPU", None)])
+def test_decode_bench_peak_bandwidth_by_device_name(name, peak):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_decode", REPO / "bench" / "decode.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.peak_bandwidth(name) == peak

@@ -57,6 +57,24 @@ def test_group_size_must_divide():
         QuantizedLinear.from_linear(nn.Linear(96, 8), 4, 64)
 
 
+@pytest.mark.parametrize("bits,group,match", [
+    (4, 0, "group_size=0: must be an integer >= 1"), (4, -2, "group_size=-2: must be an integer >= 1"),
+    (8, 0, "group_size=0"), ("nf4", 0, "group_size=0"), ("nf4", 3, "group_size=3: NF4 blocks"),
+    (4, 2.5, "group_size=2.5"),
+])
+def test_bad_group_sizes_are_named(bits, group, match):
+    model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", vocab_size=64))
+    with pytest.raises(LMStackError, match=match):
+        quantize_model(model, bits=bits, group_size=group)
+
+
+def test_int4_needs_an_even_number_of_inputs():
+    with pytest.raises(LMStackError, match="the layer's 9 inputs must be even"):
+        QuantizedLinear.from_linear(nn.Linear(9, 4), 4, 3)
+    with pytest.raises(LMStackError, match="group_size=0"):
+        QuantizedLinear(32, 4, bits=4, group_size=0)
+
+
 def test_memory_and_round_trip(tmp_path):
     torch.manual_seed(0)
     model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", tie_embeddings=False)).eval()
@@ -116,6 +134,12 @@ def test_cli_quantize(tmp_path, capsys):
     assert main(["quantize", "--model", str(tmp_path / "m"), "--output", str(tmp_path / "nf4"), "--bits", "nf4"]) == 0
     assert "NF4 weights" in capsys.readouterr().out
     assert isinstance(lmstack.load_model(tmp_path / "nf4").layers[0].attn.q, NF4Linear)
+    for group in ("0", "-2"):  # one error line naming the parameter (was a ZeroDivisionError / RuntimeError)
+        assert main(["quantize", "--model", str(tmp_path / "m"), "--output", str(tmp_path / "bad"), "--bits", "4",
+                     "--group-size", group]) == 1
+        err = capsys.readouterr().err
+        assert err == f"error: group_size={group}: must be an integer >= 1\n"
+    assert not (tmp_path / "bad").exists()
 
 
 # --- NF4 (QLoRA's 4-bit NormalFloat) ---

@@ -1,6 +1,8 @@
 """Speculative decoding: greedy identical to the target alone, the accept/resample rule preserves the target
 distribution, acceptance statistics, prompt lookup."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -89,6 +91,44 @@ def test_bad_speculative_arguments(models):
         speculative_generate(target, tok, long, max_new_tokens=8)
 
 
+def test_draft_device_context_and_stop_ids_are_checked(models):
+    target, draft, tok = models
+    with torch.device("meta"):
+        elsewhere = lmstack.DecoderLM(draft.config)
+    with pytest.raises(LMStackError, match="draft is on meta but the target is on cpu"):
+        speculative_generate(target, tok, "x", elsewhere)
+    short = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", vocab_size=400, n_layer=1,
+                                                            block_size=16)).eval()
+    with pytest.raises(LMStackError, match="draft: its block_size of 16 is smaller than the"):
+        speculative_generate(target, tok, "ROMEO:", short, max_new_tokens=20)
+    out, _ = speculative_generate(target, tok, "ROMEO:", short, max_new_tokens=4, k=2, temperature=0)
+    assert len(out.token_ids) <= 4  # a request the short draft holds runs
+    with pytest.raises(LMStackError, match="stop_token_ids: token id 400 is outside the vocabulary of 400"):
+        speculative_generate(target, tok, "x", stop_token_ids=[400])
+
+
+def test_no_new_tokens_is_an_empty_completion(models):
+    target, draft, tok = models
+    for drafter in (draft, "prompt_lookup"):
+        out, stats = speculative_generate(target, tok, "ROMEO:", drafter, max_new_tokens=0)
+        assert (out.text, out.token_ids, out.finish_reason) == ("", [], "length")
+        assert out.prompt_tokens == len(tok.encode("ROMEO:")) and stats.target_passes == 0
+
+
+def test_stop_strings_trim_tokens_as_the_engine_does(models):
+    """Cut at a stop string, the completion keeps the tokens that spell its text, as the engine's does."""
+    target, draft, tok = models
+    params = dict(max_new_tokens=30, temperature=0, ignore_eos=True)
+    free = Engine(target, tok).generate("ROMEO:", **params)[0]
+    ids = free.token_ids
+    stop = tok.decode(ids[:8])[len(tok.decode(ids[:6])):]  # tokens 6 and 7: the stop begins on a token
+    expected = Engine(target, tok).generate("ROMEO:", stop=[stop], **params)[0]
+    assert expected.token_ids == ids[:6]  # the engine drops the tokens that spell the stop string
+    for drafter in (draft, "prompt_lookup"):
+        out, _ = speculative_generate(target, tok, "ROMEO:", drafter, k=3, stop=[stop], **params)
+        assert (out.text, out.token_ids, out.finish_reason) == (expected.text, expected.token_ids, "stop")
+
+
 def test_overrides_and_truncation(models):
     """Keyword overrides apply on top of `params`; truncate_prompt keeps as much of the prompt's end as fits."""
     target, _, tok = models
@@ -112,3 +152,22 @@ def test_cli_speculative(models, tmp_path, capsys):
     assert main([*args, "--speculative", "prompt_lookup", "--draft-k", "3"]) == 0
     captured = capsys.readouterr()
     assert captured.out == plain and "drafted tokens accepted" in captured.err
+
+
+def test_cli_loads_the_draft_on_the_targets_device(models, tmp_path, monkeypatch, capsys):
+    import lmstack.checkpoints
+    from lmstack.cli import main
+
+    target, draft, tok = models
+    lmstack.save_model(target, tmp_path / "target", tokenizer=tok)
+    lmstack.save_model(draft, tmp_path / "draft", tokenizer=tok)
+    devices, load = {}, lmstack.checkpoints.load_model
+
+    def spy(path, *args, **kwargs):
+        devices[Path(path).name] = kwargs.get("device")
+        return load(path, *args, **kwargs)
+
+    monkeypatch.setattr(lmstack.checkpoints, "load_model", spy)
+    assert main(["generate", "ROMEO:", "--model", str(tmp_path / "target"), "--temperature", "0",
+                 "--max-new-tokens", "6", "--speculative", str(tmp_path / "draft"), "--device", "cpu"]) == 0
+    assert devices == {"target": "cpu", "draft": "cpu"}

@@ -75,15 +75,37 @@ def _convert(args: argparse.Namespace) -> None:
     print(f"wrote {dst} ({model.num_params():,} parameters, {model.embed.weight.dtype})")
 
 
+_SKIP_HINT = " (use --on-bad-record skip to skip such records)"
+
+
+def _note_not_utf8(files: list[str], replaced: int) -> None:
+    """One stderr note for input that was not valid UTF-8 (its bad bytes were read as U+FFFD)."""
+    if files:
+        print(f"note: {replaced:,} invalid UTF-8 sequences replaced with U+FFFD in {', '.join(files)}",
+              file=sys.stderr)
+
+
+def _char_vocabulary_texts(args: argparse.Namespace):
+    """The inputs' texts for a character vocabulary (text files in chunks). A bad record is named with the
+    same hint as in the shard pass that follows."""
+    from lmstack.data.readers import RECORD_SUFFIXES, ReadStats, iter_record_texts, iter_texts
+
+    stats = ReadStats()
+    for file in args.input:
+        path = Path(file)
+        if path.suffix in RECORD_SUFFIXES and path.exists():
+            yield from iter_record_texts(path, args.text_field, stats, args.on_bad_record, hint=_SKIP_HINT)
+        else:  # iter_texts names a missing file
+            yield from iter_texts([path], args.text_field, args.on_bad_record, stats, chunked=True)
+
+
 def _data_prepare(args: argparse.Namespace) -> None:
     from lmstack.checkpoints import load_tokenizer
-    from lmstack.data.readers import iter_texts
     from lmstack.data.shards import prepare_shards
     from lmstack.tokenizer import Tokenizer
 
     if args.tokenizer == "char":
-        tokenizer = Tokenizer.train_chars(iter_texts(args.input, args.text_field, on_bad_record=args.on_bad_record,
-                                                     chunked=True))
+        tokenizer = Tokenizer.train_chars(_char_vocabulary_texts(args))
     else:
         tokenizer = load_tokenizer(args.tokenizer)
     meta = prepare_shards(args.input, tokenizer, args.output, text_field=args.text_field,
@@ -91,9 +113,7 @@ def _data_prepare(args: argparse.Namespace) -> None:
                           on_bad_record=args.on_bad_record, progress=sys.stderr.isatty())
     print(f"wrote {args.output}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} validation tokens "
           f"({meta['dtype']}) from {meta['documents']:,} documents")
-    if meta["files_not_utf8"]:
-        print(f"note: {meta['replacement_chars']:,} invalid UTF-8 sequences replaced with U+FFFD in "
-              f"{', '.join(meta['files_not_utf8'])}", file=sys.stderr)
+    _note_not_utf8(meta["files_not_utf8"], meta["replacement_chars"])
     if meta["skipped_records"]:
         print(f"note: skipped {meta['skipped_records']:,} bad records, e.g. {meta['skipped_examples'][0]}",
               file=sys.stderr)
@@ -125,7 +145,7 @@ def _pretrain(args: argparse.Namespace, overrides: list[str]) -> None:
         ppl = f"perplexity {summary['val_ppl']:.2f}, " if "val_ppl" in summary else ""
         print(f"done: {summary['steps']} steps; validation loss {summary['val_loss']:.4f} "
               f"({ppl}best {summary['best_val_loss']:.4f}); "
-              f"model: {summary['checkpoint']}; curve: {summary['plot']}")
+              f"model: {summary['checkpoint']}" + (f"; curve: {summary['plot']}" if "plot" in summary else ""))
 
 
 def _plot(args: argparse.Namespace) -> None:
@@ -159,12 +179,14 @@ def _eval_classify(args: argparse.Namespace) -> None:
 
 def _eval_perplexity(args: argparse.Namespace) -> None:
     from lmstack.checkpoints import load_model, load_tokenizer
-    from lmstack.data.readers import iter_texts
+    from lmstack.data.readers import ReadStats, iter_texts
     from lmstack.evaluate import perplexity
 
     model = load_model(args.model, dtype="float32", device=args.device)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
-    text = "\n\n".join(iter_texts(args.data, args.text_field))
+    stats = ReadStats()
+    text = "\n\n".join(iter_texts(args.data, args.text_field, stats=stats))
+    _note_not_utf8(stats.replaced_bytes_files, stats.replacement_chars)
     if args.max_chars:
         text = text[: args.max_chars]
     result = perplexity(model, tokenizer, text, max_length=args.max_length, stride=args.stride,
@@ -182,18 +204,46 @@ def _sampling_params(args: argparse.Namespace):
             bias[int(token)] = float(value)
         except ValueError:
             raise LMStackError(f"--logit-bias {item!r}: expected TOKEN_ID=BIAS") from None
-    schema = args.json_schema
-    if schema is not None and Path(schema).exists():
-        schema = Path(schema).read_text()
     grammar = Path(args.grammar).read_text() if args.grammar else None
     return SamplingParams(
-        json_schema=schema, regex=args.regex, choice=args.choice, grammar=grammar,
+        json_schema=_json_schema(args.json_schema), regex=args.regex, choice=args.choice, grammar=grammar,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         min_p=args.min_p, typical_p=args.typical_p, repetition_penalty=args.repetition_penalty,
         frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
         no_repeat_ngram_size=args.no_repeat_ngram_size, logit_bias=bias, stop=args.stop or [],
         stop_token_ids=args.stop_token_ids or [], ignore_eos=args.ignore_eos, n=args.n, seed=args.seed,
         truncate_prompt=args.truncate_prompt, logprobs=getattr(args, "logprobs", None))
+
+
+def _json_schema(value: str | None) -> dict | None:
+    """--json-schema: a file holding the schema, or the schema itself as JSON."""
+    if value is None:
+        return None
+    try:
+        is_file = Path(value).is_file()
+    except OSError:  # inline JSON too long to be a file name
+        is_file = False
+    try:
+        return json.loads(Path(value).read_text() if is_file else value)
+    except ValueError as e:
+        if is_file:
+            raise LMStackError(f"--json-schema {value}: the file is not JSON ({e})") from None
+        shown = value.replace("\n", "\\n")  # one line
+        shown = shown if len(shown) <= 200 else shown[:197] + "..."
+        raise LMStackError(f"--json-schema: not JSON and no such file: {shown}") from None
+
+
+# Flags that beam search does not use (it is deterministic, and knows no constraint, penalty or stop string).
+_NOT_FOR_BEAMS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty", "frequency_penalty",
+                  "presence_penalty", "no_repeat_ngram_size", "logit_bias", "stop", "seed", "json_schema", "regex",
+                  "choice", "grammar")
+
+
+def _flags_given(args: argparse.Namespace, dests: Sequence[str]) -> list[str]:
+    """The sampling flags among `dests` set to something other than their default."""
+    defaults = argparse.ArgumentParser()
+    _add_sampling_flags(defaults)
+    return ["--" + d.replace("_", "-") for d in dests if getattr(args, d) != defaults.get_default(d)]
 
 
 def _load_engine(args: argparse.Namespace):
@@ -222,18 +272,27 @@ def _generate(args: argparse.Namespace) -> None:
         raise LMStackError(f"--num-beams {args.num_beams}: must be >= 1 (1 means no beam search)")
     if params.logprobs is not None and (args.num_beams > 1 or args.speculative):
         raise LMStackError("--logprobs works with sampling and greedy decoding, not beam search or --speculative")
+    if args.num_beams > 1:
+        if args.speculative:
+            raise LMStackError("--speculative and --num-beams > 1 do not combine")
+        # Greedy is what beam search is: --temperature 0 is no contradiction.
+        ignored = [f for f in _flags_given(args, _NOT_FOR_BEAMS) if f != "--temperature" or args.temperature]
+        if ignored:
+            raise LMStackError(f"beam search (--num-beams {args.num_beams}) does not use {', '.join(ignored)}")
     engine = _load_engine(args)
     prompt = args.prompt
     if args.chat:
         params = _stop_at_end_of_turn(params, engine.tokenizer)
+        # Token ids, not text: encoding the rendered text would add the tokenizer's bos to a template that
+        # already writes {{ bos_token }}.
         prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                      add_generation_prompt=True, tokenize=False)
+                                                      add_generation_prompt=True, tokenize=True)
     if args.speculative:
         from lmstack.checkpoints import load_model
         from lmstack.generate.speculative import speculative_generate
 
-        draft = args.speculative if args.speculative == "prompt_lookup" else load_model(args.speculative,
-                                                                                        dtype=args.dtype)
+        draft = args.speculative if args.speculative == "prompt_lookup" else load_model(
+            args.speculative, dtype=args.dtype, device=args.device)
         out, stats = speculative_generate(engine.model, engine.tokenizer, prompt, draft, k=args.draft_k,
                                           params=params)
         print(out.text)
@@ -244,7 +303,8 @@ def _generate(args: argparse.Namespace) -> None:
     if args.num_beams > 1:
         for c in engine.beam_search(prompt, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
                                     length_penalty=args.length_penalty, num_return_sequences=args.n,
-                                    ignore_eos=args.ignore_eos, stop_token_ids=params.stop_token_ids):
+                                    ignore_eos=args.ignore_eos, stop_token_ids=params.stop_token_ids,
+                                    truncate_prompt=args.truncate_prompt):
             print(c.text)
         return
     if params.n == 1 and not args.no_stream and params.logprobs is None:
@@ -262,12 +322,28 @@ def _generate(args: argparse.Namespace) -> None:
                   (f"  | {alternatives}" if alternatives else ""))
 
 
+def _fit_conversation(tokenizer, system: str | None, messages: list[dict[str, str]],
+                      budget: int) -> tuple[list[int], int] | None:
+    """The prompt ids of the conversation (ending in a user message), without as many of its oldest turns
+    (a user message and its reply) as it takes to fit in `budget` tokens: (ids, messages dropped). The system
+    prompt always stays. None when even the last user message alone does not fit."""
+    head = [{"role": "system", "content": system}] if system else []
+    for start in range(0, len(messages), 2):
+        ids = tokenizer.apply_chat_template(head + messages[start:], add_generation_prompt=True)
+        if len(ids) <= budget:
+            return ids, start
+    return None
+
+
 def _chat(args: argparse.Namespace) -> None:
     params = _sampling_params(args)
     engine = _load_engine(args)
     if engine.tokenizer.chat_template is None:
         raise LMStackError(f"{args.model}: the tokenizer has no chat template")
     params = _stop_at_end_of_turn(params, engine.tokenizer)
+    # Room for the reply, as truncate_prompt leaves it: max_new_tokens, but at most half the context.
+    context = engine.max_seq_len
+    budget = context - max(1, min(params.max_new_tokens, context // 2))
     system = args.system
     messages: list[dict[str, str]] = []
     interactive = sys.stdin.isatty()
@@ -276,7 +352,9 @@ def _chat(args: argparse.Namespace) -> None:
     while True:
         try:
             line = input("> " if interactive else "")
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt: the chat ends
+            if interactive:
+                print()
             break
         if not line.strip():
             continue
@@ -292,12 +370,27 @@ def _chat(args: argparse.Namespace) -> None:
             print(f"(system prompt {'set' if system else 'cleared'}; conversation cleared)")
             continue
         messages.append({"role": "user", "content": line})
-        convo = ([{"role": "system", "content": system}] if system else []) + messages
-        prompt = engine.tokenizer.apply_chat_template(convo, add_generation_prompt=True, tokenize=False)
+        fitted = _fit_conversation(engine.tokenizer, system, messages, budget)
+        if fitted is None:  # this turn fails; the conversation so far stays
+            messages.pop()
+            print(f"error: this message does not fit the context of {context} tokens with room for a reply "
+                  f"(--max-new-tokens, at most half the context); send a shorter one", file=sys.stderr)
+            continue
+        ids, dropped = fitted
+        if dropped:
+            del messages[:dropped]
+            print(f"note: dropped the {dropped // 2} oldest turn{'s' if dropped > 2 else ''} to fit the context "
+                  f"of {context} tokens", file=sys.stderr)
         reply = []
-        for delta in engine.stream(prompt, params):
-            reply.append(delta)
-            print(delta, end="", flush=True)
+        stream = engine.stream(ids, params)
+        try:
+            for delta in stream:
+                reply.append(delta)
+                print(delta, end="", flush=True)
+        except KeyboardInterrupt:  # Ctrl-C ends this reply (what was said stays), not the chat
+            pass
+        finally:
+            stream.close()
         print()
         messages.append({"role": "assistant", "content": "".join(reply)})
 
@@ -317,16 +410,18 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frequency-penalty", type=float, default=0.0)
     p.add_argument("--presence-penalty", type=float, default=0.0)
     p.add_argument("--no-repeat-ngram-size", type=int, default=0)
-    p.add_argument("--logit-bias", nargs="*", metavar="ID=BIAS")
-    p.add_argument("--stop", nargs="*", help="stop strings")
-    p.add_argument("--stop-token-ids", nargs="*", type=int)
+    # Repeatable flags of one value each (--stop A --stop B): a list-valued flag would swallow the prompt.
+    p.add_argument("--logit-bias", action="append", metavar="ID=BIAS", help="repeat for more tokens")
+    p.add_argument("--stop", action="append", help="a stop string (repeat for more)")
+    p.add_argument("--stop-token-ids", action="append", type=int, metavar="ID", help="a stop token (repeat)")
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--n", type=int, default=1, help="samples per prompt")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--truncate-prompt", action="store_true")
     p.add_argument("--json-schema", default=None, help="constrain to a JSON Schema (a file or inline JSON)")
     p.add_argument("--regex", default=None, help="constrain to a regular expression")
-    p.add_argument("--choice", nargs="+", default=None, help="constrain to one of these strings")
+    p.add_argument("--choice", action="append", default=None,
+                   help="constrain to one of the strings given (repeat: --choice yes --choice no)")
     p.add_argument("--grammar", default=None, help="constrain to a Lark grammar (a file)")
 
 

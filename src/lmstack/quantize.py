@@ -36,8 +36,11 @@ class QuantizedLinear(nn.Module):
         super().__init__()
         if bits not in (4, 8):
             raise LMStackError(f"bits={bits}: lmstack quantizes to 8 or 4 bits")
+        _check_group_size(group_size)
         if bits == 4 and in_features % group_size:
             raise LMStackError(f"group_size {group_size} does not divide the layer's {in_features} inputs")
+        if bits == 4 and in_features % 2:  # two codes per byte along the inputs
+            raise LMStackError(f"int4 packs two weights per byte: the layer's {in_features} inputs must be even")
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
         if bits == 8:
             self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
@@ -109,6 +112,11 @@ NF4_CODES = (
     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023,
     1.0,
 )
+
+
+def _check_group_size(group_size: int) -> None:
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise LMStackError(f"group_size={group_size!r}: must be an integer >= 1")
 
 
 def _nf4_check(block_size: int) -> None:
@@ -217,6 +225,9 @@ def quantize_model(model: nn.Module, bits: int | str = 8, group_size: int | None
         raise LMStackError(f"bits={bits!r}: lmstack quantizes to 8, 4 or 'nf4'")
     if group_size is None:
         group_size = 64 if bits == "nf4" else 128
+    _check_group_size(group_size)
+    if bits == "nf4" and group_size % 2:
+        raise LMStackError(f"group_size={group_size}: NF4 blocks must hold an even number of weights (64 in QLoRA)")
     tied = getattr(getattr(model, "config", None), "tie_embeddings", False)
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)
                and name not in skip and not (tied and name == "lm_head")]

@@ -16,6 +16,7 @@ import torch
 from lmstack.errors import LMStackError
 from lmstack.generate.sampling import (
     SamplingParams,
+    check_stop_token_ids,
     logit_bias_vector,
     process_logits,
     sample_from,
@@ -132,18 +133,20 @@ class Engine:
     @torch.no_grad()
     def beam_search(self, prompt: str | Sequence[int], num_beams: int = 4, max_new_tokens: int = 64,
                     length_penalty: float = 1.0, num_return_sequences: int = 1,
-                    ignore_eos: bool = False, stop_token_ids: Sequence[int] = ()) -> list[Completion]:
+                    ignore_eos: bool = False, stop_token_ids: Sequence[int] = (),
+                    truncate_prompt: bool = False) -> list[Completion]:
         """Beam search as `transformers` runs it (early_stopping=False): keep the `num_beams` best partial
         sequences by summed log-probability; a sequence ending in eos is scored sum / length**length_penalty
         (eos counted) and kept among the `num_beams` best finished ones; stop when no running beam can beat the
         worst of those, or at `max_new_tokens`, where the running beams are scored the same way.
-        `stop_token_ids` end a beam as eos does (as a list of eos ids does in `transformers`)."""
+        `stop_token_ids` end a beam as eos does (as a list of eos ids does in `transformers`); `truncate_prompt`
+        keeps the end of a prompt too long for the context, as in `generate`."""
         if num_beams < 1:
             raise LMStackError(f"num_beams={num_beams}: must be >= 1")
         if not 1 <= num_return_sequences <= num_beams:
             raise LMStackError(f"num_return_sequences={num_return_sequences} must be between 1 and num_beams")
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0, ignore_eos=ignore_eos,
-                                stop_token_ids=list(stop_token_ids))
+                                stop_token_ids=list(stop_token_ids), truncate_prompt=truncate_prompt)
         ids = self._encode([prompt] if isinstance(prompt, str) else [list(prompt)], params)[0]
         K, L, dev = num_beams, len(ids), self.device
         steps = min(max_new_tokens, self.max_seq_len - L)
@@ -223,6 +226,7 @@ class Engine:
             self.model.setup_kv_cache(self._cache_batch, self._cache_len, device=self.device)
 
     def _stop_ids(self, params: SamplingParams) -> set[int]:
+        check_stop_token_ids(params.stop_token_ids, self.model.config.vocab_size)
         ids = set(params.stop_token_ids)
         if not params.ignore_eos and self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
@@ -305,8 +309,14 @@ class Engine:
                 if eos is not None:  # a matcher with nothing left to allow may still end
                     allowed[~allowed.any(dim=-1), eos] = True
                 scores = logits.float().masked_fill(~allowed, float("-inf"))
-            chosen = sample_from(process_logits(scores, params, seen, counts, histories, bias), params.greedy,
-                                 generator)
+            processed = process_logits(scores, params, seen, counts, histories, bias)
+            if constraint is not None:
+                # The grammar is a hard requirement: where the processors (a no-repeat n-gram, penalties)
+                # removed every token it allows, that row samples from the grammar's mask alone. Decided on
+                # the device, per row: no host sync.
+                keep = torch.isfinite(processed).any(dim=-1, keepdim=True)
+                processed = torch.where(keep, processed, scores)
+            chosen = sample_from(processed, params.greedy, generator)
             outputs = [chosen]
             if params.logprobs is not None:
                 logp = logits.float().log_softmax(dim=-1)
@@ -396,13 +406,19 @@ class Engine:
         return delta
 
     def _completion(self, row: _Row, params: SamplingParams) -> Completion:
-        tokens = row.tokens
-        if row.text != self.tokenizer.decode(tokens):  # cut at a stop string: keep the tokens that spell the text
-            tokens = next((tokens[:k] for k in range(len(tokens) + 1)
-                           if len(self.tokenizer.decode(tokens[:k])) >= len(row.text)), tokens)
+        tokens = tokens_spelling(self.tokenizer, row.tokens, row.text)
         return Completion(text=row.text, token_ids=tokens, finish_reason=row.finish_reason or "length",
                           prompt_tokens=len(row.prompt), stop_token_id=row.stop_token_id,
                           logprobs=row.logprobs[:len(tokens)] if params.logprobs is not None else None)
+
+
+def tokens_spelling(tokenizer: Tokenizer, tokens: list[int], text: str) -> list[int]:
+    """The shortest prefix of `tokens` whose decoding covers `text`: a completion cut at a stop string keeps
+    the tokens that spell its text, not those generated after the stop string began."""
+    if text == tokenizer.decode(tokens):
+        return tokens
+    return next((tokens[:k] for k in range(len(tokens) + 1) if len(tokenizer.decode(tokens[:k])) >= len(text)),
+                tokens)
 
 
 def _copy_to_host(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], Callable[[], None]]:

@@ -101,6 +101,11 @@ class SamplingParams:
         if self.choice is not None and (not isinstance(self.choice, (list, tuple)) or not self.choice
                                         or not all(isinstance(c, str) and c for c in self.choice)):
             raise bad("choice", "must be a non-empty list of non-empty strings")
+        for name in ("regex", "grammar"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise bad(name, "must be a string")
+        if self.json_schema is not None and not isinstance(self.json_schema, (dict, str)):
+            raise bad("json_schema", "must be a dict or a JSON string")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise bad("logprobs", "must be between 0 and 20")
         given = [k for k in ("choice", "regex", "json_schema", "grammar") if getattr(self, k) is not None]
@@ -190,6 +195,13 @@ def apply_typical_p(logits: torch.Tensor, mass: float) -> torch.Tensor:
     remove = sorted_shifted > sorted_shifted.gather(-1, last)
     remove[..., 0] = False
     return logits.masked_fill(remove.scatter(-1, order, remove), NEG_INF)
+
+
+def check_stop_token_ids(stop_token_ids: list[int], vocab_size: int) -> None:
+    """Stop ids outside the vocabulary could never be sampled: a mistake, named as `logit_bias` is."""
+    bad = [t for t in stop_token_ids if t >= vocab_size]
+    if bad:
+        raise LMStackError(f"stop_token_ids: token id {bad[0]} is outside the vocabulary of {vocab_size}")
 
 
 def logit_bias_vector(logit_bias: dict[int, float], vocab_size: int,

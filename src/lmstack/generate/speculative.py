@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from lmstack.errors import LMStackError
-from lmstack.generate.engine import Completion
-from lmstack.generate.sampling import SamplingParams, process_logits, sampling_params
+from lmstack.generate.engine import Completion, tokens_spelling
+from lmstack.generate.sampling import SamplingParams, check_stop_token_ids, process_logits, sampling_params
 from lmstack.models.decoder import DecoderLM
 from lmstack.onednn import PackedLinears
 from lmstack.tokenizer import Tokenizer
@@ -82,17 +82,27 @@ def speculative_generate(
     lookup = isinstance(draft, str)
     if lookup and draft != "prompt_lookup":
         raise LMStackError(f"draft {draft!r}: a DecoderLM or 'prompt_lookup'")
+    device, block = target.embed.weight.device, target.config.block_size
     if not lookup and draft.config.vocab_size != target.config.vocab_size:
         raise LMStackError(f"the draft's vocabulary ({draft.config.vocab_size}) differs from the target's "
                            f"({target.config.vocab_size})")
+    if not lookup and draft.embed.weight.device != device:
+        raise LMStackError(f"draft is on {draft.embed.weight.device} but the target is on {device}: load both "
+                           "on the same device")
+    check_stop_token_ids(params.stop_token_ids, target.config.vocab_size)
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    device, block = target.embed.weight.device, target.config.block_size
     if params.truncate_prompt:  # as the engine does: room for max_new_tokens, or half the context (less k + 1)
         ids = ids[-max(1, block - k - 1 - max(1, min(params.max_new_tokens, block // 2))):]
+    if params.max_new_tokens == 0 and len(ids) < block:  # as the engine: nothing to generate
+        return Completion("", [], "length", len(ids)), SpeculativeStats()
     total = min(len(ids) + params.max_new_tokens + k + 1, block)
     if len(ids) >= total - k - 1:
         raise LMStackError(f"prompt of {len(ids)} tokens leaves no room in the context of {block} "
                            f"(set truncate_prompt=True to keep its end)")
+    if not lookup and draft.config.block_size < total:  # the draft holds the same tokens as the target
+        raise LMStackError(f"draft: its block_size of {draft.config.block_size} is smaller than the {total} "
+                           f"tokens this call needs (prompt, max_new_tokens and k + 1); lower max_new_tokens "
+                           "or use a draft with a longer context")
     g = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
     stop_ids = set(params.stop_token_ids)
     if not params.ignore_eos and tokenizer.eos_token_id is not None:
@@ -116,7 +126,7 @@ def speculative_generate(
                 run(m, tokens[:-1], 0)
         draft_len = len(tokens) - 1
         generated: list[int] = []
-        finish = None
+        finish, stop_token_id = None, None
         while finish is None:
             cur = len(tokens)
             room = min(k, params.max_new_tokens - len(generated) - 1, total - cur - 1)
@@ -153,7 +163,7 @@ def speculative_generate(
                 new.append(int(p.argmax()) if params.greedy else int(torch.multinomial(p, 1, generator=g)))
             for token in new:
                 if token in stop_ids:
-                    finish = "stop"
+                    finish, stop_token_id = "stop", token
                     break
                 tokens.append(token)
                 generated.append(token)
@@ -172,4 +182,6 @@ def speculative_generate(
     cuts = [text.find(s) for s in params.stop if s in text]
     if cuts:
         text = text[:min(cuts)]
-    return Completion(text, generated, finish, len(ids)), stats
+    # As the engine: a text cut at a stop string keeps only the tokens that spell it.
+    return Completion(text, tokens_spelling(tokenizer, generated, text), finish, len(ids),
+                      stop_token_id=stop_token_id), stats
