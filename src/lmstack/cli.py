@@ -75,9 +75,6 @@ def _convert(args: argparse.Namespace) -> None:
     print(f"wrote {dst} ({model.num_params():,} parameters, {model.embed.weight.dtype})")
 
 
-_SKIP_HINT = " (use --on-bad-record skip to skip such records)"
-
-
 def _note_not_utf8(files: list[str], replaced: int) -> None:
     """One stderr note for input that was not valid UTF-8 (its bad bytes were read as U+FFFD)."""
     if files:
@@ -85,27 +82,15 @@ def _note_not_utf8(files: list[str], replaced: int) -> None:
               file=sys.stderr)
 
 
-def _char_vocabulary_texts(args: argparse.Namespace):
-    """The inputs' texts for a character vocabulary (text files in chunks). A bad record is named with the
-    same hint as in the shard pass that follows."""
-    from lmstack.data.readers import RECORD_SUFFIXES, ReadStats, iter_record_texts, iter_texts
-
-    stats = ReadStats()
-    for file in args.input:
-        path = Path(file)
-        if path.suffix in RECORD_SUFFIXES and path.exists():
-            yield from iter_record_texts(path, args.text_field, stats, args.on_bad_record, hint=_SKIP_HINT)
-        else:  # iter_texts names a missing file
-            yield from iter_texts([path], args.text_field, args.on_bad_record, stats, chunked=True)
-
-
 def _data_prepare(args: argparse.Namespace) -> None:
     from lmstack.checkpoints import load_tokenizer
+    from lmstack.data.readers import SKIP_HINT, iter_texts
     from lmstack.data.shards import prepare_shards
     from lmstack.tokenizer import Tokenizer
 
     if args.tokenizer == "char":
-        tokenizer = Tokenizer.train_chars(_char_vocabulary_texts(args))
+        tokenizer = Tokenizer.train_chars(iter_texts(args.input, args.text_field, on_bad_record=args.on_bad_record,
+                                                     chunked=True, hint=SKIP_HINT))
     else:
         tokenizer = load_tokenizer(args.tokenizer)
     meta = prepare_shards(args.input, tokenizer, args.output, text_field=args.text_field,

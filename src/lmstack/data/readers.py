@@ -119,6 +119,9 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
         yield lineno, record
 
 
+SKIP_HINT = " (use --on-bad-record skip to skip such records)"  # for errors met through the CLI
+
+
 def iter_record_texts(
     path: Path, text_field: str, stats: ReadStats, on_bad_record: str = "fail", hint: str = ""
 ) -> Iterator[str]:
@@ -184,18 +187,18 @@ def _parquet_texts(path: Path, text_field: str) -> Iterator[str]:
 
 def iter_texts(
     files: Iterable[str | os.PathLike], text_field: str = "text", on_bad_record: str = "fail",
-    stats: ReadStats | None = None, *, chunked: bool = False,
+    stats: ReadStats | None = None, *, chunked: bool = False, hint: str = "",
 ) -> Iterator[str]:
     """Documents from text files (one document per file) and JSONL / Parquet files (`text_field` of each
-    record; see `iter_record_texts` for bad records). With `chunked=True` a text file comes as a stream of
-    chunks instead (enough for a character vocabulary, and a file larger than memory is fine)."""
+    record; see `iter_record_texts` for bad records and `hint`). With `chunked=True` a text file comes as a
+    stream of chunks instead (enough for a character vocabulary, and a file larger than memory is fine)."""
     stats = stats if stats is not None else ReadStats()
     for file in files:
         path = Path(file)
         if not path.exists():
             raise LMStackError(f"{path}: no such file")
         if path.suffix in RECORD_SUFFIXES:
-            yield from iter_record_texts(path, text_field, stats, on_bad_record)
+            yield from iter_record_texts(path, text_field, stats, on_bad_record, hint)
         elif chunked:
             yield from iter_text_chunks(path, stats, CHUNK_CHARS)
         else:

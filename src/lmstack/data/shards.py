@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from lmstack.data.readers import RECORD_SUFFIXES, ReadStats, iter_record_texts, iter_text_chunks
+from lmstack.data.readers import RECORD_SUFFIXES, SKIP_HINT, ReadStats, iter_record_texts, iter_text_chunks
 from lmstack.errors import LMStackError
 from lmstack.tokenizer import Tokenizer
 
@@ -104,7 +104,7 @@ def iter_documents(
             raise LMStackError(f"{path}: no such file")
         if path.suffix in RECORD_SUFFIXES:
             for value in iter_record_texts(path, text_field, stats, on_bad_record,
-                                           hint=" (use --on-bad-record skip to skip such records)"):
+                                           hint=SKIP_HINT):
                 stats.documents += 1
                 yield value, True
         else:
