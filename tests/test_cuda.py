@@ -114,6 +114,7 @@ def test_bf16_compiled_training_follows_the_cpu_run(tmp_path):
     from lmstack.data.shards import prepare_shards
     from lmstack.train.config import load_config
     from lmstack.train.loop import train
+    from lmstack.train.metrics import peak_flops
 
     corpus = REPO / "data" / "tinyshakespeare.txt"
     data = tmp_path / "data"
@@ -128,6 +129,11 @@ def test_bf16_compiled_training_follows_the_cpu_run(tmp_path):
         train(cfg)
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         losses[device] = [r["loss"] for r in rows if "loss" in r]
+        steps = [r for r in rows if "loss" in r]
+        assert "tok_per_s" not in steps[0] and all(r["tok_per_s"] > 0 for r in steps[1:])  # warm-up left out
+        if device == "cuda" and peak_flops(torch.device("cuda"), "bf16"):
+            assert all(0 < r["mfu"] < 1 for r in steps[1:])
+    assert torch.backends.cuda.matmul.allow_tf32  # float32 products on a GPU run on TF32 tensor cores
     assert len(losses["cuda"]) == len(losses["cpu"]) == 8
     assert max(abs(a - b) for a, b in zip(losses["cuda"], losses["cpu"])) < 0.05
     assert losses["cuda"][-1] < losses["cuda"][0]
