@@ -59,7 +59,7 @@ def test_group_size_must_divide():
 
 @pytest.mark.parametrize("bits,group,match", [
     (4, 0, "group_size=0: must be an integer >= 1"), (4, -2, "group_size=-2: must be an integer >= 1"),
-    (8, 0, "group_size=0"), ("nf4", 0, "group_size=0"), ("nf4", 3, "group_size=3: NF4 blocks"),
+    (8, 0, "group_size=0"), ("nf4", 0, "group_size=0"), ("nf4", 3, "NF4 block_size 3: must be an even number"),
     (4, 2.5, "group_size=2.5"),
 ])
 def test_bad_group_sizes_are_named(bits, group, match):

@@ -325,10 +325,11 @@ def _chat(args: argparse.Namespace) -> None:
     engine = _load_engine(args)
     if engine.tokenizer.chat_template is None:
         raise LMStackError(f"{args.model}: the tokenizer has no chat template")
+    from lmstack.generate.sampling import reply_room
+
     params = _stop_at_end_of_turn(params, engine.tokenizer)
-    # Room for the reply, as truncate_prompt leaves it: max_new_tokens, but at most half the context.
-    context = engine.max_seq_len
-    budget = context - max(1, min(params.max_new_tokens, context // 2))
+    context = engine.max_seq_len  # the conversation leaves the reply the room truncate_prompt would
+    budget = context - reply_room(params.max_new_tokens, context)
     system = args.system
     messages: list[dict[str, str]] = []
     interactive = sys.stdin.isatty()

@@ -226,8 +226,8 @@ def quantize_model(model: nn.Module, bits: int | str = 8, group_size: int | None
     if group_size is None:
         group_size = 64 if bits == "nf4" else 128
     _check_group_size(group_size)
-    if bits == "nf4" and group_size % 2:
-        raise LMStackError(f"group_size={group_size}: NF4 blocks must hold an even number of weights (64 in QLoRA)")
+    if bits == "nf4":
+        _nf4_check(group_size)
     tied = getattr(getattr(model, "config", None), "tie_embeddings", False)
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)
                and name not in skip and not (tied and name == "lm_head")]

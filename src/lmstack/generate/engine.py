@@ -19,6 +19,7 @@ from lmstack.generate.sampling import (
     check_stop_token_ids,
     logit_bias_vector,
     process_logits,
+    reply_room,
     sample_from,
     sampling_params,
 )
@@ -208,7 +209,7 @@ class Engine:
                     f"prompt {i} has {len(ids)} tokens; the context holds {self.max_seq_len}, with room for "
                     f"a new token at most {self.max_seq_len - 1} (set truncate_prompt=True to keep its end)")
             if params.truncate_prompt:  # keep the end, leaving room for max_new_tokens or half the context
-                ids = ids[-max(1, self.max_seq_len - max(1, min(params.max_new_tokens, self.max_seq_len // 2))):]
+                ids = ids[-max(1, self.max_seq_len - reply_room(params.max_new_tokens, self.max_seq_len)):]
             out.append(ids)
         return out
 
@@ -311,9 +312,9 @@ class Engine:
                 scores = logits.float().masked_fill(~allowed, float("-inf"))
             processed = process_logits(scores, params, seen, counts, histories, bias)
             if constraint is not None:
-                # The grammar is a hard requirement: where the processors (a no-repeat n-gram, penalties)
-                # removed every token it allows, that row samples from the grammar's mask alone. Decided on
-                # the device, per row: no host sync.
+                # The grammar is a hard requirement: where the processors (a no-repeat n-gram ban, a -inf
+                # logit bias) removed every token it allows, that row samples from the grammar's mask alone.
+                # Decided on the device, per row: no host sync.
                 keep = torch.isfinite(processed).any(dim=-1, keepdim=True)
                 processed = torch.where(keep, processed, scores)
             chosen = sample_from(processed, params.greedy, generator)

@@ -197,6 +197,11 @@ def apply_typical_p(logits: torch.Tensor, mass: float) -> torch.Tensor:
     return logits.masked_fill(remove.scatter(-1, order, remove), NEG_INF)
 
 
+def reply_room(max_new_tokens: int, context: int) -> int:
+    """The tokens a truncated prompt leaves for the reply: `max_new_tokens`, but at most half the context."""
+    return max(1, min(max_new_tokens, context // 2))
+
+
 def check_stop_token_ids(stop_token_ids: list[int], vocab_size: int) -> None:
     """Stop ids outside the vocabulary could never be sampled: a mistake, named as `logit_bias` is."""
     bad = [t for t in stop_token_ids if t >= vocab_size]

@@ -16,7 +16,13 @@ import torch
 
 from lmstack.errors import LMStackError
 from lmstack.generate.engine import Completion, tokens_spelling
-from lmstack.generate.sampling import SamplingParams, check_stop_token_ids, process_logits, sampling_params
+from lmstack.generate.sampling import (
+    SamplingParams,
+    check_stop_token_ids,
+    process_logits,
+    reply_room,
+    sampling_params,
+)
 from lmstack.models.decoder import DecoderLM
 from lmstack.onednn import PackedLinears
 from lmstack.tokenizer import Tokenizer
@@ -92,7 +98,7 @@ def speculative_generate(
     check_stop_token_ids(params.stop_token_ids, target.config.vocab_size)
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     if params.truncate_prompt:  # as the engine does: room for max_new_tokens, or half the context (less k + 1)
-        ids = ids[-max(1, block - k - 1 - max(1, min(params.max_new_tokens, block // 2))):]
+        ids = ids[-max(1, block - k - 1 - reply_room(params.max_new_tokens, block)):]
     if params.max_new_tokens == 0 and len(ids) < block:  # as the engine: nothing to generate
         return Completion("", [], "length", len(ids)), SpeculativeStats()
     total = min(len(ids) + params.max_new_tokens + k + 1, block)

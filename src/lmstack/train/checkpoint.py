@@ -121,3 +121,9 @@ def read_trainer_state(ckpt: Path, rank: int) -> tuple[dict[str, Any], Any, dict
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LMStackError(f"{folder}: unreadable trainer state ({first})") from None
     return state, optimizer, rng
+
+
+def saved_world_size(ckpt: Path, state: dict[str, Any]) -> int:
+    """How many processes wrote the checkpoint: state.json says so; before it did, every process wrote one
+    RNG file."""
+    return state.get("world_size") or max(1, len(list((ckpt / "trainer_state").glob("rng-rank*.pt"))))

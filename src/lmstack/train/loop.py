@@ -305,13 +305,13 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
         raise LMStackError(f"model vocab_size {decoder.config.vocab_size} is smaller than the data's "
                            f"{task.vocab_size}")
     if resume_from is not None:
-        restore_weights(model, resume_from, cfg)
         state, optim_state, rng = ckpt.read_trainer_state(resume_from, rt.rank)
-        start_step = state["step"]
-        saved_world = state.get("world_size", 1)
+        saved_world = ckpt.saved_world_size(resume_from, state)
         if saved_world != rt.world_size:  # batch_size is per process: the global batch would change
             raise LMStackError(f"{run_dir}: cannot resume with a different number of processes: the run had "
                                f"{saved_world}, now {rt.world_size} (batch_size is per process)")
+        restore_weights(model, resume_from, cfg)
+        start_step = state["step"]
     if not fsdp:  # FSDP moves each block to the device as it shards it: no device ever holds the whole model
         model.to(rt.device)
     model.train()
@@ -531,6 +531,8 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
                 bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:,.0f}" if tok_s is not None else "-",
                                 mfu=f"{mfu:.1%}" if mfu is not None else "-", lr=f"{lr:.2e}", refresh=False)
         if step == start_step:  # the warm-up step is left out of the first window
+            if rt.device.type == "cuda":
+                torch.cuda.synchronize(rt.device)
             t_last, tokens_since = time.perf_counter(), 0
         bar.update(1)
     bar.close()

@@ -58,7 +58,7 @@ class MetricsLog:
         about to be redone, and a fresh run (0) starts the file anew."""
         self.path = run_dir / "metrics.jsonl"
         if self.path.exists():
-            kept = [record for record in read_metrics(run_dir) if record.get("step", 0) < resume_step]
+            kept = [r for r in read_metrics(run_dir) if r.get("step", 0) < resume_step] if resume_step else []
             tmp = self.path.with_name(f".{self.path.name}.tmp")
             tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
             os.replace(tmp, self.path)  # a kill here keeps the old file whole
