@@ -15,6 +15,8 @@
 # ten minutes on an H100, most of it compilation (not yet checked: no GPU has run it). Output is line-buffered
 # so that a part cut off at a time limit keeps what it printed. SHAKESPEARE_ARGS adds overrides to the recipe
 # (a quick check on a CPU: SHAKESPEARE_ARGS="--max_steps 20 --eval_interval 10 --eval_batches 2 --compile false").
+# PART_TIMEOUT=SECONDS stops any one command of a part after that long, so that one slow part cannot take a
+# whole call of a short lease (a lent machine gives a session about 15 minutes in all, its start included).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -24,10 +26,13 @@ mkdir -p "$LOG_DIR"
 
 run() {  # run NAME COMMAND...: print and log; returns the command's exit status
     echo "== $1: ${*:2}"
-    local start=$SECONDS status=0
-    "${@:2}" 2>&1 | { grep --line-buffered -v -e "it/s]" -e "^Loading weights" || true; } | tee "$LOG_DIR/$1.log" \
-        || status=$?
-    if [ "$status" = 0 ]; then echo "== $1: $((SECONDS - start)) s"; else echo "== $1: FAILED (exit $status)"; fi
+    local start=$SECONDS status=0 limit=()
+    [ -z "${PART_TIMEOUT:-}" ] || limit=(timeout -k 10 "$PART_TIMEOUT")
+    "${limit[@]}" "${@:2}" 2>&1 | { grep --line-buffered -v -e "it/s]" -e "^Loading weights" || true; } \
+        | tee "$LOG_DIR/$1.log" || status=$?
+    if [ "$status" = 0 ]; then echo "== $1: $((SECONDS - start)) s"
+    elif [ "$status" = 124 ]; then echo "== $1: STOPPED after PART_TIMEOUT=${PART_TIMEOUT}s (what it printed is above)"
+    else echo "== $1: FAILED (exit $status)"; fi
     return "$status"
 }
 
