@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The GPU measurements BENCHMARKS.md asks for, one part per call of a borrowed machine.
 #
+#   bench/gpu.sh cuda-tests        # tests/test_cuda.py: the GPU paths are right before they are timed
 #   bench/gpu.sh decode            # TinyLlama-1.1B shape, bf16, batch 1 and 32, compiled, against transformers,
 #                                  # then int8 weights at batch 1, all in one process (int8: an alias)
 #   bench/gpu.sh train-gpt2        # GPT-2 124M at 12 x 1024, bf16, compiled: MFU against transformers
 #   bench/gpu.sh train-tinyllama   # TinyLlama-1.1B at 4 x 2048, bf16, compiled
 #   bench/gpu.sh shakespeare       # recipes/shakespeare-char.yaml end to end: best validation loss, step, time
-#   bench/gpu.sh train | all       # both training parts | everything (decode, train-gpt2, shakespeare,
-#                                  # train-tinyllama: the issues' targets first)
+#   bench/gpu.sh train | all       # both training parts | everything (cuda-tests, decode, train-gpt2,
+#                                  # shakespeare, train-tinyllama: the issues' targets first)
 #
 # Runs from the repository root with the machine's own Python (PYTHON=python3 by default) and lmstack from
 # src/, so nothing needs installing beyond torch and transformers. Logs go to $LOG_DIR (default: $OUT where
@@ -34,6 +35,10 @@ run() {  # run NAME COMMAND...: print and log; returns the command's exit status
     elif [ "$status" = 124 ]; then echo "== $1: STOPPED after PART_TIMEOUT=${PART_TIMEOUT}s (what it printed is above)"
     else echo "== $1: FAILED (exit $status)"; fi
     return "$status"
+}
+
+cuda_tests() {  # needs pytest, as the device image has it
+    run cuda-tests "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_cuda.py
 }
 
 decode() {  # one process: the 1.1B model is built, saved for transformers and compiled once per engine
@@ -78,6 +83,7 @@ EOF
 failed=0
 part() { "$@" || failed=$((failed + 1)); }
 case "${1:-all}" in
+    cuda-tests) part cuda_tests ;;
     decode) part decode ;;
     int8) part decode ;;  # the int8 timings are part of decode
     train-gpt2) part train_gpt2 ;;
@@ -86,7 +92,8 @@ case "${1:-all}" in
     shakespeare) part shakespeare ;;
     all) nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
          "$PYTHON" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-         part decode; part train_gpt2; part shakespeare; part train_tinyllama ;;
-    *) echo "usage: bench/gpu.sh [decode|int8|train-gpt2|train-tinyllama|train|shakespeare|all]" >&2; exit 2 ;;
+         part cuda_tests; part decode; part train_gpt2; part shakespeare; part train_tinyllama ;;
+    *) echo "usage: bench/gpu.sh [cuda-tests|decode|int8|train-gpt2|train-tinyllama|train|shakespeare|all]" >&2
+       exit 2 ;;
 esac
 exit "$failed"
