@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements BENCHMARKS.md asks for, one part per call of a borrowed machine.
+# The GPU measurements BENCHMARKS.md asks for. Parts run in the order given (`bench/gpu.sh decode train-gpt2`).
 #
 #   bench/gpu.sh cuda-tests        # tests/test_cuda.py: the GPU paths are right before they are timed
 #   bench/gpu.sh decode            # TinyLlama-1.1B shape, bf16, batch 1 and 32, compiled, against transformers,
@@ -82,18 +82,25 @@ EOF
 # counts the parts that failed.
 failed=0
 part() { "$@" || failed=$((failed + 1)); }
-case "${1:-all}" in
-    cuda-tests) part cuda_tests ;;
-    decode) part decode ;;
-    int8) part decode ;;  # the int8 timings are part of decode
-    train-gpt2) part train_gpt2 ;;
-    train-tinyllama) part train_tinyllama ;;
-    train) part train_gpt2; part train_tinyllama ;;
-    shakespeare) part shakespeare ;;
-    all) nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
-         "$PYTHON" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-         part cuda_tests; part decode; part train_gpt2; part shakespeare; part train_tinyllama ;;
-    *) echo "usage: bench/gpu.sh [cuda-tests|decode|int8|train-gpt2|train-tinyllama|train|shakespeare|all]" >&2
-       exit 2 ;;
-esac
+for name in "${@:-all}"; do  # every name checked before anything runs
+    case "$name" in
+        cuda-tests | decode | int8 | train-gpt2 | train-tinyllama | train | shakespeare | all) ;;
+        *) echo "bench/gpu.sh: unknown part $name (cuda-tests decode train-gpt2 train-tinyllama train" \
+               "shakespeare all)" >&2
+           exit 2 ;;
+    esac
+done
+for name in "${@:-all}"; do
+    case "$name" in
+        cuda-tests) part cuda_tests ;;
+        decode | int8) part decode ;;  # the int8 timings are part of decode
+        train-gpt2) part train_gpt2 ;;
+        train-tinyllama) part train_tinyllama ;;
+        train) part train_gpt2; part train_tinyllama ;;
+        shakespeare) part shakespeare ;;
+        all) nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+             "$PYTHON" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+             part cuda_tests; part decode; part train_gpt2; part shakespeare; part train_tinyllama ;;
+    esac
+done
 exit "$failed"
