@@ -454,14 +454,17 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
 
     bar = tqdm(total=cfg.max_steps, initial=start_step, disable=not (rt.is_main and cfg.progress),
                unit="step", dynamic_ncols=True)
+    def device_clock() -> float:
+        """The time once the device has finished what is queued (a GPU runs ahead of Python)."""
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize(rt.device)
+        return time.perf_counter()
+
     t_last, tokens_since = time.perf_counter(), 0
     for step in range(start_step, cfg.max_steps):
         evaluating, saving = step % cfg.eval_interval == 0, step % cfg.checkpoint_interval == 0 and step > start_step
         if evaluating or saving:
-            # The clock stops here: tok/s and MFU count training steps only. The queued steps finish first.
-            if rt.device.type == "cuda":
-                torch.cuda.synchronize(rt.device)
-            paused = time.perf_counter()
+            paused = device_clock()  # the clock stops here: tok/s and MFU count training steps only
             if evaluating:  # evaluation reads no training RNG: redoing it on resume changes nothing
                 log_eval(step)
                 samples(step)
@@ -531,9 +534,7 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
                 bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:,.0f}" if tok_s is not None else "-",
                                 mfu=f"{mfu:.1%}" if mfu is not None else "-", lr=f"{lr:.2e}", refresh=False)
         if step == start_step:  # the warm-up step is left out of the first window
-            if rt.device.type == "cuda":
-                torch.cuda.synchronize(rt.device)
-            t_last, tokens_since = time.perf_counter(), 0
+            t_last, tokens_since = device_clock(), 0
         bar.update(1)
     bar.close()
 
