@@ -30,6 +30,28 @@ def test_uniform_model_has_perplexity_vocab_size(tok):
     assert r.bits_per_byte == pytest.approx(499 * math.log2(tok.vocab_size) / r.bytes, rel=1e-5)
 
 
+def test_bits_per_byte_counts_the_text_not_its_decoding(tok):
+    """Bytes come from the text the scored tokens stand for: a character the vocabulary lacks counts its own
+    UTF-8 bytes (not those of `<unk>`), and a first token that ends inside a character leaves the rest of it
+    counted as bytes, not as a U+FFFD."""
+    from lmstack.evaluate.perplexity import scored_span
+
+    text = "Z\u00e9 " + TEXT[:40]  # neither character is in the Shakespeare vocabulary
+    ids, rest, n_bytes = scored_span(tok, text)
+    assert len(ids) == len(text) and rest == text[1:] and n_bytes == len(text[1:].encode())
+    assert "<unk>" in tok.decode(ids)  # what a decoding would have counted
+    bpe = Tokenizer.train(["plain ascii text only " * 40], vocab_size=300)  # no merges for the bytes of "€"
+    text = "\u20ac\u20ac hello"
+    ids, rest, n_bytes = scored_span(bpe, text)
+    assert len(ids) > len(text) and n_bytes == len(text.encode()) - 1  # the first token is one byte of "€"
+    model = DecoderLM(ModelConfig.from_name("tiny-llama", vocab_size=bpe.vocab_size, tie_embeddings=False))
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    r = perplexity(model, bpe, text, max_length=64, stride=64)
+    assert r.bytes == n_bytes and r.bits_per_byte == pytest.approx((len(ids) - 1) * math.log2(bpe.vocab_size)
+                                                                     / n_bytes, rel=1e-6)
+
+
 def test_single_window_equals_full_forward(tok):
     torch.manual_seed(0)
     model = DecoderLM(ModelConfig.from_name("tiny-llama", vocab_size=tok.vocab_size)).eval()
@@ -145,3 +167,15 @@ def test_metric_inputs_must_pair(tmp_path, capsys):
     assert main(["eval", "bleu", "--predictions", str(tmp_path / "bad.jsonl"), "--references",
                  str(tmp_path / "r.txt")]) == 1
     assert "bad.jsonl:2: expected a JSON string" in capsys.readouterr().err
+
+
+def test_metric_files_split_at_newlines_only(tmp_path):
+    """A form feed, U+2028 or a lone carriage return inside an example does not split it in two: the
+    predictions stay paired with their references."""
+    from lmstack.evaluate.text_metrics import read_lines
+
+    path = tmp_path / "p.txt"
+    path.write_bytes("\ufeffone\x0cstill one\r\ntwo\u2028still two\nthree\rstill three\n".encode())
+    assert read_lines(path) == ["one\x0cstill one", "two\u2028still two", "three\rstill three"]
+    path.write_text("no final newline\n\nafter a blank")
+    assert read_lines(path) == ["no final newline", "", "after a blank"]

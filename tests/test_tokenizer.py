@@ -92,6 +92,36 @@ def test_chatml_rendering_by_hand(tok):
     assert text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
 
 
+def test_unset_special_tokens_are_undefined_in_templates(tok):
+    """As in transformers: a template can tell an unset token from an empty one (`is defined`, `default`)."""
+    assert tok.unk_token is None and tok.eos_token is not None
+    source = "{{ unk_token | default('[U]') }}{% if eos_token is defined %}[E]{% endif %}{{ messages[0].content }}"
+    messages = [{"role": "user", "content": "Hi"}]
+    assert tok.apply_chat_template(messages, chat_template=source, tokenize=False) == "[U][E]Hi"
+    # a keyword argument still overrides a token, rather than clashing with it
+    assert tok.apply_chat_template(messages, chat_template=source, tokenize=False, unk_token="?") == "?[E]Hi"
+
+
+def test_char_tokenizer_spells_unk_as_text():
+    """`<unk>` in the text is five characters; only a character the corpus lacks becomes the unknown id."""
+    tok = Tokenizer.train_chars(["the <unk> sat"])
+    ids = tok.encode("the <unk> sat")
+    assert len(ids) == 13 and tok.decode(ids, skip_special_tokens=True) == "the <unk> sat"
+    assert tok.encode("Z") == [tok.token_to_id("<unk>")] and tok.token_to_id("<unk>") not in ids
+    assert tok.vocab_size == len(set("the <unk> sat")) + 1
+
+
+def test_vocab_size_covers_the_largest_id():
+    """A loaded vocabulary may leave ids unused: `vocab_size` is the rows an embedding needs, so that the data
+    shards pick a dtype that holds every id."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models
+
+    tok = Tokenizer(Backend(models.WordLevel({"a": 0, "<unk>": 1, "</s>": 70_000}, unk_token="<unk>")),
+                    eos_token="</s>")
+    assert tok.vocab_size == 70_001 and tok.eos_token_id == 70_000
+
+
 def test_assistant_spans(tok):
     messages = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A!"}]
     text, spans = tok.apply_chat_template(messages, tokenize=False, return_assistant_spans=True)

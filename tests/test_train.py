@@ -197,6 +197,11 @@ def test_jsonl_skip_drops_only_bad_lines(tmp_path):
     with pytest.raises(LMStackError, match=r"b.jsonl:2: not valid JSON"):
         list(iter_texts([bad]))
     assert list(iter_texts([bad], on_bad_record="skip")) == ["hello", "xyz"]
+    # a lone "\r" is JSON whitespace, not a line end: the record parses and later line numbers stay right
+    bad.write_bytes(b'{"text": "one",\r "id": 1}\r\n{"text": "two"}\nnot json\n')
+    assert list(iter_texts([bad], on_bad_record="skip")) == ["one", "two"]
+    with pytest.raises(LMStackError, match=r"b.jsonl:3: not valid JSON"):
+        list(iter_texts([bad]))
     # ... and so does the CLI, which also says that a char tokenizer has no eos to separate documents
     cli = _run(["data", "prepare", "--input", str(bad), "--tokenizer", "char", "--output", str(tmp_path / "c"),
                 "--on-bad-record", "skip", "--val-fraction", "0.3"])

@@ -142,6 +142,7 @@ class Tokenizer:
         self.pad_token, self.unk_token = pad_token, unk_token
         self.chat_template = chat_template
         self.model_max_length = model_max_length
+        self._id_bound = (-1, 0)  # (token count, largest id + 1) for `vocab_size`
         for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
             token = getattr(self, name)
             if token is not None and backend.token_to_id(token) is None:
@@ -217,8 +218,9 @@ class Tokenizer:
         backend = Backend(models.WordLevel(vocab=vocab, unk_token="<unk>"))
         backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
         backend.decoder = decoders.Fuse()
-        backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                    for t in ("<unk>", *special_tokens)])
+        # `<unk>` is the model's fallback only, not an added token: the text "<unk>" (as in WikiText) stays
+        # five characters rather than the id of a character never seen.
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens])
         eos = special_tokens[0] if special_tokens else None
         return cls(backend, eos_token=eos, unk_token="<unk>")
 
@@ -320,8 +322,13 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
-        """Number of ids, added tokens included."""
-        return self.backend.get_vocab_size(with_added_tokens=True)
+        """One more than the largest id, added tokens included: the rows an embedding table needs, and the
+        number of tokens unless a loaded vocabulary leaves ids unused."""
+        count = self.backend.get_vocab_size(with_added_tokens=True)
+        if self._id_bound[0] != count:  # the largest id, looked up once per vocabulary
+            largest = max(self.backend.get_vocab(with_added_tokens=True).values(), default=-1)
+            self._id_bound = (count, max(count, largest + 1))
+        return self._id_bound[1]
 
     def __len__(self) -> int:
         return self.vocab_size
@@ -393,10 +400,11 @@ class Tokenizer:
         template = compile_template(source)
         context = dict(
             messages=[dict(m) for m in messages], tools=tools, documents=documents,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "",
-            pad_token=self.pad_token or "", unk_token=self.unk_token or "", **kwargs,
+            add_generation_prompt=add_generation_prompt, **kwargs,
         )
+        for name in ("bos_token", "eos_token", "pad_token", "unk_token"):  # as transformers: unset is undefined
+            if getattr(self, name) is not None:
+                context.setdefault(name, getattr(self, name))
         spans: list[tuple[int, int]] = []
         try:
             if return_assistant_spans:

@@ -74,8 +74,9 @@ def iter_text_chunks(
 def _text_lines(path: str | os.PathLike, stats: ReadStats | None = None) -> Iterator[tuple[int, str]]:
     """`(line_number, line)` of a UTF-8 file, without a byte order mark at the start. Bytes that are not UTF-8
     become U+FFFD and are counted in `stats` as for a text file (one U+FFFD per maximal bad sequence); a genuine
-    U+FFFD is not counted."""
-    with open(path, encoding="utf-8-sig", errors=_COUNTING_REPLACE) as f:
+    U+FFFD is not counted. Lines end at "\n" only (a "\r\n" ending is kept): JSON allows a lone "\r" as
+    whitespace inside a record, and line numbers must be those an editor shows."""
+    with open(path, encoding="utf-8-sig", errors=_COUNTING_REPLACE, newline="\n") as f:
         for lineno in itertools.count(1):
             before = _replaced[0]
             line = f.readline()

@@ -14,7 +14,7 @@ from typing import Any
 
 from lmstack.data.shards import TokenShards, prepare_shards
 from lmstack.errors import LMStackError
-from lmstack.evaluate.perplexity import perplexity
+from lmstack.evaluate.perplexity import perplexity, scored_span
 from lmstack.models.ngram import NGramLM
 from lmstack.tokenizer import train_tokenizer
 
@@ -44,8 +44,7 @@ def compare(corpus: str | Path, out_dir: str | Path, vocab_size: int = 2048, ord
     shards = TokenShards(out / "shards")
     text = Path(corpus).read_text(encoding="utf-8", errors="replace")
     val_text = text[int(len(text) * 0.9):][:max_val_chars]
-    val_ids = tok.encode(val_text, add_special_tokens=False)
-    n_bytes = len(tok.decode(val_ids[1:]).encode("utf-8"))
+    val_ids, _, n_bytes = scored_span(tok, val_text)
     rows = []
     for order in orders:
         t0 = time.perf_counter()

@@ -4,7 +4,7 @@ As in the Hugging Face perplexity guide: windows of `max_length` input tokens ad
 scores only the tokens the previous window did not, with the rest of the window as context. A window predicts
 the token after its last input too, so with `stride == max_length` no token goes unscored (the guide's loop
 skips the first token of every window but the first). Bits per byte divides the total negative log-likelihood
-by the UTF-8 bytes of the scored text, so models with different tokenizers compare.
+by the UTF-8 bytes of the text the scored tokens stand for, so models with different tokenizers compare.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def perplexity(
         raise LMStackError(f"stride must be between 1 and max_length ({max_length}), got {stride}")
     if max_length > model.config.block_size:
         raise LMStackError(f"max_length {max_length} exceeds the model's context ({model.config.block_size})")
-    ids = tokenizer.encode(text, add_special_tokens=False)
+    ids, scored_text, n_bytes = scored_span(tokenizer, text)
     if len(ids) < 2:
         raise LMStackError("the text has fewer than two tokens; nothing to score")
     if max(ids) >= model.config.vocab_size:
@@ -75,10 +75,25 @@ def perplexity(
         prev_end = end
         if end == last:
             break
-    scored_text = tokenizer.decode(ids[1:])
-    n_bytes = len(scored_text.encode("utf-8"))
     n_words = max(1, len(scored_text.split()))
     nll = total_nll / scored
     return PerplexityResult(perplexity=math.exp(nll), bits_per_byte=total_nll / math.log(2) / n_bytes,
                             nll_per_token=nll, tokens=scored, bytes=n_bytes,
                             word_perplexity=math.exp(min(total_nll / n_words, 700)))
+
+
+def scored_span(tokenizer: Tokenizer, text: str) -> tuple[list[int], str, int]:
+    """The ids of `text`; the part of `text` that all tokens but the first stand for (the scored ones); and
+    its UTF-8 bytes. Measured on `text` through the tokenizer's offsets, not on a decoding of the ids: that
+    would count an unseen character as the bytes of `<unk>`, and the rest of a character the first token
+    ends inside as a U+FFFD (3 bytes)."""
+    encoding = tokenizer.backend.encode(text, add_special_tokens=False)
+    ids = encoding.ids
+    if len(ids) < 2:
+        return ids, "", 0
+    (first_start, first_end), (second_start, _) = encoding.offsets[:2]
+    if second_start < first_end:  # the first token is part of a character, and holds at least a byte of it
+        rest = text[first_start:]
+        return ids, rest, len(rest.encode("utf-8")) - 1
+    rest = text[first_end:]
+    return ids, rest, len(rest.encode("utf-8"))

@@ -57,7 +57,9 @@ def bleu(predictions: Sequence[str], references: Sequence[str] | Sequence[Sequen
 
 
 def read_lines(path: str | os.PathLike) -> list[str]:
-    """One example per line (a JSONL file: one JSON string per line, so examples may hold newlines)."""
+    """One example per line (a JSONL file: one JSON string per line, so examples may hold newlines). Lines end
+    at "\n" (or "\r\n") only: `str.splitlines` would also split at form feeds, U+2028 and other separators a
+    text may hold, and pair predictions with the wrong references."""
     from lmstack.data.readers import iter_json_lines
 
     path = Path(path)
@@ -65,9 +67,13 @@ def read_lines(path: str | os.PathLike) -> list[str]:
         raise LMStackError(f"{path}: no such file")
     if path.suffix != ".jsonl":
         try:
-            return path.read_text(encoding="utf-8").splitlines()
+            text = path.read_bytes().decode("utf-8-sig")
         except UnicodeDecodeError as e:
             raise LMStackError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        lines = text.split("\n")
+        if lines[-1] == "":
+            lines.pop()  # the newline that ends the last line
+        return [line.removesuffix("\r") for line in lines]
     out = []
     for lineno, value in iter_json_lines(path):
         if not isinstance(value, str):
