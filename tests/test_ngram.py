@@ -77,6 +77,11 @@ def test_add_k_hand_values():
     assert model.logprob(1, [0]) == pytest.approx(math.log(3 / 6))
     assert model.logprob(3, [0]) == pytest.approx(math.log(1 / 6))
     assert model.logprob(3) == pytest.approx(math.log(1 / (5 + 4)))
+    # the history 2 ends the sequence and is never followed: c(2, .) = 0, so P(. | 2) is uniform, and every
+    # distribution sums to 1 (dividing by c(2) = 1 would not)
+    for context in ([0], [1], [2], []):
+        assert sum(math.exp(model.logprob(w, context)) for w in range(4)) == pytest.approx(1.0)
+    assert model.logprob(0, [2]) == pytest.approx(math.log(1 / 4))
 
 
 def test_arpa_round_trip(char_model, tmp_path):
@@ -88,6 +93,39 @@ def test_arpa_round_trip(char_model, tmp_path):
         ids = [stoi[c] for c in context]
         for w in range(0, model.vocab_size, 7):
             assert again.logprob(w, ids) == pytest.approx(model.logprob(w, ids), abs=1e-5)
+
+
+def test_arpa_lists_every_history_and_stays_normalised(tmp_path):
+    """`<s> <s>` is a history at the top order but, under continuation counts, never a bigram of its own: the
+    ARPA file still needs it (with its backoff weight), or the model read back no longer sums to 1."""
+    from lmstack.models.ngram import word_sequences
+
+    train, vocab = word_sequences(["the cat sat\nthe dog sat down\na cat ran"], order=3)
+    model = NGramLM(3, len(vocab)).fit(train)
+    model.to_arpa(tmp_path / "m.arpa", sorted(vocab, key=vocab.get))
+    again = NGramLM.from_arpa(tmp_path / "m.arpa", vocab)
+    grams = [set(table) for table in again.logp]
+    assert all(g[:-1] in grams[k - 1] for k in (1, 2) for g in grams[k])  # every history listed
+    bos = vocab["<s>"]
+    for context in ([bos, bos], [bos, vocab["the"]], [vocab["cat"]], []):
+        total = sum(math.exp(again.logprob(w, context)) for w in range(len(vocab)))
+        assert total == pytest.approx(1.0, abs=1e-6)
+        for w in range(len(vocab)):
+            assert again.logprob(w, context) == pytest.approx(model.logprob(w, context), abs=1e-5)
+
+
+def test_perplexity_does_not_score_the_sentence_start():
+    """With `bos_id`, the `<s>` padding is context: the words and `</s>` are scored, as KenLM does."""
+    from lmstack.models.ngram import word_sequences
+
+    train, vocab = word_sequences(["the cat sat\nthe dog sat"], order=3)
+    held, _ = word_sequences(["the cat sat down"], vocab=vocab, order=3)
+    model = NGramLM(3, len(vocab), unk_id=vocab["<unk>"], bos_id=vocab["<s>"]).fit(train)
+    seq = held[0]
+    assert seq[:2] == [vocab["<s>"]] * 2
+    nll = -sum(model.logprob(seq[i], seq[i - 2:i]) for i in range(2, len(seq)))  # 4 words + </s>
+    assert model.perplexity(held) == pytest.approx(math.exp(nll / (len(seq) - 2)))
+    assert NGramLM(3, len(vocab), unk_id=vocab["<unk>"]).fit(train).perplexity(held) > model.perplexity(held)
 
 
 def test_bad_input(tmp_path):

@@ -8,7 +8,8 @@ Counting is vectorised with numpy; an interpolated model exports to and imports 
 the equivalent backoff model (probabilities of seen n-grams plus backoff weights), as KenLM writes it.
 
 Unknown tokens: ids >= `vocab_size` are mapped to `unk_id`; the uniform floor gives every id in the
-vocabulary, `<unk>` included, probability mass, so no token ever has probability zero.
+vocabulary, `<unk>` included, probability mass, so no token ever has probability zero. Sentence starts:
+`bos_id` (`<s>`) is context only, never scored by `perplexity`, as in KenLM and SRILM.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ class NGramLM:
     """An n-gram model of `order` over ids 0..vocab_size-1."""
 
     def __init__(self, order: int, vocab_size: int, smoothing: str = "modified_kneser_ney", k: float = 1.0,
-                 discount: float = 0.1, backoff_factor: float = 0.4, unk_id: int | None = None) -> None:
+                 discount: float = 0.1, backoff_factor: float = 0.4, unk_id: int | None = None,
+                 bos_id: int | None = None) -> None:
         if order < 1:
             raise LMStackError(f"order={order}: must be >= 1")
         if smoothing not in SMOOTHINGS:
@@ -71,6 +73,8 @@ class NGramLM:
             raise LMStackError(f"vocab_size={vocab_size}: must be >= 1")
         self.order, self.vocab_size, self.smoothing = order, vocab_size, smoothing
         self.k, self.discount, self.backoff_factor, self.unk_id = k, discount, backoff_factor, unk_id
+        self.bos_id = bos_id
+        self.followed: dict[Gram, int] = {}  # add-k: c(h, .) per history
         self.counts: list[dict[Gram, int]] = []
         # Interpolated models are stored as ARPA tables: log10 probability and log10 backoff per seen gram.
         self.logp: list[dict[Gram, float]] = []
@@ -85,6 +89,13 @@ class NGramLM:
             raise LMStackError("empty training text: nothing to count")
         self.counts = count_ngrams(arrays, self.order)
         self.total = sum(self.counts[0].values())
+        if self.smoothing == "add_k":
+            # add-k divides by c(h, .), how often a history is followed by a token; c(h) would count a
+            # history that ends a sequence too, and the distribution after it would sum to less than 1
+            self.followed = defaultdict(int)
+            for table in self.counts[1:]:
+                for gram, c in table.items():
+                    self.followed[gram[:-1]] += c
         if self.smoothing in ("modified_kneser_ney", "kneser_ney"):
             self._build_interpolated()
         return self
@@ -141,6 +152,14 @@ class NGramLM:
             else:
                 self.uniform_backoff = gamma.get((), 1.0)
             lower = probs
+        # ARPA lists the history of every n-gram (with its backoff weight) among the (n-1)-grams. Below the
+        # top order the counts are continuation counts, so a history never seen after anything (`<s> <s>`)
+        # has no entry of its own: give it its interpolated probability, as KenLM does. Top down, so that
+        # an added history's own history is added too.
+        for k in range(n, 1, -1):
+            for h in {g[:-1] for g in self.logp[k - 1]} | self.backoff[k - 2].keys():
+                if h not in self.logp[k - 2]:
+                    self.logp[k - 2][h] = self._log10(h[-1], h[:-1], k - 1)
 
     def _lower_prob(self, gram: Gram, lower: dict[Gram, float], k: int) -> float:
         if gram in lower:
@@ -181,7 +200,7 @@ class NGramLM:
         if self.smoothing == "add_k":
             k = len(context) + 1
             c = self.counts[k - 1].get((*context, word), 0)
-            h = self.counts[k - 2].get(context, 0) if k > 1 else self.total
+            h = self.followed.get(context, 0) if k > 1 else self.total
             return math.log((c + self.k) / (h + self.k * self.vocab_size))
         penalty = 0.0  # stupid backoff (Brants et al. 2007)
         while context:
@@ -192,12 +211,15 @@ class NGramLM:
         return penalty + math.log(max(self.counts[0].get((word,), 0), 1e-9) / self.total)
 
     def perplexity(self, sequences: Iterable[Sequence[int]]) -> float:
-        """exp(mean negative log-probability) of every token after the first order-1 of each sequence's
-        context window (a token is scored with whatever context precedes it)."""
+        """exp(mean negative log-probability) of every token of each sequence but the first, with up to
+        order-1 tokens of context; `bos_id` tokens are context only (the `<s>` padding of `word_sequences`:
+        the words and `</s>` are scored, as KenLM and SRILM score a sentence)."""
         nll, n = 0.0, 0
         for seq in sequences:
             seq = [int(t) for t in seq]
             for i in range(1, len(seq)):
+                if seq[i] == self.bos_id:
+                    continue
                 nll -= self.logprob(seq[i], seq[max(0, i - self.order + 1):i])
                 n += 1
         if n == 0:
