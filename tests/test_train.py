@@ -74,6 +74,40 @@ def test_blockwise_tokenization_equals_whole(tmp_path, monkeypatch, case):
     assert got.tolist() == tok.encode(text) + [tok.eos_token_id]
 
 
+def _sentencepiece_style(text: str, prepend: str) -> Tokenizer:
+    """A BPE spelled as SentencePiece's: spaces as "▁", one put in front of the text, no split at newlines
+    (Llama 2 and Mistral, and lmstack's GGUF loader for them: `prepend="normalizer"`; newer tokenizer.json
+    files: `prepend="metaspace"`)."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+    backend = Backend(models.BPE(unk_token="<unk>", byte_fallback=True))
+    if prepend == "normalizer":
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
+    else:
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    backend.decoder = decoders.Metaspace(prepend_scheme="first")
+    backend.train_from_iterator([text], trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "</s>"]))
+    return Tokenizer(backend, eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("prepend", ["normalizer", "metaspace"])
+def test_blockwise_tokenization_of_a_sentencepiece_style_tokenizer(tmp_path, monkeypatch, prepend):
+    """Blocks after the first get no "▁" in front, and end at spaces ("\nt" may be one piece): the shards hold
+    the whole-file encoding. lmstack's own byte-level BPE is left as it is."""
+    text = CORPUS.read_text()[:60_000]
+    tok = _sentencepiece_style(text, prepend)
+    assert shards_mod.continuation_tokenizer_json(tok.backend.to_str()) is not None
+    assert shards_mod.continuation_tokenizer_json(Tokenizer.train([text[:5000]], 300).backend.to_str()) is None
+    src = tmp_path / "corpus.txt"
+    src.write_text(text)
+    monkeypatch.setattr(shards_mod, "BLOCK_CHARS", 1024)
+    assert len(list(shards_mod._text_blocks(src, shards_mod.ReadStats(), spaces_only=True))) > 40
+    prepare_shards([src], tok, tmp_path / "s", val_fraction=0.0, workers=1, progress=False)
+    assert TokenShards(tmp_path / "s")["train"].tolist() == tok.encode(text) + [tok.eos_token_id]
+
+
 def test_replacements_are_counted_whatever_the_read_size(tmp_path):
     """Each bad byte sequence counts once, a genuine U+FFFD never, even when its bytes straddle two reads."""
     from lmstack.data.readers import ReadStats, iter_text_chunks

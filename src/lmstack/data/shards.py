@@ -51,53 +51,58 @@ _HOST = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())  # in temporary na
 # whitespace that follows a letter or digit (paragraphs of text without spaces, such as Chinese, separated by
 # blank lines). Every split rule lmstack uses (GPT-2's and Llama 3's pre-tokenizer patterns, characters) cuts
 # there anyway. Not after "\n\n", "\r\n" or " \n": before a word GPT-2's `\s+(?!\S)` splits them in two, at a
-# block end it can't.
+# block end it can't. A SentencePiece-style tokenizer (its "▁" pieces merge across newlines, but start at
+# a space) cuts before a single space only; in text without one, at the others, where a boundary token may
+# then differ from the whole-file encoding's.
 _NEWLINE_CUT = re.compile(r"(?<=\S\n)(?=\S)")
 _SPACE_CUT = re.compile(r"(?<=\S)(?= \S)")
 _WORD_END_CUT = re.compile(r"(?<=[^\W_])(?=\s)")
 _ANY_CUT = re.compile(r"(?<=\S\n)(?=\S)|(?<=\S)(?= \S)|(?<=[^\W_])(?=\s)")
 
 
-def _text_blocks(path: Path, stats: ReadStats) -> Iterator[str]:
+def _text_blocks(path: Path, stats: ReadStats, spaces_only: bool = False) -> Iterator[str]:
     """A text file as a stream of blocks (decoded as `iter_text_chunks` does). Blocks end at a boundary (above)
     where every split rule lmstack uses would cut anyway, so blockwise tokenization equals whole-file
-    tokenization."""
+    tokenization; `spaces_only` for a SentencePiece-style tokenizer."""
     carry = ""
     for chunk in iter_text_chunks(path, stats, BLOCK_CHARS):
         # a carry longer than a block has no boundary: don't scan it again (a huge line would be quadratic)
-        pieces = list(_cut(carry + chunk, scanned=len(carry) - 1 if len(carry) > BLOCK_CHARS else 0))
+        pieces = list(_cut(carry + chunk, len(carry) - 1 if len(carry) > BLOCK_CHARS else 0, spaces_only))
         carry = pieces.pop() if pieces else ""
         yield from pieces
     if carry:
         yield carry
 
 
-def _cut(text: str, scanned: int = 0) -> Iterator[str]:
+def _cut(text: str, scanned: int = 0, spaces_only: bool = False) -> Iterator[str]:
     """Blocks of at least BLOCK_CHARS characters; the last one is the rest, which may end anywhere. No boundary
     lies in text[BLOCK_CHARS:scanned]."""
     start = 0
     while start < len(text):
-        end = _boundary(text, start + BLOCK_CHARS, scanned)
+        end = _boundary(text, start + BLOCK_CHARS, scanned, spaces_only)
         yield text[start:end]
         start = end
 
 
-def _boundary(text: str, lo: int, scanned: int = 0) -> int:
+def _boundary(text: str, lo: int, scanned: int = 0, spaces_only: bool = False) -> int:
     """The first newline boundary in [lo, lo + BLOCK_CHARS), else the first space boundary there, else the first
     word-end boundary there, else the first boundary of any kind after lo (none before `scanned`), else
-    len(text)."""
+    len(text). With `spaces_only`, a space boundary in [lo, lo + BLOCK_CHARS) comes first."""
     if lo >= len(text):
         return len(text)
     hi = lo + BLOCK_CHARS
-    match = (_NEWLINE_CUT.search(text, lo, hi) or _SPACE_CUT.search(text, lo, hi)
-             or _WORD_END_CUT.search(text, lo, hi) or _ANY_CUT.search(text, max(lo, scanned)))
+    match = ((spaces_only and _SPACE_CUT.search(text, lo, hi)) or _NEWLINE_CUT.search(text, lo, hi)
+             or _SPACE_CUT.search(text, lo, hi) or _WORD_END_CUT.search(text, lo, hi)
+             or _ANY_CUT.search(text, max(lo, scanned)))
     return match.start() if match else len(text)
 
 
 def iter_documents(
-    files: Sequence[str | os.PathLike], text_field: str, stats: ReadStats, on_bad_record: str = "fail"
+    files: Sequence[str | os.PathLike], text_field: str, stats: ReadStats, on_bad_record: str = "fail",
+    spaces_only: bool = False,
 ) -> Iterator[tuple[str, bool]]:
-    """Yield `(text_block, ends_document)` over text, JSONL and Parquet files."""
+    """Yield `(text_block, ends_document)` over text, JSONL and Parquet files (text files cut as
+    `_text_blocks` does)."""
     for file in files:
         path = Path(file)
         if not path.exists():
@@ -108,7 +113,7 @@ def iter_documents(
                 stats.documents += 1
                 yield value, True
         else:
-            blocks = _text_blocks(path, stats)
+            blocks = _text_blocks(path, stats, spaces_only)
             previous = next(blocks, None)
             for block in blocks:
                 yield previous, False
@@ -118,8 +123,9 @@ def iter_documents(
                 yield previous, True
 
 
-# Worker processes hold one tokenizer each, loaded once.
+# Worker processes hold one tokenizer each, loaded once, and its variant for blocks that continue a document.
 _WORKER_TOKENIZER: Tokenizer | None = None
+_WORKER_CONTINUATION: Tokenizer | None = None
 
 
 def _can_spawn() -> bool:
@@ -130,18 +136,59 @@ def _can_spawn() -> bool:
 
 
 def _init_worker(tokenizer_json: str) -> None:
-    global _WORKER_TOKENIZER
+    global _WORKER_TOKENIZER, _WORKER_CONTINUATION
     from tokenizers import Tokenizer as Backend
 
     _WORKER_TOKENIZER = Tokenizer(Backend.from_str(tokenizer_json))
+    continuation = continuation_tokenizer_json(tokenizer_json)
+    _WORKER_CONTINUATION = Tokenizer(Backend.from_str(continuation)) if continuation else None
 
 
-def _encode_batch(job: tuple[list[str], list[bool], str, float]) -> list[tuple[np.ndarray, bool, str]]:
-    """Token ids, end-of-document flag and destination split of each text block of a batch (with
-    split="hash", the one of a document's first block holds for the whole document)."""
-    texts, ends, split, val_fraction = job
+def continuation_tokenizer_json(tokenizer_json: str) -> str | None:
+    """The tokenizer without what it puts in front of a text (SentencePiece's "▁" from a `Prepend` normalizer
+    or a Metaspace pre-tokenizer, a ByteLevel prefix space), for a block that continues a document: there
+    the whole-file encoding has no such prefix. None when the tokenizer adds nothing (lmstack's own BPE)."""
+    spec = json.loads(tokenizer_json)
+    changed = False
+
+    def strip(component: dict | None) -> dict | None:
+        nonlocal changed
+        if not component:
+            return component
+        kind = component.get("type")
+        if kind == "Sequence":
+            key = "normalizers" if "normalizers" in component else "pretokenizers"
+            parts = [strip(c) for c in component[key]]
+            component[key] = [c for c in parts if c is not None]
+        elif kind == "Prepend":
+            changed = True
+            return None
+        elif kind == "Metaspace" and (component.get("prepend_scheme", "always") != "never"
+                                      or component.get("add_prefix_space")):  # the older spelling
+            component.pop("add_prefix_space", None)
+            component["prepend_scheme"], changed = "never", True
+        elif kind == "ByteLevel" and component.get("add_prefix_space"):
+            component["add_prefix_space"], changed = False, True
+        return component
+
+    spec["normalizer"] = strip(spec.get("normalizer"))
+    spec["pre_tokenizer"] = strip(spec.get("pre_tokenizer"))
+    return json.dumps(spec) if changed else None
+
+
+def _encode_batch(job: tuple[list[str], list[bool], list[bool], str, float]) -> list[tuple[np.ndarray, bool, str]]:
+    """Token ids, end-of-document flag and destination split of each text block of a batch (`job`: the
+    blocks, whether each starts a document, whether it ends one, the split and val_fraction; with
+    split="hash", the split of a document's first block holds for the whole document)."""
+    texts, starts, ends, split, val_fraction = job
     assert _WORKER_TOKENIZER is not None
-    ids = [np.asarray(x, dtype=np.uint32) for x in _WORKER_TOKENIZER.encode_batch(texts, add_special_tokens=False)]
+    ids: list = _WORKER_TOKENIZER.encode_batch(texts, add_special_tokens=False)
+    if _WORKER_CONTINUATION is not None:  # blocks inside a document get no "▁" or space in front
+        inside = [i for i, start in enumerate(starts) if not start]
+        for i, encoded in zip(inside, _WORKER_CONTINUATION.encode_batch([texts[i] for i in inside],
+                                                                         add_special_tokens=False)):
+            ids[i] = encoded
+    ids = [np.asarray(x, dtype=np.uint32) for x in ids]
     where = [_hash_split(t, val_fraction) if split == "hash" else "all" for t in texts]
     return list(zip(ids, ends, where))  # arrays: far smaller than lists of Python ints, to hold and to send
 
@@ -150,16 +197,19 @@ def _jobs(docs: Iterator[tuple[str, bool]], split: str, val_fraction: float, max
           max_chars: int = 4 * BLOCK_CHARS) -> Iterator[tuple]:
     """Batches of text blocks for the workers: many short records per batch, few long blocks (a worker's
     memory grows with the characters it encodes at once)."""
-    texts, ends, chars = [], [], 0
+    texts, starts, ends, chars = [], [], [], 0
+    starts_document = True
     for text, end in docs:
         texts.append(text)
+        starts.append(starts_document)
         ends.append(end)
+        starts_document = end
         chars += len(text)
         if len(texts) == max_items or chars >= max_chars:
-            yield texts, ends, split, val_fraction
-            texts, ends, chars = [], [], 0
+            yield texts, starts, ends, split, val_fraction
+            texts, starts, ends, chars = [], [], [], 0
     if texts:
-        yield texts, ends, split, val_fraction
+        yield texts, starts, ends, split, val_fraction
 
 
 def _ordered_map(executor: Executor, fn: Callable, jobs: Iterable, in_flight: int) -> Iterator:
@@ -229,7 +279,10 @@ def _write_shards(
     eos = tokenizer.eos_token_id
     stats = ReadStats()
     counts = {"train": 0, "val": 0}
-    docs = iter_documents(files, text_field, stats, on_bad_record)
+    # a tokenizer that prefixes texts is SentencePiece-style: blocks end at spaces, and go to the variant without
+    # the prefix when they continue a document
+    spaces_only = continuation_tokenizer_json(tokenizer.backend.to_str()) is not None
+    docs = iter_documents(files, text_field, stats, on_bad_record, spaces_only)
     with ExitStack() as stack:
         sinks = {name: stack.enter_context(open(tmp / f"{name}.bin", "wb"))
                  for name in (["all"] if split == "tail" else ["train", "val"])}
