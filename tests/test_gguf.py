@@ -133,3 +133,23 @@ def test_gguf_export_round_trip_and_transformers(tmp_path, tensor_type, tol):
         hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
         assert (hf(x).logits - model(x)).abs().max() < tol
     assert AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf").encode(sample) == ids
+
+
+def test_q8_0_export_keeps_rows_that_do_not_fit_its_blocks_in_f16(tmp_path):
+    """Q8_0 packs a row in blocks of 32 values: a layer with 48 inputs is written in f16 instead (as llama.cpp's
+    converter does), and the file reads back."""
+    import gguf
+
+    from lmstack.checkpoints.gguf import save_gguf
+
+    tok = lmstack.Tokenizer.train(["plain ascii text only " * 40], vocab_size=300)
+    torch.manual_seed(0)
+    model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", vocab_size=300, n_embd=48, n_head=4,
+                                                            n_kv_head=2, intermediate_size=64)).eval()
+    path = save_gguf(model, tok, tmp_path / "m.gguf", tensor_type="q8_0")
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
+    assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.F16  # 48 inputs
+    assert types["blk.0.ffn_down.weight"] == gguf.GGMLQuantizationType.Q8_0  # 64 inputs
+    x = torch.randint(0, 300, (1, 16))
+    with torch.no_grad():
+        assert (lmstack.load_model(path)(x) - model(x)).abs().max() < 0.05

@@ -252,3 +252,13 @@ def test_active_params_mixtral():
     # output head, so only the input embedding is added back.
     active = active_params(model) + 32000 * 4096
     assert abs(active - 12.9e9) < 0.05e9
+
+
+def test_config_replace_derives_defaults_again():
+    """replace(n_embd=...) gives what from_name(..., n_embd=...) gives; fields set explicitly stay."""
+    base = ModelConfig.from_name("tiny-gpt2")
+    assert base.replace(n_embd=64) == ModelConfig.from_name("tiny-gpt2", n_embd=64)
+    assert base.replace(n_head=8).n_kv_head == 8  # multi-head stays multi-head, not GQA by accident
+    gqa = ModelConfig.from_name("tiny-llama")
+    assert gqa.n_kv_head < gqa.n_head and gqa.replace(n_layer=1).n_kv_head == gqa.n_kv_head
+    assert gqa.replace(n_head=gqa.n_head * 2, head_dim=gqa.head_dim).head_dim == gqa.head_dim

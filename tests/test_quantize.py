@@ -68,6 +68,14 @@ def test_bad_group_sizes_are_named(bits, group, match):
         quantize_model(model, bits=bits, group_size=group)
 
 
+def test_a_layer_that_cannot_be_quantized_leaves_the_model_as_it_was():
+    model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", vocab_size=64, intermediate_size=160))
+    with pytest.raises(LMStackError, match="does not divide the layer's 160 inputs"):
+        quantize_model(model, bits=4, group_size=64)  # mlp.down, after q, k, v, o, gate and up
+    assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
+    assert not getattr(model, "quantization", None)
+
+
 def test_int4_needs_an_even_number_of_inputs():
     with pytest.raises(LMStackError, match="the layer's 9 inputs must be even"):
         QuantizedLinear.from_linear(nn.Linear(9, 4), 4, 3)
@@ -89,11 +97,17 @@ def test_memory_and_round_trip(tmp_path):
     with torch.no_grad():
         out = q(ids)
     assert (out - reference).abs().max() < 0.05 * reference.abs().max()
-    lmstack.quantize.save_quantized(q, tmp_path)
+    lmstack.save_model(q, tmp_path)  # save_model knows a quantized model (save_quantized, as the CLI does)
     loaded = lmstack.load_model(tmp_path)
     assert isinstance(loaded.layers[0].mlp.up, QuantizedLinear)
     with torch.no_grad():
         assert torch.equal(loaded(ids), out)
+    # dtype converts what is left in floating point; the quantized layers keep their codes
+    half = lmstack.load_model(tmp_path, dtype="bfloat16")
+    assert half.embed.weight.dtype == torch.bfloat16 and half.layers[0].attn_norm.weight.dtype == torch.bfloat16
+    assert torch.equal(half.layers[0].mlp.up.qweight, loaded.layers[0].mlp.up.qweight)
+    with torch.no_grad():
+        assert (half(ids).float() - out).abs().max() < 0.05 * out.abs().max()
 
 
 @pytest.fixture(scope="module")

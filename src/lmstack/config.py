@@ -114,7 +114,15 @@ class ModelConfig:
         return self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
 
     def replace(self, **changes: Any) -> ModelConfig:
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again). A field that held its default derived from
+        `n_head` or `n_embd` (n_kv_head = n_head, head_dim = n_embd / n_head, intermediate_size = 4 * n_embd)
+        is derived again from the new values unless `changes` sets it, as `from_name` would."""
+        derived = {"n_kv_head": (("n_head",), self.n_kv_head == self.n_head),
+                   "head_dim": (("n_embd", "n_head"), self.head_dim * self.n_head == self.n_embd),
+                   "intermediate_size": (("n_embd",), self.intermediate_size == 4 * self.n_embd)}
+        for name, (sources, was_derived) in derived.items():
+            if name not in changes and was_derived and any(s in changes for s in sources):
+                changes[name] = None
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:

@@ -231,13 +231,13 @@ def quantize_model(model: nn.Module, bits: int | str = 8, group_size: int | None
     tied = getattr(getattr(model, "config", None), "tie_embeddings", False)
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)
                and name not in skip and not (tied and name == "lm_head")]
-    for name, linear in targets:
+    # Every layer quantized before any is swapped in: one that cannot be (its inputs not a multiple of the
+    # group size) leaves the model as it was, not half quantized.
+    quantized = [NF4Linear.from_linear(linear, group_size, dtype) if bits == "nf4"
+                 else QuantizedLinear.from_linear(linear, bits, group_size, dtype) for _, linear in targets]
+    for (name, _), layer in zip(targets, quantized):
         parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        if bits == "nf4":
-            setattr(parent, child, NF4Linear.from_linear(linear, group_size, dtype))
-        else:
-            setattr(parent, child, QuantizedLinear.from_linear(linear, bits, group_size, dtype))
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
     model.quantization = {"quant_method": METHOD, "bits": bits, "group_size": group_size,
                           "dtype": str(dtype).removeprefix("torch."),
                           "modules": [name for name, _ in targets]}
@@ -272,8 +272,10 @@ def is_quantized_checkpoint(path: Path) -> bool:
     return (read_hf_config(path).get("quantization_config") or {}).get("quant_method") == METHOD
 
 
-def load_quantized(path: str | os.PathLike, device: torch.device | str | None = None) -> nn.Module:
-    """Load a checkpoint written by `save_quantized`, quantized as it was saved."""
+def load_quantized(path: str | os.PathLike, device: torch.device | str | None = None,
+                   dtype: torch.dtype | None = None) -> nn.Module:
+    """Load a checkpoint written by `save_quantized`, quantized as it was saved; `dtype` converts the weights
+    left in floating point (the quantized layers keep the compute dtype they were quantized for)."""
     from lmstack.checkpoints import load_native
     from lmstack.checkpoints.hf import read_hf_config
     from lmstack.models.decoder import DecoderLM
@@ -291,6 +293,11 @@ def load_quantized(path: str | os.PathLike, device: torch.device | str | None = 
 
     # Copied out of the memory map: the int8 kernel needs aligned, writable storage.
     model = load_native(path, device=device, build=build, copy=True)
+    if dtype is not None:
+        for module in model.modules():
+            if not isinstance(module, (QuantizedLinear, NF4Linear)):
+                for p in module.parameters(recurse=False):
+                    p.data = p.data.to(dtype)
     model.quantization = qc
     return model
 

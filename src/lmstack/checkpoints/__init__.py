@@ -21,7 +21,8 @@ def load_model(
 ) -> DecoderLM:
     """Load a model from a Hugging Face checkpoint directory or a `.gguf` file, in eval mode.
 
-    `dtype` None keeps the stored precision (GGUF: float32); weights are memory-mapped and read once.
+    `dtype` None keeps the stored precision (GGUF: float32); weights are memory-mapped and read once. For
+    a quantized checkpoint `dtype` applies to the weights left in floating point (embeddings, norms).
     """
     if isinstance(dtype, str):
         dtype = parse_dtype(dtype)
@@ -34,7 +35,7 @@ def load_model(
     from lmstack.quantize import is_quantized_checkpoint, load_quantized
 
     if is_quantized_checkpoint(Path(path)):
-        return load_quantized(path, device=device)
+        return load_quantized(path, device=device, dtype=dtype)
     if (Path(path) / "adapter_config.json").exists() and not (Path(path) / "config.json").exists():
         return load_adapter_model(path, dtype=dtype, device=device)
     if (Path(path) / "config.json").exists():
@@ -127,7 +128,11 @@ def save_model(
     max_shard_size: int | str = "5GB",
 ) -> Path:
     """Save `model` (and `tokenizer`) as a Hugging Face directory that `transformers` loads (recurrent LMs,
-    which transformers has no class for, in lmstack's own layout)."""
+    which transformers has no class for, and quantized models, in lmstack's own layout)."""
+    if getattr(model, "quantization", None):
+        from lmstack.quantize import save_quantized
+
+        return save_quantized(model, path, tokenizer)
     if model.config.arch != "transformer":
         return save_native(model, path, tokenizer)
     return save_hf_model(model, path, tokenizer=tokenizer, max_shard_size=max_shard_size)

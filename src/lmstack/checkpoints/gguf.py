@@ -368,8 +368,8 @@ def save_gguf(model: Any, tokenizer: Tokenizer, path: str | os.PathLike, tensor_
         array = w.numpy()
         if array.ndim == 1 or tensor_type == "f32":
             writer.add_tensor(rule.hf, array)
-        elif tensor_type == "f16":
-            writer.add_tensor(rule.hf, array.astype(np.float16))
+        elif tensor_type == "f16" or array.shape[-1] % 32:  # Q8_0 packs rows in blocks of 32: where they
+            writer.add_tensor(rule.hf, array.astype(np.float16))  # don't fit, f16, as llama.cpp's converter
         else:
             qtype = gguf.GGMLQuantizationType.Q8_0
             writer.add_tensor(rule.hf, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
