@@ -105,6 +105,79 @@ def test_loading_does_not_copy_the_weights(tmp_path):
     assert grown < 1.5 * size, f"peak memory grew by {grown / 1e6:.0f} MB for a {size / 1e6:.0f} MB file"
 
 
+# ---------------------------------------------------------------------------------------------- what a family holds
+
+
+def _llama_json(**changes) -> dict:
+    return {"model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 160,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, **changes}
+
+
+@pytest.mark.parametrize("family, changes", [
+    ("llama", {}), ("mistral", {}), ("qwen2", {"bias": "qkv"}), ("mixtral", {"n_expert": 4}),
+])
+def test_partial_rotary_is_refused_where_transformers_ignores_it(family, changes, tmp_path):
+    model = DecoderLM(ModelConfig.from_name("tiny-llama", family=family, rotary_fraction=0.5, **changes))
+    with pytest.raises(LMStackError, match=f"Hugging Face '{family}': rotary_fraction=0.5 .*only 'phi3'"):
+        lmstack.save_model(model, tmp_path / "m")
+    assert not (tmp_path / "m").exists()  # refused before anything is written
+
+
+def test_partial_rotary_is_kept_for_phi3():
+    config = ModelConfig.from_name("tiny-llama", family="phi3", rotary_fraction=0.5)
+    assert config.to_hf()["partial_rotary_factor"] == 0.5
+    assert ModelConfig.from_hf(config.to_hf()).rotary_fraction == 0.5
+
+
+@pytest.mark.parametrize("spelling", [
+    {"partial_rotary_factor": 0.5},
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}},
+])
+def test_partial_rotary_factor_is_ignored_for_llama(spelling):
+    """transformers' Llama rotates every dimension whatever partial_rotary_factor says; so does lmstack."""
+    assert ModelConfig.from_hf(_llama_json(**spelling)).rotary_fraction == 1.0
+
+
+def test_partial_rotary_with_rope_scaling_is_refused_for_llama():
+    """There transformers' scaled RoPE is partial but its attention is not: it fails, and lmstack refuses."""
+    config = _llama_json(partial_rotary_factor=0.5, rope_scaling={"rope_type": "linear", "factor": 2.0})
+    with pytest.raises(LMStackError, match=r"partial_rotary_factor=0.5 with 'linear' rope scaling"):
+        ModelConfig.from_hf(config)
+
+
+@pytest.mark.parametrize("scaling", [
+    {"rope_type": "linear", "factor": 2.0},
+    {"rope_type": "dynamic", "factor": 2.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 32},
+    {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32},
+])
+def test_phi3_rope_scaling_is_refused(scaling):
+    config = ModelConfig.from_name("tiny-llama", family="phi3", rope_scaling=scaling)
+    with pytest.raises(LMStackError, match=f"'phi3': rope_scaling type '{scaling['rope_type']}' .*longrope"):
+        config.to_hf()
+    # Read back, transformers takes a Phi-3 'yarn' for longrope and refuses the others: so does lmstack.
+    hf = {**ModelConfig.from_name("tiny-llama", family="phi3").to_hf(), "rope_scaling": scaling}
+    with pytest.raises(LMStackError, match=f"phi3 with rope scaling type '{scaling['rope_type']}'"):
+        ModelConfig.from_hf(hf)
+
+
+def test_mixtral_without_renormalisation_is_refused(tmp_path):
+    model = DecoderLM(ModelConfig.from_name("tiny-mixtral", moe_renormalize=False))
+    with pytest.raises(LMStackError, match=r"'mixtral': moe_renormalize=False \(needs True\)"):
+        lmstack.save_model(model, tmp_path)
+
+
+@pytest.mark.parametrize("mlp, approximate, act", [
+    ("geglu", "none", "gelu"), ("geglu", "tanh", "gelu_pytorch_tanh"), ("swiglu", "tanh", "silu"),
+])
+def test_gated_mlp_activation_round_trips(mlp, approximate, act):
+    config = ModelConfig.from_name("tiny-llama", mlp=mlp, gelu_approximate=approximate)
+    assert config.to_hf()["hidden_act"] == act
+    again = ModelConfig.from_hf(config.to_hf())
+    assert (again.mlp, again.gelu_approximate) == (mlp, approximate)
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 
 

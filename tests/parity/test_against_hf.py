@@ -9,8 +9,10 @@ import pytest
 import torch
 import transformers
 from transformers import AutoModelForCausalLM
+from transformers.activations import ACT2FN
 
 import lmstack
+from lmstack.checkpoints.hf import GELU_APPROXIMATE
 
 TOL = 1e-4
 SMALL = dict(vocab_size=101, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
@@ -37,6 +39,20 @@ CASES = {
     "phi3": lambda: transformers.Phi3Config(**SMALL, num_key_value_heads=2, pad_token_id=0, sliding_window=None),
     "phi3-window": lambda: transformers.Phi3Config(
         **SMALL, num_key_value_heads=4, pad_token_id=0, sliding_window=9),
+    # Exact (erf) GELU in a gated MLP: neither read nor written as the tanh approximation.
+    "llama-geglu-exact": lambda: transformers.LlamaConfig(**SMALL, num_key_value_heads=2, hidden_act="gelu"),
+    "phi3-geglu-tanh": lambda: transformers.Phi3Config(
+        **SMALL, num_key_value_heads=2, pad_token_id=0, sliding_window=None, hidden_act="gelu_new"),
+    # Llama ignores partial_rotary_factor (every dimension rotates); Phi-3 applies it.
+    "llama-partial-rotary-ignored": lambda: transformers.LlamaConfig(
+        **SMALL, num_key_value_heads=2, partial_rotary_factor=0.5),
+    "phi3-partial-rotary": lambda: transformers.Phi3Config(
+        **SMALL, num_key_value_heads=2, pad_token_id=0, sliding_window=None, partial_rotary_factor=0.5),
+    # Dynamic NTK within max_position_embeddings: transformers does not scale yet, whatever
+    # original_max_position_embeddings (16 < the 24 tokens of _inputs) says.
+    "llama-dynamic-rope-original-max": lambda: transformers.LlamaConfig(
+        **SMALL, num_key_value_heads=2,
+        rope_scaling={"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 16}),
 }
 
 
@@ -124,3 +140,46 @@ def test_bias_free_gpt2_saves_as_gpt2(tmp_path):
         assert (theirs(ids).logits - expected).abs().max().item() < TOL
         assert (reloaded(ids) - expected).abs().max().item() < TOL
     assert not theirs.transformer.h[0].attn.c_attn.bias.any()
+
+
+@pytest.mark.parametrize("name", sorted(GELU_APPROXIMATE))
+def test_gelu_names_compute_what_transformers_computes(name):
+    """Each hidden_act lmstack maps to F.gelu computes what transformers' ACT2FN[name] does."""
+    x = torch.linspace(-6, 6, 1001)
+    approximate = GELU_APPROXIMATE[name]
+    theirs = ACT2FN[name](x)
+    assert (torch.nn.functional.gelu(x, approximate=approximate) - theirs).abs().max() < 1e-6
+    other = "tanh" if approximate == "none" else "none"  # and not the other GELU: the table is not vacuous
+    assert (torch.nn.functional.gelu(x, approximate=other) - theirs).abs().max() > 1e-4
+    cfg = lmstack.ModelConfig.from_hf({**transformers.LlamaConfig(**SMALL, hidden_act=name).to_dict(),
+                                       "model_type": "llama"})
+    assert (cfg.mlp, cfg.gelu_approximate) == ("geglu", approximate)
+
+
+@pytest.mark.parametrize("name", ["quick_gelu", "gelu_10", "relu"])
+def test_other_activations_are_refused(name):
+    config = {**transformers.LlamaConfig(**SMALL, hidden_act=name).to_dict(), "model_type": "llama"}
+    with pytest.raises(lmstack.LMStackError, match=f"hidden_act '{name}' is not supported"):
+        lmstack.ModelConfig.from_hf(config)
+
+
+def test_dynamic_rope_past_max_position_embeddings(tmp_path):
+    """Past max_position_embeddings (through the KV cache, which may outgrow block_size) dynamic NTK scales as
+    transformers scales: relative to max_position_embeddings, ignoring original_max_position_embeddings."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        **{**SMALL, "max_position_embeddings": 16}, num_key_value_heads=2,
+        rope_scaling={"rope_type": "dynamic", "factor": 2.0, "original_max_position_embeddings": 8})
+    theirs = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32).eval()
+    _randomize(theirs)
+    theirs.save_pretrained(tmp_path / "hf")
+    ours = lmstack.load_model(tmp_path / "hf")
+    ids = _inputs(config.vocab_size)  # 24 tokens > 16
+    ours.setup_kv_cache(ids.shape[0], ids.shape[1])
+    with torch.no_grad():
+        expected = theirs(ids).logits
+        got = ours(ids, input_pos=torch.arange(ids.shape[1]))
+        ours.config.rope_scaling = None  # the scaling must matter here, or this test proves nothing
+        plain = ours(ids, input_pos=torch.arange(ids.shape[1]))
+    assert (got - expected).abs().max().item() < TOL
+    assert (plain - expected).abs().max().item() > 1e-3

@@ -33,6 +33,8 @@ ARCHITECTURES = {
     "mixtral": "MixtralForCausalLM",
     "phi3": "Phi3ForCausalLM",
 }
+# The families whose transformers class applies partial_rotary_factor (the others rotate every dimension).
+PARTIAL_ROTARY_FAMILIES = ("phi3",)
 # Tensors some checkpoints carry that are not weights (old rotary caches, GPT-2's causal-mask buffers).
 IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias)$")
 
@@ -56,31 +58,53 @@ def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
-def _rope_fields(c: dict[str, Any]) -> dict[str, Any]:
+def _rope_fields(c: dict[str, Any], family: str, where: str) -> dict[str, Any]:
     """rope_theta, rope_scaling and the rotary fraction, from either the v4 (`rope_theta` + `rope_scaling`)
-    or the v5 (`rope_parameters`) spelling."""
+    or the v5 (`rope_parameters`) spelling, as transformers' class for `family` applies them."""
     params = dict(c.get("rope_parameters") or {})
     scaling = dict(c.get("rope_scaling") or {}) or {k: v for k, v in params.items()
                                                     if k not in ("rope_theta", "partial_rotary_factor")}
     theta = params.get("rope_theta", c.get("rope_theta", 10000.0))
-    fraction = params.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0))
+    fraction = float(params.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)))
     if "type" in scaling and "rope_type" not in scaling:
         scaling["rope_type"] = scaling.pop("type")
     kind = scaling.get("rope_type", "default")
     if kind == "default":
         scaling = None
     elif kind not in ("linear", "dynamic", "llama3", "yarn"):
-        raise LMStackError(f"config.json: rope scaling type {kind!r} is not supported "
+        raise LMStackError(f"{where}: rope scaling type {kind!r} is not supported "
                            "(supported: linear, dynamic, llama3, yarn)")
-    return dict(rope_theta=float(theta), rope_scaling=scaling, rotary_fraction=float(fraction))
+    elif family == "phi3":
+        # transformers' Phi-3 reads 'yarn' (and 'su') as longrope, which lmstack lacks, and refuses the others.
+        raise LMStackError(f"{where}: phi3 with rope scaling type {kind!r} is not supported (transformers' "
+                           "Phi-3 accepts only default RoPE or longrope, and lmstack does not implement longrope)")
+    if fraction != 1.0 and family not in PARTIAL_ROTARY_FAMILIES:
+        if scaling is not None:
+            # Here transformers' scaled RoPE is partial but its attention is not: the model cannot run there.
+            raise LMStackError(f"{where}: partial_rotary_factor={fraction} with {kind!r} rope scaling is not "
+                               f"supported for {family!r} (transformers fails on it; only phi3 has a partial rotary)")
+        fraction = 1.0  # transformers' default RoPE for this family rotates every dimension and ignores the key
+    return dict(rope_theta=float(theta), rope_scaling=scaling, rotary_fraction=fraction)
 
 
-def _gated_mlp(act: str) -> str:
+# transformers' ACT2FN names of the GELUs that lmstack computes, with F.gelu's `approximate` for each.
+# gelu_fast and gelu_accurate are the same tanh formula written differently; gelu_10 (clipped) and quick_gelu
+# (a sigmoid) are other functions and are refused.
+GELU_APPROXIMATE = {
+    "gelu": "none", "gelu_python": "none",
+    "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_python_tanh": "tanh", "gelu_fast": "tanh",
+    "gelu_accurate": "tanh",
+}
+
+
+def _gated_mlp(act: str, where: str) -> dict[str, str]:
+    """`mlp` and `gelu_approximate` for a gated MLP's hidden_act."""
     if act in ("silu", "swish"):
-        return "swiglu"
-    if act.startswith("gelu"):
-        return "geglu"
-    raise LMStackError(f"config.json: hidden_act {act!r} is not supported (silu or gelu)")
+        return dict(mlp="swiglu", gelu_approximate="tanh")
+    if act in GELU_APPROXIMATE:
+        return dict(mlp="geglu", gelu_approximate=GELU_APPROXIMATE[act])
+    raise LMStackError(f"{where}: hidden_act {act!r} is not supported "
+                       f"(supported: silu, swish, {', '.join(GELU_APPROXIMATE)})")
 
 
 def config_from_hf(hf: dict[str, Any] | str | os.PathLike) -> ModelConfig:
@@ -104,15 +128,16 @@ def _config_from_hf(c: dict[str, Any], where: str) -> ModelConfig:
                   pad_token_id=c.get("pad_token_id"))
     if family == "gpt2":
         act = c.get("activation_function", "gelu_new")
-        if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
-            raise LMStackError(f"{where}: activation_function {act!r} is not supported for gpt2")
+        if act not in GELU_APPROXIMATE:
+            raise LMStackError(f"{where}: activation_function {act!r} is not supported for gpt2 "
+                               f"(supported: {', '.join(GELU_APPROXIMATE)})")
         if c.get("scale_attn_by_inverse_layer_idx") or c.get("scale_attn_weights") is False:
             raise LMStackError(f"{where}: GPT-2 attention scaling variants are not supported")
         return ModelConfig(
             vocab_size=c["vocab_size"], block_size=c.get("n_positions", 1024), n_layer=c["n_layer"],
             n_embd=c["n_embd"], n_head=c["n_head"], intermediate_size=c.get("n_inner") or 4 * c["n_embd"],
             norm="layernorm", norm_eps=c.get("layer_norm_epsilon", 1e-5), positions="learned", mlp="gelu",
-            gelu_approximate="none" if act == "gelu" else "tanh", bias="all",
+            gelu_approximate=GELU_APPROXIMATE[act], bias="all",
             tie_embeddings=c.get("tie_word_embeddings", True), dropout=c.get("resid_pdrop", 0.0),
             init_std=c.get("initializer_range", 0.02), family="gpt2", **tokens,
         )
@@ -123,8 +148,8 @@ def _config_from_hf(c: dict[str, Any], where: str) -> ModelConfig:
         n_layer=c["num_hidden_layers"], n_embd=c["hidden_size"], n_head=n_head,
         n_kv_head=c.get("num_key_value_heads") or n_head,
         head_dim=c.get("head_dim") or c["hidden_size"] // n_head,
-        norm="rmsnorm", norm_eps=c.get("rms_norm_eps", 1e-6), positions="rope", **_rope_fields(c),
-        mlp=_gated_mlp(c.get("hidden_act", "silu")), gelu_approximate="tanh",
+        norm="rmsnorm", norm_eps=c.get("rms_norm_eps", 1e-6), positions="rope", **_rope_fields(c, family, where),
+        **_gated_mlp(c.get("hidden_act", "silu"), where),
         intermediate_size=c["intermediate_size"], bias="none",
         tie_embeddings=c.get("tie_word_embeddings", False), dropout=c.get("attention_dropout", 0.0),
         init_std=c.get("initializer_range", 0.02), family=family, **tokens,
@@ -209,13 +234,25 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
             raise LMStackError(f"cannot write this config as Hugging Face {fam!r}: n_expert={config.n_expert}")
         if fam == "llama" and config.sliding_window is not None:
             raise LMStackError("cannot write this config as Hugging Face 'llama': it has no sliding window")
+        if config.rotary_fraction != 1.0 and fam not in PARTIAL_ROTARY_FAMILIES:
+            raise LMStackError(f"cannot write this config as Hugging Face {fam!r}: rotary_fraction="
+                               f"{config.rotary_fraction} (transformers' {ARCHITECTURES[fam]} ignores "
+                               "partial_rotary_factor and rotates every dimension; only 'phi3' has a partial rotary)")
+        if fam == "phi3" and config.rope_type != "default":
+            raise LMStackError(f"cannot write this config as Hugging Face 'phi3': rope_scaling type "
+                               f"{config.rope_type!r} (transformers' Phi-3 accepts only default RoPE or longrope, "
+                               "which lmstack does not implement)")
+        if fam == "mixtral":
+            # Mixtral always renormalises the top-k router weights.
+            _require(config, fam, moe_renormalize=True)
         rope_scaling = dict(config.rope_scaling) if config.rope_scaling else None
         out.update(
             vocab_size=config.vocab_size, max_position_embeddings=config.block_size,
             hidden_size=config.n_embd, intermediate_size=config.intermediate_size,
             num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
             num_key_value_heads=config.n_kv_head, head_dim=config.head_dim,
-            hidden_act="silu" if config.mlp == "swiglu" else "gelu_pytorch_tanh",
+            hidden_act="silu" if config.mlp == "swiglu" else
+            "gelu_pytorch_tanh" if config.gelu_approximate == "tanh" else "gelu",
             rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta, rope_scaling=rope_scaling,
             tie_word_embeddings=config.tie_embeddings, attention_dropout=config.dropout,
             initializer_range=config.init_std,
@@ -548,9 +585,9 @@ def save_hf_model(
     """Write `model` as a Hugging Face directory: config.json, safetensors (sharded above `max_shard_size`,
     with an index), generation_config.json and, if given, the tokenizer files."""
     path = Path(path)
+    hf_config = hf_config_of(model, tokenizer)  # first: a config the family cannot hold writes nothing
     path.mkdir(parents=True, exist_ok=True)
     write_safetensors(path, hf_state_dict(model), max_shard_size)
-    hf_config = hf_config_of(model, tokenizer)
     write_json(path / "config.json", hf_config)
     generation = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
                   if hf_config.get(k) is not None}

@@ -17,7 +17,7 @@ def rope_inv_freq(config: ModelConfig, seq_len: int | torch.Tensor | None = None
     """Inverse frequencies of the rotary embedding and the factor that scales cos/sin (YaRN only).
 
     Follows the scaling schemes as Hugging Face defines them: linear (position interpolation), dynamic NTK
-    (the base grows once `seq_len` passes the trained length; a tensor `seq_len` keeps the computation on its
+    (the base grows once `seq_len` passes `block_size`; a tensor `seq_len` keeps the computation on its
     device, with no host sync), Llama 3 (per-band wavelength rescaling) and YaRN (blend of interpolation and
     extrapolation plus an attention temperature).
     """
@@ -27,7 +27,9 @@ def rope_inv_freq(config: ModelConfig, seq_len: int | torch.Tensor | None = None
     if kind == "linear":
         return inv_freq / rs["factor"], 1.0
     if kind == "dynamic":
-        trained = rs.get("original_max_position_embeddings") or config.block_size
+        # As transformers' _compute_dynamic_ntk_parameters: relative to max_position_embeddings (block_size),
+        # ignoring any original_max_position_embeddings in rope_scaling.
+        trained = config.block_size
         seq_len = torch.as_tensor(trained if seq_len is None else seq_len, dtype=torch.float64).clamp(min=trained)
         base = base * ((rs["factor"] * seq_len / trained) - (rs["factor"] - 1)) ** (dim / (dim - 2))
         exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=seq_len.device).float() / dim
