@@ -337,3 +337,24 @@ def test_bad_finetuning_settings_are_named(base, tmp_path):
     sft = _write(tmp_path / "sft.jsonl", _chats(10))
     with pytest.raises(LMStackError, match="model_overrides"):
         _run(base, tmp_path, "sft", sft, **{"model.dropout": 0.1})
+
+
+def test_recipe_list_items_take_the_item_type(base, tmp_path):
+    from lmstack.checkpoints import load_tokenizer
+    from lmstack.errors import LMStackError
+    from lmstack.train.tasks import ClassifyTask
+
+    # Integer class labels in YAML (and in the data) are the labels "0" and "1", as read_classification compares.
+    data = _write(tmp_path / "digits.jsonl", [{"text": f"the cat {i}", "label": i % 2} for i in range(20)])
+    recipe = tmp_path / "classify.yaml"
+    recipe.write_text("task: classify\nlabels: [0, 1]\n")
+    cfg = load_config(recipe)
+    assert cfg.labels == ["0", "1"]
+    assert load_config(None, ["--labels", "[0, 1]"]).labels == ["0", "1"]
+    task = ClassifyTask(load_tokenizer(base), 0, str(data), None, 64, cfg.labels, val_fraction=0.1)
+    assert task.labels == ["0", "1"] and len(task.data["train"]) + len(task.data["val"]) == 20
+    recipe.write_text("labels: [negative, [positive]]\n")
+    with pytest.raises(LMStackError, match=r"labels\[1\]: expected a string, got \['positive'\]"):
+        load_config(recipe)
+    with pytest.raises(LMStackError, match=r"sample_prompts\[0\]: expected a string, got None"):
+        load_config(None, ["--sample_prompts", "[null]"])

@@ -213,3 +213,114 @@ def test_prepare_qlora_checks_before_quantizing():
     with pytest.raises(LMStackError, match="LoRA rank r=0"):
         prepare_qlora(model, r=0)
     assert isinstance(model.layers[0].attn.q, torch.nn.Linear)  # left as it was
+
+
+# --- adapters written by Hugging Face peft ---
+
+
+@pytest.fixture(scope="module")
+def hf_base(tmp_path_factory):
+    """A tiny random Hugging Face Llama checkpoint."""
+    path = tmp_path_factory.mktemp("hf") / "base"
+    hf_config = transformers.LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=112,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(hf_config).save_pretrained(path)
+    return path
+
+
+def _peft_adapter(hf_base, path, **settings):
+    """A peft LoRA adapter on `hf_base` with non-zero B, saved to `path`; returns the peft model."""
+    from peft import LoraConfig, get_peft_model
+
+    settings = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], **settings}
+    torch.manual_seed(1)
+    theirs = get_peft_model(AutoModelForCausalLM.from_pretrained(hf_base), LoraConfig(**settings))
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.3)
+    theirs.save_pretrained(path)
+    return theirs.eval()
+
+
+@pytest.mark.parametrize("settings", [
+    {"use_rslora": True, "rank_pattern": {"v_proj": 2}},  # alpha / sqrt(r), each layer with its own r
+    {"alpha_pattern": {"v_proj": 32}, "rank_pattern": {"layers.1.self_attn.q_proj": 8}},
+    {"target_modules": "all-linear", "exclude_modules": ["layers.1.mlp.down_proj"], "use_rslora": True},
+], ids=["rslora+rank_pattern", "alpha+rank_pattern", "all-linear+exclude"])
+def test_load_peft_applies_peft_scaling_and_patterns(hf_base, tmp_path, settings):
+    from peft import PeftModel
+
+    theirs = _peft_adapter(hf_base, tmp_path / "peft", **settings)
+    ours = load_peft(lmstack.load_model(hf_base), tmp_path / "peft").eval()
+    ids = torch.randint(0, 101, (2, 12))
+    with torch.no_grad():
+        expected = theirs(ids).logits
+        assert (expected - lmstack.load_model(hf_base)(ids)).abs().max() > 1e-2  # the adapter matters
+        assert (expected - ours(ids)).abs().max() < 1e-4
+    # Saved again by lmstack, the adapter states the same settings: peft and lmstack both get the same model.
+    save_peft(ours, tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert config["use_rslora"] == settings.get("use_rslora", False) and config["bias"] == "none"
+    again = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(hf_base), tmp_path / "ours").eval()
+    reloaded = load_peft(lmstack.load_model(hf_base), tmp_path / "ours").eval()
+    with torch.no_grad():
+        assert (again(ids).logits - expected).abs().max() < 1e-4
+        assert (reloaded(ids) - expected).abs().max() < 1e-4
+
+
+def test_rslora_adapters_of_lmstack_load_in_peft(hf_base, tmp_path):
+    from peft import PeftModel
+
+    ours = apply_lora(lmstack.load_model(hf_base), r=4, alpha=8, targets=("q", "v"), use_rslora=True)
+    assert ours.layers[0].attn.q.scaling == 8 / 2  # alpha / sqrt(r)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.3)
+    save_peft(ours, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["use_rslora"] is True and config["rank_pattern"] == config["alpha_pattern"] == {}
+    assert config["use_dora"] is False and config["modules_to_save"] is None
+    theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(hf_base), tmp_path).eval()
+    ids = torch.randint(0, 101, (2, 12))
+    with torch.no_grad():
+        assert (theirs(ids).logits - ours(ids)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"use_dora": True}, r"PEFT setting use_dora=True \(DoRA's magnitude vectors\)"),
+    ({"bias": "lora_only", "layers_to_transform": [0]},
+     r"PEFT settings layers_to_transform=\[0\] \(adapters on only some layers\), bias='lora_only'"),
+    ({"modules_to_save": ["lm_head"]}, r"modules_to_save=\['lm_head'\]"),
+])
+def test_load_peft_refuses_settings_it_cannot_apply(hf_base, tmp_path, settings, message):
+    _peft_adapter(hf_base, tmp_path, **settings)
+    model = lmstack.load_model(hf_base)
+    with pytest.raises(LMStackError, match=message):
+        load_peft(model, tmp_path)
+    assert not lora_layers(model)  # left as it was
+
+
+def test_load_peft_refuses_unknown_settings_and_unused_tensors(hf_base, tmp_path):
+    from safetensors.torch import save_file
+
+    _peft_adapter(hf_base, tmp_path)
+    model = lmstack.load_model(hf_base)
+    config_file = tmp_path / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "use_some_new_variant": True}))
+    with pytest.raises(LMStackError, match="PEFT setting use_some_new_variant=True"):
+        load_peft(model, tmp_path)
+    config_file.write_text(json.dumps(config))
+    # A tensor the file holds but lmstack would not use (here a trained output head) is named, not dropped.
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    tensors["base_model.model.lm_head.weight"] = torch.zeros(101, 64)
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(LMStackError, match=r"lmstack cannot apply: base_model.model.lm_head.weight$"):
+        load_peft(model, tmp_path)
+    assert not lora_layers(model)
+    apply_lora(model, r=4, alpha=8, targets=("q", "v"))
+    with pytest.raises(LMStackError, match="base_model.model.lm_head.weight"):
+        load_adapter_weights(model, tmp_path)

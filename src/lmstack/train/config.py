@@ -139,6 +139,8 @@ def _coerce(name: str, value: Any, kind: Any) -> Any:
             value = origin()
         if not isinstance(value, origin):
             raise LMStackError(f"{name}: expected a {'list' if origin is list else 'mapping'}, got {value!r}")
+        if origin is list and args:  # each item to the item type: `labels: [0, 1]` gives the labels "0" and "1"
+            return [_coerce(f"{name}[{i}]", item, args[0]) for i, item in enumerate(value)]
         return value
     if kind is bool:
         if isinstance(value, bool):
@@ -159,6 +161,8 @@ def _coerce(name: str, value: Any, kind: Any) -> Any:
         except (TypeError, ValueError):
             raise LMStackError(f"{name}: expected a number, got {value!r}") from None
     if kind is str:
+        if value is None or isinstance(value, (list, dict)):  # str() would give "None" or a Python repr
+            raise LMStackError(f"{name}: expected a string, got {value!r}")
         return str(value)
     return value
 

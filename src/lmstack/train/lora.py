@@ -1,10 +1,13 @@
 """LoRA: low-rank adapters on chosen linear layers, with PEFT's file format.
 
 A wrapped layer computes base(x) + (alpha / r) * B(A(dropout(x))) with A [r, in] initialised as PEFT does
-(Kaiming-uniform) and B [out, r] at zero, so the wrapped model equals the base model until B trains. Only A and
-B train. `merge` folds B A into the base weight for inference; `unmerge` takes it back out. Adapters save as
-`adapter_config.json` + `adapter_model.safetensors` under Hugging Face parameter names, so
-`peft.PeftModel.from_pretrained` applies them to the Hugging Face export of the same base model.
+(Kaiming-uniform) and B [out, r] at zero, so the wrapped model equals the base model until B trains (rank-
+stabilised LoRA, `use_rslora`, scales by alpha / sqrt(r) instead). Only A and B train. `merge` folds B A into
+the base weight for inference; `unmerge` takes it back out. Adapters save as `adapter_config.json` +
+`adapter_model.safetensors` under Hugging Face parameter names, so `peft.PeftModel.from_pretrained` applies them
+to the Hugging Face export of the same base model. `load_peft` reads adapters written by PEFT, with per-module
+ranks and alphas (`rank_pattern`, `alpha_pattern`), and refuses, naming the setting, any PEFT option it cannot
+apply (DoRA, trained biases, `modules_to_save`, ...).
 
 QLoRA (Dettmers et al. 2023): `prepare_qlora` first quantizes the frozen base to 4-bit NF4 (`NF4Linear`), then
 adds float32 adapters; the base costs ~4.5 bits per weight while gradients still flow through it to the
@@ -16,8 +19,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -36,14 +41,16 @@ class LoRALinear(nn.Module):
 
     On a float base the adapters take the base weight's dtype; on an NF4 base they are float32."""
 
-    def __init__(self, base: nn.Linear | NF4Linear, r: int, alpha: float, dropout: float = 0.0) -> None:
+    def __init__(self, base: nn.Linear | NF4Linear, r: int, alpha: float, dropout: float = 0.0,
+                 use_rslora: bool = False) -> None:
         super().__init__()
         if r < 1:
             raise LMStackError(f"LoRA rank r={r}: must be >= 1")
         self.base = base
         for p in base.parameters():  # weight and bias (an NF4Linear has only buffers)
             p.requires_grad_(False)
-        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r  # as PEFT's LoraLayer.update_layer
         if isinstance(base, NF4Linear):
             device, dtype = base.absmax.device, torch.float32
         else:
@@ -94,29 +101,46 @@ def _check_targets(targets: Iterable[str]) -> tuple[str, ...]:
     return targets
 
 
-def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
-               targets: Iterable[str] = ("q", "v")) -> nn.Module:
-    """Wrap every linear layer whose name ends in one of `targets` (q, k, v, o, gate, up, down) and freeze
-    everything else. Targets may be nn.Linear or NF4Linear (see `prepare_qlora`). Returns the model, changed
-    in place."""
-    targets = _check_targets(targets)
+def _leaf(name: str) -> str:
+    return name.rsplit(".", 1)[-1]
+
+
+def _wrappable(model: nn.Module) -> list[str]:
+    """Names of the layers LoRA can wrap: linear layers (float or NF4) named q, k, v, o, gate, up or down."""
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, NF4Linear)) and _leaf(n) in HF_NAMES]
+
+
+def _wrap(model: nn.Module, layers: dict[str, tuple[int, float]], dropout: float, use_rslora: bool) -> None:
+    """Freeze `model` and wrap each named layer with its own (r, alpha)."""
+    for name, (r, _) in layers.items():  # checked first, so bad input leaves the model as it was
+        if r < 1:
+            raise LMStackError(f"LoRA rank r={r} for {name}: must be >= 1")
     for p in model.parameters():
         p.requires_grad_(False)
-    wrapped = 0
-    for name, module in list(model.named_modules()):
-        if isinstance(module, (nn.Linear, NF4Linear)) and name.rsplit(".", 1)[-1] in targets:
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, LoRALinear(module, r, alpha, dropout))
-            wrapped += 1
-    if not wrapped:
+    for name, (r, alpha) in layers.items():
+        parent_name, _, child = name.rpartition(".")
+        base = model.get_submodule(name)
+        setattr(model.get_submodule(parent_name), child, LoRALinear(base, r, alpha, dropout, use_rslora))
+
+
+def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+               targets: Iterable[str] = ("q", "v"), use_rslora: bool = False) -> nn.Module:
+    """Wrap every linear layer whose name ends in one of `targets` (q, k, v, o, gate, up, down) and freeze
+    everything else. Targets may be nn.Linear or NF4Linear (see `prepare_qlora`). `use_rslora` scales the
+    update by alpha / sqrt(r) (rank-stabilised LoRA) instead of alpha / r. Returns the model, changed in place."""
+    targets = _check_targets(targets)
+    chosen = [n for n in _wrappable(model) if _leaf(n) in targets]
+    if not chosen:
         raise LMStackError(f"no linear layer named {list(targets)} in the model")
-    model.lora = {"r": r, "alpha": alpha, "dropout": dropout, "targets": list(targets)}
+    _wrap(model, dict.fromkeys(chosen, (r, alpha)), dropout, use_rslora)
+    model.lora = {"r": r, "alpha": alpha, "dropout": dropout, "targets": list(targets), "use_rslora": use_rslora}
     return model
 
 
 def prepare_qlora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
                   targets: Iterable[str] = ("q", "v"), block_size: int = 64,
-                  dtype: torch.dtype = torch.bfloat16, skip: tuple[str, ...] = ("lm_head",)) -> nn.Module:
+                  dtype: torch.dtype = torch.bfloat16, skip: tuple[str, ...] = ("lm_head",),
+                  use_rslora: bool = False) -> nn.Module:
     """QLoRA: quantize every linear layer of `model` to a frozen NF4 base, then `apply_lora` on `targets`.
 
     The base computes in `dtype` (bfloat16, QLoRA's compute dtype) from NF4 blocks of `block_size` weights;
@@ -128,7 +152,7 @@ def prepare_qlora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: floa
     if r < 1:  # checked before quantizing, so bad input leaves the model as it was
         raise LMStackError(f"LoRA rank r={r}: must be >= 1")
     quantize_model(model, "nf4", group_size=block_size, dtype=dtype, skip=tuple(skip))
-    return apply_lora(model, r, alpha, dropout, targets)
+    return apply_lora(model, r, alpha, dropout, targets, use_rslora)
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
@@ -172,14 +196,20 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def _hf_key(name: str) -> str:
-    """layers.3.attn.q -> base_model.model.model.layers.3.self_attn.q_proj (PEFT's prefix + HF's names)."""
+def _hf_module(name: str) -> str:
+    """layers.3.attn.q -> model.layers.3.self_attn.q_proj: the module's name in the Hugging Face model, which
+    PEFT matches target_modules, exclude_modules, rank_pattern and alpha_pattern against."""
     parts = name.split(".")
     block, kind, leaf = ".".join(parts[:2]), parts[2], parts[3]
     group = "self_attn" if kind == "attn" else "mlp"
     if kind == "mlp" and len(parts) > 4:
         raise LMStackError(f"PEFT export of {name!r} (mixture-of-experts layers) is not supported")
-    return f"base_model.model.model.{block}.{group}.{HF_NAMES[leaf]}"
+    return f"model.{block}.{group}.{HF_NAMES[leaf]}"
+
+
+def _hf_key(name: str) -> str:
+    """layers.3.attn.q -> base_model.model.model.layers.3.self_attn.q_proj (PEFT's prefix + HF's names)."""
+    return f"base_model.model.{_hf_module(name)}"
 
 
 def check_peft_exportable(model: nn.Module) -> None:
@@ -193,70 +223,199 @@ def check_peft_exportable(model: nn.Module) -> None:
 
 
 def save_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
-    """Write the adapters in PEFT's format."""
+    """Write the adapters in PEFT's format. The config states every setting that changes what PEFT computes
+    (rslora, per-module ranks and alphas; no DoRA, biases or extra modules), so PEFT applies exactly these."""
     if not getattr(model, "lora", None):
         raise LMStackError("the model has no LoRA adapters (apply_lora first)")
     check_peft_exportable(model)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    layers = lora_layers(model)
     tensors = {}
-    for name, layer in lora_layers(model):
+    for name, layer in layers:
         key = _hf_key(name)
         tensors[f"{key}.lora_A.weight"] = layer.lora_A.detach().contiguous().cpu()
         tensors[f"{key}.lora_B.weight"] = layer.lora_B.detach().contiguous().cpu()
     save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
     cfg = model.lora
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg["r"], "lora_alpha": cfg["alpha"],
-              "lora_dropout": cfg["dropout"], "target_modules": sorted(HF_NAMES[t] for t in cfg["targets"]),
-              "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
+    r, alpha = cfg["r"], cfg["alpha"]
+    # PEFT matches a bare "layers.0.self_attn.q_proj" as a suffix of the module name (target_modules) or as the
+    # regex (.*\.)?(pattern)$ (rank/alpha patterns): either way exactly that module.
+    wrapped = {name: _hf_module(name).removeprefix("model.") for name, _ in layers}
+    kinds = {_leaf(name) for name in wrapped}
+    every = {n for n, m in model.named_modules()
+             if isinstance(m, (nn.Linear, NF4Linear, LoRALinear)) and _leaf(n) in kinds}
+    # Adapters on every layer of their kinds are named by kind, as usual; otherwise (e.g. an adapter loaded with
+    # exclude_modules) each module is listed.
+    by_kind = set(wrapped) == every
+    target_modules = sorted(HF_NAMES[k] for k in kinds) if by_kind else sorted(wrapped.values())
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
+              "lora_dropout": cfg["dropout"], "target_modules": target_modules,
+              "use_rslora": bool(cfg.get("use_rslora", False)),
+              "rank_pattern": {wrapped[n]: layer.r for n, layer in layers if layer.r != r},
+              "alpha_pattern": {wrapped[n]: layer.alpha for n, layer in layers if layer.alpha != alpha},
+              "use_dora": False, "bias": "none", "modules_to_save": None, "layers_to_transform": None,
+              "layers_pattern": None, "init_lora_weights": True, "fan_in_fan_out": False, "inference_mode": True,
               "base_model_name_or_path": base_model_name_or_path}
     (path / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return path
 
 
+# adapter_config.json keys that load_peft applies, and keys that change nothing it computes (bookkeeping, or
+# options of features that are refused anyway). Every other key must be off (null, false, empty): PEFT keeps
+# adding options, and one lmstack does not know is refused rather than silently ignored.
+_PEFT_APPLIED = frozenset({"peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules",
+                           "use_rslora", "rank_pattern", "alpha_pattern", "bias", "init_lora_weights"})
+_PEFT_NO_EFFECT = frozenset({"task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
+                             "peft_version", "megatron_core", "qalora_group_size", "eva_config",
+                             "ensure_weight_tying",
+                             "fan_in_fan_out"})  # PEFT itself turns it off on nn.Linear layers
+_PEFT_WHY = {"use_dora": "DoRA's magnitude vectors", "bias": "trained biases", "lora_bias": "a bias on lora_B",
+             "modules_to_save": "fully trained copies of modules",
+             "layers_to_transform": "adapters on only some layers", "layers_pattern": "adapters on only some layers",
+             "init_lora_weights": "an initialisation that changes the base weights; convert the adapter with "
+                                  "PEFT's save_pretrained(path_initial_model_for_weight_conversion=...)"}
+_PEFT_INITS = ("gaussian", "orthogonal", "eva")  # initialisations of A and B only: the loaded weights replace them
+
+
+def _is_off(value: Any) -> bool:
+    return value is None or value is False or value in ("", [], {})
+
+
+def _check_peft_settings(cfg: dict[str, Any], where: Path) -> None:
+    """Raise naming every setting of a PEFT adapter config that lmstack cannot apply."""
+    refused = [k for k, v in cfg.items() if k not in _PEFT_APPLIED | _PEFT_NO_EFFECT and not _is_off(v)]
+    if cfg.get("bias", "none") != "none":
+        refused.append("bias")
+    init = cfg.get("init_lora_weights", True)
+    if not isinstance(init, bool) and init not in _PEFT_INITS:
+        refused.append("init_lora_weights")
+    if refused:
+        named = ", ".join(f"{k}={cfg[k]!r}" + (f" ({_PEFT_WHY[k]})" if k in _PEFT_WHY else "") for k in refused)
+        plural = "s" if len(refused) > 1 else ""
+        raise LMStackError(f"{where}: lmstack's LoRA cannot apply the PEFT setting{plural} {named}; it loads plain "
+                           f"LoRA adapters on {', '.join(HF_NAMES.values())}")
+
+
+def _peft_matches(spec: str | list[str] | None, module: str) -> bool:
+    """PEFT's rule for target_modules / exclude_modules: a string is a regex for the whole module name, a list
+    holds names or name suffixes."""
+    if not spec:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, module) is not None
+    return any(module == t or module.endswith(f".{t}") for t in spec)
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's get_pattern_key: the value of the first pattern that matches the end of the module name."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return value
+    return default
+
+
+def _peft_layers(model: nn.Module, cfg: dict[str, Any], where: Path) -> dict[str, tuple[int, float]]:
+    """The layers of `model` an adapter config targets, each with its (r, alpha), chosen by PEFT's rules."""
+    targets = cfg.get("target_modules")
+    if not targets:
+        raise LMStackError(f"{where}: no target_modules")
+    if isinstance(targets, str) and targets.lower() == "all-linear":
+        targets = list(HF_NAMES.values())  # every linear layer but the output head, as PEFT expands it
+    modules = {_hf_module(name): name for name in _wrappable(model)}
+    if isinstance(targets, list):
+        unknown = [t for t in targets if not any(_peft_matches([t], m) for m in modules)]
+        if unknown:
+            raise LMStackError(f"{where}: target modules {unknown} are not lmstack layers (LoRA goes on "
+                               f"{', '.join(HF_NAMES.values())})")
+    exclude = cfg.get("exclude_modules")
+    chosen = [m for m in modules if _peft_matches(targets, m) and not _peft_matches(exclude, m)]
+    if not chosen:
+        raise LMStackError(f"{where}: target_modules {targets!r} match no layer of the model")
+    r, alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)  # PEFT's defaults
+    ranks, alphas = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    return {modules[m]: (_pattern_value(ranks, m, r), _pattern_value(alphas, m, alpha)) for m in chosen}
+
+
 def load_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Apply a PEFT LoRA adapter directory to `model` (wrapping the layers it targets)."""
+    """Apply a PEFT LoRA adapter directory to `model` (wrapping the layers it targets) as PEFT does, with its
+    rslora scaling and per-module ranks and alphas. A setting lmstack cannot apply (DoRA, trained biases,
+    modules_to_save, ...) or a tensor in the file it would not use raises LMStackError naming it, with `model`
+    left as it was."""
     path = Path(path)
     config_file = path / "adapter_config.json"
     if not config_file.exists():
         raise LMStackError(f"{path}: no adapter_config.json")
-    cfg = json.loads(config_file.read_text())
+    try:
+        cfg = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise LMStackError(f"{config_file}: not valid JSON ({e})") from None
     if cfg.get("peft_type") != "LORA":
         raise LMStackError(f"{config_file}: peft_type {cfg.get('peft_type')!r} is not LORA")
-    to_ours = {v: k for k, v in HF_NAMES.items()}
-    targets = cfg["target_modules"]
-    targets = [targets] if isinstance(targets, str) else targets
-    unknown = [t for t in targets if t not in to_ours]
-    if unknown:
-        raise LMStackError(f"{config_file}: target modules {unknown} are not lmstack layers")
-    apply_lora(model, r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout", 0.0),
-               targets=[to_ours[t] for t in targets])
-    return load_adapter_weights(model, path)
+    _check_peft_settings(cfg, config_file)
+    check_peft_exportable(model)
+    layers = _peft_layers(model, cfg, config_file)
+    tensors = _read_adapter(path)
+    shapes = {}
+    for name, (r, _) in layers.items():
+        base = model.get_submodule(name)
+        shapes[f"{_hf_key(name)}.lora_A.weight"] = (name, [r, base.in_features])
+        shapes[f"{_hf_key(name)}.lora_B.weight"] = (name, [base.out_features, r])
+    _check_adapter_tensors(tensors, shapes, path)  # before wrapping, so a bad adapter leaves the model alone
+    use_rslora, dropout = bool(cfg.get("use_rslora", False)), cfg.get("lora_dropout") or 0.0
+    _wrap(model, layers, dropout, use_rslora)
+    targets = [k for k in HF_NAMES if any(_leaf(name) == k for name in layers)]
+    model.lora = {"r": cfg.get("r", 8), "alpha": cfg.get("lora_alpha", 8), "dropout": dropout, "targets": targets,
+                  "use_rslora": use_rslora}
+    _copy_adapter(model, tensors)
+    return model
+
+
+def _read_adapter(path: Path) -> dict[str, torch.Tensor]:
+    file = path / "adapter_model.safetensors"
+    if not file.exists():
+        raise LMStackError(f"{path}: no adapter_model.safetensors")
+    try:
+        return load_file(str(file))
+    except Exception as e:  # safetensors' own error type: a cut-off or corrupt file
+        raise LMStackError(f"{file}: unreadable ({e})") from None
+
+
+def _check_adapter_tensors(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[str, list[int]]],
+                           path: Path) -> None:
+    """The file must hold each expected tensor (name -> (lmstack layer, shape)) and nothing else: a tensor left
+    unused (DoRA magnitudes, biases, modules_to_save) would silently change the outputs."""
+    where = f"{path}/adapter_model.safetensors"
+    for key, (name, shape) in shapes.items():
+        t = tensors.get(key)
+        if t is None:
+            raise LMStackError(f"{where}: missing {key}")
+        if list(t.shape) != shape:
+            raise LMStackError(f"{where}: {key} has shape {list(t.shape)}, the base model's {name} needs {shape}")
+    extra = sorted(set(tensors) - set(shapes))
+    if extra:
+        more = f" and {len(extra) - 5} more" if len(extra) > 5 else ""
+        raise LMStackError(f"{where}: holds tensors that are not the LoRA A and B of the model's adapters, which "
+                           f"lmstack cannot apply: {', '.join(extra[:5])}{more}")
+
+
+def _copy_adapter(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, layer in lora_layers(model):
+            layer.lora_A.copy_(tensors[f"{_hf_key(name)}.lora_A.weight"])
+            layer.lora_B.copy_(tensors[f"{_hf_key(name)}.lora_B.weight"])
 
 
 def load_adapter_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Copy a PEFT adapter directory's A and B into a model that already has its LoRA layers (e.g. to resume
-    training), checking every name and shape. Returns the model."""
+    training), checking every name and shape, and that the file holds nothing else. Returns the model."""
     path = Path(path)
     layers = lora_layers(model)
     if not layers:
         raise LMStackError("the model has no LoRA adapters (apply_lora first)")
-    if not (path / "adapter_model.safetensors").exists():
-        raise LMStackError(f"{path}: no adapter_model.safetensors")
-    try:
-        tensors = load_file(str(path / "adapter_model.safetensors"))
-    except Exception as e:  # safetensors' own error type: a cut-off or corrupt file
-        raise LMStackError(f"{path / 'adapter_model.safetensors'}: unreadable ({e})") from None
-    for name, layer in layers:
-        key = _hf_key(name)
-        for which in ("lora_A", "lora_B"):
-            t = tensors.get(f"{key}.{which}.weight")
-            if t is None:
-                raise LMStackError(f"{path}/adapter_model.safetensors: missing {key}.{which}.weight")
-            target = getattr(layer, which)
-            if t.shape != target.shape:
-                raise LMStackError(f"{path}/adapter_model.safetensors: {key}.{which}.weight has shape "
-                                   f"{list(t.shape)}, the base model's {name} needs {list(target.shape)}")
-            with torch.no_grad():
-                target.copy_(t)
+    tensors = _read_adapter(path)
+    shapes = {f"{_hf_key(name)}.{which}.weight": (name, list(getattr(layer, which).shape))
+              for name, layer in layers for which in ("lora_A", "lora_B")}
+    _check_adapter_tensors(tensors, shapes, path)
+    _copy_adapter(model, tensors)
     return model
