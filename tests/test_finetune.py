@@ -85,8 +85,8 @@ def test_sft_through_the_cli_learns_the_assistant_turns(base, tmp_path):
 
 def test_lora_sft_resumes_exactly_and_its_adapter_loads_merged(base, tmp_path):
     data = _write(tmp_path / "chat.jsonl", _chats(100))
-    settings = dict(lora_r=4, lora_alpha=8, lora_targets=["q", "v", "down"], max_steps=6, checkpoint_interval=3,
-                    eval_interval=3)
+    settings = dict(lora_r=4, lora_alpha=8, lora_targets=["q", "v", "down"], lora_rslora=True, max_steps=6,
+                    checkpoint_interval=3, eval_interval=3)
     _, straight = _run(base, tmp_path / "a", "sft", data, **settings)
     _run(base, tmp_path / "b", "sft", data, **{**settings, "max_steps": 3})
     _run(base, tmp_path / "b", "sft", data, resume=True, **settings)
@@ -102,6 +102,7 @@ def test_lora_sft_resumes_exactly_and_its_adapter_loads_merged(base, tmp_path):
     # The checkpoint holds a PEFT adapter; loading it applies it to the base and merges.
     ckpt = tmp_path / "a" / "sft" / "checkpoints" / "step-0000006"
     assert (ckpt / "adapter_config.json").exists() and not (ckpt / "model.safetensors").exists()
+    assert json.loads((ckpt / "adapter_config.json").read_text())["use_rslora"] is True  # alpha / sqrt(r)
     merged = load_model(ckpt)
     from lmstack.train.lora import load_peft
 

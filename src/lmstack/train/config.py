@@ -71,6 +71,7 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: list[str] = field(default_factory=lambda: ["q", "v"])  # q, k, v, o, gate, up, down
+    lora_rslora: bool = False  # rank-stabilised LoRA: scale by alpha / sqrt(r), not alpha / r (PEFT's use_rslora)
     qlora: bool = False  # with lora_r: quantize the frozen base to 4-bit NF4
     # preference alignment and GRPO
     beta: float = 0.1  # DPO/IPO/KTO temperature, SimPO beta, ORPO lambda, GRPO KL coefficient

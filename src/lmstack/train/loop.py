@@ -198,7 +198,7 @@ def build_policy(cfg: TrainConfig, task: Task) -> torch.nn.Module:
         check_peft_exportable(decoder_of(model))  # LoRA checkpoints are PEFT adapters: fail now, not at a save
         wrap = prepare_qlora if cfg.qlora else apply_lora
         wrap(decoder_of(model), r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-             targets=cfg.lora_targets)
+             targets=cfg.lora_targets, use_rslora=cfg.lora_rslora)
     return model
 
 
