@@ -216,3 +216,15 @@ def test_cli_tokenizer_train_and_convert(tmp_path, capsys):
     out = capsys.readouterr().out
     info = json.loads(out[out.index("{"):])
     assert info["parameters"] == model.num_params() and info["config"]["vocab_size"] == 400
+
+
+def test_a_tensor_in_two_shards_is_named(tmp_path):
+    """Two copies of one tensor (a stale shard): which is the model's is not guessed."""
+    from safetensors.torch import save_file
+
+    from lmstack.checkpoints.hf import TensorSource
+
+    save_file({"a": torch.zeros(2), "b": torch.ones(2)}, str(tmp_path / "one.safetensors"))
+    save_file({"b": torch.zeros(2)}, str(tmp_path / "two.safetensors"))
+    with pytest.raises(LMStackError, match=r"tensor 'b' is in both .*one.safetensors and .*two.safetensors"):
+        TensorSource([tmp_path / "one.safetensors", tmp_path / "two.safetensors"])

@@ -153,3 +153,20 @@ def test_q8_0_export_keeps_rows_that_do_not_fit_its_blocks_in_f16(tmp_path):
     x = torch.randint(0, 300, (1, 16))
     with torch.no_grad():
         assert (lmstack.load_model(path)(x) - model(x)).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("preset,changes,match", [
+    ("tiny-gpt2", {}, "supports the llama, mistral and qwen2 families, not 'gpt2'"),
+    ("tiny-llama", {"n_expert": 4}, "supports the llama, mistral and qwen2 families"),
+    ("tiny-llama", {"sliding_window": 8, "family": "mistral"}, "no sliding window"),
+    ("tiny-llama", {"rotary_fraction": 0.5}, "rotary_fraction=0.5"),
+    ("tiny-llama", {"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope scaling 'yarn'"),
+])
+def test_gguf_export_refuses_what_llama_cpp_would_compute_differently(tmp_path, preset, changes, match):
+    from lmstack.checkpoints.gguf import save_gguf
+
+    tok = lmstack.Tokenizer.train(["plain ascii text only " * 40], vocab_size=300)
+    model = lmstack.DecoderLM(lmstack.ModelConfig.from_name(preset, vocab_size=300, **changes))
+    with pytest.raises(LMStackError, match=match):
+        save_gguf(model, tok, tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []  # nothing half-written

@@ -328,6 +328,9 @@ def save_gguf(model: Any, tokenizer: Tokenizer, path: str | os.PathLike, tensor_
         raise LMStackError(f"GGUF export supports the llama, mistral and qwen2 families, not {family!r}")
     if config.sliding_window is not None:
         raise LMStackError("GGUF export: llama.cpp's llama architecture has no sliding window")
+    if config.rotary_fraction != 1.0:  # llama.cpp's llama and qwen2 rotate whole heads
+        raise LMStackError(f"GGUF export: rotary_fraction={config.rotary_fraction} (a partial rotary) is not "
+                           "supported")
     if config.rope_type not in ("default", "linear"):
         raise LMStackError(f"GGUF export: rope scaling {config.rope_type!r} is not supported (default, linear)")
     if config.bias not in ("none", "qkv") or config.mlp != "swiglu":

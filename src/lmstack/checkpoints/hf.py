@@ -392,6 +392,8 @@ class TensorSource:
                 raise LMStackError(f"{f}: not a readable safetensors file ({e})") from None
             self._handles.append(handle)
             for key in handle.keys():  # noqa: SIM118 (safe_open is not iterable)
+                if key in self.where:  # which copy is the model's? Not for us to guess
+                    raise LMStackError(f"tensor {key!r} is in both {self.file_of[key]} and {f}")
                 self.where[key] = handle
                 self.file_of[key] = f
 
