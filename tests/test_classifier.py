@@ -3,16 +3,19 @@ directions, padding, losses, and clear errors for checkpoints that do not fit.""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 import transformers
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from lmstack import DecoderLM, LMStackError, ModelConfig
 from lmstack.models import SequenceClassifier
 from lmstack.models.classifier import last_token_index, load_classifier, save_classifier
+from lmstack.tokenizer import Tokenizer
+from lmstack.train.tasks import ClassifyTask, PreferenceTask
 from tests.parity.test_against_hf import _randomize
 
 TOL = 1e-4
@@ -163,8 +166,89 @@ def test_last_token_index():
     ids = torch.tensor([[5, 6, 0, 0], [0, 0, 7, 8], [1, 2, 3, 4]])
     assert last_token_index(ids, pad_token_id=0).tolist() == [1, 3, 3]
     mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
-    assert last_token_index(ids, key_padding=mask, pad_token_id=0).tolist() == [2, 0, 3]
+    # A real token equal to the pad id is not pooled (Hugging Face's rule); a row with none left gives 0.
+    assert last_token_index(ids, key_padding=mask, pad_token_id=0).tolist() == [1, 0, 3]
+    assert last_token_index(ids, key_padding=mask).tolist() == [2, 0, 3]
     assert last_token_index(ids).tolist() == [3, 3, 3]
+
+
+def test_real_pad_id_tokens_pool_as_transformers(hf_classifier):
+    """Rows that end in (and contain) real tokens equal to pad_token_id, as with pad = eos: lmstack's
+    loader scores transformers' checkpoint as transformers does, with key_padding and without."""
+    hf, tmp_path = hf_classifier
+    ours = load_classifier(tmp_path / "hf")
+    ids, mask = _batch(hf.config.vocab_size, lengths=(11, 6, 8))
+    ids[0, 10] = ids[1, 5] = ids[1, 2] = ids[2, 6] = ids[2, 7] = PAD  # real, and equal to the pad id
+    with torch.no_grad():
+        expected = hf(ids, attention_mask=mask.long()).logits
+        by_mask = ours(ids, key_padding=mask)
+        by_pad_id = ours(ids)
+    assert (by_mask - expected).abs().max().item() < TOL
+    assert (by_pad_id - expected).abs().max().item() < TOL
+
+
+def _chatml_tokenizer():
+    """A ChatML tokenizer whose pad token is its eos, the end of turn `<|im_end|>` (as SmolLM2-Instruct's)."""
+    words = ["the", "a", "cat", "dog", "sat", "ran", "on", "under", "mat", "log", "good", "bad"]
+    text = "\n".join(" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) for i in range(100))
+    return Tokenizer.train([text], 300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                           eos_token="<|im_end|>", pad_token="<|im_end|>", chat_template="chatml")
+
+
+def _task_batch(task_name: str, tok, tmp_path) -> dict:
+    """A batch as lmstack's reward or classify task collates it, from records whose inputs end in
+    `<|im_end|>` (the pad id)."""
+    if task_name == "reward":
+        records = [{"prompt": [{"role": "user", "content": "the cat sat"}], "chosen": "good mat",
+                    "rejected": "bad dog ran on the log"},
+                   {"prompt": "a dog ran", "chosen": "good", "rejected": "bad bad"}]  # text: eos appended
+        data = tmp_path / "pairs.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in records))
+        task = PreferenceTask("reward", tok, seed=0, data=str(data), val_data=None, block_size=64, beta=0.1)
+    else:
+        texts = [tok.apply_chat_template([{"role": "user", "content": c}, {"role": "assistant", "content": a}],
+                                         tokenize=False).rstrip()
+                 for c, a in [("the cat", "good"), ("a dog sat on the mat", "bad log")]]
+        data = tmp_path / "texts.jsonl"
+        data.write_text("".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in zip(texts, "ab")))
+        task = ClassifyTask(tok, seed=0, data=str(data), val_data=None, block_size=64, labels=None)
+    batch = task.collate("train", np.arange(task.size("train")))
+    ids, real = batch["input_ids"], batch["key_padding"]
+    last = real.sum(-1) - 1
+    assert (ids[torch.arange(len(ids)), last] == tok.pad_token_id).all()  # every input ends in the pad id
+    return batch
+
+
+@pytest.mark.parametrize("task_name", ["reward", "classify"])
+def test_pad_equal_to_eos_scores_the_same_in_transformers(task_name, tmp_path):
+    """A classifier on a tokenizer with pad = eos = <|im_end|>, fed as lmstack trains it, exported and loaded
+    in transformers, scores the same on a batch the transformers tokenizer right-pads."""
+    tok = _chatml_tokenizer()
+    batch = _task_batch(task_name, tok, tmp_path)
+    torch.manual_seed(0)
+    decoder = DecoderLM(ModelConfig.from_name("tiny-llama", vocab_size=len(tok), block_size=64))
+    labels = ["score"] if task_name == "reward" else ["a", "b"]
+    model = SequenceClassifier.from_decoder(decoder, labels, tok.pad_token_id).eval()  # as the training loop
+    _randomize(model)
+    ids, real = batch["input_ids"], batch["key_padding"]
+    with torch.no_grad():
+        trained_on = model(ids, key_padding=real)  # what the task's loss sees
+        by_pad_id = model(ids)
+
+    save_classifier(model, tmp_path / "out", tokenizer=tok)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["pad_token_id"] == tok.pad_token_id
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out", attn_implementation="eager").eval()
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    hf_tok.padding_side = "right"
+    assert hf_tok.pad_token_id == tok.pad_token_id
+    rows = [r[m].tolist() for r, m in zip(ids, real)]
+    padded = hf_tok.pad({"input_ids": rows}, return_tensors="pt")
+    with torch.no_grad():
+        theirs = hf(**padded).logits
+        alone = torch.cat([hf(torch.tensor([r])).logits for r in rows])
+    assert (theirs - trained_on).abs().max().item() < TOL
+    assert (alone - trained_on).abs().max().item() < TOL
+    assert (by_pad_id - trained_on).abs().max().item() < TOL  # lmstack without key_padding: the same
 
 
 @pytest.mark.parametrize(("labels", "match"), [([], "labels is empty"), (["a", "b", "a"], "'a' is listed more"),

@@ -3,7 +3,8 @@
 The decoder reads the whole sequence; the hidden state of its last real token, which has seen every other
 token, goes through one linear layer `score` to give a logit per class (one scalar for a reward model). The
 checkpoint layout is Hugging Face's: the decoder's tensors under `model.*` (GPT-2: `transformer.*`) plus
-`score.weight`, with `id2label` / `label2id` / `pad_token_id` in config.json.
+`score.weight`, with `id2label` / `label2id` / `pad_token_id` in config.json. "Real" means Hugging Face's rule:
+not the pad id (see `last_token_index`), so an exported model scores the same in transformers.
 """
 
 from __future__ import annotations
@@ -50,17 +51,27 @@ def _label_names(labels: Sequence[str] | int) -> list[str]:
 def last_token_index(
     input_ids: torch.Tensor, key_padding: torch.Tensor | None = None, pad_token_id: int | None = None
 ) -> torch.Tensor:
-    """The position of each row's rightmost real token, [B]: by `key_padding` (True = real) when given,
-    else by `pad_token_id` (as Hugging Face does), else the last position."""
+    """The position each row is pooled at, [B]: its rightmost token that is not `pad_token_id` (and is real,
+    True in `key_padding`, when that is given); without `pad_token_id`, the last real position by
+    `key_padding`, else the last position.
+
+    Hugging Face's `XForSequenceClassification` pools the rightmost token that is not `pad_token_id`, whatever
+    the attention mask says. So a real token equal to the pad id is skipped there: with pad = eos
+    (SmolLM2-Instruct's `<|im_end|>`, or GPT-2's `<|endoftext|>` set as pad) that is the eos or end of turn
+    closing every reward-model input. Skipping it here too, in training and in scoring, makes lmstack's
+    classifiers score in transformers (and TRL, which pools the same way) exactly as in lmstack. A pad id of
+    our own that never collides would not do: transformers users pad with the tokenizer's pad token, so
+    config.json must name that one.
+    """
     B, T = input_ids.shape
-    if key_padding is not None:
-        real = key_padding.bool()
-    elif pad_token_id is not None:
-        real = input_ids != pad_token_id
-    else:
+    real = key_padding.bool() if key_padding is not None else None
+    if pad_token_id is not None:
+        not_pad = input_ids != pad_token_id
+        real = not_pad if real is None else real & not_pad
+    if real is None:
         return torch.full((B,), T - 1, dtype=torch.long, device=input_ids.device)
     positions = torch.arange(T, device=input_ids.device)
-    return (positions * real).argmax(dim=-1)  # the largest real position (0 for a row of padding only)
+    return (positions * real).argmax(dim=-1)  # the largest such position (0 when a row has none, as in HF)
 
 
 class SequenceClassifier(nn.Module):
@@ -70,8 +81,9 @@ class SequenceClassifier(nn.Module):
     `(logits, loss)`: cross-entropy over class ids (-100 ignored) or, with one label (a scalar score, as in
     a reward model), mean squared error against float targets, as Hugging Face does. The body's LM head is
     dropped. `labels` are the class names in id order (an int n gives Hugging Face's LABEL_0..LABEL_{n-1});
-    `pad_token_id` (default: the config's) finds the last real token when no `key_padding` is passed. `model`
-    wraps an existing decoder instead of building a fresh one (see `from_decoder`).
+    `pad_token_id` (default: the config's) is never pooled: the head reads the rightmost token that is not
+    it, as Hugging Face does, among the real ones when `key_padding` is passed. `model` wraps an existing
+    decoder instead of building a fresh one (see `from_decoder`).
     """
 
     def __init__(

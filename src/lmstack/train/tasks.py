@@ -325,7 +325,10 @@ class PreferenceTask(Task):
             ids, labels = _completion_batch(pairs + mismatched, self.block_size, self.pad_id)
             return {"input_ids": ids, "labels": labels, "desirable": torch.tensor([r[2] for r in rows])}
         pairs = [(p, c) for p, c, _ in rows] + [(p, r) for p, _, r in rows]
-        if self.name == "reward":  # the head reads the whole text, its last token included
+        if self.name == "reward":
+            # The head reads the whole text, but pools as transformers does (see last_token_index): not a
+            # closing token equal to the pad id (pad = eos = <|im_end|> ends every answer), so the exported
+            # model scores the same there.
             ids, real = pad_right([(p + c)[-self.block_size:] for p, c in pairs], self.pad_id)
             return {"input_ids": ids, "key_padding": real}
         ids, labels = _completion_batch(pairs, self.block_size, self.pad_id)
