@@ -97,6 +97,34 @@ def test_logit_bias_and_bans_leave_the_input_alone():
     assert torch.equal(logits, LOGITS)
 
 
+def test_logit_bias_comes_before_the_repetition_penalty_as_in_transformers():
+    """transformers (and vLLM) add the bias first: a seen token's biased logit is then penalised."""
+    from transformers import RepetitionPenaltyLogitsProcessor, SequenceBiasLogitsProcessor
+
+    logits = torch.tensor([[-2.0, 1.0, 0.5, 3.0]])
+    params = SamplingParams(temperature=0, repetition_penalty=1.5, logit_bias={0: 5.0, 1: 1.0})
+    seen = torch.tensor([[True, True, False, False]])
+    ours = process_logits(logits, params, seen=seen)
+    assert torch.allclose(ours, torch.tensor([[3.0 / 1.5, 2.0 / 1.5, 0.5, 3.0]]))  # (x + b) / penalty
+    ids = torch.tensor([[0, 1]])
+    theirs = SequenceBiasLogitsProcessor({(0,): 5.0, (1,): 1.0})(ids, logits.clone())
+    theirs = RepetitionPenaltyLogitsProcessor(1.5)(ids, theirs)
+    assert torch.allclose(ours, theirs)
+
+
+def test_generate_ids_fills_what_was_asked():
+    """The training loop's samples: an empty prompt starts from token 0, and a prompt that fills the context
+    keeps its end with room for the reply, rather than returning nothing."""
+    from lmstack.generate import generate_ids
+
+    torch.manual_seed(0)
+    model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", vocab_size=64, block_size=32)).eval()
+    assert len(generate_ids(model, [], 10)) == 10
+    assert len(generate_ids(model, list(range(40)), 10)) == 10
+    assert generate_ids(model, list(range(40)), 10) == generate_ids(model, list(range(40))[-22:], 10)  # 32 - 10 kept
+    assert len(generate_ids(model, list(range(28)), 10)) == 4  # fits: kept whole, the context decides
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_processors_match_transformers(seed):
     g = torch.Generator().manual_seed(seed)

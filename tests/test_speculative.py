@@ -79,6 +79,29 @@ def test_prompt_lookup():
     assert prompt_lookup([5, 6, 7], 3) == []
 
 
+def test_greedy_fills_the_context_and_starts_from_an_empty_prompt(models):
+    """At the end of the context speculative greedy stops where the engine stops (no slot left unused), and
+    an empty prompt starts from the start token, as in the engine."""
+    target, draft, tok = models
+    prompt = tok.encode("First Citizen:\nBefore we proceed any further, hear me speak.")
+    room = target.config.block_size - len(prompt)
+    for drafter in (draft, "prompt_lookup"):
+        expected = Engine(target, tok).generate([prompt], max_new_tokens=room + 50, temperature=0,
+                                                 ignore_eos=True)[0]
+        out, _ = speculative_generate(target, tok, prompt, drafter, k=4, temperature=0,
+                                      max_new_tokens=room + 50, ignore_eos=True)
+        assert len(expected.token_ids) == room and out.token_ids == expected.token_ids
+        assert out.finish_reason == "length"
+        empty = Engine(target, tok).generate([[]], max_new_tokens=5, temperature=0, ignore_eos=True)[0]
+        out, _ = speculative_generate(target, tok, [], drafter, k=2, temperature=0, max_new_tokens=5,
+                                      ignore_eos=True)
+        assert out.token_ids == empty.token_ids and len(out.token_ids) == 5
+    with pytest.raises(LMStackError, match="no logprobs"):
+        speculative_generate(target, tok, prompt, "prompt_lookup", logprobs=2)
+    with pytest.raises(LMStackError, match="token id 999"):
+        speculative_generate(target, tok, [1, 999], "prompt_lookup")
+
+
 def test_bad_speculative_arguments(models):
     target, _, tok = models
     with pytest.raises(LMStackError, match="k=0"):

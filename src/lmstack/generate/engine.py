@@ -17,6 +17,7 @@ from lmstack.errors import LMStackError
 from lmstack.generate.sampling import (
     SamplingParams,
     check_stop_token_ids,
+    checked_prompt,
     logit_bias_vector,
     process_logits,
     reply_room,
@@ -197,13 +198,8 @@ class Engine:
         out = []
         V = self.model.config.vocab_size
         for i, p in enumerate(prompts):
-            ids = self.tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p]
-            if ids and not 0 <= min(ids) <= max(ids) < V:
-                bad = next(t for t in ids if not 0 <= t < V)
-                raise LMStackError(f"prompt {i} holds token id {bad}, outside the model's vocabulary of {V}")
-            if not ids:
-                ids = [self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None
-                       else self.tokenizer.eos_token_id or 0]
+            ids = checked_prompt(self.tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p],
+                                 self.tokenizer, V, i)
             if len(ids) >= self.max_seq_len and not params.truncate_prompt:
                 raise LMStackError(
                     f"prompt {i} has {len(ids)} tokens; the context holds {self.max_seq_len}, with room for "

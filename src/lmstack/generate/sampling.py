@@ -1,7 +1,7 @@
 """Sampling parameters and logits processors.
 
 Each processor is a plain function from logits [B, V] (float32) to logits, applied in the order Hugging Face
-applies them: penalties and biases first, then temperature, then the truncations (top-k, top-p, min-p,
+applies them: logit bias, then penalties, then temperature, then the truncations (top-k, top-p, min-p,
 typical-p). A removed token gets -inf. Definitions follow `transformers` (repetition penalty as in CTRL,
 top-p keeping the token that crosses p) and OpenAI (frequency and presence penalties over generated tokens).
 """
@@ -202,6 +202,18 @@ def reply_room(max_new_tokens: int, context: int) -> int:
     return max(1, min(max_new_tokens, context // 2))
 
 
+def checked_prompt(ids: list[int], tokenizer: Any, vocab_size: int, index: int = 0) -> list[int]:
+    """Prompt `index`'s token ids, each checked to be in the vocabulary; an empty prompt becomes the start
+    token (bos, else eos, else 0), since a model needs a token to predict from."""
+    if ids and not 0 <= min(ids) <= max(ids) < vocab_size:
+        bad = next(t for t in ids if not 0 <= t < vocab_size)
+        raise LMStackError(f"prompt {index} holds token id {bad}, outside the model's vocabulary of {vocab_size}")
+    if not ids:
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        return [start if start is not None else 0]
+    return ids
+
+
 def check_stop_token_ids(stop_token_ids: list[int], vocab_size: int) -> None:
     """Stop ids outside the vocabulary could never be sampled: a mistake, named as `logit_bias` is."""
     bad = [t for t in stop_token_ids if t >= vocab_size]
@@ -233,6 +245,10 @@ def process_logits(
     """All of `params`' processors on logits [B, V]; `seen`/`counts`/`histories` describe what came before,
     `bias` is `logit_bias_vector(params.logit_bias, ...)` if the caller keeps one. `logits` is not modified."""
     logits = logits.float()
+    if bias is None:
+        bias = logit_bias_vector(params.logit_bias, logits.size(-1), logits.device)
+    if bias is not None:  # first, as transformers and vLLM add it: a penalty then scales the biased logit
+        logits = logits + bias
     if params.repetition_penalty != 1.0 and seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if (params.frequency_penalty or params.presence_penalty) and counts is not None:
@@ -243,10 +259,6 @@ def process_logits(
         if banned:
             logits = logits.clone()
             logits[tuple(zip(*banned))] = NEG_INF
-    if bias is None:
-        bias = logit_bias_vector(params.logit_bias, logits.size(-1), logits.device)
-    if bias is not None:
-        logits = logits + bias
     if params.greedy:
         return logits
     if params.temperature != 1.0:
@@ -300,8 +312,11 @@ def generate_ids(
     device = model.embed.weight.device
     if getattr(model.config, "arch", "transformer") != "transformer":
         return _generate_recurrent(model, prompt_ids, max_new_tokens, temperature, top_k, stop_ids, generator)
-    total = min(len(prompt_ids) + max_new_tokens, model.config.block_size)
-    prompt_ids = prompt_ids[-total:] if prompt_ids else [0]
+    block = model.config.block_size
+    prompt_ids = list(prompt_ids) or [0]
+    if len(prompt_ids) >= block:  # no room for a token: keep the end, with room for the reply (`truncate_prompt`)
+        prompt_ids = prompt_ids[-max(1, block - reply_room(max_new_tokens, block)):]
+    total = min(len(prompt_ids) + max_new_tokens, block)
     was_training = model.training
     model.eval()
     model.setup_kv_cache(batch_size=1, max_seq_len=total, device=device)

@@ -19,6 +19,7 @@ from lmstack.generate.engine import Completion, tokens_spelling
 from lmstack.generate.sampling import (
     SamplingParams,
     check_stop_token_ids,
+    checked_prompt,
     process_logits,
     reply_room,
     sampling_params,
@@ -80,9 +81,9 @@ def speculative_generate(
     """Generate one completion with speculative decoding; `draft` is a model or "prompt_lookup"."""
     params = sampling_params(params, overrides)
     if params.repetition_penalty != 1.0 or params.frequency_penalty or params.presence_penalty \
-            or params.no_repeat_ngram_size or params.constraint or params.n != 1:
+            or params.no_repeat_ngram_size or params.constraint or params.n != 1 or params.logprobs is not None:
         raise LMStackError("speculative decoding supports temperature, top-k, top-p, min-p, typical-p, stop "
-                           "conditions and logit bias, with n=1")
+                           "conditions and logit bias, with n=1 and no logprobs")
     if k < 1:
         raise LMStackError(f"k={k}: must be >= 1")
     lookup = isinstance(draft, str)
@@ -96,7 +97,8 @@ def speculative_generate(
         raise LMStackError(f"draft is on {draft.embed.weight.device} but the target is on {device}: load both "
                            "on the same device")
     check_stop_token_ids(params.stop_token_ids, target.config.vocab_size)
-    ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    ids = checked_prompt(tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt],
+                         tokenizer, target.config.vocab_size)
     if params.truncate_prompt:  # as the engine does: room for max_new_tokens, or half the context (less k + 1)
         ids = ids[-max(1, block - k - 1 - reply_room(params.max_new_tokens, block)):]
     if params.max_new_tokens == 0 and len(ids) < block:  # as the engine: nothing to generate
@@ -177,7 +179,7 @@ def speculative_generate(
                 if any(s in text for s in params.stop):
                     finish = "stop"
                     break
-                if len(generated) >= params.max_new_tokens or len(tokens) >= total - 1:
+                if len(generated) >= params.max_new_tokens or len(tokens) >= total:  # the context is full
                     finish = "length"
                     break
             draft_len = min(draft_len, len(tokens) - 1)  # draft entries past a rejection are rewritten
