@@ -78,6 +78,27 @@ def test_the_grammar_wins_over_processors_that_ban_every_allowed_token(random_en
     assert [c.text for c in outs] == ["zzzz"] * 3 and {c.finish_reason for c in outs} == {"stop"}
 
 
+def test_character_level_tokenizers_are_constrained_too():
+    """llguidance cannot read a character tokenizer's decoder (Fuse) from tokenizer.json: it gets each token's
+    bytes instead. A vocabulary that cannot spell the grammar is a clear error, not a crash."""
+    tok = lmstack.Tokenizer.train_chars(['0123456789+= abc{}":,-'], special_tokens=["<eos>"])
+    torch.manual_seed(0)
+    model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", vocab_size=tok.vocab_size)).eval()
+    engine = Engine(model, tok, max_batch_size=8)
+    assert {c.text for c in engine.generate(["12+3="] * 8, choice=["15", "16"], temperature=1.0, seed=0)} \
+        <= {"15", "16"}
+    assert all(re.fullmatch("[0-9]{2,3}", c.text) for c in engine.generate(["1"] * 4, regex="[0-9]{2,3}",
+                                                                           temperature=1.0, seed=0))
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"enum": ["ab", "cc"]}},
+              "required": ["a", "b"], "additionalProperties": False}
+    for c in engine.generate(["x"] * 8, json_schema=schema, temperature=1.0, seed=0, max_new_tokens=200):
+        jsonschema.validate(json.loads(c.text), schema)
+    no_braces = lmstack.Tokenizer.train_chars(["0123456789 abc"], special_tokens=["<eos>"])
+    model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", vocab_size=no_braces.vocab_size))
+    with pytest.raises(LMStackError, match="can the tokenizer spell"):
+        Engine(model.eval(), no_braces).generate("x", json_schema={"type": "object"}, max_new_tokens=4)
+
+
 def test_cli_constraint_flags(tmp_path, capsys):
     """--json-schema reads a file or inline JSON (and names a value that is neither); --choice repeats."""
     from lmstack.cli import main

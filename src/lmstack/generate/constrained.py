@@ -53,7 +53,31 @@ def constraint_grammar(choice: list[str] | None = None, regex: str | None = None
 
 @lru_cache(maxsize=8)
 def _ll_tokenizer(tokenizer_json: str, n_vocab: int, eos: int | None) -> Any:
-    return _llguidance().LLTokenizer(tokenizer_json, n_vocab=n_vocab, eos_token=eos)
+    ll = _llguidance()
+    try:
+        return ll.LLTokenizer(tokenizer_json, n_vocab=n_vocab, eos_token=eos)
+    except ValueError:  # a decoder llguidance cannot read (a character tokenizer's Fuse): give it the bytes
+        return ll.LLTokenizer(ll.TokenizerWrapper(_TokenTable(tokenizer_json, n_vocab, eos)), n_vocab=n_vocab,
+                              eos_token=eos)
+
+
+class _TokenTable:
+    """What llguidance's TokenizerWrapper asks of a tokenizer: each id's bytes, the special ids and an
+    encoder. For tokenizers whose decoder llguidance does not read from tokenizer.json: a token's bytes are
+    then its decoding on its own, exact where tokens are whole characters (a character-level vocabulary)."""
+
+    def __init__(self, tokenizer_json: str, n_vocab: int, eos: int | None) -> None:
+        from tokenizers import Tokenizer as Backend
+
+        self._backend = Backend.from_str(tokenizer_json)
+        self.eos_token_id, self.bos_token_id = eos, None
+        special = {i for i, t in self._backend.get_added_tokens_decoder().items() if t.special}
+        self.special_token_ids = sorted(special | ({eos} if eos is not None else set()))
+        self.tokens = [self._backend.decode([i], skip_special_tokens=False).encode("utf-8")
+                       if self._backend.id_to_token(i) is not None else b"" for i in range(n_vocab)]
+
+    def __call__(self, text: str) -> list[int]:  # a str only: TokenizerWrapper probes with bytes first
+        return self._backend.encode(text, add_special_tokens=False).ids
 
 
 class Constraint:
@@ -96,8 +120,10 @@ class Constraint:
     def advance(self, row: int, token: int) -> bool:
         """Feed the sampled token; False when the grammar is complete and only eos may follow."""
         matcher = self.matchers[row]
-        if not matcher.consume_token(token):
-            raise RuntimeError(f"grammar engine refused token {token}: {matcher.get_error()}")
+        if not matcher.consume_token(token):  # it allowed nothing better: the vocabulary cannot spell the grammar
+            first = matcher.get_error().strip().splitlines()[0]
+            raise LMStackError(f"the grammar engine refused token {token} ({first}): can the tokenizer spell what "
+                               "the constraint requires?")
         return not matcher.is_stopped()
 
     def close(self) -> None:
