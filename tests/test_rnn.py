@@ -53,6 +53,8 @@ def test_state_carries_across_calls_and_checkpoint_round_trip(arch, tmp_path):
         assert torch.equal(again(ids), full)
     out = generate_ids(again, [1, 2, 3], 5, temperature=0)
     assert len(out) == 5
+    with pytest.raises(lmstack.LMStackError, match="runs Transformer models.*generate_ids"):
+        lmstack.Engine(again, lmstack.Tokenizer.train_chars(["abc"]))  # a clear error, not an AttributeError
 
 
 def test_lstm_trains_with_the_shared_loop(tmp_path):

@@ -608,6 +608,22 @@ def test_out_of_memory_says_what_to_change(char_shards, tmp_path, monkeypatch):
         pretrain(cfg)
 
 
+def test_a_model_that_could_not_be_saved_is_refused_before_training(char_shards, tmp_path, monkeypatch):
+    """Checkpoints are Hugging Face directories: a config the family cannot hold stops the run at its start,
+    not after every step has trained."""
+    from lmstack import DecoderLM
+    from lmstack.train.loop import pretrain
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a step ran")
+
+    monkeypatch.setattr(DecoderLM, "forward", no_training)
+    cfg = load_config(None, ["--data", str(char_shards), "--out_dir", str(tmp_path / "r"), *TINY,
+                             "--model", "tiny-llama", "--model.rotary_fraction", "0.5"])
+    with pytest.raises(LMStackError, match="rotary_fraction=0.5"):
+        pretrain(cfg)
+
+
 def test_publishing_a_step_again_replaces_it_whole(tmp_path):
     from lmstack.train import checkpoint as ckpt
 

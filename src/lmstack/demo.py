@@ -21,6 +21,7 @@ import torch
 
 import lmstack
 from lmstack.data.shards import prepare_shards
+from lmstack.errors import LMStackError
 from lmstack.evaluate import perplexity
 from lmstack.generate import generate_ids
 from lmstack.tokenizer import train_tokenizer
@@ -34,13 +35,25 @@ OUT = Path("runs/demo")
 def main(argv: list[str] | None = None) -> int:
     """`python -m lmstack.demo [--key value ...]`: the keys override `recipes/demo.yaml`'s (a quicker run:
     `--max_steps 100`)."""
-    return run(OUT, sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        print(main.__doc__)
+        return 0
+    try:
+        return run(OUT, argv)
+    except LMStackError as e:  # one line, as the CLI's errors
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 def run(out: Path, overrides: list[str]) -> int:
     """The demo, writing everything under `out` (which it empties first); `overrides` as on the command line."""
     start = time.time()
     corpus = REPO / "data" / "tinyshakespeare.txt"
+    # The recipe and overrides first: a mistake in them is found before the last demo's output is removed.
+    cfg = load_config(REPO / "recipes" / "demo.yaml", ["--progress", str(sys.stderr.isatty()), "--data",
+                                                       str(out / "shards"), "--out_dir", str(out / "pretrain"),
+                                                       *overrides])
     if out.exists():
         shutil.rmtree(out)  # the demo always starts from nothing
 
@@ -57,9 +70,6 @@ def run(out: Path, overrides: list[str]) -> int:
           f"{time.time() - t0:.1f}s")
 
     t0 = time.time()
-    cfg = load_config(REPO / "recipes" / "demo.yaml", ["--progress", str(sys.stderr.isatty()), "--data",
-                                                       str(out / "shards"), "--out_dir", str(out / "pretrain"),
-                                                       *overrides])
     summary = pretrain(cfg)
     print(f"[3] pretrain: {summary['steps']} steps in {time.time() - t0:.0f}s; validation loss "
           f"{summary['val_loss']:.3f} (best {summary['best_val_loss']:.3f})")

@@ -76,6 +76,10 @@ class Engine:
     def __init__(self, model: DecoderLM, tokenizer: Tokenizer, max_batch_size: int = 8,
                  max_seq_len: int | None = None, compile: bool = False, pack_weights: bool = True,
                  lookahead: bool | None = None) -> None:
+        arch = getattr(model.config, "arch", "transformer")
+        if arch != "transformer":  # the engine's batching lives in the Transformer's KV cache
+            raise LMStackError(f"the generation engine runs Transformer models, not a recurrent LM (arch {arch!r}); "
+                               "generate from one with lmstack.generate.generate_ids(model, prompt_ids, n)")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size

@@ -261,7 +261,9 @@ class NGramLM:
 
     @classmethod
     def from_arpa(cls, path: str | os.PathLike, vocab: dict[str, int] | None = None) -> NGramLM:
-        """Read an ARPA file; `vocab` maps its words to ids (default: the words are integers)."""
+        """Read an ARPA file; `vocab` maps its words to ids (default: the words are integers). ARPA's own
+        `<s>` and `<unk>`, where `vocab` has them, become `bos_id` and `unk_id`, as they were when written from
+        `word_sequences` output."""
         path = Path(path)
         text = path.read_text(encoding="utf-8").splitlines()
         sizes: dict[int, int] = {}
@@ -298,7 +300,8 @@ class NGramLM:
             raise LMStackError(f"{path}: no \\data\\ section (not an ARPA file)")
         order = max(sizes)
         vocab_size = len(vocab) if vocab is not None else max(g[0] for g, _, _ in tables[1]) + 1
-        model = cls(order, vocab_size, "modified_kneser_ney")
+        model = cls(order, vocab_size, "modified_kneser_ney", unk_id=(vocab or {}).get("<unk>"),
+                    bos_id=(vocab or {}).get("<s>"))
         model.logp = [{g: p for g, p, _ in tables[k]} for k in range(1, order + 1)]
         model.backoff = [{g: b for g, _, b in tables[k] if b is not None} for k in range(1, order + 1)]
         model.counts = [{g: 1 for g in table} for table in model.logp]  # marks the model as usable

@@ -199,6 +199,10 @@ def build_policy(cfg: TrainConfig, task: Task) -> torch.nn.Module:
         wrap = prepare_qlora if cfg.qlora else apply_lora
         wrap(decoder_of(model), r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
              targets=cfg.lora_targets, use_rslora=cfg.lora_rslora)
+    elif decoder_of(model).config.arch == "transformer":
+        from lmstack.checkpoints.hf import config_to_hf
+
+        config_to_hf(decoder_of(model).config)  # checkpoints are Hugging Face directories: fail now, not at a save
     return model
 
 

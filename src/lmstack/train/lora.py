@@ -191,9 +191,12 @@ def unmerge_lora(model: nn.Module) -> None:
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters."""
+    """(trainable, total) parameters. An NF4 layer's weights count as the in x out (+ bias) they stand for:
+    QLoRA keeps them as codes in buffers, not parameters."""
     params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    nf4 = sum(m.in_features * m.out_features + (m.bias.numel() if m.bias is not None else 0)
+              for m in model.modules() if isinstance(m, NF4Linear))
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + nf4
 
 
 def _hf_module(name: str) -> str:
