@@ -689,3 +689,16 @@ def test_decode_bench_peak_bandwidth_by_device_name(name, peak):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     assert bench.peak_bandwidth(name) == peak
+
+
+def test_lmstack_generate_is_the_function_and_the_package(tiny):
+    """`lmstack.generate(...)` generates, and its submodules are reached through it as paths."""
+    import importlib
+
+    import lmstack.generate.speculative
+
+    model, tok, _ = tiny
+    assert lmstack.generate(model, tok, "O", max_new_tokens=3, temperature=0)[0].token_ids == \
+        Engine(model, tok).generate("O", max_new_tokens=3, temperature=0)[0].token_ids
+    assert lmstack.generate.speculative.speculative_generate is not None
+    assert importlib.import_module("lmstack.generate.sampling").SamplingParams is SamplingParams

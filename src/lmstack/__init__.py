@@ -1,9 +1,10 @@
 """lmstack: the language-model stack from raw text to a served, evaluated model, on PyTorch."""
 
+from lmstack import generate  # the package, callable as the function (see lmstack.generate)
 from lmstack.checkpoints import load_model, load_tokenizer, save_model
 from lmstack.config import PRESETS, ModelConfig
 from lmstack.errors import LMStackError
-from lmstack.generate import Engine, SamplingParams, generate
+from lmstack.generate import Engine, SamplingParams
 from lmstack.models import DecoderLM
 from lmstack.tokenizer import Tokenizer
 

@@ -207,7 +207,7 @@ class Engine:
             if len(ids) >= self.max_seq_len and not params.truncate_prompt:
                 raise LMStackError(
                     f"prompt {i} has {len(ids)} tokens; the context holds {self.max_seq_len}, with room for "
-                    f"a new token at most {self.max_seq_len - 1} (set truncate_prompt=True to keep its end)")
+                    f"a new token at most {self.max_seq_len - 1} (truncate_prompt=True, or --truncate-prompt, keeps its end)")
             if params.truncate_prompt:  # keep the end, leaving room for max_new_tokens or half the context
                 ids = ids[-max(1, self.max_seq_len - reply_room(params.max_new_tokens, self.max_seq_len)):]
             out.append(ids)

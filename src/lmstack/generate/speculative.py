@@ -106,7 +106,7 @@ def speculative_generate(
     total = min(len(ids) + params.max_new_tokens + k + 1, block)
     if len(ids) >= total - k - 1:
         raise LMStackError(f"prompt of {len(ids)} tokens leaves no room in the context of {block} "
-                           f"(set truncate_prompt=True to keep its end)")
+                           f"(truncate_prompt=True, or --truncate-prompt, keeps its end)")
     if not lookup and draft.config.block_size < total:  # the draft holds the same tokens as the target
         raise LMStackError(f"draft: its block_size of {draft.config.block_size} is smaller than the {total} "
                            f"tokens this call needs (prompt, max_new_tokens and k + 1); lower max_new_tokens "
