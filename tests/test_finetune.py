@@ -355,6 +355,7 @@ def test_recipe_list_items_take_the_item_type(base, tmp_path):
     cfg = load_config(recipe)
     assert cfg.labels == ["0", "1"]
     assert load_config(None, ["--labels", "[0, 1]"]).labels == ["0", "1"]
+    assert load_config(None, ["--labels", "neg, pos"]).labels == ["neg", "pos"]  # as eval classify takes them
     task = ClassifyTask(load_tokenizer(base), 0, str(data), None, 64, cfg.labels, val_fraction=0.1)
     assert task.labels == ["0", "1"] and len(task.data["train"]) + len(task.data["val"]) == 20
     recipe.write_text("labels: [negative, [positive]]\n")

@@ -135,7 +135,9 @@ def _coerce(name: str, value: Any, kind: Any) -> Any:
         origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin in (list, dict):  # given as YAML on the command line
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            parsed = yaml.safe_load(value)
+            # `--labels neg,pos` as well as `--labels "[neg, pos]"`, as `lmstack eval classify` takes them
+            value = [v.strip() for v in value.split(",")] if origin is list and isinstance(parsed, str) else parsed
         if value is None:  # a key left empty in YAML
             value = origin()
         if not isinstance(value, origin):
