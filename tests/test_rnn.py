@@ -75,3 +75,27 @@ def test_lstm_trains_with_the_shared_loop(tmp_path):
     assert val[-1] < 0.6 * val[0]  # a repetitive text is learned
     model = lmstack.load_model(tmp_path / "r" / "checkpoints" / "step-0000060")
     assert isinstance(model, RNNLM) and model.config.arch == "lstm"
+
+
+def test_native_checkpoints_must_match_their_config(tmp_path):
+    """A recurrent LM's checkpoint whose config.json was edited (fewer layers, a tied head over a stored one,
+    no lmstack_config) is refused by name, as the Hugging Face loader refuses a mismatch."""
+    model = build_model(ModelConfig(arch="lstm", vocab_size=50, n_embd=16, n_head=1, n_layer=2,
+                                    tie_embeddings=False))
+    lmstack.save_model(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for change, match in ((dict(n_layer=1), "unexpected tensor 'layers.1"),
+                          (dict(tie_embeddings=True), "unexpected tensor 'lm_head.weight'")):
+        edited = {**config, "lmstack_config": {**config["lmstack_config"], **change}}
+        (tmp_path / "config.json").write_text(json.dumps(edited))
+        with pytest.raises(lmstack.LMStackError, match=match):
+            lmstack.load_model(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "lmstack"}))
+    with pytest.raises(lmstack.LMStackError, match="needs an 'lmstack_config' object"):
+        lmstack.load_model(tmp_path)
+    with pytest.raises(lmstack.LMStackError, match="not a config.json.*pass the checkpoint directory"):
+        lmstack.load_model(tmp_path / "model.safetensors")
+    from lmstack.checkpoints.gguf import save_gguf
+
+    with pytest.raises(lmstack.LMStackError, match="recurrent LM"):
+        save_gguf(model, lmstack.Tokenizer.train_chars(["abc"]), tmp_path / "m.gguf")

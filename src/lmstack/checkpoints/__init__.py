@@ -105,12 +105,20 @@ def load_native(path: str | os.PathLike, dtype: torch.dtype | None = None,
 
     build = build or build_model
     path = Path(path)
-    config = ModelConfig.from_dict(read_hf_config(path)["lmstack_config"])
+    stored = read_hf_config(path).get("lmstack_config")
+    if not isinstance(stored, dict):
+        raise LMStackError(f"{path}/config.json: model_type {NATIVE!r} needs an 'lmstack_config' object")
+    config = ModelConfig.from_dict(stored)
     source = TensorSource([path / "model.safetensors"])
     with torch.device("meta"):
         expected = {k: v.shape for k, v in build(config).state_dict().items()}
     if config.tie_embeddings:
         expected.pop("lm_head.weight", None)
+    unexpected = sorted(set(source.keys()) - set(expected))
+    if unexpected:  # weights the config has no place for: the config does not describe this file
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise LMStackError(f"{path}/model.safetensors: unexpected tensor {unexpected[0]!r}{more} for the "
+                           "model config.json describes")
     state = {}
     for key, shape in expected.items():
         if key not in source.where:

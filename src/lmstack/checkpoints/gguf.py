@@ -323,6 +323,8 @@ def save_gguf(model: Any, tokenizer: Tokenizer, path: str | os.PathLike, tensor_
     from lmstack.checkpoints.hf import family_of
 
     config: ModelConfig = model.config
+    if config.arch != "transformer":
+        raise LMStackError(f"GGUF export: a recurrent LM (arch {config.arch!r}) has no llama.cpp architecture")
     family = family_of(config)
     if family not in ("llama", "mistral", "qwen2") or config.n_expert:
         raise LMStackError(f"GGUF export supports the llama, mistral and qwen2 families, not {family!r}")

@@ -50,7 +50,10 @@ def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
     if not file.exists():
         raise LMStackError(f"{path}: no config.json (not a Hugging Face checkpoint directory)")
     try:
-        config = json.loads(file.read_text())
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        hint = ": pass the checkpoint directory that holds it" if file.suffix == ".safetensors" else ""
+        raise LMStackError(f"{file}: not a config.json (binary, not UTF-8 text){hint}") from None
     except json.JSONDecodeError as e:
         raise LMStackError(f"{file}: not valid JSON ({e})") from None
     if not isinstance(config, dict):
