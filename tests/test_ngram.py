@@ -5,7 +5,9 @@ import math
 import numpy as np
 import pytest
 
+import lmstack
 from lmstack import LMStackError
+from lmstack.data.shards import TokenShards
 from lmstack.models.ngram import NGramLM
 from tests.conftest import REPO
 
@@ -161,6 +163,16 @@ def test_compare_runs_every_rung(tmp_path):
     assert rows[1]["bits_per_byte"] < rows[0]["bits_per_byte"]  # context helps even on a small corpus
     assert "| Elman RNN |" in (tmp_path / "out" / "compare.md").read_text()
     assert (tmp_path / "out" / "compare.png").stat().st_size > 5_000
+    # Held out by characters: the tokenizer, the counts and the training runs saw the first 90% only
+    seen = (tmp_path / "out" / "train.txt").read_text()
+    assert seen == TEXT[:150_000][:int(150_000 * 0.9)]
+    shards = TokenShards(tmp_path / "out" / "shards")
+    assert len(shards["train"]) + len(shards["val"]) == len(lmstack.load_tokenizer(
+        tmp_path / "out" / "shards" / "tokenizer").encode(seen)) + 1  # + the eos after the document
+    # run again into the same directory: its own earlier outputs are replaced, not refused
+    again = compare(corpus, tmp_path / "out", vocab_size=512, orders=(2,), steps=4, block_size=64,
+                    batch_size=4, max_val_chars=4000)
+    assert again[0]["bits_per_byte"] == pytest.approx(rows[1]["bits_per_byte"])  # same data, same 2-gram
 
 
 def test_word_level_model_with_unknown_words():

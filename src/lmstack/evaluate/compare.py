@@ -8,10 +8,12 @@ models train with the one training loop; the table and a plot are written to the
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+from lmstack.data.readers import iter_texts
 from lmstack.data.shards import TokenShards, prepare_shards
 from lmstack.errors import LMStackError
 from lmstack.evaluate.perplexity import perplexity, scored_span
@@ -39,11 +41,18 @@ def compare(corpus: str | Path, out_dir: str | Path, vocab_size: int = 2048, ord
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = train_tokenizer([corpus], vocab_size=vocab_size)
-    prepare_shards([corpus], tok, out / "shards", progress=False, workers=1)
+    for name in ("shards", *NEURAL):  # compare's own outputs of an earlier call: it starts from nothing
+        shutil.rmtree(out / name, ignore_errors=True)
+    # Held out by characters, before anything is tokenized: the tokenizer, the counts and the training runs
+    # see the first 90% only (a split of the token stream would not fall where the text is cut), and every
+    # model is scored on the same last 10%. JSONL and Parquet records are read by their text field.
+    text = "\n\n".join(iter_texts([corpus]))
+    cut = int(len(text) * 0.9)
+    (out / "train.txt").write_text(text[:cut], encoding="utf-8")
+    val_text = text[cut:][:max_val_chars]
+    tok = train_tokenizer([out / "train.txt"], vocab_size=vocab_size)
+    prepare_shards([out / "train.txt"], tok, out / "shards", progress=False, workers=1)  # its own 10%: eval
     shards = TokenShards(out / "shards")
-    text = Path(corpus).read_text(encoding="utf-8", errors="replace")
-    val_text = text[int(len(text) * 0.9):][:max_val_chars]
     val_ids, _, n_bytes = scored_span(tok, val_text)
     rows = []
     for order in orders:
@@ -77,7 +86,8 @@ def _write(rows: list[dict[str, Any]], out: Path, vocab_size: int, steps: int) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines = [f"Validation: the last 10% of the corpus; byte-level BPE of {vocab_size} tokens; neural models "
+    lines = [f"Validation: the last 10% of the corpus's characters, which no model (nor the tokenizer) saw; "
+             f"byte-level BPE of {vocab_size} tokens; neural models "
              f"{steps} steps.", "",
              "| model | parameters / n-grams | train time (s) | bits per byte | perplexity (per token) |",
              "|---|---|---|---|---|"]
