@@ -219,3 +219,20 @@ def test_a_bad_record_in_the_char_vocabulary_pass_gives_the_hint(tmp_path, capsy
     assert main(["data", "prepare", "--input", str(tmp_path / "d.jsonl"), "--tokenizer", "char", "--output",
                  str(tmp_path / "out"), "--on-bad-record", "skip", "--val-fraction", "0"]) == 0
     assert "skipped 1 bad records" in capsys.readouterr().err
+
+
+def test_an_optimizer_state_that_is_not_a_pickle_of_tensors_is_named(tmp_path):
+    import pickle
+
+    from lmstack.train.checkpoint import read_trainer_state
+
+    state = tmp_path / "step-1" / "trainer_state"
+    state.mkdir(parents=True)
+    (state / "state.json").write_text(json.dumps({"step": 1}))
+    for content in (b"garbage, not a pickle" * 4, pickle.dumps(object)):
+        (state / "optimizer.pt").write_bytes(content)
+        with pytest.raises(LMStackError, match=r"trainer_state: unreadable trainer state: optimizer.pt \(corrupt"):
+            read_trainer_state(tmp_path / "step-1", 0)
+    (state / "state.json").write_text("[1]")
+    with pytest.raises(LMStackError, match=r"unreadable trainer state: state.json \(no step number\)"):
+        read_trainer_state(tmp_path / "step-1", 0)

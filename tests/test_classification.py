@@ -114,3 +114,14 @@ def test_report_lists_every_number():
     assert "weighted avg" in text
     matrix = lines[lines.index("confusion matrix (rows = true, columns = predicted):") + 1:]
     assert [r.split() for r in matrix] == [["ham", "spam"], ["ham", "1", "1"], ["spam", "0", "2"]]
+
+
+@pytest.mark.parametrize("batch_size", [0, -1])
+def test_predict_labels_needs_a_batch_of_at_least_one(batch_size):
+    import lmstack
+    from lmstack.evaluate.classify import predict_labels
+
+    model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", vocab_size=300))
+    tokenizer = lmstack.Tokenizer.train(["a few words to learn from"] * 4, vocab_size=300)
+    with pytest.raises(LMStackError, match=f"batch_size {batch_size}: must be >= 1"):
+        predict_labels(model, tokenizer, ["a", "b"], labels=["x", "y"], batch_size=batch_size)

@@ -143,3 +143,75 @@ def test_an_empty_recipe_key_is_an_empty_setting(tmp_path):
     recipe.write_text("data: d\nmodel_overrides:\nsample_prompts:\n")
     cfg = load_config(recipe, ["--model.n_layer", "1"])
     assert cfg.model_overrides == {"n_layer": 1} and cfg.sample_prompts == []
+
+
+def _common(shards, out):
+    return ["--data", str(shards), "--out_dir", str(out), "--block_size", "32", "--log_interval", "1",
+            "--eval_interval", "5", "--eval_batches", "1", "--progress", "false", "--model.n_layer", "1",
+            "--model.dropout", "0", "--warmup_steps", "2", "--batch_size", "2", "--checkpoint_interval", "5"]
+
+
+def test_resuming_at_or_below_the_checkpoints_step_is_refused(shards, tmp_path):
+    run(shards, tmp_path / "r", "--batch_size", "2", "--checkpoint_interval", "5")
+    metrics = (tmp_path / "r" / "metrics.jsonl").read_text()
+    for steps in ("3", "5"):
+        cfg = load_config(None, [*_common(shards, tmp_path / "r"), "--max_steps", steps])
+        with pytest.raises(LMStackError, match=rf"max_steps {steps} is not past the last checkpoint's step 5 "
+                                               r"\(.*step-0000005\)"):
+            train(cfg, resume=True)
+    assert (tmp_path / "r" / "metrics.jsonl").read_text() == metrics  # nothing appended
+    assert [p.name for p in (tmp_path / "r" / "checkpoints").iterdir()] == ["step-0000005"]
+
+
+@pytest.mark.parametrize("stop_at,expected", [
+    (7, r"stopped: the last checkpoint is \S+step-0000005; continue the run with `lmstack pretrain --resume \S+r`"),
+    (2, r"stopped before the first checkpoint of \S+r \(checkpoint_interval 5\): nothing to resume from"),
+])
+def test_ctrl_c_says_where_the_last_checkpoint_is(shards, tmp_path, monkeypatch, capsys, stop_at, expected):
+    import re
+
+    from lmstack.cli import main
+    from lmstack.train import loop
+
+    real = loop.lr_at
+
+    def lr_at(step, cfg):
+        if step == stop_at:
+            raise KeyboardInterrupt
+        return real(step, cfg)
+
+    monkeypatch.setattr(loop, "lr_at", lr_at)
+    assert main(["pretrain", *_common(shards, tmp_path / "r"), "--max_steps", "10"]) == 130
+    err = capsys.readouterr().err
+    assert re.search(expected, err) and err.endswith("interrupted\n") and "Traceback" not in err, err
+    if stop_at == 7:  # nothing was written from the interrupted step, and the command given works
+        assert [p.name for p in (tmp_path / "r" / "checkpoints").iterdir()] == ["step-0000005"]
+        monkeypatch.setattr(loop, "lr_at", real)
+        assert main(["pretrain", "--resume", str(tmp_path / "r")]) == 0
+
+
+def test_pretraining_from_a_checkpoint_checks_its_tokenizer_and_vocabulary(shards, tmp_path):
+    import torch
+
+    run(shards, tmp_path / "r", "--batch_size", "2")
+    own = tmp_path / "r" / "checkpoints" / "step-0000005"
+    base = ["--data", str(shards), "--block_size", "32", "--max_steps", "1", "--eval_interval", "5",
+            "--eval_batches", "1", "--progress", "false", "--batch_size", "2", "--init_from", "checkpoint"]
+    assert train(load_config(None, [*base, "--out_dir", str(tmp_path / "a"), "--model", str(own)]))["steps"] == 1
+
+    small = tmp_path / "small"  # no tokenizer to compare: the vocabulary is still checked
+    config = lmstack.ModelConfig.from_name("tiny-llama", vocab_size=10, n_layer=1, block_size=32)
+    torch.manual_seed(0)
+    lmstack.save_model(lmstack.DecoderLM(config), small)
+    with pytest.raises(LMStackError, match=rf"the checkpoint {small} has vocab_size 10, smaller than the data's "
+                                           r"\d+ .*token ids would be out of range"):
+        train(load_config(None, [*base, "--out_dir", str(tmp_path / "b"), "--model", str(small)]))
+
+    other = tmp_path / "other"  # a larger vocabulary, but another tokenizer
+    text = (REPO / "data" / "tinyshakespeare.txt").read_text()[:20_000]
+    tok = lmstack.Tokenizer.train([text], vocab_size=300)
+    config = lmstack.ModelConfig.from_name("tiny-llama", vocab_size=300, n_layer=1, block_size=32)
+    lmstack.save_model(lmstack.DecoderLM(config), other, tokenizer=tok)
+    with pytest.raises(LMStackError, match=rf"the checkpoint {other} has another tokenizer \(sha256 \w+\) than the "
+                                           rf"data {shards} was prepared with \(sha256 \w+\)"):
+        train(load_config(None, [*base, "--out_dir", str(tmp_path / "c"), "--model", str(other)]))

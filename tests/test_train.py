@@ -661,3 +661,43 @@ def test_prepare_from_a_script_on_standard_input(tmp_path):
     assert done.returncode == 0, done.stderr
     prepare_shards([corpus], Tokenizer.train_chars([corpus.read_text()]), tmp_path / "b", workers=2, progress=False)
     assert (tmp_path / "a" / "train.bin").read_bytes() == (tmp_path / "b" / "train.bin").read_bytes()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--min_lr", "-1e-5"], "min_lr must be >= 0, got -1e-05"),
+    (["--learning_rate", "0"], "learning_rate must be > 0, got 0.0"),
+    (["--learning_rate", "-1"], "learning_rate must be > 0"),
+    (["--learning_rate", "nan"], "learning_rate must be a finite number, got nan"),
+    (["--beta1", "1"], r"beta1 must be in \[0, 1\), got 1.0"),
+    (["--beta2", "-0.1"], r"beta2 must be in \[0, 1\)"),
+    (["--weight_decay", "-0.1"], "weight_decay must be >= 0"),
+    (["--task", "dpo", "--beta", "-0.1"], "beta must be >= 0"),
+    (["--task", "dpo", "--beta", "0"], "beta must be > 0 for dpo"),
+    (["--val_fraction", "1"], r"val_fraction must be in \[0, 1\)"),
+    (["--val_fraction", "-0.1"], r"val_fraction must be in \[0, 1\)"),
+    (["--seed", "-1"], "seed must be >= 0, got -1"),
+    (["--sample_tokens", "-3"], "sample_tokens must be >= 0, got -3"),
+    (["--warmup_steps", "-1"], "warmup_steps must be >= 0"),
+    (["--grad_clip", "-1"], "grad_clip must be >= 0"),
+    (["--keep_checkpoints", "-1"], "keep_checkpoints must be >= 0"),
+    (["--lr_decay_steps", "0"], "lr_decay_steps must be >= 1"),
+    (["--sample_top_k", "-1"], "sample_top_k must be >= 0"),
+    (["--lora_r", "-2"], "lora_r must be >= 0"),
+    (["--lora_dropout", "1"], r"lora_dropout must be in \[0, 1\)"),
+    (["--label_smoothing", "0.5"], r"label_smoothing must be in \[0, 0.5\)"),
+    (["--task", "grpo", "--temperature", "0"], "temperature must be > 0 for GRPO"),
+    (["--batch_size", "0"], "batch_size must be >= 1, got 0"),
+    (["--grad_accum", "-1"], "grad_accum must be >= 1"),
+    (["--max_steps", "0"], "max_steps must be >= 1"),
+    (["--eval_interval", "0"], "eval_interval must be >= 1"),
+])
+def test_settings_out_of_range_are_named(args, message):
+    with pytest.raises(LMStackError, match=message):
+        load_config(None, ["--data", "d", *args])
+
+
+def test_settings_at_the_edges_of_their_ranges_are_accepted():
+    cfg = load_config(None, ["--data", "d", "--min_lr", "0", "--beta1", "0", "--weight_decay", "0", "--seed", "0",
+                             "--val_fraction", "0", "--sample_top_k", "0", "--grad_clip", "0", "--warmup_steps", "0",
+                             "--lr_decay_steps", "none", "--task", "grpo", "--beta", "0"])
+    assert cfg.beta == 0 and cfg.sample_top_k == 0  # GRPO without the KL penalty, sampling without top-k

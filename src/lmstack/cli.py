@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,15 +17,85 @@ from typing import NoReturn
 from lmstack.errors import LMStackError
 
 
+def _at_least(value: int | None, minimum: int, flag: str) -> None:
+    """Refuse a numeric flag below `minimum` (None, the flag not given, passes)."""
+    if value is not None and value < minimum:
+        raise LMStackError(f"{flag} {value}: must be >= {minimum}")
+
+
+def _read_text_file(value: str, flag: str, what: str) -> str:
+    """The text of the file a flag names, with one line (naming the file) when it is not UTF-8 text."""
+    path = Path(value)
+    if path.is_dir():
+        raise LMStackError(f"{flag} {value}: a directory, not {what}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise LMStackError(f"{flag} {value}: not UTF-8 text (byte {e.start}), so not {what}") from None
+
+
+# What a checkpoint directory holds: a file among these given as --model means its directory was meant.
+_CHECKPOINT_FILE_SUFFIXES = (".safetensors", ".json", ".jinja", ".bin", ".pt")
+
+
+def _newest_checkpoint(run: Path) -> Path | None:
+    steps = sorted(p for p in (run / "checkpoints").glob("step-*") if p.is_dir())
+    return steps[-1] if steps else None
+
+
+def _is_training_run(path: Path) -> bool:
+    return path.is_dir() and ((path / "metrics.jsonl").exists() or (path / "checkpoints").is_dir())
+
+
+def _check_model(value: str | os.PathLike, flag: str = "--model") -> None:
+    """Refuse, with what to pass instead, a model path that cannot be a checkpoint: a missing path, a file
+    that is not a .gguf (a checkpoint's own file, or anything else), or a training run directory."""
+    path = Path(value)
+    if not path.exists():
+        raise LMStackError(f"{flag} {value}: no such checkpoint (expected a checkpoint directory or .gguf file)")
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return
+        if path.suffix in _CHECKPOINT_FILE_SUFFIXES:
+            raise LMStackError(f"{flag} {value}: a file, where a checkpoint directory is expected; pass the "
+                               f"directory that holds it ({path.parent})")
+        raise LMStackError(f"{flag} {value}: not a checkpoint directory or .gguf file")
+    if _is_training_run(path) and not any(path.glob("*.safetensors")):
+        newest = _newest_checkpoint(path)
+        instead = (f"pass one of its checkpoints, RUN/checkpoints/step-N (the newest: {newest})" if newest
+                   else "it has no checkpoint yet")
+        raise LMStackError(f"{flag} {value}: a training run directory, not a checkpoint; {instead}")
+
+
+def _check_output(source: str | os.PathLike, output: str | os.PathLike, flag: str) -> None:
+    """Refuse an output that is the source, or a directory holding something other than a checkpoint (an
+    earlier output is replaced; a training run or a training checkpoint, which a resumed run reads, is not)."""
+    src, dst = Path(source), Path(output)
+    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
+        raise LMStackError(f"{flag} {output}: that is the source model; write the output elsewhere")
+    if not dst.is_dir() or not any(dst.iterdir()):
+        return
+    if _is_training_run(dst):
+        raise LMStackError(f"{flag} {output}: a training run directory (it holds metrics.jsonl or checkpoints/), "
+                           "which the output would overwrite; write it elsewhere")
+    if (dst / "trainer_state").exists():
+        raise LMStackError(f"{flag} {output}: a training checkpoint (it holds trainer_state/, which a resumed run "
+                           "reads); write the output elsewhere")
+    if not (dst / "config.json").is_file() or not any(dst.glob("*.safetensors")):
+        raise LMStackError(f"{flag} {output}: not empty and not a checkpoint directory; pass a new or empty "
+                           "directory (or an earlier output, to replace it)")
+
+
 def _tokenizer_train(args: argparse.Namespace) -> None:
     from lmstack.tokenizer import train_tokenizer
 
+    _at_least(args.min_frequency, 0, "--min-frequency")
     template = args.chat_template
     if template and template != "chatml":
         path = Path(template)
         if not path.exists():
             raise LMStackError(f"--chat-template {template!r}: not 'chatml' and no such file")
-        template = path.read_text()
+        template = _read_text_file(template, "--chat-template", "a Jinja template")
     tok = train_tokenizer(
         args.input, args.vocab_size, text_field=args.text_field, special_tokens=args.special_tokens,
         min_frequency=args.min_frequency, bos_token=args.bos_token, eos_token=args.eos_token,
@@ -57,6 +128,8 @@ def _convert(args: argparse.Namespace) -> None:
     from lmstack.checkpoints import load_model, load_tokenizer, save_model
 
     src, dst = Path(args.source), Path(args.destination)
+    _check_model(src, "convert source")
+    _check_output(src, dst, "convert destination")
     _refuse_quantized(src, "convert it", "convert the model it was quantized from")
     model = load_model(src, dtype=args.dtype)
     tokenizer = None
@@ -117,14 +190,20 @@ def _pretrain(args: argparse.Namespace, overrides: list[str]) -> None:
         if not saved.exists():
             raise LMStackError(f"{run}: no config.json (not a training run directory)")
         config_path = args.config or saved
+        if not args.config:
+            _read_text_file(saved, "--resume", "a training run's config.json")
         overrides = [*overrides, "--out_dir", str(run)]
     else:
         if not args.config and not overrides:
             raise LMStackError("give a recipe with --config, or --key value settings")
         config_path = args.config
+    if args.config and Path(args.config).is_file():
+        _read_text_file(args.config, "--config", "a YAML recipe")
     if getattr(args, "task", None):
         overrides = [*overrides, "--task", args.task]
     cfg = load_config(config_path, overrides)
+    if not args.resume and (cfg.task != "pretrain" or cfg.init_from == "checkpoint"):
+        _check_model(cfg.model, "model")  # the checkpoint to start from
     summary = train(cfg, resume=bool(args.resume))
     if summary.get("checkpoint"):
         ppl = f"perplexity {summary['val_ppl']:.2f}, " if "val_ppl" in summary else ""
@@ -133,10 +212,21 @@ def _pretrain(args: argparse.Namespace, overrides: list[str]) -> None:
               f"model: {summary['checkpoint']}" + (f"; curve: {summary['plot']}" if "plot" in summary else ""))
 
 
+_PLOT_FORMATS = (".png", ".pdf", ".svg")
+
+
 def _plot(args: argparse.Namespace) -> None:
     from lmstack.train.metrics import plot_losses
 
-    print(f"wrote {plot_losses(args.run_dir, args.output)}")
+    out = None
+    if args.output:
+        out = Path(args.output)
+        if out.is_dir():
+            out = out / "loss.png"
+        elif out.suffix.lower() not in _PLOT_FORMATS:
+            raise LMStackError(f"--output {args.output}: the image's name must end in {', '.join(_PLOT_FORMATS)} "
+                               "(its format), or name a directory to write loss.png in")
+    print(f"wrote {plot_losses(args.run_dir, out)}")
 
 
 def _eval_classify(args: argparse.Namespace) -> None:
@@ -147,6 +237,8 @@ def _eval_classify(args: argparse.Namespace) -> None:
     from lmstack.evaluate.classify import predict_labels
     from lmstack.train.tasks import read_classification
 
+    _at_least(args.batch_size, 1, "--batch-size")
+    _check_model(args.model)
     model = load_model(args.model, dtype="float32", device=args.device)
     tokenizer = load_tokenizer(args.model)
     labels = args.labels.split(",") if args.labels else getattr(model, "labels", None)
@@ -167,12 +259,14 @@ def _eval_perplexity(args: argparse.Namespace) -> None:
     from lmstack.data.readers import ReadStats, iter_texts
     from lmstack.evaluate import perplexity
 
+    _at_least(args.max_chars, 1, "--max-chars")
+    _check_model(args.model)
     model = load_model(args.model, dtype="float32", device=args.device)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     stats = ReadStats()
     text = "\n\n".join(iter_texts(args.data, args.text_field, stats=stats))
     _note_not_utf8(stats.replaced_bytes_files, stats.replacement_chars)
-    if args.max_chars:
+    if args.max_chars is not None:
         text = text[: args.max_chars]
     result = perplexity(model, tokenizer, text, max_length=args.max_length, stride=args.stride,
                         progress=sys.stderr.isatty())
@@ -189,7 +283,7 @@ def _sampling_params(args: argparse.Namespace):
             bias[int(token)] = float(value)
         except ValueError:
             raise LMStackError(f"--logit-bias {item!r}: expected TOKEN_ID=BIAS") from None
-    grammar = Path(args.grammar).read_text() if args.grammar else None
+    grammar = _read_text_file(args.grammar, "--grammar", "a Lark grammar") if args.grammar else None
     return SamplingParams(
         json_schema=_json_schema(args.json_schema), regex=args.regex, choice=args.choice, grammar=grammar,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -209,7 +303,7 @@ def _json_schema(value: str | None) -> dict | None:
     except OSError:  # inline JSON too long to be a file name
         is_file = False
     try:
-        return json.loads(Path(value).read_text() if is_file else value)
+        return json.loads(_read_text_file(value, "--json-schema", "a JSON Schema") if is_file else value)
     except ValueError as e:
         if is_file:
             raise LMStackError(f"--json-schema {value}: the file is not JSON ({e})") from None
@@ -235,6 +329,7 @@ def _load_engine(args: argparse.Namespace):
     from lmstack.checkpoints import load_model, load_tokenizer
     from lmstack.generate import Engine
 
+    _check_model(args.model)
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     return Engine(model, load_tokenizer(args.tokenizer or args.model), max_batch_size=max(1, args.n))
 
@@ -276,6 +371,8 @@ def _generate(args: argparse.Namespace) -> None:
         from lmstack.checkpoints import load_model
         from lmstack.generate.speculative import speculative_generate
 
+        if args.speculative != "prompt_lookup":
+            _check_model(args.speculative, "--speculative")
         draft = args.speculative if args.speculative == "prompt_lookup" else load_model(
             args.speculative, dtype=args.dtype, device=args.device)
         out, stats = speculative_generate(engine.model, engine.tokenizer, prompt, draft, k=args.draft_k,
@@ -416,6 +513,9 @@ def _quantize(args: argparse.Namespace) -> None:
     from lmstack.models import DecoderLM
     from lmstack.quantize import model_bytes, quantize_model, save_quantized
 
+    _at_least(args.eval_chars, 1, "--eval-chars")
+    _check_model(args.model)
+    _check_output(args.model, args.output, "--output")
     _refuse_quantized(Path(args.model), "quantize it again", "quantize the model it was quantized from")
     model = load_model(args.model, dtype="float32")
     if not isinstance(model, DecoderLM):
@@ -475,6 +575,7 @@ def _info(args: argparse.Namespace) -> None:
     from lmstack.config import ModelConfig
 
     path = Path(args.model)
+    _check_model(path, "info")
     if path.suffix == ".gguf":
         from lmstack.checkpoints import load_model
 
@@ -607,7 +708,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "or the data's)")
     cls.add_argument("--prompt", default="{text}\nLabel: ", help="language models: the prompt, with {text}")
     cls.add_argument("--chat", action="store_true", help="language models: send the prompt as a chat turn")
-    cls.add_argument("--batch-size", type=int, default=16)
+    cls.add_argument("--batch-size", type=int, default=16, help="texts per forward pass (>= 1)")
     cls.add_argument("--output", default=None, help="also write the metrics as JSON")
     cls.add_argument("--device", default=None)
     cls.set_defaults(func=_eval_classify)
@@ -622,7 +723,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     plot = verbs.add_parser("plot", help="draw a run's loss curves to RUN_DIR/loss.png")
     plot.add_argument("run_dir")
-    plot.add_argument("--output", default=None)
+    plot.add_argument("--output", default=None, help="an image file (.png, .pdf or .svg), or a directory "
+                      "to write loss.png in (default: RUN_DIR/loss.png)")
     plot.set_defaults(func=_plot)
 
     quant = verbs.add_parser("quantize", help="weight-only int8 / int4 quantization of a checkpoint")
@@ -664,6 +766,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except UnicodeDecodeError as e:  # a last resort: a file read as text that is not UTF-8
+        if args.debug:
+            raise
+        print(f"error: a file read as text is not UTF-8 ({e.reason} at byte {e.start}): is it the file or "
+              "directory the command expects? (--debug shows where)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

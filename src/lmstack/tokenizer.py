@@ -172,6 +172,8 @@ class Tokenizer:
         `split_pattern` is the pre-tokenizer regex (the GPT-4 / Llama 3 rule by default; None for GPT-2's).
         With `chat_template="chatml"` the ChatML template and its tokens are added.
         """
+        if not 0 <= min_frequency < 2**64:  # the trainer's count is unsigned 64-bit
+            raise LMStackError(f"min_frequency {min_frequency}: must be >= 0 (and below 2**64)")
         special = list(dict.fromkeys(special_tokens))
         if chat_template == "chatml":
             chat_template = CHATML_TEMPLATE

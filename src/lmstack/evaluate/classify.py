@@ -26,6 +26,8 @@ def predict_labels(model: torch.nn.Module, tokenizer: Tokenizer, texts: Sequence
     """The predicted label of each text. `labels` is required for a language model (the choices) and, for a
     classifier, must match its own label names when given. With `chat`, the prompt goes through the chat
     template as a user turn."""
+    if batch_size < 1:
+        raise LMStackError(f"batch_size {batch_size}: must be >= 1")
     if isinstance(model, SequenceClassifier):
         if labels is not None and list(labels) != model.labels:
             raise LMStackError(f"the classifier's labels are {model.labels}, not {list(labels)}")

@@ -13,6 +13,7 @@ previous checkpoint or the new one, never half of one.
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import re
 import shutil
@@ -112,14 +113,21 @@ def latest_checkpoint(run_dir: Path) -> Path:
 def read_trainer_state(ckpt: Path, rank: int) -> tuple[dict[str, Any], Any, dict[str, Any]]:
     """(state.json, optimizer state, this rank's RNG state); tensors are read with weights_only=True."""
     folder = ckpt / "trainer_state"
+    file = folder / "state.json"
     try:
-        state = json.loads((folder / "state.json").read_text())
-        optimizer = torch.load(folder / "optimizer.pt", weights_only=True, map_location="cpu")
-        rng_file = folder / f"rng-rank{rank}.pt"
-        rng = torch.load(rng_file, weights_only=True) if rng_file.exists() else {}
-    except (OSError, json.JSONDecodeError, RuntimeError, EOFError, ValueError) as e:  # missing, cut off, corrupt
+        state = json.loads(file.read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise ValueError("no step number")
+        file = folder / "optimizer.pt"
+        optimizer = torch.load(file, weights_only=True, map_location="cpu")
+        file = folder / f"rng-rank{rank}.pt"
+        rng = torch.load(file, weights_only=True) if file.exists() else {}
+    except (OSError, json.JSONDecodeError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        # missing, cut off, corrupt (weights_only refuses a pickle of anything but tensors and containers)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LMStackError(f"{folder}: unreadable trainer state ({first})") from None
+        if isinstance(e, pickle.UnpicklingError):  # its message advises weights_only=False: not for a corrupt file
+            first = "corrupt, or not tensors alone"
+        raise LMStackError(f"{folder}: unreadable trainer state: {file.name} ({first})") from None
     return state, optimizer, rng
 
 

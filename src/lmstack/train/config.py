@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -106,6 +107,40 @@ class TrainConfig:
                      "checkpoint_interval", "eval_batches"):
             if getattr(self, name) < 1:
                 raise LMStackError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        """Numbers out of range: each would crash mid-run with a traceback or train wrongly without a word."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise LMStackError(f"{f.name} must be a finite number, got {value}")
+        at_least_zero = ("seed", "warmup_steps", "keep_checkpoints", "sample_tokens", "lora_r", "min_lr",
+                         "weight_decay", "grad_clip", "sample_temperature", "label_smoothing", "rpo_alpha",
+                         "temperature", "beta")
+        for name in at_least_zero:
+            if getattr(self, name) < 0:
+                raise LMStackError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr_decay_steps is not None and self.lr_decay_steps < 1:
+            raise LMStackError(f"lr_decay_steps must be >= 1 (or none: max_steps), got {self.lr_decay_steps}")
+        if self.sample_top_k is not None and self.sample_top_k < 0:
+            raise LMStackError(f"sample_top_k must be >= 0 (0 or none: no limit), got {self.sample_top_k}")
+        if self.learning_rate <= 0:
+            raise LMStackError(f"learning_rate must be > 0, got {self.learning_rate}")
+        for name in ("beta1", "beta2", "val_fraction", "lora_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise LMStackError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.label_smoothing >= 0.5:
+            raise LMStackError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.task in ("dpo", "ipo", "kto", "simpo") and self.beta <= 0:
+            raise LMStackError(f"beta must be > 0 for {self.task} (it is the loss's temperature), got {self.beta}")
+        if self.lora_r and self.lora_alpha <= 0:
+            raise LMStackError(f"lora_alpha must be > 0, got {self.lora_alpha}")
+        if self.task == "grpo" and self.max_new_tokens < 1:
+            raise LMStackError(f"max_new_tokens must be >= 1 for GRPO, got {self.max_new_tokens}")
+        if self.task == "grpo" and self.temperature <= 0:  # greedy completions of a prompt are all the same
+            raise LMStackError(f"temperature must be > 0 for GRPO (a group's completions must differ), "
+                               f"got {self.temperature}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -220,7 +255,9 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         if not p.exists():
             raise LMStackError(f"{p}: no such recipe")
         try:
-            values = yaml.safe_load(p.read_text()) or {}
+            values = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise LMStackError(f"{p}: not UTF-8 text (byte {e.start}), so not a YAML recipe") from None
         except yaml.YAMLError as e:  # its message spans lines (a caret diagram): keep the problem and place
             mark = getattr(e, "problem_mark", None)
             where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

@@ -175,6 +175,22 @@ def build_task(cfg: TrainConfig) -> Task:
                           **options.get(cfg.task, {}))
 
 
+def check_checkpoint_tokenizer(cfg: TrainConfig) -> None:
+    """Pretraining from a checkpoint: its tokenizer must be the one the shards were tokenized with (when
+    both say which), or every token id would mean another token to the model."""
+    from lmstack.data.shards import tokenizer_hash
+
+    data_hash = TokenShards(cfg.data).meta.get("tokenizer_sha256")
+    model_dir = Path(cfg.model)
+    if not data_hash or not (model_dir / "tokenizer.json").is_file():
+        return
+    model_hash = tokenizer_hash(load_tokenizer(model_dir))
+    if model_hash != data_hash:
+        raise LMStackError(f"the checkpoint {model_dir} has another tokenizer (sha256 {model_hash[:12]}) than "
+                           f"the data {cfg.data} was prepared with (sha256 {data_hash[:12]}): prepare the data "
+                           f"with `lmstack data prepare --tokenizer {model_dir}`")
+
+
 def build_policy(cfg: TrainConfig, task: Task) -> torch.nn.Module:
     """The model to train: a new or loaded LM, a classification / reward head on a loaded LM, and LoRA
     adapters (on a 4-bit NF4 base with QLoRA) when `lora_r` is set."""
@@ -263,6 +279,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
     rt = setup_runtime(cfg)
     try:
         return _train(cfg, resume, rt)
+    except KeyboardInterrupt:
+        if rt.is_main:  # the CLI then prints "interrupted" and exits non-zero
+            print(interrupted_message(cfg), file=sys.stderr, flush=True)
+        raise
     except torch.cuda.OutOfMemoryError:
         raise LMStackError(
             f"out of GPU memory at batch_size={cfg.batch_size}, block_size={cfg.block_size}: lower batch_size "
@@ -273,6 +293,19 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
 
 
 pretrain = train  # the name pretraining callers know
+
+
+def interrupted_message(cfg: TrainConfig) -> str:
+    """What a Ctrl-C leaves: the last complete checkpoint (none is written from the interrupted step) and
+    the command that continues from it."""
+    run_dir = Path(cfg.out_dir)
+    verb = "pretrain" if cfg.task == "pretrain" else f"finetune {cfg.task}"
+    found = ckpt.list_checkpoints(run_dir)
+    if not found:
+        return (f"stopped before the first checkpoint of {run_dir} (checkpoint_interval {cfg.checkpoint_interval}): "
+                "nothing to resume from; start the run again")
+    return (f"stopped: the last checkpoint is {found[-1]}; continue the run with "
+            f"`lmstack {verb} --resume {run_dir}`")
 
 
 def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
@@ -288,6 +321,11 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
         diffs = config_differences(saved_config, cfg)
         if diffs:
             raise LMStackError(f"{run_dir}: cannot resume with a different config: " + "; ".join(diffs))
+        state, optim_state, rng = ckpt.read_trainer_state(resume_from, rt.rank)
+        start_step = state["step"]
+        if cfg.max_steps <= start_step:
+            raise LMStackError(f"{run_dir}: max_steps {cfg.max_steps} is not past the last checkpoint's step "
+                               f"{start_step} ({resume_from}): give a larger --max_steps to train on")
         old_end = saved_config.get("lr_decay_steps") or saved_config.get("max_steps")
         new_end = cfg.lr_decay_steps or cfg.max_steps
         if rt.is_main and old_end != new_end:
@@ -303,19 +341,20 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
     # Seed before building the model so initial weights (and new heads, adapters) are reproducible.
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
+    if cfg.task == "pretrain" and cfg.init_from == "checkpoint":
+        check_checkpoint_tokenizer(cfg)
     model = build_policy(cfg, task)
     decoder = decoder_of(model)
     if cfg.task == "pretrain" and decoder.config.vocab_size < task.vocab_size:
-        raise LMStackError(f"model vocab_size {decoder.config.vocab_size} is smaller than the data's "
-                           f"{task.vocab_size}")
+        source = f"the checkpoint {cfg.model}" if cfg.init_from == "checkpoint" else f"model {cfg.model}"
+        raise LMStackError(f"{source} has vocab_size {decoder.config.vocab_size}, smaller than the data's "
+                           f"{task.vocab_size} ({cfg.data}): its token ids would be out of range")
     if resume_from is not None:
-        state, optim_state, rng = ckpt.read_trainer_state(resume_from, rt.rank)
         saved_world = ckpt.saved_world_size(resume_from, state)
         if saved_world != rt.world_size:  # batch_size is per process: the global batch would change
             raise LMStackError(f"{run_dir}: cannot resume with a different number of processes: the run had "
                                f"{saved_world}, now {rt.world_size} (batch_size is per process)")
         restore_weights(model, resume_from, cfg)
-        start_step = state["step"]
     if not fsdp:  # FSDP moves each block to the device as it shards it: no device ever holds the whole model
         model.to(rt.device)
     model.train()
@@ -465,82 +504,84 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
         return time.perf_counter()
 
     t_last, tokens_since = time.perf_counter(), 0
-    for step in range(start_step, cfg.max_steps):
-        evaluating, saving = step % cfg.eval_interval == 0, step % cfg.checkpoint_interval == 0 and step > start_step
-        if evaluating or saving:
-            paused = device_clock()  # the clock stops here: tok/s and MFU count training steps only
-            if evaluating:  # evaluation reads no training RNG: redoing it on resume changes nothing
-                log_eval(step)
-                samples(step)
-            if saving:
-                save(step)
-            t_last += time.perf_counter() - paused
+    try:  # a Ctrl-C ends the bar's line, so that what is printed next starts a line of its own
+        for step in range(start_step, cfg.max_steps):
+            evaluating, saving = step % cfg.eval_interval == 0, step % cfg.checkpoint_interval == 0 and step > start_step
+            if evaluating or saving:
+                paused = device_clock()  # the clock stops here: tok/s and MFU count training steps only
+                if evaluating:  # evaluation reads no training RNG: redoing it on resume changes nothing
+                    log_eval(step)
+                    samples(step)
+                if saving:
+                    save(step)
+                t_last += time.perf_counter() - paused
 
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        items = task.draw("train", step, rows * cfg.grad_accum)
-        items = items.reshape(cfg.grad_accum, rt.world_size, cfg.batch_size)[:, rt.rank]
-        step_loss = torch.zeros((), device=rt.device)
-        step_metrics: dict[str, torch.Tensor] = {}
-        batches = [task.collate("train", items[micro]) for micro in range(cfg.grad_accum)]
-        # Weigh each micro-batch's mean loss by what it averages over (tokens, for SFT), all processes
-        # together, so the step's loss is the mean over the global batch however it is split.
-        weights = [float(task.weight(b, items[m])) for m, b in enumerate(batches)]
-        total = sum(weights)
-        if rt.distributed:  # host values, so a single process never waits on the device here
-            total_t = torch.tensor(total, device=rt.device)
-            dist.all_reduce(total_t)
-            total = total_t.item()
-        shares = [w * rt.world_size / max(total, 1.0) for w in weights]
-        for micro, batch in enumerate(batches):
-            if "input_ids" in batch:
-                tokens_since += batch["input_ids"].numel() * rt.world_size
-            batch = _to_device(batch, rt.device)
-            sync = micro == cfg.grad_accum - 1
-            no_sync = model.no_sync() if rt.distributed and not fsdp and not sync else contextlib.nullcontext()
-            if fsdp:
-                model.set_requires_gradient_sync(sync)
-            with no_sync, compute_context(rt.device, precision):
-                loss, metrics = task.loss(forward, batch)
-                loss = loss * shares[micro]
-            scaler.scale(loss).backward()
-            step_loss += loss.detach()
-            for name, value in metrics.items():
-                step_metrics[name] = step_metrics.get(name, 0) + value.detach().float().to(rt.device) * shares[micro]
-        if cfg.grad_clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            items = task.draw("train", step, rows * cfg.grad_accum)
+            items = items.reshape(cfg.grad_accum, rt.world_size, cfg.batch_size)[:, rt.rank]
+            step_loss = torch.zeros((), device=rt.device)
+            step_metrics: dict[str, torch.Tensor] = {}
+            batches = [task.collate("train", items[micro]) for micro in range(cfg.grad_accum)]
+            # Weigh each micro-batch's mean loss by what it averages over (tokens, for SFT), all processes
+            # together, so the step's loss is the mean over the global batch however it is split.
+            weights = [float(task.weight(b, items[m])) for m, b in enumerate(batches)]
+            total = sum(weights)
+            if rt.distributed:  # host values, so a single process never waits on the device here
+                total_t = torch.tensor(total, device=rt.device)
+                dist.all_reduce(total_t)
+                total = total_t.item()
+            shares = [w * rt.world_size / max(total, 1.0) for w in weights]
+            for micro, batch in enumerate(batches):
+                if "input_ids" in batch:
+                    tokens_since += batch["input_ids"].numel() * rt.world_size
+                batch = _to_device(batch, rt.device)
+                sync = micro == cfg.grad_accum - 1
+                no_sync = model.no_sync() if rt.distributed and not fsdp and not sync else contextlib.nullcontext()
+                if fsdp:
+                    model.set_requires_gradient_sync(sync)
+                with no_sync, compute_context(rt.device, precision):
+                    loss, metrics = task.loss(forward, batch)
+                    loss = loss * shares[micro]
+                scaler.scale(loss).backward()
+                step_loss += loss.detach()
+                for name, value in metrics.items():
+                    step_metrics[name] = step_metrics.get(name, 0) + value.detach().float().to(rt.device) * shares[micro]
+            if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
 
-        if step % cfg.log_interval == 0 or step == cfg.max_steps - 1:
-            names = sorted(step_metrics)
-            values = torch.stack([step_loss, *(step_metrics[n] for n in names)])
-            if rt.distributed:
-                dist.all_reduce(values, op=dist.ReduceOp.AVG)
-            loss_value, *metric_values = values.tolist()  # the one host sync per logged step
-            now = time.perf_counter()
-            # The first step after a start also compiles and warms up: it gives no throughput figure.
-            tok_s = tokens_since / (now - t_last) if step > start_step else None
-            t_last, tokens_since = now, 0
-            mfu = flops * tok_s / (peak * rt.world_size) if peak and tok_s is not None else None
-            if rt.is_main:
-                record = {"step": step, "loss": loss_value, "lr": lr, **dict(zip(names, metric_values))}
-                if tok_s is not None:
-                    record["tok_per_s"] = round(tok_s, 1)
-                if cfg.task == "pretrain":
-                    record["tokens"] = rows * cfg.grad_accum * cfg.block_size * (step + 1)
-                if mfu is not None:
-                    record["mfu"] = round(mfu, 4)
-                log.log(record)
-                bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:,.0f}" if tok_s is not None else "-",
-                                mfu=f"{mfu:.1%}" if mfu is not None else "-", lr=f"{lr:.2e}", refresh=False)
-        if step == start_step:  # the warm-up step is left out of the first window
-            t_last, tokens_since = device_clock(), 0
-        bar.update(1)
-    bar.close()
+            if step % cfg.log_interval == 0 or step == cfg.max_steps - 1:
+                names = sorted(step_metrics)
+                values = torch.stack([step_loss, *(step_metrics[n] for n in names)])
+                if rt.distributed:
+                    dist.all_reduce(values, op=dist.ReduceOp.AVG)
+                loss_value, *metric_values = values.tolist()  # the one host sync per logged step
+                now = time.perf_counter()
+                # The first step after a start also compiles and warms up: it gives no throughput figure.
+                tok_s = tokens_since / (now - t_last) if step > start_step else None
+                t_last, tokens_since = now, 0
+                mfu = flops * tok_s / (peak * rt.world_size) if peak and tok_s is not None else None
+                if rt.is_main:
+                    record = {"step": step, "loss": loss_value, "lr": lr, **dict(zip(names, metric_values))}
+                    if tok_s is not None:
+                        record["tok_per_s"] = round(tok_s, 1)
+                    if cfg.task == "pretrain":
+                        record["tokens"] = rows * cfg.grad_accum * cfg.block_size * (step + 1)
+                    if mfu is not None:
+                        record["mfu"] = round(mfu, 4)
+                    log.log(record)
+                    bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:,.0f}" if tok_s is not None else "-",
+                                    mfu=f"{mfu:.1%}" if mfu is not None else "-", lr=f"{lr:.2e}", refresh=False)
+            if step == start_step:  # the warm-up step is left out of the first window
+                t_last, tokens_since = device_clock(), 0
+            bar.update(1)
+    finally:
+        bar.close()
 
     final_step = cfg.max_steps
     last_val = log_eval(final_step)

@@ -1,0 +1,151 @@
+"""The CLI on input that is the wrong thing: an output that would overwrite a training run or the source, a
+file where a checkpoint directory is expected, a file that is not UTF-8 text, a count below its minimum, a
+plot file of no known format. Each is one `error:` line and exit status 1, never a traceback, and nothing is
+written or lost."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import lmstack
+from lmstack import LMStackError
+from lmstack.cli import main
+from tests.conftest import REPO
+
+BINARY = bytes(range(128, 256)) * 4  # not UTF-8 from its first byte
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    text = (REPO / "data" / "tinyshakespeare.txt").read_text()[:20_000]
+    tok = lmstack.Tokenizer.train([text], vocab_size=300)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("m") / "model"
+    lmstack.save_model(lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", vocab_size=300)), path,
+                       tokenizer=tok)
+    return path
+
+
+@pytest.fixture
+def run_dir(model_dir, tmp_path):
+    """What a training run directory holds: its recipe, metrics and checkpoints with trainer state."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"task": "pretrain", "model": "tiny-llama", "max_steps": 20}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 5.0 - s / 10}) + "\n"
+                                               for s in range(0, 21, 5)) + '{"step": 20, "val_loss": 4.0}\n')
+    for step in (10, 20):
+        ckpt = run / "checkpoints" / f"step-{step:07d}"
+        shutil.copytree(model_dir, ckpt)
+        (ckpt / "trainer_state").mkdir()
+        (ckpt / "trainer_state" / "state.json").write_text(json.dumps({"step": step}))
+    return run
+
+
+def one_error_line(capsys, *argv: str) -> str:
+    assert main([str(a) for a in argv]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_an_output_that_is_a_training_run_or_the_source_is_refused(model_dir, run_dir, tmp_path, capsys):
+    ckpt = run_dir / "checkpoints" / "step-0000020"
+    before = snapshot(run_dir)
+    assert "a training run directory" in one_error_line(capsys, "quantize", "--model", ckpt, "--output", run_dir)
+    assert "a training run directory" in one_error_line(capsys, "convert", ckpt, run_dir)
+    assert "a training checkpoint (it holds trainer_state/" in one_error_line(
+        capsys, "quantize", "--model", run_dir / "checkpoints" / "step-0000010", "--output", ckpt)
+    assert "that is the source model" in one_error_line(capsys, "quantize", "--model", ckpt, "--output", ckpt)
+    assert "that is the source model" in one_error_line(capsys, "convert", ckpt, ckpt)
+    assert snapshot(run_dir) == before  # the run can still resume
+    other = tmp_path / "corpus"
+    other.mkdir()
+    (other / "train.txt").write_text("keep me")
+    assert "not empty and not a checkpoint directory" in one_error_line(
+        capsys, "quantize", "--model", model_dir, "--output", other)
+    assert snapshot(other) == {"train.txt": b"keep me"}
+    # An earlier output is a checkpoint directory: writing it again replaces it, as before.
+    for bits in ("8", "8"):
+        assert main(["quantize", "--model", str(model_dir), "--output", str(tmp_path / "q"), "--bits", bits]) == 0
+    for dtype in ("float32", "bfloat16"):
+        assert main(["convert", str(model_dir), str(tmp_path / "c"), "--dtype", dtype]) == 0
+    assert lmstack.load_model(tmp_path / "c").embed.weight.dtype == torch.bfloat16
+
+
+def test_what_is_not_a_checkpoint_directory_is_named(model_dir, run_dir, tmp_path, capsys):
+    weights = model_dir / "model.safetensors"
+    for argv in (["info", weights], ["eval", "perplexity", "--model", weights, "--data", weights],
+                 ["generate", "hi", "--model", model_dir / "config.json"], ["convert", weights, tmp_path / "o"],
+                 ["quantize", "--model", weights, "--output", tmp_path / "o"]):
+        assert f"pass the directory that holds it ({model_dir})" in one_error_line(capsys, *argv)
+    text = tmp_path / "small.txt"
+    text.write_text("just some text\n")
+    assert "not a checkpoint directory or .gguf file" in one_error_line(capsys, "info", text)
+    err = one_error_line(capsys, "eval", "perplexity", "--model", run_dir, "--data", text)
+    assert "a training run directory, not a checkpoint" in err
+    assert str(run_dir / "checkpoints" / "step-0000020") in err  # the newest
+    data = tmp_path / "sft.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    assert "nope: no such checkpoint" in one_error_line(
+        capsys, "finetune", "sft", "--model", str(tmp_path / "nope"), "--data", data, "--out_dir", tmp_path / "ft")
+    assert not (tmp_path / "ft").exists()
+
+
+def test_a_file_that_is_not_utf8_text_is_named(model_dir, tmp_path, capsys, monkeypatch):
+    binary = tmp_path / "binary.bin"
+    binary.write_bytes(BINARY)
+    assert f"--grammar {binary}: not UTF-8 text" in one_error_line(
+        capsys, "generate", "hi", "--model", model_dir, "--grammar", binary)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("some text to learn from\n" * 20)
+    assert f"--chat-template {binary}: not UTF-8 text" in one_error_line(
+        capsys, "tokenizer", "train", "--input", corpus, "--vocab-size", "300", "--output", tmp_path / "tok",
+        "--chat-template", binary)
+    recipe = tmp_path / "binary.yaml"
+    recipe.write_bytes(BINARY)
+    assert f"--config {recipe}: not UTF-8 text" in one_error_line(capsys, "pretrain", "--config", recipe)
+    # The last resort: text read anywhere else that is not UTF-8 still makes one line.
+    from lmstack.checkpoints import hf
+
+    monkeypatch.setattr(hf, "read_hf_config", lambda path: json.loads(binary.read_text()))
+    assert "error: a file read as text is not UTF-8" in one_error_line(capsys, "info", model_dir)
+
+
+def test_counts_below_their_minimum_are_refused(model_dir, tmp_path, capsys):
+    data = tmp_path / "cls.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in [("a", "x"), ("b", "y")]))
+    for size in ("0", "-1"):
+        assert f"--batch-size {size}: must be >= 1" in one_error_line(
+            capsys, "eval", "classify", "--model", model_dir, "--data", data, "--batch-size", size)
+    for chars in ("0", "-3"):
+        assert f"--max-chars {chars}: must be >= 1" in one_error_line(
+            capsys, "eval", "perplexity", "--model", model_dir, "--data", data, "--max-chars", chars)
+    assert "--eval-chars -1: must be >= 1" in one_error_line(
+        capsys, "quantize", "--model", model_dir, "--output", tmp_path / "q", "--eval-data", data,
+        "--eval-chars", "-1")
+    assert not (tmp_path / "q").exists()
+    assert "--min-frequency -1: must be >= 0" in one_error_line(
+        capsys, "tokenizer", "train", "--input", data, "--vocab-size", "300", "--output", tmp_path / "t",
+        "--min-frequency", "-1")
+    with pytest.raises(LMStackError, match="min_frequency -1: must be >= 0"):
+        lmstack.Tokenizer.train(["some text"], vocab_size=300, min_frequency=-1)
+
+
+def test_plot_writes_the_file_it_names_or_refuses(run_dir, tmp_path, capsys):
+    for name in ("x.foo", "noext"):
+        assert "must end in .png, .pdf, .svg" in one_error_line(capsys, "plot", run_dir, "--output",
+                                                                tmp_path / name)
+        assert not list(tmp_path.glob(name + "*"))
+    for out, written in ((tmp_path / "curve.pdf", tmp_path / "curve.pdf"),
+                         (tmp_path / "curve.svg", tmp_path / "curve.svg"), (tmp_path, tmp_path / "loss.png")):
+        assert main(["plot", str(run_dir), "--output", str(out)]) == 0
+        assert capsys.readouterr().out == f"wrote {written}\n"
+        assert written.stat().st_size > 0
