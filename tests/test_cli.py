@@ -13,20 +13,9 @@ import torch
 import lmstack
 from lmstack import LMStackError
 from lmstack.cli import main
-from tests.conftest import REPO
+from tests.conftest import one_error_line
 
 BINARY = bytes(range(128, 256)) * 4  # not UTF-8 from its first byte
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    text = (REPO / "data" / "tinyshakespeare.txt").read_text()[:20_000]
-    tok = lmstack.Tokenizer.train([text], vocab_size=300)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("m") / "model"
-    lmstack.save_model(lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", vocab_size=300)), path,
-                       tokenizer=tok)
-    return path
 
 
 @pytest.fixture
@@ -43,13 +32,6 @@ def run_dir(model_dir, tmp_path):
         (ckpt / "trainer_state").mkdir()
         (ckpt / "trainer_state" / "state.json").write_text(json.dumps({"step": step}))
     return run
-
-
-def one_error_line(capsys, *argv: str) -> str:
-    assert main([str(a) for a in argv]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    return err
 
 
 def snapshot(path: Path) -> dict[str, bytes]:
