@@ -167,8 +167,10 @@ def test_compare_runs_every_rung(tmp_path):
     seen = (tmp_path / "out" / "train.txt").read_text()
     assert seen == TEXT[:150_000][:int(150_000 * 0.9)]
     shards = TokenShards(tmp_path / "out" / "shards")
-    assert len(shards["train"]) + len(shards["val"]) == len(lmstack.load_tokenizer(
-        tmp_path / "out" / "shards" / "tokenizer").encode(seen)) + 1  # + the eos after the document
+    tok = lmstack.load_tokenizer(tmp_path / "out" / "shards" / "tokenizer")
+    assert shards["train"].tolist() == tok.encode(seen) + [tok.eos_token_id]  # all of it, nothing more
+    held = TEXT[:150_000][int(150_000 * 0.9):]
+    assert shards["val"].tolist() == tok.encode(held) + [tok.eos_token_id]  # the text every model is scored on
     # run again into the same directory: its own earlier outputs are replaced, not refused
     again = compare(corpus, tmp_path / "out", vocab_size=512, orders=(2,), steps=4, block_size=64,
                     batch_size=4, max_val_chars=4000)

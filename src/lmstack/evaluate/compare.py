@@ -49,10 +49,16 @@ def compare(corpus: str | Path, out_dir: str | Path, vocab_size: int = 2048, ord
     text = "\n\n".join(iter_texts([corpus]))
     cut = int(len(text) * 0.9)
     (out / "train.txt").write_text(text[:cut], encoding="utf-8")
-    val_text = text[cut:][:max_val_chars]
+    (out / "val.txt").write_text(text[cut:], encoding="utf-8")
     tok = train_tokenizer([out / "train.txt"], vocab_size=vocab_size)
-    prepare_shards([out / "train.txt"], tok, out / "shards", progress=False, workers=1)  # its own 10%: eval
+    # The shards' validation split is exactly the held-out text (each file a document, eos after it), so the
+    # neural runs monitor the loss that is reported, and everything trains on the whole first 90%.
+    n_train, n_val = (len(tok.encode(t, add_special_tokens=False)) + (tok.eos_token_id is not None)
+                      for t in (text[:cut], text[cut:]))
+    prepare_shards([out / "train.txt", out / "val.txt"], tok, out / "shards", progress=False, workers=1,
+                   val_fraction=(n_val - 0.5) / (n_train + n_val))  # int(total * (1 - f)) = n_train
     shards = TokenShards(out / "shards")
+    val_text = text[cut:][:max_val_chars]
     val_ids, _, n_bytes = scored_span(tok, val_text)
     rows = []
     for order in orders:
