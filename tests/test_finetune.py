@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lmstack.checkpoints import load_model, save_model
-from lmstack.cli import main
+from lmstack.cli import main, summary_line
 from lmstack.config import ModelConfig
 from lmstack.evaluate.classification import classification_metrics
 from lmstack.evaluate.classify import predict_labels
@@ -225,11 +225,17 @@ def test_grpo_raises_a_verifiable_reward(base, tmp_path):
                       "    return completion.count(record['letter']) / max(1, len(completion))\n")
     rng = random.Random(0)
     data = _write(tmp_path / "prompts.jsonl", [{"prompt": _sentence(rng, 3), "letter": "o"} for _ in range(64)])
-    _, metrics = _run(base, tmp_path, "grpo", data, reward_function=f"{reward}:reward", group_size=8,
-                      max_new_tokens=8, batch_size=4, max_steps=30, learning_rate=1e-2, beta=0.01,
-                      eval_interval=15, val_fraction=0.25)
+    summary, metrics = _run(base, tmp_path, "grpo", data, reward_function=f"{reward}:reward", group_size=8,
+                            max_new_tokens=8, batch_size=4, max_steps=30, learning_rate=1e-2, beta=0.01,
+                            eval_interval=15, val_fraction=0.25)
     rewards = _val(metrics, "val_reward")
     assert rewards[-1] > rewards[0] + 0.2
+    # The run is judged by its reward (its loss is centred on zero by construction), and says so.
+    steps = [r["step"] for r in metrics if "val_reward" in r]
+    assert summary["best"] == ("reward", max(rewards), steps[rewards.index(max(rewards))])
+    line = summary_line(summary)
+    assert line.startswith(f"done: 30 steps; validation reward {rewards[-1]:.4f} (best {max(rewards):.4f} at step ")
+    assert "; kl " in line and ", loss " in line
 
 
 def test_qlora_sft_trains_adapters_on_an_nf4_base(base, tmp_path):

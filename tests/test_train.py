@@ -595,6 +595,24 @@ def test_plot_and_tensorboard(char_shards, tmp_path):
     assert [s for s, _ in val] == [0, 3, 6] and all(math.isfinite(v) for _, v in val)
 
 
+def test_curves_and_best_follow_the_task_headline(tmp_path):
+    from lmstack.train.metrics import best_validation, plot_losses, plot_panels
+
+    grpo = [{"step": 0, "loss": 0.01, "reward": 0.2, "kl": 0.0}, {"step": 0, "val_loss": 0.0, "val_reward": 0.3,
+             "val_kl": 0.0}, {"step": 5, "val_loss": -0.02, "val_reward": 0.6, "val_kl": 0.1},
+            {"step": 9, "val_loss": -0.05, "val_reward": 0.5, "val_kl": 0.2}]
+    assert plot_panels(grpo, "grpo") == ["reward", "loss", "kl"]
+    assert best_validation(grpo, "grpo") == ("reward", 0.6, 5)  # the highest reward, not the lowest loss
+    assert best_validation(grpo, "dpo") == ("loss", -0.05, 9)
+    dpo = [{"step": 0, "val_loss": 0.69, "val_ppl": 2.0, "val_accuracy": 0.5}, {"step": 1, "loss": 0.6}]
+    assert plot_panels(dpo, "dpo") == ["loss", "accuracy"]
+    assert plot_panels([{"step": 0, "loss": 1.0}], "pretrain") == ["loss"]
+    assert best_validation([{"step": 0, "loss": 1.0}], "pretrain") is None
+    (tmp_path / "config.json").write_text(json.dumps({"task": "grpo"}))
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in grpo))
+    assert plot_losses(tmp_path).stat().st_size > 10_000
+
+
 def test_out_of_memory_says_what_to_change(char_shards, tmp_path, monkeypatch):
     from lmstack import DecoderLM
     from lmstack.train.loop import pretrain

@@ -206,10 +206,21 @@ def _pretrain(args: argparse.Namespace, overrides: list[str]) -> None:
         _check_model(cfg.model, "model")  # the checkpoint to start from
     summary = train(cfg, resume=bool(args.resume))
     if summary.get("checkpoint"):
-        ppl = f"perplexity {summary['val_ppl']:.2f}, " if "val_ppl" in summary else ""
-        print(f"done: {summary['steps']} steps; validation loss {summary['val_loss']:.4f} "
-              f"({ppl}best {summary['best_val_loss']:.4f}); "
-              f"model: {summary['checkpoint']}" + (f"; curve: {summary['plot']}" if "plot" in summary else ""))
+        print(summary_line(summary))
+
+
+def summary_line(summary: dict) -> str:
+    """The last line of a run: its headline validation metric (loss, or GRPO's reward) with its best, the
+    other validation metrics, and where the model and the curves were written."""
+    val = {k[4:]: v for k, v in summary.items() if k.startswith("val_")}
+    name, best, step = summary.get("best") or ("loss", summary["val_loss"], summary["steps"])
+    notes = [f"perplexity {val.pop('ppl'):.2f}"] if "ppl" in val else []
+    notes.append(f"best {best:.4f} at step {step}")
+    line = f"done: {summary['steps']} steps; validation {name} {val.pop(name):.4f} ({', '.join(notes)})"
+    if val:
+        line += "; " + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in sorted(val.items()))
+    line += f"; model: {summary['checkpoint']}"
+    return line + (f"; curves: {summary['plot']}" if "plot" in summary else "")
 
 
 _PLOT_FORMATS = (".png", ".pdf", ".svg")

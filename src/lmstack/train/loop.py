@@ -41,7 +41,7 @@ from lmstack.models.classifier import (
 from lmstack.onednn import onednn_linears
 from lmstack.train import checkpoint as ckpt
 from lmstack.train.config import TrainConfig, config_differences
-from lmstack.train.metrics import MetricsLog, peak_flops, plot_losses, read_metrics
+from lmstack.train.metrics import MetricsLog, best_validation, peak_flops, plot_losses, read_metrics
 from lmstack.train.tasks import (
     NEEDS_REFERENCE,
     ClassifyTask,
@@ -446,7 +446,7 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
         means.pop("weight")
         return means
 
-    def log_eval(step: int) -> float:
+    def log_eval(step: int) -> dict[str, float]:
         means = evaluate()
         if rt.is_main:
             record = {"step": step, "val_loss": means["loss"]}
@@ -454,7 +454,7 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
                 record["val_ppl"] = math.exp(min(means["loss"], 50))
             record.update({f"val_{k}": v for k, v in means.items() if k != "loss"})
             log.log(record)
-        return means["loss"]
+        return means
 
     def save(step: int) -> Path | None:
         stage = ckpt.staging_dir(run_dir, step)
@@ -584,10 +584,11 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
         bar.close()
 
     final_step = cfg.max_steps
-    last_val = log_eval(final_step)
-    summary: dict[str, Any] = {"steps": final_step, "val_loss": last_val}
+    last = log_eval(final_step)
+    summary: dict[str, Any] = {"steps": final_step, "task": cfg.task, "val_loss": last["loss"],
+                               **{f"val_{k}": v for k, v in last.items() if k != "loss"}}
     if cfg.task in ("pretrain", "sft"):
-        summary["val_ppl"] = math.exp(min(last_val, 50))
+        summary["val_ppl"] = math.exp(min(last["loss"], 50))
     if rt.is_main:
         samples(final_step)
     final = save(final_step)
@@ -599,6 +600,7 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
         except ImportError:  # a bare machine (a borrowed GPU) without matplotlib still finishes the run
             print("note: matplotlib is not installed: no loss.png (lmstack plot RUN_DIR draws it later)",
                   file=sys.stderr)
-        summary["best_val_loss"] = min((r["val_loss"] for r in read_metrics(run_dir) if "val_loss" in r),
-                                       default=last_val)
+        records = read_metrics(run_dir)
+        summary["best_val_loss"] = min((r["val_loss"] for r in records if "val_loss" in r), default=last["loss"])
+        summary["best"] = best_validation(records, cfg.task)
     return summary

@@ -104,33 +104,88 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return records
 
 
+# What a task's validation is judged by, and whether higher is better. Loss for every task but GRPO, whose
+# loss is advantage-weighted and so centred on zero by construction: its reward says how the run goes.
+_HEADLINE = {"grpo": ("reward", "max")}
+_HIGHER_IS_BETTER = ("accuracy", "reward")  # the metrics (besides the headline) whose best is marked
+
+
+def headline_metric(task: str) -> tuple[str, str]:
+    """(metric, "min" or "max"): the validation figure that says how a run of `task` is going."""
+    return _HEADLINE.get(task, ("loss", "min"))
+
+
+def best_validation(records: list[dict[str, Any]], task: str) -> tuple[str, float, int] | None:
+    """(metric, best value, its step) of the task's headline validation metric over a run's records."""
+    name, goal = headline_metric(task)
+    points = [(r[f"val_{name}"], r["step"]) for r in records if f"val_{name}" in r]
+    if not points:
+        return None
+    value, step = (max if goal == "max" else min)(points, key=lambda p: p[0])
+    return name, value, step
+
+
+def plot_panels(records: list[dict[str, Any]], task: str) -> list[str]:
+    """The metrics `plot_losses` draws, one panel each: the task's headline, then the loss, then the other
+    metrics validation reports (accuracy, rewards, KL, ...); perplexity is the loss again, so it is left out."""
+    headline = headline_metric(task)[0]
+    names = {k[4:] for r in records for k in r if k.startswith("val_") and k != "val_ppl"}
+    if any("loss" in r for r in records):
+        names.add("loss")
+    return sorted(names, key=lambda n: (n != headline, n != "loss", n))
+
+
+def _run_task(run_dir: Path) -> str:
+    try:
+        return json.loads((run_dir / "config.json").read_text()).get("task", "pretrain")
+    except (OSError, ValueError, AttributeError):
+        return "pretrain"
+
+
 def plot_losses(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
-    """Draw training and validation loss against steps into `loss.png` (or `out`)."""
+    """Draw the run's curves against steps into `loss.png` (or `out`): one panel per metric logged at
+    validation (the task's headline first), training and validation together, each best point marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    run_dir = Path(run_dir)
     records = read_metrics(run_dir)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    if not train and not val:
+    task = _run_task(run_dir)
+    headline, goal = headline_metric(task)
+    names = plot_panels(records, task)
+    if not names:
         raise LMStackError(f"{run_dir}: metrics.jsonl has no losses to plot yet")
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
-    if train:
-        ax.plot(*zip(*train), label="train", linewidth=1.0, alpha=0.8)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation", linewidth=1.5, markersize=3)
-        best = min(val, key=lambda p: p[1])
-        ax.annotate(f"best {best[1]:.4f} @ {best[0]}", best, textcoords="offset points", xytext=(0, 10),
-                    ha="center", fontsize=8)
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy loss (nats/token)")
-    ax.set_title(Path(run_dir).name)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    cols = min(len(names), 3)
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(8 if cols == 1 else 4.5 * cols, 4.5 * rows), dpi=120,
+                             squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        train = [(r["step"], r[name]) for r in records if name in r]
+        val = [(r["step"], r[f"val_{name}"]) for r in records if f"val_{name}" in r]
+        if train:
+            ax.plot(*zip(*train), label="train", linewidth=1.0, alpha=0.8)
+        if val:
+            ax.plot(*zip(*val), "o-", label="validation", linewidth=1.5, markersize=3)
+            higher = goal == "max" if name == headline else name in _HIGHER_IS_BETTER
+            if name == headline or higher:
+                best = (max if higher else min)(val, key=lambda p: p[1])
+                ax.annotate(f"best {best[1]:.4f} @ {best[0]}", best, textcoords="offset points",
+                            xytext=(0, 10), ha="center", fontsize=8)
+        label = "cross-entropy loss (nats/token)" if name == "loss" and task in ("pretrain", "sft") else name
+        ax.set_xlabel("step")
+        ax.set_ylabel(label.replace("_", " "))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    for ax in list(axes.flat)[len(names):]:
+        ax.set_visible(False)
+    if len(names) > 1:
+        fig.suptitle(run_dir.name)
+    else:
+        axes[0, 0].set_title(run_dir.name)
     fig.tight_layout()
-    out = Path(out) if out else Path(run_dir) / "loss.png"
+    out = Path(out) if out else run_dir / "loss.png"
     fig.savefig(out)
     plt.close(fig)
     return out
