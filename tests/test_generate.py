@@ -233,6 +233,19 @@ def test_seeded_samples_are_reproducible(tiny):
     assert len({tuple(c.token_ids) for c in a}) > 1  # n samples differ from each other
 
 
+def test_a_seeded_completion_does_not_depend_on_its_batch(tiny):
+    """Each row draws from its own generator (seed + sample index): the same prompt and seed give the same
+    completion alone, beside other prompts, split over smaller batches, and streamed."""
+    model, tok, _ = tiny
+    params = dict(max_new_tokens=16, temperature=1.0, top_p=0.95, seed=11, ignore_eos=True)
+    alone = Engine(model, tok).generate("ROMEO:", n=2, **params)
+    crowd = Engine(model, tok, max_batch_size=8).generate(["JULIET: O", "ROMEO:", "To be"], n=2, **params)
+    split = Engine(model, tok, max_batch_size=3).generate(["JULIET: O", "ROMEO:"], n=2, **params)
+    assert [c.token_ids for c in crowd[2:4]] == [c.token_ids for c in alone] == [c.token_ids for c in split[2:]]
+    assert "".join(Engine(model, tok).stream("ROMEO:", **params)) == alone[0].text
+    assert alone[0].token_ids != alone[1].token_ids and crowd[0].token_ids != alone[0].token_ids
+
+
 def test_stop_strings_ids_and_logprobs(tiny):
     model, tok, _ = tiny
     engine = Engine(model, tok)

@@ -52,6 +52,7 @@ class _Row:
     """One sequence being generated."""
 
     prompt: list[int]
+    sample: int = 0  # which of the prompt's n completions: with a seed, it draws from generator seed + sample
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     emitted: int = 0  # characters of `text` already streamed
@@ -114,9 +115,9 @@ class Engine:
                  params: SamplingParams | None = None, **overrides) -> list[Completion]:
         """Complete each prompt (`params.n` completions per prompt, in prompt order)."""
         params = sampling_params(params, overrides)
-        rows = [_Row(ids) for ids in self._encode(prompts, params) for _ in range(params.n)]
+        rows = [_Row(ids, sample=j) for ids in self._encode(prompts, params) for j in range(params.n)]
         for start in range(0, len(rows), self.max_batch_size):
-            for _ in self._run(rows[start:start + self.max_batch_size], params, start):
+            for _ in self._run(rows[start:start + self.max_batch_size], params):
                 pass
         return [self._completion(r, params) for r in rows]
 
@@ -128,7 +129,7 @@ class Engine:
         if params.n != 1:
             raise LMStackError("stream() makes one completion; use generate() for n > 1")
         row = _Row(self._encode([prompt] if isinstance(prompt, str) else [list(prompt)], params)[0])
-        for _ in self._run([row], params, 0, stream=True):
+        for _ in self._run([row], params, stream=True):
             delta = self._safe_delta(row, params)
             if delta:
                 yield delta
@@ -234,8 +235,7 @@ class Engine:
         return ids
 
     @torch.no_grad()
-    def _run(self, rows: list[_Row], params: SamplingParams, seed_offset: int,
-             stream: bool = False) -> Iterator[None]:
+    def _run(self, rows: list[_Row], params: SamplingParams, stream: bool = False) -> Iterator[None]:
         """Decode `rows` together; yields after every step (with each row's text up to date if `stream`)."""
         B, L = len(rows), max(len(r.prompt) for r in rows)
         steps = min(params.max_new_tokens, self.max_seq_len - L)
@@ -249,9 +249,9 @@ class Engine:
         pads = torch.tensor([L - len(r.prompt) for r in rows], device=dev)
         ids = torch.tensor([[0] * (L - len(r.prompt)) + r.prompt for r in rows], device=dev)
         key_padding = torch.arange(S, device=dev)[None, :] >= pads[:, None]  # True for real tokens
-        generator = None
+        generator = None  # seeded: one generator per row, so a completion does not depend on its batch
         if params.seed is not None:
-            generator = torch.Generator(device=dev).manual_seed(params.seed + seed_offset)
+            generator = [torch.Generator(device=dev).manual_seed(params.seed + r.sample) for r in rows]
         stop_ids = self._stop_ids(params)
         need_seen = params.repetition_penalty != 1.0
         need_counts = bool(params.frequency_penalty or params.presence_penalty)

@@ -9,6 +9,7 @@ top-p keeping the token that crosses p) and OpenAI (frequency and presence penal
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -269,21 +270,28 @@ def process_logits(
     return apply_typical_p(logits, params.typical_p)
 
 
-def sample_from(logits: torch.Tensor, greedy: bool, generator: torch.Generator | None = None) -> torch.Tensor:
-    """argmax, or one draw per row from softmax(logits) (rows are already processed)."""
+def sample_from(logits: torch.Tensor, greedy: bool,
+                generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
+    """argmax, or one draw per row from softmax(logits) (rows are already processed). A sequence of
+    generators gives each row its own, so a row's draws do not depend on the rows beside it."""
     if greedy:
         return logits.argmax(dim=-1)
     probs = logits.softmax(dim=-1)
-    if probs.device.type == "cuda":
+    if probs.device.type == "cuda" or isinstance(generator, Sequence):
         return exponential_race(probs, generator)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def exponential_race(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def exponential_race(probs: torch.Tensor,
+                     generator: torch.Generator | Sequence[torch.Generator] | None = None) -> torch.Tensor:
     """One draw per row of `probs`: argmax(p / E) with E ~ Exp(1) independent per token, i.e. the first of
     exponential clocks with rates p to ring, which is token i with probability p_i. On a GPU it runs without
-    the host sync that torch.multinomial spends checking its input."""
-    race = torch.empty_like(probs).exponential_(1, generator=generator)
+    the host sync that torch.multinomial spends checking its input. With one generator per row, each row's
+    clocks come from its own (as vLLM seeds each request)."""
+    if isinstance(generator, Sequence):
+        race = torch.stack([torch.empty_like(probs[0]).exponential_(1, generator=g) for g in generator])
+    else:
+        race = torch.empty_like(probs).exponential_(1, generator=generator)
     return (probs / race).argmax(dim=-1)
 
 
