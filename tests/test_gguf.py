@@ -1,5 +1,7 @@
 """GGUF: llama.cpp's tokenizer test vectors, and the real SmolLM2-135M-Instruct against `transformers`."""
 
+import json
+
 import pytest
 import torch
 
@@ -63,6 +65,22 @@ def test_smollm2_config(smollm):
     assert (c.n_layer, c.n_embd, c.n_head, c.n_kv_head, c.vocab_size) == (30, 576, 9, 3, 49152)
     assert c.tie_embeddings and model.lm_head.weight is model.embed.weight
     assert tok.eos_token == "<|im_end|>" and tok.chat_template
+
+
+def test_info_reads_a_gguf_config_without_its_weights(smollm, smollm2_gguf, capsys, monkeypatch):
+    import gguf.quants
+
+    from lmstack.cli import main
+
+    def no_weights(*_):
+        raise AssertionError("lmstack info dequantized a tensor")
+
+    monkeypatch.setattr(gguf.quants, "dequantize", no_weights)
+    assert main(["info", str(smollm2_gguf)]) == 0
+    out = capsys.readouterr().out
+    info = json.loads(out[out.index("{"):])
+    model, _ = smollm
+    assert info["config"] == model.config.to_dict() and info["parameters"] == model.num_params()
 
 
 def test_smollm2_ids_and_logits_match_transformers(smollm, hf_smollm):
@@ -135,6 +153,39 @@ def test_gguf_export_round_trip_and_transformers(tmp_path, tensor_type, tol):
     assert AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf").encode(sample) == ids
 
 
+@pytest.mark.parametrize("theta,band", [
+    (500000.0, {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    (10000.0, {"low_freq_factor": 2.0, "high_freq_factor": 16.0, "original_max_position_embeddings": 512}),
+], ids=["llama-3.1-band", "another-band-fitted"])
+def test_llama3_rope_scaling_travels_through_gguf_as_rope_freqs(tmp_path, theta, band):
+    """Llama 3's RoPE scaling goes to GGUF as llama.cpp's converter writes it, one divisor per frequency in
+    `rope_freqs.weight`, equal to the default frequencies over the Hugging Face scaled ones; reading the file
+    recovers a `rope_scaling` with the same frequencies, and the same logits."""
+    import gguf
+
+    from lmstack.checkpoints.gguf import llama3_scaling_from_factors, read_gguf_config, save_gguf
+    from lmstack.models.attention import rope_inv_freq
+
+    tok = lmstack.Tokenizer.train(["plain ascii text only " * 40], vocab_size=300)
+    torch.manual_seed(0)
+    config = lmstack.ModelConfig.from_name("tiny-llama", vocab_size=300, rope_theta=theta,
+                                           rope_scaling={"rope_type": "llama3", "factor": 8.0, **band})
+    model = lmstack.DecoderLM(config).eval()
+    path = save_gguf(model, tok, tmp_path / "m.gguf")
+    divisors = {t.name: torch.from_numpy(t.data.copy()) for t in gguf.GGUFReader(path).tensors}["rope_freqs.weight"]
+    default = rope_inv_freq(config.replace(rope_scaling=None))[0]
+    assert torch.allclose(divisors, default / rope_inv_freq(config)[0], rtol=1e-5)
+    assert ((divisors > 1) & (divisors < 8)).any()  # the blended band is exercised
+    again = lmstack.load_model(path)
+    assert again.config.rope_type == "llama3" and read_gguf_config(path) == again.config
+    assert torch.allclose(rope_inv_freq(again.config)[0], rope_inv_freq(config)[0], rtol=1e-5)
+    x = torch.randint(0, 300, (1, 24))
+    with torch.no_grad():
+        assert (again(x) - model(x)).abs().max() < 1e-5
+    with pytest.raises(LMStackError, match="not Llama 3's scaling"):
+        llama3_scaling_from_factors(divisors.double().flip(0), theta, config.rotary_dim)
+
+
 def test_q8_0_export_keeps_rows_that_do_not_fit_its_blocks_in_f16(tmp_path):
     """Q8_0 packs a row in blocks of 32 values: a layer with 48 inputs is written in f16 instead (as llama.cpp's
     converter does), and the file reads back."""
@@ -161,6 +212,7 @@ def test_q8_0_export_keeps_rows_that_do_not_fit_its_blocks_in_f16(tmp_path):
     ("tiny-llama", {"sliding_window": 8, "family": "mistral"}, "no sliding window"),
     ("tiny-llama", {"rotary_fraction": 0.5}, "rotary_fraction=0.5"),
     ("tiny-llama", {"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope scaling 'yarn'"),
+    ("tiny-llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope scaling 'dynamic'"),
 ])
 def test_gguf_export_refuses_what_llama_cpp_would_compute_differently(tmp_path, preset, changes, match):
     from lmstack.checkpoints.gguf import save_gguf

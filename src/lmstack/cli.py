@@ -588,9 +588,9 @@ def _info(args: argparse.Namespace) -> None:
     path = Path(args.model)
     _check_model(path, "info")
     if path.suffix == ".gguf":
-        from lmstack.checkpoints import load_model
+        from lmstack.checkpoints.gguf import read_gguf_config
 
-        config = load_model(path).config
+        config = read_gguf_config(path)  # the metadata: a quantized file is not dequantized to count it
     elif (raw := read_hf_config(path)).get("lmstack_config"):  # lmstack-native or quantized checkpoints
         config = ModelConfig.from_dict(raw["lmstack_config"])
     else:

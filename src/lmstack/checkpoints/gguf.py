@@ -8,6 +8,7 @@ BPE with its pre-tokenizer split rules, or SentencePiece-style BPE) from the voc
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,10 @@ def _metadata(reader: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- model
 
 
-def config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> ModelConfig:
+def config_from_gguf(meta: dict[str, Any], tensors: dict[str, Any]) -> ModelConfig:
+    """lmstack's config from a GGUF file's metadata and tensors (by name; only `rope_freqs.weight`, a
+    vector, is read)."""
+    tensor_names = set(tensors)
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHS:
         raise LMStackError(f"GGUF architecture {arch!r} is not supported (supported: {list(SUPPORTED_ARCHS)})")
@@ -85,6 +89,13 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> ModelConfi
             rope_scaling["original_max_position_embeddings"] = get("rope.scaling.original_context_length")
     elif kind not in (None, "none"):
         raise LMStackError(f"GGUF rope scaling {kind!r} is not supported")
+    if ROPE_FREQS in tensors:
+        if rope_scaling is not None:
+            raise LMStackError(f"GGUF: both rope scaling {kind!r} and per-frequency factors ({ROPE_FREQS})")
+        factors = torch.from_numpy(np.array(tensors[ROPE_FREQS].data, dtype=np.float64)).flatten()
+        rotary_dim = get("rope.dimension_count") or head_dim
+        rope_scaling = llama3_scaling_from_factors(factors, get("rope.freq_base", 10000.0), rotary_dim,
+                                                   get("rope.scaling.original_context_length"))
     tokens = meta.get("tokenizer.ggml.tokens") or []
     return ModelConfig(
         vocab_size=get("vocab_size") or len(tokens),
@@ -109,6 +120,63 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> ModelConfi
         eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
         pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
     )
+
+
+def read_gguf_config(path: str | os.PathLike) -> ModelConfig:
+    """The `ModelConfig` of a GGUF file, from its metadata (and RoPE factors): no weight is read."""
+    reader = _reader(path)
+    return config_from_gguf(_metadata(reader), {t.name: t for t in reader.tensors})
+
+
+# llama.cpp keeps Llama 3's RoPE scaling as one divisor per rotary frequency (its converter computes them
+# from the Hugging Face parameters); lmstack, like transformers, keeps the parameters.
+ROPE_FREQS = "rope_freqs.weight"
+_LLAMA3_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def llama3_divisors(scaling: dict[str, Any], theta: float, rotary_dim: int) -> torch.Tensor:
+    """The per-frequency divisors llama.cpp's converter writes to `rope_freqs.weight` for Llama 3 scaling."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old = scaling["original_max_position_embeddings"]
+    freqs = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
+    wavelen = 2 * math.pi / freqs
+    smooth = (old / wavelen - low) / (high - low)
+    blended = 1 / ((1 - smooth) / factor + smooth)
+    return torch.where(wavelen < old / high, 1.0, torch.where(wavelen > old / low, factor, blended))
+
+
+def llama3_scaling_from_factors(factors: torch.Tensor, theta: float, rotary_dim: int,
+                                original: int | None = None) -> dict[str, Any] | None:
+    """The Hugging Face `rope_scaling` of a GGUF's `rope_freqs.weight`: Llama 3's, with its factor the
+    largest divisor and Llama 3.x's band (1, 4, 8192) when that reproduces every divisor, otherwise the band
+    fitted to the blended divisors (only the band's edges matter, so `original` is kept and the two
+    frequency factors solved for). Divisors of other schemes are refused."""
+    if factors.numel() != rotary_dim // 2:
+        raise LMStackError(f"GGUF {ROPE_FREQS} has {factors.numel()} values, expected {rotary_dim // 2} "
+                           "(one per rotary frequency)")
+    if torch.allclose(factors, torch.ones_like(factors)):
+        return None  # no frequency is rescaled
+    factor = float(factors.max())
+    candidates = [{"rope_type": "llama3", "factor": factor, **_LLAMA3_DEFAULTS}]
+    freqs = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
+    medium = (factors > 1 + 1e-6) & (factors < factor * (1 - 1e-6))
+    if factor > 1 and int(medium.sum()) >= 2:
+        # In the band, 1 / divisor = (1 - s) / factor + s with s = (old / wavelen - low) / (high - low), a
+        # line in 1 / wavelen: fit s = a / wavelen + b, then low = -b / a * old and high - low = old / a.
+        s = (1 / factors[medium] - 1 / factor) / (1 - 1 / factor)
+        x = freqs[medium] / (2 * math.pi)
+        a, b = torch.linalg.lstsq(torch.stack([x, torch.ones_like(x)], 1), s[:, None]).solution.flatten().tolist()
+        old = original or _LLAMA3_DEFAULTS["original_max_position_embeddings"]
+        if a > 0:
+            low = -b / a * old
+            candidates.append({"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                               "high_freq_factor": low + old / a, "original_max_position_embeddings": old})
+    for scaling in candidates:
+        if scaling["low_freq_factor"] > 0 and torch.allclose(llama3_divisors(scaling, theta, rotary_dim), factors,
+                                                            rtol=1e-4, atol=0):
+            return scaling
+    raise LMStackError(f"GGUF {ROPE_FREQS}: its per-frequency RoPE divisors are not Llama 3's scaling, the only "
+                       "kind lmstack reads from them")
 
 
 def _gguf_rules(config: ModelConfig) -> list[Rule]:
@@ -148,7 +216,8 @@ def load_gguf_model(
     reader = _reader(path)
     meta = _metadata(reader)
     tensors = {t.name: t for t in reader.tensors}
-    config = config_from_gguf(meta, set(tensors))
+    config = config_from_gguf(meta, tensors)  # it reads rope_freqs.weight into config.rope_scaling
+    tensors.pop(ROPE_FREQS, None)
     permute = meta.get("general.architecture") == "llama"
 
     def get(name: str) -> torch.Tensor:
@@ -333,8 +402,9 @@ def save_gguf(model: Any, tokenizer: Tokenizer, path: str | os.PathLike, tensor_
     if config.rotary_fraction != 1.0:  # llama.cpp's llama and qwen2 rotate whole heads
         raise LMStackError(f"GGUF export: rotary_fraction={config.rotary_fraction} (a partial rotary) is not "
                            "supported")
-    if config.rope_type not in ("default", "linear"):
-        raise LMStackError(f"GGUF export: rope scaling {config.rope_type!r} is not supported (default, linear)")
+    if config.rope_type not in ("default", "linear", "llama3"):
+        raise LMStackError(f"GGUF export: rope scaling {config.rope_type!r} is not supported "
+                           "(default, linear, llama3)")
     if config.bias not in ("none", "qkv") or config.mlp != "swiglu":
         raise LMStackError("GGUF export: needs a SwiGLU MLP and no biases beyond q/k/v")
     if tensor_type not in GGUF_TYPES:
@@ -378,6 +448,9 @@ def save_gguf(model: Any, tokenizer: Tokenizer, path: str | os.PathLike, tensor_
         else:
             qtype = gguf.GGMLQuantizationType.Q8_0
             writer.add_tensor(rule.hf, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
+    if config.rope_type == "llama3":  # as llama.cpp's converter writes it: one divisor per frequency
+        divisors = llama3_divisors(config.rope_scaling, config.rope_theta, config.rotary_dim)
+        writer.add_tensor(ROPE_FREQS, divisors.float().numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
