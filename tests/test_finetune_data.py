@@ -89,6 +89,14 @@ def test_truncation_and_empty_examples_are_counted(tok, tmp_path):
                     + json.dumps({"prompt": "Hello", "completion": "four"}) + "\n")
     examples, stats = load_sft_examples(path, tok, 16)
     assert stats == {"records": 2, "truncated": 1, "empty": 1} and len(examples) == 1
+    # When nothing is left, the error says why: answers cut off at the block size, or no answers at all.
+    path.write_text(json.dumps({"prompt": "Hello " * 50, "completion": "four"}) + "\n")
+    with pytest.raises(LMStackError, match=r"in 1 of 1 records every trained token .* past the first 17 tokens, "
+                                           r"where they are cut; raise block_size"):
+        load_sft_examples(path, tok, 16)
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "Hello"}]}) + "\n")
+    with pytest.raises(LMStackError, match=r"\(1 records, none with a token to train on"):
+        load_sft_examples(path, tok, 16)
 
 
 def test_packing_keeps_examples_apart(tok):

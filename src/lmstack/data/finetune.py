@@ -187,19 +187,27 @@ def load_sft_examples(path: str | os.PathLike, tokenizer: Tokenizer, max_length:
     """Read an SFT JSONL file into examples of at most `max_length` tokens (longer ones are cut, and
     examples left with nothing to learn are dropped; both counted in the returned stats)."""
     examples, stats = [], {"records": 0, "truncated": 0, "empty": 0}
+    emptied_by_cut = 0  # records whose trained tokens all lay past max_length
     for lineno, record in read_jsonl(path):
         stats["records"] += 1
         ids, trained = render_record(record, tokenizer, f"{path}:{lineno}", chat_template)
-        if len(ids) > max_length + 1:
-            ids, trained = ids[:max_length + 1], trained[:max_length + 1]
+        cut = len(ids) > max_length + 1
+        if cut:
             stats["truncated"] += 1
-        example = to_example(ids, trained)
+        example = to_example(ids[:max_length + 1], trained[:max_length + 1])
         if all(label == -100 for label in example.labels):
             stats["empty"] += 1
+            emptied_by_cut += cut and any(trained[1:])
             continue
         examples.append(example)
     if not examples:
-        raise LMStackError(f"{path}: no usable examples ({stats['records']} records)")
+        if emptied_by_cut:
+            raise LMStackError(
+                f"{path}: no usable examples: in {emptied_by_cut} of {stats['records']} records every trained "
+                f"token (the answer) lies past the first {max_length + 1} tokens, where they are cut; raise "
+                "block_size, or shorten the prompts")
+        raise LMStackError(f"{path}: no usable examples ({stats['records']} records, none with a token to train "
+                           "on: an empty answer, or nothing marked as the assistant's)")
     return examples, stats
 
 
