@@ -218,3 +218,41 @@ def test_an_optimizer_state_that_is_not_a_pickle_of_tensors_is_named(tmp_path):
     (state / "state.json").write_text("[1]")
     with pytest.raises(LMStackError, match=r"unreadable trainer state: state.json \(no step number\)"):
         read_trainer_state(tmp_path / "step-1", 0)
+
+
+def test_record_files_are_known_by_suffix_in_any_case_and_compressed_ones_refused(tmp_path, capsys):
+    """`data.JSONL` holds records, not text to tokenize with its JSON syntax; `data.jsonl.gz` would be
+    tokenized as gzip bytes, so it is refused."""
+    import gzip
+
+    from lmstack.data.shards import TokenShards
+
+    records = '{"text": "To be or not to be"}\n{"text": "that is the question"}\n'
+    (tmp_path / "d.JSONL").write_text(records)
+    assert main(["data", "prepare", "--input", str(tmp_path / "d.JSONL"), "--tokenizer", "char", "--output",
+                 str(tmp_path / "out"), "--val-fraction", "0"]) == 0
+    capsys.readouterr()
+    shards = TokenShards(tmp_path / "out")
+    assert shards.meta["documents"] == 2  # as text it would be one document, JSON syntax and all
+    assert shards.meta["train_tokens"] < len("To be or not to bethat is the question") + 3
+    (tmp_path / "d.jsonl.gz").write_bytes(gzip.compress(records.encode()))
+    err = one_error_line(capsys, "data", "prepare", "--input", str(tmp_path / "d.jsonl.gz"), "--tokenizer", "char",
+                         "--output", str(tmp_path / "out2"))
+    assert "d.jsonl.gz: a compressed file (.gz); decompress it first" in err
+
+
+def test_a_model_that_cannot_hold_the_run_is_named(model_dir, tmp_path, capsys):
+    """A block_size past the model's context, and model settings for a model loaded as it is, are named
+    before the first step (not a traceback from the first forward pass, not silently ignored)."""
+    text = tmp_path / "t.txt"
+    text.write_text((REPO / "data" / "tinyshakespeare.txt").read_text()[:20_000])
+    assert main(["data", "prepare", "--input", str(text), "--tokenizer", str(model_dir), "--output",
+                 str(tmp_path / "shards")]) == 0
+    capsys.readouterr()
+    common = ["pretrain", "--data", tmp_path / "shards", "--max_steps", "2", "--warmup_steps", "0", "--batch_size", "2",
+              "--device", "cpu", "--progress", "false"]
+    err = one_error_line(capsys, *common, "--out_dir", tmp_path / "a", "--model.block_size", "8", "--block_size", "16")
+    assert "block_size 16 is longer than the model's context (8 positions): lower block_size to at most 8" in err
+    from_checkpoint = [*common, "--init_from", "checkpoint", "--model", model_dir]
+    err = one_error_line(capsys, *from_checkpoint, "--out_dir", tmp_path / "b", "--model.n_layer", "4")
+    assert "model_overrides (n_layer) apply when a model is built; init_from: checkpoint starts from" in err

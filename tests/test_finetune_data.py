@@ -81,6 +81,11 @@ def test_bad_records_name_file_and_line(tok, tmp_path):
     path.write_text(json.dumps({"question": "a"}) + "\n")
     with pytest.raises(LMStackError, match=r"bad.jsonl:1: expected 'messages'"):
         load_sft_examples(path, tok, 64)
+    for content, kind in ((None, "NoneType"), ([{"type": "text", "text": "hi"}], "list"), (4, "int")):
+        path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                                 {"role": "assistant", "content": content}]}) + "\n")
+        with pytest.raises(LMStackError, match=rf"bad.jsonl:1: message 1: 'content' must be a string, got {kind}"):
+            load_sft_examples(path, tok, 64)
 
 
 def test_truncation_and_empty_examples_are_counted(tok, tmp_path):

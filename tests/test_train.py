@@ -708,10 +708,42 @@ def test_prepare_from_a_script_on_standard_input(tmp_path):
     (["--grad_accum", "-1"], "grad_accum must be >= 1"),
     (["--max_steps", "0"], "max_steps must be >= 1"),
     (["--eval_interval", "0"], "eval_interval must be >= 1"),
+    (["--learning_rate", "1e-5", "--min_lr", "6e-5"], "min_lr 6e-05 is above learning_rate 1e-05"),
+    (["--warmup_steps", "5", "--lr_decay_steps", "3"], "lr_decay_steps 3 must be after warmup_steps 5"),
+    (["--qlora", "true"], "qlora set without lora_r"),
+    (["--lora_rslora", "true", "--lora_dropout", "0.1"], "lora_rslora, lora_dropout set without lora_r"),
+    (["--lora_r", "4"], "lora_r on a model built from scratch would train adapters on a frozen random base"),
+    (["--task", "kto", "--batch_size", "1"], "batch_size must be >= 2 for KTO"),
 ])
 def test_settings_out_of_range_are_named(args, message):
     with pytest.raises(LMStackError, match=message):
         load_config(None, ["--data", "d", *args])
+
+
+def test_min_lr_defaults_to_a_tenth_of_the_learning_rate():
+    assert load_config(None, ["--data", "d", "--learning_rate", "1e-5"]).min_lr == pytest.approx(1e-6)
+    assert load_config(None, ["--data", "d", "--learning_rate", "1e-5", "--min_lr", "0"]).min_lr == 0
+
+
+def test_tensorboard_drops_what_a_killed_run_logged_past_its_checkpoint(tmp_path):
+    """metrics.jsonl is cut back to the resumed step; TensorBoard, which reads every event file of the run,
+    is purged from there too."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from lmstack.train.metrics import MetricsLog
+
+    first = MetricsLog(tmp_path, tensorboard=True)
+    for step in range(6):
+        first.log({"step": step, "loss": 5.0 - step})
+    first.close()
+    time.sleep(1.1)  # event files are named by the second they were opened in
+    resumed = MetricsLog(tmp_path, tensorboard=True, resume_step=3)
+    for step in (3, 4):
+        resumed.log({"step": step, "loss": 1.0})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(0, 5.0), (1, 4.0), (2, 3.0), (3, 1.0), (4, 1.0)]
 
 
 def test_settings_at_the_edges_of_their_ranges_are_accepted():

@@ -83,6 +83,9 @@ def _check_messages(messages: Any, where: str) -> None:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise LMStackError(f"{where}: message {i} needs 'role' and 'content'")
+        if not isinstance(m["content"], str):  # lists of parts (images, tool results) are not read
+            raise LMStackError(f"{where}: message {i}: 'content' must be a string, got "
+                               f"{type(m['content']).__name__}")
         if m["role"] not in ROLES:
             raise LMStackError(f"{where}: message {i} has unknown role {m['role']!r} (expected one of "
                                f"{', '.join(ROLES)})")

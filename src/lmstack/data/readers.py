@@ -17,6 +17,19 @@ from lmstack.errors import LMStackError
 JSONL_SUFFIXES = (".jsonl", ".json")
 RECORD_SUFFIXES = (*JSONL_SUFFIXES, ".parquet")  # files of records whose `text_field` is the text
 
+_COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".zip", ".7z", ".tar")
+
+
+def is_record_file(path: Path) -> bool:
+    """Whether `path` holds records (JSONL or Parquet, by its suffix in any case) rather than plain text. A
+    compressed file is refused: read as text, its bytes would be tokenized."""
+    suffix = path.suffix.lower()
+    if suffix in _COMPRESSED_SUFFIXES:
+        raise LMStackError(f"{path}: a compressed file ({suffix}); decompress it first (lmstack reads text, "
+                           "JSONL and Parquet files)")
+    return suffix in RECORD_SUFFIXES
+
+
 CHUNK_CHARS = 1 << 20  # text files are read in chunks of about this many characters
 
 _SURROGATE = re.compile("[\ud800-\udfff]")  # a JSON escape such as "\ud800" alone: valid JSON, but not text
@@ -129,7 +142,7 @@ def iter_record_texts(
     """The `text_field` string of each record of a JSONL or Parquet file. A JSONL line that is not JSON, not an
     object or without the string field raises `LMStackError` naming `file:line` (+ `hint`), or with
     `on_bad_record="skip"` is recorded in `stats.skipped_records` and reading goes on with the next line."""
-    if path.suffix == ".parquet":
+    if path.suffix.lower() == ".parquet":
         yield from _parquet_texts(path, text_field)
         return
     for lineno, line in _text_lines(path, stats):
@@ -198,7 +211,7 @@ def iter_texts(
         path = Path(file)
         if not path.exists():
             raise LMStackError(f"{path}: no such file")
-        if path.suffix in RECORD_SUFFIXES:
+        if is_record_file(path):
             yield from iter_record_texts(path, text_field, stats, on_bad_record, hint)
         elif chunked:
             yield from iter_text_chunks(path, stats, CHUNK_CHARS)

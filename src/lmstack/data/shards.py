@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from lmstack.data.readers import RECORD_SUFFIXES, SKIP_HINT, ReadStats, iter_record_texts, iter_text_chunks
+from lmstack.data.readers import SKIP_HINT, ReadStats, is_record_file, iter_record_texts, iter_text_chunks
 from lmstack.errors import LMStackError
 from lmstack.tokenizer import Tokenizer
 
@@ -107,7 +107,7 @@ def iter_documents(
         path = Path(file)
         if not path.exists():
             raise LMStackError(f"{path}: no such file")
-        if path.suffix in RECORD_SUFFIXES:
+        if is_record_file(path):
             for value in iter_record_texts(path, text_field, stats, on_bad_record,
                                            hint=SKIP_HINT):
                 stats.documents += 1

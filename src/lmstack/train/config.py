@@ -40,7 +40,7 @@ class TrainConfig:
     # optimizer and schedule
     max_steps: int = 1000
     learning_rate: float = 6e-4
-    min_lr: float = 6e-5
+    min_lr: float | None = None  # where the cosine decay ends (default: learning_rate / 10, as in nanoGPT)
     warmup_steps: int = 100
     lr_decay_steps: int | None = None  # cosine decay ends here (default: max_steps)
     weight_decay: float = 0.1
@@ -91,6 +91,8 @@ class TrainConfig:
                          "sample_temperature", "sample_top_k", "progress", "compile", "device", "out_dir")
 
     def __post_init__(self) -> None:
+        if self.min_lr is None:
+            self.min_lr = max(self.learning_rate, 0) / 10  # a bad learning_rate is named below
         if self.task not in TASKS:
             raise LMStackError(f"task {self.task!r} is not one of {', '.join(TASKS)}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -127,6 +129,12 @@ class TrainConfig:
             raise LMStackError(f"sample_top_k must be >= 0 (0 or none: no limit), got {self.sample_top_k}")
         if self.learning_rate <= 0:
             raise LMStackError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.min_lr > self.learning_rate:  # the "decay" would raise the rate past its peak
+            raise LMStackError(f"min_lr {self.min_lr:g} is above learning_rate {self.learning_rate:g}: the cosine "
+                               "decays from learning_rate to min_lr")
+        if self.lr_decay_steps is not None and self.lr_decay_steps <= self.warmup_steps:
+            raise LMStackError(f"lr_decay_steps {self.lr_decay_steps} must be after warmup_steps "
+                               f"{self.warmup_steps}: the decay begins where the warmup ends")
         for name in ("beta1", "beta2", "val_fraction", "lora_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise LMStackError(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -141,6 +149,18 @@ class TrainConfig:
         if self.task == "grpo" and self.temperature <= 0:  # greedy completions of a prompt are all the same
             raise LMStackError(f"temperature must be > 0 for GRPO (a group's completions must differ), "
                                f"got {self.temperature}")
+        if not self.lora_r:  # settings that only mean something for LoRA adapters
+            given = [name for name, unset in (("qlora", False), ("lora_rslora", False), ("lora_dropout", 0.0))
+                     if getattr(self, name) != unset]
+            if given:
+                raise LMStackError(f"{', '.join(given)} set without lora_r: they shape LoRA adapters, and "
+                                   "lora_r 0 trains the whole model (give lora_r > 0)")
+        elif self.task == "pretrain" and self.init_from == "scratch":
+            raise LMStackError("lora_r on a model built from scratch would train adapters on a frozen random "
+                               "base; LoRA adapts a checkpoint (init_from: checkpoint)")
+        if self.task == "kto" and self.batch_size < 2:  # the KL reference pairs each prompt with another's answer
+            raise LMStackError(f"batch_size must be >= 2 for KTO (its KL reference point uses the other records "
+                               f"of the micro-batch), got {self.batch_size}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

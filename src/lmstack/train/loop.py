@@ -194,19 +194,21 @@ def check_checkpoint_tokenizer(cfg: TrainConfig) -> None:
 def build_policy(cfg: TrainConfig, task: Task) -> torch.nn.Module:
     """The model to train: a new or loaded LM, a classification / reward head on a loaded LM, and LoRA
     adapters (on a 4-bit NF4 base with QLoRA) when `lora_r` is set."""
-    if cfg.task == "pretrain":
-        if cfg.init_from == "checkpoint":
-            model = load_model(cfg.model, dtype=torch.float32)
-        else:
-            model = build_model(cfg.model_config(vocab_size=task.vocab_size))
+    if cfg.task == "pretrain" and cfg.init_from == "scratch":
+        model = build_model(cfg.model_config(vocab_size=task.vocab_size))
     else:
         if cfg.model_overrides:
+            started = f"task {cfg.task}" if cfg.task != "pretrain" else "init_from: checkpoint"
             raise LMStackError(f"model_overrides ({', '.join(cfg.model_overrides)}) apply when a model is built; "
-                               f"task {cfg.task} starts from the checkpoint {cfg.model} as it is")
+                               f"{started} starts from the checkpoint {cfg.model} as it is")
         model = load_model(cfg.model, dtype=torch.float32)
         if cfg.task in ("classify", "reward"):
             labels = task.labels if cfg.task == "classify" else ["score"]
             model = SequenceClassifier.from_decoder(model, labels, task.tokenizer.pad_token_id)
+    context = decoder_of(model).config.block_size
+    if cfg.block_size > context:
+        raise LMStackError(f"block_size {cfg.block_size} is longer than the model's context ({context} positions): "
+                           f"lower block_size to at most {context}")
     if cfg.lora_r:
         # Adapters go on the decoder; a classifier's new head stays outside them and trains in full.
         from lmstack.train.lora import apply_lora, check_peft_exportable, prepare_qlora
@@ -334,6 +336,9 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
     elif rt.is_main and (run_dir / "checkpoints").exists() and ckpt.list_checkpoints(run_dir):
         raise LMStackError(f"{run_dir} already holds a run; resume it with --resume {run_dir} or choose "
                            "another out_dir")
+    if rt.is_main and not resume and cfg.warmup_steps >= cfg.max_steps:
+        print(f"note: warmup_steps {cfg.warmup_steps} >= max_steps {cfg.max_steps}: the learning rate stays below "
+              f"learning_rate {cfg.learning_rate:g} for the whole run", file=sys.stderr)
     task = build_task(cfg)
     tokenizer = task.tokenizer
     precision = resolve_precision(cfg, rt.device)

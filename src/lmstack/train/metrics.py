@@ -69,7 +69,9 @@ class MetricsLog:
             except ImportError:
                 raise LMStackError("tensorboard: true needs the tensorboard package (pip install tensorboard)") \
                     from None
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            # TensorBoard reads every event file of the directory: purging from `resume_step` hides what an
+            # earlier (killed) run logged from there on, as metrics.jsonl drops it.
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
 
     def log(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
