@@ -246,6 +246,85 @@ def test_a_seeded_completion_does_not_depend_on_its_batch(tiny):
     assert alone[0].token_ids != alone[1].token_ids and crowd[0].token_ids != alone[0].token_ids
 
 
+def test_a_short_prompt_beside_a_long_one_keeps_its_own_room(tiny):
+    """Each row stops at its own end of the context: a prompt batched with one that nearly fills the context
+    still gets max_new_tokens, the same tokens as alone."""
+    model, tok, _ = tiny
+    block = model.config.block_size
+    short = tok.encode("ROMEO:")
+    long = (tok.encode("First Citizen: " * block))[:block - 6]
+    params = dict(max_new_tokens=30, temperature=0, ignore_eos=True)
+    alone = Engine(model, tok).generate([short], **params)[0]
+    batched = Engine(model, tok).generate([short, long], **params)
+    assert len(alone.token_ids) == 30 and batched[0].token_ids == alone.token_ids
+    assert len(batched[1].token_ids) == 6 and batched[1].finish_reason == "length"
+    assert batched[1].token_ids == Engine(model, tok).generate([long], **params)[0].token_ids
+
+
+def test_one_engine_runs_one_generation_at_a_time(tiny):
+    """Two streams interleaved on one engine would overwrite each other's cache rows: the second is refused
+    until the first is done, and then runs."""
+    model, tok, _ = tiny
+    engine = Engine(model, tok)
+    params = dict(max_new_tokens=10, temperature=0, ignore_eos=True)
+    first = engine.stream("ROMEO:", **params)
+    head = next(first)
+    with pytest.raises(LMStackError, match="in the middle of another generation"):
+        next(engine.stream("O", **params))
+    with pytest.raises(LMStackError, match="in the middle of another generation"):
+        engine.generate("O", **params)
+    assert head + "".join(first) == engine.generate("ROMEO:", **params)[0].text
+
+
+def test_prompts_as_tensors_and_edge_sizes(tiny):
+    model, tok, _ = tiny
+    engine = Engine(model, tok)
+    ids = tok.encode("ROMEO:")
+    params = dict(max_new_tokens=6, temperature=0, ignore_eos=True)
+    expected = engine.generate([ids], **params)[0].token_ids
+    assert engine.generate(torch.tensor(ids), **params)[0].token_ids == expected
+    assert engine.generate(torch.tensor([ids, ids]), **params)[1].token_ids == expected
+    assert "".join(engine.stream(torch.tensor([ids]), **params)) == tok.decode(expected)
+    beams = engine.beam_search(ids, num_beams=2, max_new_tokens=6)[0].token_ids
+    assert len(beams) == 6 and engine.beam_search(torch.tensor(ids), num_beams=2, max_new_tokens=6)[0].token_ids == beams
+    empty = engine.beam_search("ROMEO:", num_beams=2, max_new_tokens=0, num_return_sequences=2)
+    assert [(c.token_ids, c.finish_reason) for c in empty] == [([], "length")] * 2
+    with pytest.raises(LMStackError, match="max_batch_size=0: must be >= 1"):
+        Engine(model, tok, max_batch_size=0)
+    with pytest.raises(LMStackError, match="one prompt is expected here, got a batch of 2"):
+        engine.beam_search(torch.tensor([ids, ids]))
+
+
+def test_logprobs_beyond_a_small_vocabulary_give_every_token(tmp_path):
+    tok = lmstack.Tokenizer.train_chars(["abcde fgh"])
+    torch.manual_seed(0)
+    model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", vocab_size=tok.vocab_size)).eval()
+    out = Engine(model, tok).generate("abc", max_new_tokens=3, temperature=0, logprobs=20, ignore_eos=True)[0]
+    assert all(len(t.top) == tok.vocab_size for t in out.logprobs)
+
+
+def test_the_one_call_generate_leaves_a_training_model_training(tiny):
+    model, tok, _ = tiny
+    model.train()
+    try:
+        lmstack.generate(model, tok, "ROMEO:", max_new_tokens=2, temperature=0)
+        assert model.training
+    finally:
+        model.eval()
+
+
+def test_tokens_of_a_text_cut_at_a_stop_string_spell_whole_characters():
+    """A stop string right after a multi-byte character: the kept tokens end with the character's last byte,
+    not in the middle of it (a partial character decodes to one U+FFFD, as long as a whole one)."""
+    from lmstack.generate.engine import tokens_spelling
+
+    tok = lmstack.Tokenizer.train(["plain ascii text only " * 40], vocab_size=300)
+    ids = tok.encode("caf\u00e9!done")
+    assert len(ids) > len(tok.encode("caf!done"))  # the e-acute is its two bytes, one token each
+    kept = tokens_spelling(tok, ids, "caf\u00e9")
+    assert tok.decode(kept) == "caf\u00e9"
+
+
 def test_stop_strings_ids_and_logprobs(tiny):
     model, tok, _ = tiny
     engine = Engine(model, tok)

@@ -110,8 +110,23 @@ def test_bad_speculative_arguments(models):
     with pytest.raises(LMStackError, match="vocabulary"):
         speculative_generate(target, tok, "x", small)
     long = "word " * 500
-    with pytest.raises(LMStackError, match="leaves no room.*truncate_prompt"):
+    with pytest.raises(LMStackError, match="prompt has .* tokens; the context holds .*truncate_prompt"):
         speculative_generate(target, tok, long, max_new_tokens=8)
+
+
+@pytest.mark.parametrize("room", [1, 2, 5])
+def test_speculative_runs_up_to_the_end_of_the_context_as_the_engine_does(models, room):
+    """A prompt a few tokens short of the context gets those tokens, as from the engine: proposals are cut
+    to the room that is left, so no slots are held back for them."""
+    target, draft, tok = models
+    block = target.config.block_size
+    prompt = (tok.encode("ROMEO: " * block) * 2)[:block - room]
+    alone = Engine(target, tok).generate([prompt], max_new_tokens=8, temperature=0, ignore_eos=True)[0]
+    assert len(alone.token_ids) == min(room, 8)
+    for drafter in (draft, "prompt_lookup"):
+        out, _ = speculative_generate(target, tok, prompt, drafter, k=4, temperature=0, max_new_tokens=8,
+                                      ignore_eos=True)
+        assert out.token_ids == alone.token_ids and out.finish_reason == "length"
 
 
 def test_draft_device_context_and_stop_ids_are_checked(models):
@@ -160,7 +175,7 @@ def test_overrides_and_truncation(models):
     assert len(out.token_ids) == 5
     long = "word " * 500
     out, _ = speculative_generate(target, tok, long, params=base, truncate_prompt=True, max_new_tokens=8, k=4)
-    assert len(out.token_ids) == 8 and out.prompt_tokens == target.config.block_size - 8 - 4 - 1
+    assert len(out.token_ids) == 8 and out.prompt_tokens == target.config.block_size - 8  # as the engine keeps
 
 
 def test_cli_speculative(models, tmp_path, capsys):

@@ -7,6 +7,7 @@ its own (eos, stop ids, stop strings, or `max_new_tokens`).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from numbers import Integral
@@ -53,6 +54,7 @@ class _Row:
 
     prompt: list[int]
     sample: int = 0  # which of the prompt's n completions: with a seed, it draws from generator seed + sample
+    limit: int = 0  # tokens it may generate: max_new_tokens, or fewer where its prompt nears the context's end
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     emitted: int = 0  # characters of `text` already streamed
@@ -81,9 +83,12 @@ class Engine:
         if arch != "transformer":  # the engine's batching lives in the Transformer's KV cache
             raise LMStackError(f"the generation engine runs Transformer models, not a recurrent LM (arch {arch!r}); "
                                "generate from one with lmstack.generate.generate_ids(model, prompt_ids, n)")
+        if max_batch_size < 1:
+            raise LMStackError(f"max_batch_size={max_batch_size}: must be >= 1")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
+        self._busy = False  # a generation holds the cache: a second one at the same time would overwrite it
         self.max_seq_len = min(max_seq_len or model.config.block_size, model.config.block_size)
         self.device = model.embed.weight.device
         self._cache_batch = self._cache_len = 0
@@ -128,7 +133,7 @@ class Engine:
         params = sampling_params(params, overrides)
         if params.n != 1:
             raise LMStackError("stream() makes one completion; use generate() for n > 1")
-        row = _Row(self._encode([prompt] if isinstance(prompt, str) else [list(prompt)], params)[0])
+        row = _Row(self._encode([_one_prompt(prompt)], params)[0])
         for _ in self._run([row], params, stream=True):
             delta = self._safe_delta(row, params)
             if delta:
@@ -154,10 +159,17 @@ class Engine:
             raise LMStackError(f"num_return_sequences={num_return_sequences} must be between 1 and num_beams")
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0, ignore_eos=ignore_eos,
                                 stop_token_ids=list(stop_token_ids), truncate_prompt=truncate_prompt)
-        ids = self._encode([prompt] if isinstance(prompt, str) else [list(prompt)], params)[0]
-        K, L, dev = num_beams, len(ids), self.device
-        steps = min(max_new_tokens, self.max_seq_len - L)
+        ids = self._encode([_one_prompt(prompt)], params)[0]
+        steps = min(max_new_tokens, self.max_seq_len - len(ids))
         eos = self._stop_ids(params)
+        if steps <= 0:  # as generate(): empty completions, cut at their length
+            return [Completion("", [], "length", len(ids)) for _ in range(num_return_sequences)]
+        with self._exclusive():
+            return self._beams(ids, num_beams, steps, eos, length_penalty, num_return_sequences)
+
+    def _beams(self, ids: list[int], K: int, steps: int, eos: set[int], length_penalty: float,
+               num_return_sequences: int) -> list[Completion]:
+        L, dev = len(ids), self.device
         self._ensure_cache(K, L + steps)
         logits = self._forward(torch.tensor([ids], device=dev), input_pos=torch.arange(L, device=dev), kv_len=L)
         self.model.reorder_kv_cache(torch.zeros(K, dtype=torch.long, device=dev))  # every beam starts there
@@ -198,6 +210,8 @@ class Engine:
     # ------------------------------------------------------------------------------------------ internals
 
     def _encode(self, prompts, params: SamplingParams) -> list[list[int]]:
+        if hasattr(prompts, "tolist") and not isinstance(prompts, str):  # a tensor or array of token ids
+            prompts = prompts.tolist()
         if isinstance(prompts, str) or (len(prompts) and all(isinstance(t, Integral) for t in prompts)):
             prompts = [prompts]  # one prompt, as text or token ids
         out = []
@@ -218,10 +232,11 @@ class Engine:
         """Allocate the cache on first use, and again only if a larger batch or a longer sequence comes, or
         something else that uses the model (another engine, `generate_ids`, speculative decoding) has replaced
         or freed it. Its length is a power of two (at least 256) that holds `length` tokens, up to
-        `max_seq_len`: a model with a long context does not reserve all of it for short generations, and a
+        `max_seq_len` (or `length`, when that is longer): a model with a long context does not reserve all of it for short generations, and a
         compiled decode step sees a new shape only when the length doubles."""
         self._cache_batch = max(batch, self._cache_batch)
-        self._cache_len = max(self._cache_len, min(self.max_seq_len, max(256, 1 << (length - 1).bit_length())))
+        cap = max(self.max_seq_len, length)  # past max_seq_len only for short prompts beside long ones
+        self._cache_len = max(self._cache_len, min(cap, max(256, 1 << (length - 1).bit_length())))
         cache = self.model.layers[0].attn.kv_cache
         if (cache is None or cache.k.shape[0] < self._cache_batch or cache.k.shape[2] != self._cache_len
                 or cache.k.device != self.device or cache.k.dtype != self.model.embed.weight.dtype):
@@ -237,8 +252,28 @@ class Engine:
     @torch.no_grad()
     def _run(self, rows: list[_Row], params: SamplingParams, stream: bool = False) -> Iterator[None]:
         """Decode `rows` together; yields after every step (with each row's text up to date if `stream`)."""
+        with self._exclusive():
+            yield from self._run_rows(rows, params, stream)
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Hold the engine (its KV cache) for one generation; a second one meanwhile is refused."""
+        if self._busy:
+            raise LMStackError("this Engine is in the middle of another generation (an unfinished stream()): "
+                               "finish or close() that one first, or use a second Engine")
+        self._busy = True
+        try:
+            yield
+        finally:
+            self._busy = False
+
+    def _run_rows(self, rows: list[_Row], params: SamplingParams, stream: bool) -> Iterator[None]:
         B, L = len(rows), max(len(r.prompt) for r in rows)
-        steps = min(params.max_new_tokens, self.max_seq_len - L)
+        # Each row's own limit: a short prompt beside a long one may still run to max_new_tokens. Its slots
+        # then pass max_seq_len (the cache grows to hold them), but its positions, slot - padding, do not.
+        for r in rows:
+            r.limit = min(params.max_new_tokens, self.max_seq_len - len(r.prompt))
+        steps = max(r.limit for r in rows)
         if steps <= 0:
             for r in rows:
                 r.finish_reason = "length"
@@ -322,8 +357,8 @@ class Engine:
             if params.logprobs is not None:
                 logp = logits.float().log_softmax(dim=-1)
                 outputs.append(logp.gather(-1, chosen[:, None])[:, 0])
-                if params.logprobs:
-                    top = torch.topk(logp, params.logprobs, dim=-1)
+                if params.logprobs:  # at most the whole vocabulary (a character model has few tokens)
+                    top = torch.topk(logp, min(params.logprobs, logp.size(-1)), dim=-1)
                     outputs += [top.indices, top.values]
             if seen is not None:
                 seen[batch_index, chosen] = True
@@ -373,7 +408,7 @@ class Engine:
                 if found:
                     r.text = r.text[:start] + tail[:min(found)]
                     r.cut_at_stop_string, r.finish_reason = True, "stop"
-            if r.finish_reason is None and len(r.tokens) >= params.max_new_tokens:
+            if r.finish_reason is None and len(r.tokens) >= r.limit:
                 r.finish_reason = "length"
 
     def _extend_text(self, row: _Row) -> str:
@@ -413,12 +448,25 @@ class Engine:
                           logprobs=row.logprobs[:len(tokens)] if params.logprobs is not None else None)
 
 
+def _one_prompt(prompt: str | Sequence[int] | torch.Tensor) -> str | list[int]:
+    """One prompt as text or a list of token ids; a tensor or array of ids may be [T] or [1, T]."""
+    if isinstance(prompt, str):
+        return prompt
+    ids = prompt.tolist() if hasattr(prompt, "tolist") else list(prompt)
+    if ids and isinstance(ids[0], list):
+        if len(ids) != 1:
+            raise LMStackError(f"one prompt is expected here, got a batch of {len(ids)}")
+        ids = ids[0]
+    return ids
+
+
 def tokens_spelling(tokenizer: Tokenizer, tokens: list[int], text: str) -> list[int]:
     """The shortest prefix of `tokens` whose decoding covers `text`: a completion cut at a stop string keeps
     the tokens that spell its text, not those generated after the stop string began."""
     if text == tokenizer.decode(tokens):
         return tokens
-    return next((tokens[:k] for k in range(len(tokens) + 1) if len(tokenizer.decode(tokens[:k])) >= len(text)),
+    # startswith, not a length: a partial UTF-8 character decodes to one U+FFFD, as long as the character
+    return next((tokens[:k] for k in range(len(tokens) + 1) if tokenizer.decode(tokens[:k]).startswith(text)),
                 tokens)
 
 
@@ -443,4 +491,8 @@ def generate(model: DecoderLM, tokenizer: Tokenizer, prompts: str | Sequence[str
              **sampling) -> list[Completion]:
     """One-call generation: `lmstack.generate(model, tok, ["Once upon"], max_new_tokens=20, temperature=0)`."""
     batch = 1 if isinstance(prompts, str) else max(1, len(prompts) * sampling.get("n", 1))
-    return Engine(model, tokenizer, max_batch_size=min(batch, 64)).generate(prompts, **sampling)
+    was_training = model.training  # a model sampled in the middle of training goes back to training mode
+    try:
+        return Engine(model, tokenizer, max_batch_size=min(batch, 64)).generate(prompts, **sampling)
+    finally:
+        model.train(was_training)

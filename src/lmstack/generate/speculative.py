@@ -99,17 +99,18 @@ def speculative_generate(
     check_stop_token_ids(params.stop_token_ids, target.config.vocab_size)
     ids = checked_prompt(tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt],
                          tokenizer, target.config.vocab_size)
-    if params.truncate_prompt:  # as the engine does: room for max_new_tokens, or half the context (less k + 1)
-        ids = ids[-max(1, block - k - 1 - reply_room(params.max_new_tokens, block)):]
-    if params.max_new_tokens == 0 and len(ids) < block:  # as the engine: nothing to generate
+    if params.truncate_prompt:  # as the engine does: room for max_new_tokens, or half the context
+        ids = ids[-max(1, block - reply_room(params.max_new_tokens, block)):]
+    if len(ids) >= block:  # the engine's rule: a prompt leaves room for at least one new token
+        raise LMStackError(f"prompt has {len(ids)} tokens; the context holds {block}, with room for a new token "
+                           f"at most {block - 1} (truncate_prompt=True, or --truncate-prompt, keeps its end)")
+    if params.max_new_tokens == 0:  # as the engine: nothing to generate
         return Completion("", [], "length", len(ids)), SpeculativeStats()
-    total = min(len(ids) + params.max_new_tokens + k + 1, block)
-    if len(ids) >= total - k - 1:
-        raise LMStackError(f"prompt of {len(ids)} tokens leaves no room in the context of {block} "
-                           f"(truncate_prompt=True, or --truncate-prompt, keeps its end)")
+    # Proposals never run past max_new_tokens or the context (`room` below), so this many slots suffice.
+    total = min(len(ids) + params.max_new_tokens, block)
     if not lookup and draft.config.block_size < total:  # the draft holds the same tokens as the target
         raise LMStackError(f"draft: its block_size of {draft.config.block_size} is smaller than the {total} "
-                           f"tokens this call needs (prompt, max_new_tokens and k + 1); lower max_new_tokens "
+                           f"tokens this call needs (prompt and max_new_tokens); lower max_new_tokens "
                            "or use a draft with a longer context")
     g = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
     stop_ids = set(params.stop_token_ids)
