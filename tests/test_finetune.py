@@ -369,3 +369,14 @@ def test_recipe_list_items_take_the_item_type(base, tmp_path):
         load_config(recipe)
     with pytest.raises(LMStackError, match=r"sample_prompts\[0\]: expected a string, got None"):
         load_config(None, ["--sample_prompts", "[null]"])
+
+
+def test_val_fraction_zero_validates_on_the_training_records(capsys):
+    from lmstack.train.tasks import _split_val
+
+    items = list(range(10))
+    assert _split_val(items, 0.2, None) == (items[:8], items[8:])
+    assert _split_val(items, 0.01, None) == (items[:9], items[9:])  # at least one held out
+    assert _split_val(items, 0.0, None) == (items, items)
+    assert "note: val_fraction is 0: validation scores the training records" in capsys.readouterr().err
+    assert _split_val(items, 0.0, [42]) == (items, [42])

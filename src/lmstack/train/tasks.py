@@ -18,6 +18,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -73,10 +75,15 @@ def _shuffled_split(items: list, seed: int, val_fraction: float, val_items: list
 
 
 def _split_val(items: list, val_fraction: float, val_items: list | None) -> tuple[list, list]:
-    """Use the given validation items, or hold out the last `val_fraction` (at least one) of the training set."""
+    """Use the given validation items, or hold out the last `val_fraction` (at least one) of the training set;
+    with `val_fraction` 0, or a single item, validation scores training items (and says so)."""
     if val_items is not None:
         return items, val_items
-    if len(items) < 2:
+    if len(items) < 2 or val_fraction == 0:
+        if os.environ.get("RANK", "0") == "0":
+            why = "val_fraction is 0" if val_fraction == 0 else "there is a single record"
+            print(f"note: {why}: validation scores the training records (give val_data for a held-out set)",
+                  file=sys.stderr)
         return items, items
     n_val = max(1, int(round(len(items) * val_fraction)))
     return items[:-n_val], items[-n_val:]
