@@ -65,6 +65,32 @@ def test_mfu_peak_is_looked_up_by_device_name(name, precision, peak):
     assert peak_flops_of(name, precision) == peak
 
 
+def test_mfu_counts_what_each_kind_of_run_computes():
+    """6 N + attention for full training (nanoGPT's count); LoRA and QLoRA skip the frozen weights' gradients
+    (4 N); a frozen reference scoring the same tokens adds its forward pass (2 N); GRPO reports no MFU."""
+    from lmstack.models import active_params, flops_per_token
+    from lmstack.train.loop import run_flops_per_token
+    from lmstack.train.lora import apply_lora, prepare_qlora
+
+    config = lmstack.ModelConfig.from_name("tiny-llama", vocab_size=512, n_embd=128, n_head=4, n_kv_head=4)
+    model = lmstack.DecoderLM(config)
+    n = active_params(model)
+    full = flops_per_token(config, n, 64)
+
+    def flops(model, *args):
+        return run_flops_per_token(load_config(None, ["--data", "d", "--block_size", "64", *args]), model)
+
+    assert flops(model) == full
+    assert flops(model, "--task", "dpo") == full + 2 * n
+    assert flops(model, "--task", "simpo") == full  # no reference
+    assert flops(model, "--task", "grpo") is None
+    apply_lora(model, r=4, alpha=8, dropout=0.0, targets=["q", "v"])
+    assert flops(model, "--task", "sft", "--lora_r", "4") == full - 2 * n
+    qlora = lmstack.DecoderLM(config)
+    prepare_qlora(qlora, r=4, alpha=8, dropout=0.0, targets=["q", "v"])  # 4-bit weights are buffers
+    assert flops(qlora, "--task", "dpo", "--lora_r", "4", "--qlora", "true") == full
+
+
 def test_a_fresh_run_starts_its_metrics_anew(shards, tmp_path):
     """A run killed before its first checkpoint leaves metrics.jsonl but nothing to resume: running the same
     command again must not append to the old records."""

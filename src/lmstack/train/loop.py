@@ -113,6 +113,19 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 
+def run_flops_per_token(cfg: TrainConfig, decoder: torch.nn.Module) -> float | None:
+    """Model FLOPs per trained token, for MFU: nanoGPT's 6 N plus attention for full training; 4 N with LoRA
+    (frozen weights take no weight gradients; the adapters' are negligible); 2 N more where a frozen
+    reference scores the same tokens (DPO, IPO, KTO). None for GRPO, whose time goes mostly to sampling."""
+    if cfg.task == "grpo":
+        return None
+    with torch.device("meta"):  # the base model's weights: LoRA wrappers and 4-bit buffers aside
+        n = active_params(build_model(decoder.config))
+    full = flops_per_token(decoder.config, n, cfg.block_size)
+    weights = (4 if cfg.lora_r else 6) + (2 if cfg.task in NEEDS_REFERENCE and cfg.beta else 0)
+    return full + (weights - 6) * n
+
+
 def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices (linear and embedding weights); leave biases and norm gains alone."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -418,8 +431,8 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
             print(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.2%})")
 
     rows = cfg.batch_size * rt.world_size  # sequences per micro-step, all processes together
-    flops = flops_per_token(decoder.config, active_params(decoder), cfg.block_size)
-    peak = peak_flops(rt.device, precision)
+    flops = run_flops_per_token(cfg, decoder)
+    peak = peak_flops(rt.device, precision) if flops is not None else None
 
     def evaluate() -> dict[str, float]:
         model.eval()
