@@ -236,6 +236,7 @@ def test_grpo_raises_a_verifiable_reward(base, tmp_path):
     line = summary_line(summary)
     assert line.startswith(f"done: 30 steps; validation reward {rewards[-1]:.4f} (best {max(rewards):.4f} at step ")
     assert "; kl " in line and ", loss " in line
+    assert not any("tok_per_s" in r for r in metrics)  # its batches hold no token ids: no throughput figure
 
 
 def test_qlora_sft_trains_adapters_on_an_nf4_base(base, tmp_path):

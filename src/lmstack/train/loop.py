@@ -581,7 +581,8 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
                 loss_value, *metric_values = values.tolist()  # the one host sync per logged step
                 now = time.perf_counter()
                 # The first step after a start also compiles and warms up: it gives no throughput figure.
-                tok_s = tokens_since / (now - t_last) if step > start_step else None
+                # None where batches hold no token ids (GRPO samples its own): no throughput to report
+                tok_s = tokens_since / (now - t_last) if step > start_step and tokens_since else None
                 t_last, tokens_since = now, 0
                 mfu = flops * tok_s / (peak * rt.world_size) if peak and tok_s is not None else None
                 if rt.is_main:
