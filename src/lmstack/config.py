@@ -20,6 +20,8 @@ Bias = Literal["none", "all", "qkv"]
 Arch = Literal["transformer", "rnn", "lstm", "gru"]
 
 ROPE_SCALING_TYPES = ("linear", "dynamic", "llama3", "yarn")
+_ROPE_SCALING_NEEDS = {"linear": ("factor",), "dynamic": ("factor",),  # yarn has defaults for all of its keys
+                       "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 
 
 @dataclass
@@ -65,6 +67,10 @@ class ModelConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)  # keys a checkpoint carried through
 
     def __post_init__(self) -> None:
+        for name in ("n_embd", "n_head"):  # the defaults below compute with them before `validate` runs
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise LMStackError(f"ModelConfig.{name}={value!r}: must be a positive integer")
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.head_dim is None:
@@ -94,6 +100,10 @@ class ModelConfig:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind not in ROPE_SCALING_TYPES and kind != "default":
                 raise bad("rope_scaling", f"unsupported type {kind!r}; supported: {list(ROPE_SCALING_TYPES)}")
+            for key in _ROPE_SCALING_NEEDS.get(kind, ()):
+                value = self.rope_scaling.get(key)
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                    raise bad("rope_scaling", f"{kind!r} needs a positive number {key!r}, got {value!r}")
         if self.positions == "rope" and self.rotary_dim % 2:
             raise bad("rotary_fraction", f"gives an odd rotary dimension {self.rotary_dim}")
         if self.sliding_window is not None and self.sliding_window < 1:
