@@ -87,6 +87,73 @@ def test_transformers_loads_our_files(tok, tmp_path):
         assert tok.apply_chat_template(messages, **kwargs) == hf.encode(theirs, add_special_tokens=False)
 
 
+TOOL_TEMPLATE = "{% for t in tools %}TOOL:{{ t.function.name }}\n{% endfor %}{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+MESSAGES = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "The answer is"}]
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+
+
+@pytest.mark.parametrize("layout", ["transformers-5-files", "legacy-list"])
+def test_named_chat_templates_are_read_chosen_and_written_as_transformers_does(tok, tmp_path, layout):
+    """A tokenizer with a default and a "tool_use" template: lmstack reads both (transformers 5's
+    additional_chat_templates/ files, or the older list in tokenizer_config.json), picks "tool_use" when
+    tools are given or by name, and writes both back where transformers finds them."""
+    tok.save(tmp_path / "ours")
+    hf = PreTrainedTokenizerFast.from_pretrained(tmp_path / "ours")
+    hf.chat_template = {"default": tok.chat_template, "tool_use": TOOL_TEMPLATE}
+    hf.save_pretrained(tmp_path / "hf", save_jinja_files=layout == "transformers-5-files")
+    assert (tmp_path / "hf" / "additional_chat_templates").exists() == (layout == "transformers-5-files")
+    loaded = Tokenizer.load(tmp_path / "hf")
+    assert loaded.chat_templates == {"tool_use": TOOL_TEMPLATE} and loaded.chat_template == tok.chat_template
+    for kwargs in ({}, {"tools": TOOLS}, {"chat_template": "tool_use", "tools": TOOLS}, {"add_generation_prompt": True}):
+        assert loaded.apply_chat_template(MESSAGES, tokenize=False, **kwargs) == hf.apply_chat_template(
+            MESSAGES, tokenize=False, **kwargs)
+    loaded.save(tmp_path / "again")
+    again = PreTrainedTokenizerFast.from_pretrained(tmp_path / "again")
+    assert again.chat_template == hf.chat_template
+    assert Tokenizer.load(tmp_path / "again").chat_templates == {"tool_use": TOOL_TEMPLATE}
+
+
+def test_a_saved_template_replaces_one_saved_earlier_into_the_same_directory(tok, tmp_path):
+    hf = PreTrainedTokenizerFast.from_pretrained(tok.save(tmp_path) or tmp_path)
+    hf.save_pretrained(tmp_path)  # transformers 5 writes chat_template.jinja, which takes precedence
+    assert (tmp_path / "chat_template.jinja").exists()
+    loaded = Tokenizer.load(tmp_path)
+    loaded.chat_template = TOOL_TEMPLATE
+    loaded.save(tmp_path)
+    assert Tokenizer.load(tmp_path).chat_template == TOOL_TEMPLATE
+    assert PreTrainedTokenizerFast.from_pretrained(tmp_path).chat_template == TOOL_TEMPLATE
+
+
+def test_continue_final_message_matches_transformers(tok, tmp_path):
+    tok.save(tmp_path)
+    hf = PreTrainedTokenizerFast.from_pretrained(tmp_path)
+    ours = tok.apply_chat_template(MESSAGES, tokenize=False, continue_final_message=True)
+    assert ours == hf.apply_chat_template(MESSAGES, tokenize=False, continue_final_message=True)
+    assert ours.endswith("<|im_start|>assistant\nThe answer is")
+    with pytest.raises(LMStackError, match="do not combine"):
+        tok.apply_chat_template(MESSAGES, continue_final_message=True, add_generation_prompt=True)
+
+
+def test_tokens_that_tokenizer_config_calls_special_are_special(tmp_path):
+    """An added token not flagged special in tokenizer.json but named eos in tokenizer_config.json is special to
+    transformers, skipped by decode(skip_special_tokens=True); an additional special token counts among the
+    special ids, but decoding keeps it, as transformers does."""
+    from tokenizers import AddedToken
+
+    base = Tokenizer.train([CORPUS.read_text()[:50_000]], vocab_size=400)
+    base.backend.add_tokens([AddedToken("<|end|>", special=False, normalized=False),
+                             AddedToken("<tool>", special=False, normalized=False)])
+    Tokenizer(base.backend, eos_token="<|end|>", extra_special_tokens=["<tool>"]).save(tmp_path)
+    tokenizer_json = json.loads((tmp_path / "tokenizer.json").read_text())
+    assert not any(t["special"] for t in tokenizer_json["added_tokens"] if t["content"] in ("<|end|>", "<tool>"))
+    ours, hf = Tokenizer.load(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
+    ids = ours.encode("Hi<tool>x<|end|>")
+    assert ours.decode(ids, skip_special_tokens=True) == hf.decode(ids, skip_special_tokens=True) == "Hi<tool>x"
+    assert ours.special_ids >= {ours.token_to_id("<|end|>"), ours.token_to_id("<tool>")}
+    assert set(hf.all_special_ids) <= ours.special_ids
+    assert ours.decode(ids) == hf.decode(ids) == "Hi<tool>x<|end|>"
+
+
 def test_chatml_rendering_by_hand(tok):
     text = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
     assert text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"

@@ -136,17 +136,28 @@ class Tokenizer:
         unk_token: str | None = None,
         chat_template: str | None = None,
         model_max_length: int | None = None,
+        chat_templates: dict[str, str] | None = None,
+        extra_special_tokens: Sequence[str] = (),
     ) -> None:
+        """`chat_template` is the default template; `chat_templates` holds named others (such as "tool_use",
+        which `apply_chat_template` picks when tools are given, as transformers does). `extra_special_tokens`
+        are special besides bos / eos / pad / unk (in `special_ids`; like transformers, `decode(skip_special_tokens=True)`
+        skips them only where tokenizer.json marks them special)."""
         self.backend = backend
         self.bos_token, self.eos_token = bos_token, eos_token
         self.pad_token, self.unk_token = pad_token, unk_token
         self.chat_template = chat_template
+        self.chat_templates = dict(chat_templates or {})
+        self.extra_special_tokens = list(extra_special_tokens)
         self.model_max_length = model_max_length
         self._id_bound = (-1, 0)  # (token count, largest id + 1) for `vocab_size`
         for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
             token = getattr(self, name)
             if token is not None and backend.token_to_id(token) is None:
                 raise LMStackError(f"{name} {token!r} is not in the vocabulary")
+        for token in self.extra_special_tokens:
+            if backend.token_to_id(token) is None:
+                raise LMStackError(f"special token {token!r} is not in the vocabulary")
 
     # ------------------------------------------------------------------------------------ training
 
@@ -256,24 +267,24 @@ class Tokenizer:
                 raise LMStackError(f"{config_file}: not valid JSON ({e})") from None
             if not isinstance(config, dict):
                 raise LMStackError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
-        template = config.get("chat_template")
-        if (folder / "chat_template.jinja").exists():
-            template = (folder / "chat_template.jinja").read_text()
-        elif (folder / "chat_template.json").exists():
-            try:
-                template = json.loads((folder / "chat_template.json").read_text()).get("chat_template")
-            except (json.JSONDecodeError, AttributeError) as e:
-                raise LMStackError(f"{folder / 'chat_template.json'}: not a JSON object ({e})") from None
-        if isinstance(template, list):  # several named templates: take the default one
-            template = {t["name"]: t["template"] for t in template}.get("default")
+        templates = _read_chat_templates(folder, config)
         max_len = config.get("model_max_length")
+        named = set()
+        for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            named.add(_token_text(config.get(key)))
+        extra = config.get("additional_special_tokens") or config.get("extra_special_tokens") or []
+        if isinstance(extra, dict):  # transformers 5's named extras: {"image_token": "<image>", ...}
+            extra = list(extra.values())
+        extra = [t for t in map(_token_text, extra if isinstance(extra, list) else []) if t and t not in named]
         return cls(
             backend,
             bos_token=_token_text(config.get("bos_token")),
             eos_token=_token_text(config.get("eos_token")),
             pad_token=_token_text(config.get("pad_token")),
             unk_token=_token_text(config.get("unk_token")),
-            chat_template=template,
+            chat_template=templates.pop("default", None),
+            chat_templates=templates,
+            extra_special_tokens=[t for t in dict.fromkeys(extra) if backend.token_to_id(t) is not None],
             model_max_length=max_len if isinstance(max_len, int) and max_len < 10**12 else None,
         )
 
@@ -314,11 +325,32 @@ class Tokenizer:
             "unk_token": self.unk_token,
             "clean_up_tokenization_spaces": False,  # decoding must give back exactly what was encoded
         }
+        if self.extra_special_tokens:
+            config["additional_special_tokens"] = self.extra_special_tokens
         if self.model_max_length:
             config["model_max_length"] = self.model_max_length
-        if self.chat_template:
+        named = {name: t for name, t in self.chat_templates.items() if name != "default"}
+        if self.chat_template and named:  # both spellings, so every version of transformers reads the same
+            config["chat_template"] = [{"name": "default", "template": self.chat_template},
+                                       *({"name": k, "template": v} for k, v in named.items())]
+        elif self.chat_template:
             config["chat_template"] = self.chat_template
-        (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        _write_text(path / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        # transformers 5's layout, which takes precedence where present: a template saved earlier into this
+        # directory must not outlive this one.
+        if self.chat_template:
+            _write_text(path / "chat_template.jinja", self.chat_template)
+        elif (path / "chat_template.jinja").exists():
+            (path / "chat_template.jinja").unlink()
+        folder = path / "additional_chat_templates"
+        for old in folder.glob("*.jinja") if folder.is_dir() else []:
+            if old.stem not in named:
+                old.unlink()
+        for name, template in named.items():
+            if Path(name).name != name or name in ("", ".", ".."):
+                raise LMStackError(f"chat template name {name!r} is not a plain file name")
+            folder.mkdir(exist_ok=True)
+            _write_text(folder / f"{name}.jinja", template)
 
     # ------------------------------------------------------------------------------------ ids
 
@@ -355,7 +387,14 @@ class Tokenizer:
 
     @property
     def special_ids(self) -> set[int]:
-        return {i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
+        """Ids of the special tokens: added tokens marked special, and the tokens tokenizer_config.json
+        names (bos, eos, pad, unk, additional ones), as transformers counts them."""
+        return self._ids_of(self.bos_token, self.eos_token, self.pad_token, self.unk_token, *self.extra_special_tokens)
+
+    def _ids_of(self, *tokens: str | None) -> set[int]:
+        """The added tokens marked special, plus `tokens`."""
+        ids = {i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
+        return ids | {i for t in tokens if t is not None and (i := self.backend.token_to_id(t)) is not None}
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; special-token strings inside it become their ids. `add_special_tokens` adds
@@ -367,9 +406,15 @@ class Tokenizer:
         return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        if skip_special_tokens:  # as transformers: bos / eos / pad / unk too where tokenizer.json does not flag them
+            special = self._ids_of(self.bos_token, self.eos_token, self.pad_token, self.unk_token)
+            ids = [i for i in ids if i not in special]
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def decode_batch(self, batch: Sequence[Sequence[int]], skip_special_tokens: bool = False) -> list[str]:
+        if skip_special_tokens:
+            special = self._ids_of(self.bos_token, self.eos_token, self.pad_token, self.unk_token)
+            batch = [[i for i in ids if i not in special] for ids in batch]
         return self.backend.decode_batch([list(ids) for ids in batch], skip_special_tokens=skip_special_tokens)
 
     # ------------------------------------------------------------------------------------ chat
@@ -384,24 +429,35 @@ class Tokenizer:
         tokenize: bool = True,
         chat_template: str | None = None,
         return_assistant_spans: bool = False,
+        continue_final_message: bool = False,
         **kwargs: Any,
     ) -> Any:
         """Render `messages` with the chat template, as `transformers`' `apply_chat_template` does.
 
         Returns the ids (`tokenize=True`, encoded without adding special tokens, as Hugging Face does) or the
-        text. With `return_assistant_spans`, also the (start, end) character spans of `{% generation %}`
-        blocks.
+        text. `chat_template` is a template or the name of one of `chat_templates`; by default the
+        "tool_use" template when `tools` are given and there is one, else the default template.
+        `continue_final_message` ends the text inside the last message (a prefilled answer to go on
+        from) instead of closing its turn. With `return_assistant_spans`, also the (start, end) character
+        spans of `{% generation %}` blocks.
         """
-        source = chat_template or self.chat_template
-        if source is None:
-            raise LMStackError("this tokenizer has no chat template (pass chat_template=..., or train with "
-                               "chat_template='chatml')")
+        source = self.select_chat_template(chat_template, tools)
+        if continue_final_message and add_generation_prompt:
+            raise LMStackError("continue_final_message and add_generation_prompt do not combine: the first goes on "
+                               "with the last message, the second starts a new one")
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m:
                 raise LMStackError(f"message {i} is not a dict with a 'role': {m!r}")
+        messages = [dict(m) for m in messages]
+        final = None
+        if continue_final_message:
+            final = messages[-1].get("content") if messages else None
+            if not isinstance(final, str):
+                raise LMStackError("continue_final_message needs a last message whose 'content' is a string")
+            messages[-1]["content"] = final + _CONTINUE_TAG
         template = compile_template(source)
         context = dict(
-            messages=[dict(m) for m in messages], tools=tools, documents=documents,
+            messages=messages, tools=tools, documents=documents,
             add_generation_prompt=add_generation_prompt, **kwargs,
         )
         for name in ("bos_token", "eos_token", "pad_token", "unk_token"):  # as transformers: unset is undefined
@@ -419,8 +475,67 @@ class Tokenizer:
                 text = template.render(**context)
         except jinja2.exceptions.TemplateError as e:
             raise LMStackError(f"chat template failed to render: {e}") from None
+        if final is not None:  # cut right after the final message's text, as transformers does
+            if _CONTINUE_TAG.strip() not in text or final.strip() not in text:
+                raise LMStackError("continue_final_message: the chat template does not show the last message's "
+                                   "text as it is, so there is no place to continue from")
+            at = text.rindex(_CONTINUE_TAG.strip())
+            text = text[:at] if text[at:at + len(_CONTINUE_TAG)] == _CONTINUE_TAG else text[:at].rstrip()
+            spans = [(a, min(b, len(text))) for a, b in spans if a < len(text)]
         out: Any = self.encode(text, add_special_tokens=False) if tokenize else text
         return (out, spans) if return_assistant_spans else out
+
+
+    def select_chat_template(self, chat_template: str | None = None, tools: Any = None) -> str:
+        """The template to render, chosen as transformers chooses: `chat_template` by name or as a template,
+        else "tool_use" when tools are given and there is one, else the default."""
+        if chat_template is not None:
+            return self.chat_templates.get(chat_template, chat_template)
+        if tools is not None and "tool_use" in self.chat_templates:
+            return self.chat_templates["tool_use"]
+        if self.chat_template is None:
+            names = f" (named ones: {sorted(self.chat_templates)}; pass chat_template=NAME)" if self.chat_templates else ""
+            raise LMStackError(f"this tokenizer has no default chat template{names} (pass chat_template=..., or "
+                               "train with chat_template='chatml')")
+        return self.chat_template
+
+
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # marks where a continued final message ends in the rendering
+
+
+def _read_chat_templates(folder: Path, config: dict[str, Any]) -> dict[str, str]:
+    """Chat templates by name ("default" the main one) from tokenizer_config.json (a string, or transformers
+    4's list of {name, template}), then transformers 5's files, which take precedence: chat_template.jinja
+    and additional_chat_templates/NAME.jinja. chat_template.json (a processor's file) serves when nothing
+    else gives a default."""
+    raw = config.get("chat_template")
+    templates: dict[str, str] = {}
+    if isinstance(raw, str):
+        templates["default"] = raw
+    elif isinstance(raw, list):
+        for t in raw:
+            if isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str):
+                templates[t["name"]] = t["template"]
+    if (folder / "chat_template.jinja").exists():
+        templates["default"] = (folder / "chat_template.jinja").read_text()
+    extra = folder / "additional_chat_templates"
+    for file in sorted(extra.glob("*.jinja")) if extra.is_dir() else []:
+        templates[file.stem] = file.read_text()
+    if "default" not in templates and (folder / "chat_template.json").exists():
+        try:
+            default = json.loads((folder / "chat_template.json").read_text()).get("chat_template")
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise LMStackError(f"{folder / 'chat_template.json'}: not a JSON object ({e})") from None
+        if isinstance(default, str):
+            templates["default"] = default
+    return templates
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write a file whole or not at all (a temporary file, then a rename)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _byte_level_pre_tokenizer(split_pattern: str | None) -> pre_tokenizers.PreTokenizer:
