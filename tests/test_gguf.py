@@ -153,11 +153,13 @@ def test_gguf_export_round_trip_and_transformers(tmp_path, tensor_type, tol):
     assert AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf").encode(sample) == ids
 
 
-@pytest.mark.parametrize("theta,band", [
-    (500000.0, {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
-    (10000.0, {"low_freq_factor": 2.0, "high_freq_factor": 16.0, "original_max_position_embeddings": 512}),
-], ids=["llama-3.1-band", "another-band-fitted"])
-def test_llama3_rope_scaling_travels_through_gguf_as_rope_freqs(tmp_path, theta, band):
+@pytest.mark.parametrize("theta,band,blended", [
+    (500000.0, {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}, 1),
+    (10000.0, {"low_freq_factor": 2.0, "high_freq_factor": 16.0, "original_max_position_embeddings": 512}, 2),
+    (10000.0, {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32}, 1),
+    (10000.0, {"low_freq_factor": 1.0, "high_freq_factor": 1.5, "original_max_position_embeddings": 100}, 0),
+], ids=["llama-3.1-band", "another-band-fitted", "one-blended-frequency", "none-blended"])
+def test_llama3_rope_scaling_travels_through_gguf_as_rope_freqs(tmp_path, theta, band, blended):
     """Llama 3's RoPE scaling goes to GGUF as llama.cpp's converter writes it, one divisor per frequency in
     `rope_freqs.weight`, equal to the default frequencies over the Hugging Face scaled ones; reading the file
     recovers a `rope_scaling` with the same frequencies, and the same logits."""
@@ -175,7 +177,7 @@ def test_llama3_rope_scaling_travels_through_gguf_as_rope_freqs(tmp_path, theta,
     divisors = {t.name: torch.from_numpy(t.data.copy()) for t in gguf.GGUFReader(path).tensors}["rope_freqs.weight"]
     default = rope_inv_freq(config.replace(rope_scaling=None))[0]
     assert torch.allclose(divisors, default / rope_inv_freq(config)[0], rtol=1e-5)
-    assert ((divisors > 1) & (divisors < 8)).any()  # the blended band is exercised
+    assert int(((divisors > 1 + 1e-6) & (divisors < 8 - 1e-5)).sum()) == blended  # frequencies in the band
     again = lmstack.load_model(path)
     assert again.config.rope_type == "llama3" and read_gguf_config(path) == again.config
     assert torch.allclose(rope_inv_freq(again.config)[0], rope_inv_freq(config)[0], rtol=1e-5)

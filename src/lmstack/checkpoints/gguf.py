@@ -147,33 +147,43 @@ def llama3_divisors(scaling: dict[str, Any], theta: float, rotary_dim: int) -> t
 
 def llama3_scaling_from_factors(factors: torch.Tensor, theta: float, rotary_dim: int,
                                 original: int | None = None) -> dict[str, Any] | None:
-    """The Hugging Face `rope_scaling` of a GGUF's `rope_freqs.weight`: Llama 3's, with its factor the
-    largest divisor and Llama 3.x's band (1, 4, 8192) when that reproduces every divisor, otherwise the band
-    fitted to the blended divisors (only the band's edges matter, so `original` is kept and the two
-    frequency factors solved for). Divisors of other schemes are refused."""
+    """The Hugging Face `rope_scaling` of a GGUF's `rope_freqs.weight`: Llama 3's, its factor the largest
+    divisor, with Llama 3.x's band (1, 4, 8192) when that reproduces every divisor, else a band found from
+    them. Only the band's edges matter: with x = 1 / wavelength, frequencies below x_low = low / original are
+    divided by the factor, those above x_high = high / original kept, and between them the blend weight
+    s = (x - x_low) / (x_high - x_low) is a line, fitted through the blended divisors (any edges in the gaps
+    between frequencies do where fewer than two are blended). Divisors of other schemes are refused."""
     if factors.numel() != rotary_dim // 2:
         raise LMStackError(f"GGUF {ROPE_FREQS} has {factors.numel()} values, expected {rotary_dim // 2} "
                            "(one per rotary frequency)")
     if torch.allclose(factors, torch.ones_like(factors)):
         return None  # no frequency is rescaled
-    factor = float(factors.max())
+    factor, old = float(factors.max()), original or _LLAMA3_DEFAULTS["original_max_position_embeddings"]
     candidates = [{"rope_type": "llama3", "factor": factor, **_LLAMA3_DEFAULTS}]
-    freqs = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
+    x = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim) / (2 * math.pi)
     medium = (factors > 1 + 1e-6) & (factors < factor * (1 - 1e-6))
+    divided, kept = x[factors >= factor * (1 - 1e-6)], x[factors <= 1 + 1e-6]
+    top = float(divided.max())  # the highest frequency divided by the whole factor
+    ceiling = float(kept.min()) if kept.numel() else 2 * float(x.max())  # the lowest one left as it is
+    edges = None
     if factor > 1 and int(medium.sum()) >= 2:
-        # In the band, 1 / divisor = (1 - s) / factor + s with s = (old / wavelen - low) / (high - low), a
-        # line in 1 / wavelen: fit s = a / wavelen + b, then low = -b / a * old and high - low = old / a.
         s = (1 / factors[medium] - 1 / factor) / (1 - 1 / factor)
-        x = freqs[medium] / (2 * math.pi)
-        a, b = torch.linalg.lstsq(torch.stack([x, torch.ones_like(x)], 1), s[:, None]).solution.flatten().tolist()
-        old = original or _LLAMA3_DEFAULTS["original_max_position_embeddings"]
+        a, b = torch.linalg.lstsq(torch.stack([x[medium], torch.ones_like(s)], 1), s[:, None]).solution.flatten().tolist()
         if a > 0:
-            low = -b / a * old
-            candidates.append({"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
-                               "high_freq_factor": low + old / a, "original_max_position_embeddings": old})
+            edges = (-b / a, (1 - b) / a)
+    elif factor > 1 and int(medium.sum()) == 1:  # a line through the one blended point, edges close to it
+        x1 = float(x[medium])
+        s1 = float((1 / factors[medium] - 1 / factor) / (1 - 1 / factor))
+        t = min(x1 - top, (ceiling - x1) * s1 / (1 - s1)) / 2
+        edges = (x1 - t, x1 + t * (1 - s1) / s1)
+    elif factor > 1:  # nothing blended: both edges in the gap between the divided and the kept frequencies
+        edges = (top + (ceiling - top) / 3, top + 2 * (ceiling - top) / 3)
+    if edges is not None:
+        candidates.append({"rope_type": "llama3", "factor": factor, "low_freq_factor": edges[0] * old,
+                           "high_freq_factor": edges[1] * old, "original_max_position_embeddings": old})
     for scaling in candidates:
-        if scaling["low_freq_factor"] > 0 and torch.allclose(llama3_divisors(scaling, theta, rotary_dim), factors,
-                                                            rtol=1e-4, atol=0):
+        if 0 < scaling["low_freq_factor"] < scaling["high_freq_factor"] and torch.allclose(
+                llama3_divisors(scaling, theta, rotary_dim), factors, rtol=1e-4, atol=0):
             return scaling
     raise LMStackError(f"GGUF {ROPE_FREQS}: its per-frequency RoPE divisors are not Llama 3's scaling, the only "
                        "kind lmstack reads from them")
@@ -409,6 +419,12 @@ def save_gguf(model: Any, tokenizer: Tokenizer, path: str | os.PathLike, tensor_
         raise LMStackError("GGUF export: needs a SwiGLU MLP and no biases beyond q/k/v")
     if tensor_type not in GGUF_TYPES:
         raise LMStackError(f"GGUF tensor type {tensor_type!r} is not one of {list(GGUF_TYPES)}")
+    if config.rope_type == "llama3":
+        divisors = llama3_divisors(config.rope_scaling, config.rope_theta, config.rotary_dim)
+        if float(divisors.max()) < config.rope_scaling["factor"] * (1 - 1e-6):
+            raise LMStackError(f"GGUF export: no rotary frequency of this model is divided by the whole llama3 factor "
+                               f"{config.rope_scaling['factor']}, so llama.cpp's per-frequency divisors cannot carry "
+                               "the scaling")
     arch = "qwen2" if config.bias == "qkv" else "llama"
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -449,7 +465,6 @@ def save_gguf(model: Any, tokenizer: Tokenizer, path: str | os.PathLike, tensor_
             qtype = gguf.GGMLQuantizationType.Q8_0
             writer.add_tensor(rule.hf, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
     if config.rope_type == "llama3":  # as llama.cpp's converter writes it: one divisor per frequency
-        divisors = llama3_divisors(config.rope_scaling, config.rope_theta, config.rotary_dim)
         writer.add_tensor(ROPE_FREQS, divisors.float().numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
