@@ -178,9 +178,10 @@ def llama3_scaling_from_factors(factors: torch.Tensor, theta: float, rotary_dim:
         edges = (x1 - t, x1 + t * (1 - s1) / s1)
     elif factor > 1:  # nothing blended: both edges in the gap between the divided and the kept frequencies
         edges = (top + (ceiling - top) / 3, top + 2 * (ceiling - top) / 3)
-    if edges is not None:
-        candidates.append({"rope_type": "llama3", "factor": factor, "low_freq_factor": edges[0] * old,
-                           "high_freq_factor": edges[1] * old, "original_max_position_embeddings": old})
+    if edges is not None:  # to 6 digits: the same numbers on every run (and 32.0 rather than 32.0000019)
+        low, high = (float(f"{edge * old:.6g}") for edge in edges)
+        candidates.append({"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                           "high_freq_factor": high, "original_max_position_embeddings": old})
     for scaling in candidates:
         if 0 < scaling["low_freq_factor"] < scaling["high_freq_factor"] and torch.allclose(
                 llama3_divisors(scaling, theta, rotary_dim), factors, rtol=1e-4, atol=0):
