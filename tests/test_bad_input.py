@@ -186,9 +186,23 @@ def test_gguf_metadata_without_the_shape_is_named():
         config_from_gguf({"general.architecture": "llama", "llama.embedding_length": 64}, set())
 
 
-def test_compare_checks_its_orders_before_any_work(tmp_path, capsys):
+def test_compare_checks_everything_before_it_writes(tmp_path, capsys):
+    """Bad settings, a corpus inside the output and an output holding other files are refused before a file is
+    written or removed (the corpus was once cut to its first 90% by a failed call)."""
     err = one_error_line(capsys, "compare", "--orders", "0", "--output", str(tmp_path / "cmp"))
     assert "n-gram orders must be >= 1" in err and not (tmp_path / "cmp").exists()
+    corpus = tmp_path / "cmp" / "train.txt"
+    corpus.parent.mkdir()
+    corpus.write_text((REPO / "data" / "tinyshakespeare.txt").read_text()[:20_000])
+    (tmp_path / "cmp" / "shards" / "mine").mkdir(parents=True)
+    for argv, message in ((["--vocab-size", "1"], "too small"), (["--steps", "0"], "steps must be >= 1")):
+        err = one_error_line(capsys, "compare", "--data", corpus, "--output", tmp_path / "elsewhere", *argv)
+        assert message in err and not (tmp_path / "elsewhere").exists()
+    err = one_error_line(capsys, "compare", "--data", corpus, "--output", tmp_path / "cmp")
+    assert "not empty and not an earlier `lmstack compare` output" in err
+    (tmp_path / "cmp" / ".lmstack-compare").touch()
+    assert "lies inside --output" in one_error_line(capsys, "compare", "--data", corpus, "--output", tmp_path / "cmp")
+    assert len(corpus.read_text()) == 20_000 and (tmp_path / "cmp" / "shards" / "mine").is_dir()
 
 
 def test_perplexity_notes_text_that_is_not_utf8(model_dir, tmp_path, capsys):
@@ -264,3 +278,27 @@ def test_a_model_that_cannot_hold_the_run_is_named(model_dir, tmp_path, capsys):
     from_checkpoint = [*common, "--init_from", "checkpoint", "--model", model_dir]
     err = one_error_line(capsys, *from_checkpoint, "--out_dir", tmp_path / "b", "--model.n_layer", "4")
     assert "model_overrides (n_layer) apply when a model is built; init_from: checkpoint starts from" in err
+
+
+def test_a_classifier_checkpoint_is_refused_where_a_language_model_is_needed(model_dir, tmp_path, capsys):
+    """A score head in place of the LM head: generation, perplexity, quantization and GGUF name the verb that
+    takes it; convert to a directory writes it back as a classifier, and info counts its real parameters."""
+    from lmstack.models.classifier import SequenceClassifier
+
+    torch.manual_seed(0)
+    clf = SequenceClassifier.from_decoder(lmstack.load_model(model_dir), ["neg", "mid", "pos"], 0)
+    path = lmstack.save_model(clf, tmp_path / "clf", tokenizer=lmstack.load_tokenizer(model_dir))
+    text = tmp_path / "t.txt"
+    text.write_text("To be or not to be")
+    for argv in (["generate", "hi", "--model", path], ["eval", "perplexity", "--model", path, "--data", text],
+                 ["quantize", "--model", path, "--output", tmp_path / "q"], ["convert", path, tmp_path / "c.gguf"]):
+        err = one_error_line(capsys, *argv)
+        assert "a classification model" in err, err
+    assert main(["convert", str(path), str(tmp_path / "copy")]) == 0
+    again = lmstack.load_model(tmp_path / "copy")
+    assert again.labels == ["neg", "mid", "pos"] and torch.equal(again.score.weight, clf.score.weight)
+    capsys.readouterr()
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    info = json.loads(out[out.index("{"):])
+    assert info["parameters"] == sum(p.numel() for p in clf.parameters()) and info["labels"] == ["neg", "mid", "pos"]

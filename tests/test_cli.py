@@ -131,3 +131,40 @@ def test_plot_writes_the_file_it_names_or_refuses(run_dir, tmp_path, capsys):
         assert main(["plot", str(run_dir), "--output", str(out)]) == 0
         assert capsys.readouterr().out == f"wrote {written}\n"
         assert written.stat().st_size > 0
+
+
+def test_inputs_and_models_are_never_overwritten_and_unused_flags_refused(model_dir, tmp_path, capsys):
+    """An --output that is the --data, a tokenizer written over a model's, and flags that would do nothing:
+    each one error line before any work, and the files stay as they were."""
+    data = tmp_path / "cls.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in [("a", "x"), ("b", "y")]))
+    before = data.read_text()
+    err = one_error_line(capsys, "eval", "classify", "--model", model_dir, "--data", data, "--labels", "x,y",
+                         "--output", data)
+    assert "that is an input file, which the result would replace" in err and data.read_text() == before
+    assert "no directory" in one_error_line(capsys, "eval", "classify", "--model", model_dir, "--data", data,
+                                            "--labels", "x,y", "--output", tmp_path / "missing" / "m.json")
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    tokenizer = (copy / "tokenizer.json").read_bytes()
+    err = one_error_line(capsys, "tokenizer", "train", "--input", data, "--vocab-size", "300", "--output", copy)
+    assert "holds a model" in err and (copy / "tokenizer.json").read_bytes() == tokenizer
+    for argv, message in (
+        (["quantize", "--model", model_dir, "--output", tmp_path / "q", "--bits", "8", "--group-size", "32"],
+         "--group-size applies to --bits 4 and nf4"),
+        (["convert", model_dir, tmp_path / "c", "--gguf-type", "q8_0"], "--gguf-type applies to a .gguf destination"),
+        (["convert", model_dir, tmp_path / "c.gguf", "--max-shard-size", "1KB"], "a GGUF file is one file"),
+        (["chat", "--model", model_dir, "--n", "2"], "--n 2: a chat streams one reply per turn"),
+        (["data", "prepare", "--input", data, "--tokenizer", "char", "--output", tmp_path / "s", "--workers", "0"],
+         "--workers 0: must be >= 1"),
+    ):
+        assert message in one_error_line(capsys, *argv)
+    assert not any((tmp_path / name).exists() for name in ("q", "c", "c.gguf", "s"))
+
+
+def test_generative_classification_keeps_the_end_of_a_text_longer_than_the_context(model_dir):
+    from lmstack.evaluate.classify import predict_labels
+
+    model, tok = lmstack.load_model(model_dir), lmstack.load_tokenizer(model_dir)
+    long = "word " * (2 * model.config.block_size)
+    assert predict_labels(model, tok, [long, "short"], ["yes", "no"]) [0] in ("yes", "no")

@@ -67,6 +67,44 @@ def _check_model(value: str | os.PathLike, flag: str = "--model") -> None:
         raise LMStackError(f"{flag} {value}: a training run directory, not a checkpoint; {instead}")
 
 
+def _check_result_file(output: str | None, inputs: list[str], flag: str = "--output") -> None:
+    """Before any work: a result file must not be one of the inputs, and its directory must exist."""
+    if not output:
+        return
+    out = Path(output)
+    for given in inputs:
+        if out.exists() and Path(given).exists() and out.resolve() == Path(given).resolve():
+            raise LMStackError(f"{flag} {output}: that is an input file, which the result would replace; write it "
+                               "elsewhere")
+    if out.is_dir():
+        raise LMStackError(f"{flag} {output}: a directory; name the file to write")
+    if not out.parent.is_dir():
+        raise LMStackError(f"{flag} {output}: no directory {out.parent} to write it in")
+
+
+def _write_result(output: str, text: str) -> None:
+    """Write a result file whole or not at all (a temporary file, then a rename)."""
+    out = Path(output)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, out)
+
+
+def _load_lm(path: str | os.PathLike, flag: str, purpose: str, **kwargs):
+    """`load_model(path)`, refused with the verb that takes it when it is a classification or reward model
+    (a score head in place of the language-model head), which cannot be used for `purpose`."""
+    from lmstack.checkpoints import load_model
+    from lmstack.models.decoder import DecoderLM
+
+    model = load_model(path, **kwargs)
+    if not isinstance(model, DecoderLM):
+        labels = getattr(model, "labels", None)
+        what = f"a classification model (a score head over {len(labels)} labels)" if labels else type(model).__name__
+        raise LMStackError(f"{flag} {path}: {what}, with no language-model head for {purpose}; it scores texts "
+                           "with `lmstack eval classify`")
+    return model
+
+
 def _check_output(source: str | os.PathLike, output: str | os.PathLike, flag: str) -> None:
     """Refuse an output that is the source, or a directory holding something other than a checkpoint (an
     earlier output is replaced; a training run or a training checkpoint, which a resumed run reads, is not)."""
@@ -90,6 +128,12 @@ def _tokenizer_train(args: argparse.Namespace) -> None:
     from lmstack.tokenizer import train_tokenizer
 
     _at_least(args.min_frequency, 0, "--min-frequency")
+    if args.model_max_length is not None:
+        _at_least(args.model_max_length, 1, "--model-max-length")
+    out = Path(args.output)
+    if _is_training_run(out) or (out / "config.json").is_file() or any(out.glob("*.safetensors")):
+        raise LMStackError(f"--output {args.output}: holds a model (or a training run), whose weights go with the "
+                           "tokenizer it has; write the new tokenizer elsewhere")
     template = args.chat_template
     if template and template != "chatml":
         path = Path(template)
@@ -128,6 +172,11 @@ def _convert(args: argparse.Namespace) -> None:
     from lmstack.checkpoints import load_model, load_tokenizer, save_model
 
     src, dst = Path(args.source), Path(args.destination)
+    if dst.suffix == ".gguf" and args.max_shard_size != "5GB":
+        raise LMStackError("--max-shard-size shards a Hugging Face directory; a GGUF file is one file")
+    if dst.suffix != ".gguf" and args.gguf_type != "f32":
+        raise LMStackError(f"--gguf-type applies to a .gguf destination, not the directory {dst} (--dtype sets a "
+                           "directory's precision)")
     _check_model(src, "convert source")
     _check_output(src, dst, "convert destination")
     _refuse_quantized(src, "convert it", "convert the model it was quantized from")
@@ -139,13 +188,17 @@ def _convert(args: argparse.Namespace) -> None:
         print(f"note: no tokenizer written ({e})", file=sys.stderr)
     if dst.suffix == ".gguf":
         from lmstack.checkpoints.gguf import save_gguf
+        from lmstack.models.decoder import DecoderLM
 
+        if not isinstance(model, DecoderLM):
+            raise LMStackError(f"convert source {src}: a classification model; GGUF holds language models only")
         if tokenizer is None:
             raise LMStackError(f"{src}: a GGUF file carries the tokenizer, and none could be loaded")
         save_gguf(model, tokenizer, dst, tensor_type=args.gguf_type)
     else:
         save_model(model, dst, tokenizer=tokenizer, max_shard_size=args.max_shard_size)
-    print(f"wrote {dst} ({model.num_params():,} parameters, {model.embed.weight.dtype})")
+    weights = next(model.parameters())
+    print(f"wrote {dst} ({sum(p.numel() for p in model.parameters()):,} parameters, {weights.dtype})")
 
 
 def _note_not_utf8(files: list[str], replaced: int) -> None:
@@ -161,6 +214,8 @@ def _data_prepare(args: argparse.Namespace) -> None:
     from lmstack.data.shards import prepare_shards
     from lmstack.tokenizer import Tokenizer
 
+    if args.workers is not None:
+        _at_least(args.workers, 1, "--workers")
     if args.tokenizer == "char":
         tokenizer = Tokenizer.train_chars(iter_texts(args.input, args.text_field, on_bad_record=args.on_bad_record,
                                                      chunked=True, hint=SKIP_HINT))
@@ -250,6 +305,7 @@ def _eval_classify(args: argparse.Namespace) -> None:
 
     _at_least(args.batch_size, 1, "--batch-size")
     _check_model(args.model)
+    _check_result_file(args.output, [args.data])
     model = load_model(args.model, dtype="float32", device=args.device)
     tokenizer = load_tokenizer(args.model)
     labels = args.labels.split(",") if args.labels else getattr(model, "labels", None)
@@ -261,18 +317,18 @@ def _eval_classify(args: argparse.Namespace) -> None:
     metrics = classification_metrics(gold, predicted, labels=list(labels))
     print(format_classification_report(metrics))
     if args.output:
-        Path(args.output).write_text(json.dumps(metrics, indent=2) + "\n")
+        _write_result(args.output, json.dumps(metrics, indent=2) + "\n")
         print(f"wrote {args.output}")
 
 
 def _eval_perplexity(args: argparse.Namespace) -> None:
-    from lmstack.checkpoints import load_model, load_tokenizer
+    from lmstack.checkpoints import load_tokenizer
     from lmstack.data.readers import ReadStats, iter_texts
     from lmstack.evaluate import perplexity
 
     _at_least(args.max_chars, 1, "--max-chars")
     _check_model(args.model)
-    model = load_model(args.model, dtype="float32", device=args.device)
+    model = _load_lm(args.model, "--model", "perplexity", dtype="float32", device=args.device)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     stats = ReadStats()
     text = "\n\n".join(iter_texts(args.data, args.text_field, stats=stats))
@@ -337,11 +393,11 @@ def _flags_given(args: argparse.Namespace, dests: Sequence[str]) -> list[str]:
 
 
 def _load_engine(args: argparse.Namespace):
-    from lmstack.checkpoints import load_model, load_tokenizer
+    from lmstack.checkpoints import load_tokenizer
     from lmstack.generate import Engine
 
     _check_model(args.model)
-    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    model = _load_lm(args.model, "--model", "generation", dtype=args.dtype, device=args.device)
     return Engine(model, load_tokenizer(args.tokenizer or args.model), max_batch_size=max(1, args.n))
 
 
@@ -379,13 +435,12 @@ def _generate(args: argparse.Namespace) -> None:
         prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                                       add_generation_prompt=True, tokenize=True)
     if args.speculative:
-        from lmstack.checkpoints import load_model
         from lmstack.generate.speculative import speculative_generate
 
         if args.speculative != "prompt_lookup":
             _check_model(args.speculative, "--speculative")
-        draft = args.speculative if args.speculative == "prompt_lookup" else load_model(
-            args.speculative, dtype=args.dtype, device=args.device)
+        draft = args.speculative if args.speculative == "prompt_lookup" else _load_lm(
+            args.speculative, "--speculative", "drafting", dtype=args.dtype, device=args.device)
         out, stats = speculative_generate(engine.model, engine.tokenizer, prompt, draft, k=args.draft_k,
                                           params=params)
         print(out.text)
@@ -430,9 +485,14 @@ def _fit_conversation(tokenizer, system: str | None, messages: list[dict[str, st
 
 def _chat(args: argparse.Namespace) -> None:
     params = _sampling_params(args)
+    if params.n != 1:  # before the model loads, not at the first message
+        raise LMStackError(f"--n {params.n}: a chat streams one reply per turn (generate takes --n)")
+    if params.truncate_prompt:
+        raise LMStackError("--truncate-prompt: a chat fits the conversation to the context itself, dropping the "
+                           "oldest turns")
     engine = _load_engine(args)
     if engine.tokenizer.chat_template is None:
-        raise LMStackError(f"{args.model}: the tokenizer has no chat template")
+        raise LMStackError(f"{args.tokenizer or args.model}: the tokenizer has no chat template")
     from lmstack.generate.sampling import reply_room
 
     params = _stop_at_end_of_turn(params, engine.tokenizer)
@@ -520,17 +580,16 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _quantize(args: argparse.Namespace) -> None:
-    from lmstack.checkpoints import load_model, load_tokenizer, parse_dtype
-    from lmstack.models import DecoderLM
+    from lmstack.checkpoints import load_tokenizer, parse_dtype
     from lmstack.quantize import model_bytes, quantize_model, save_quantized
 
     _at_least(args.eval_chars, 1, "--eval-chars")
+    if args.bits == "8" and args.group_size is not None:
+        raise LMStackError("--group-size applies to --bits 4 and nf4; int8 has one scale per output channel")
     _check_model(args.model)
     _check_output(args.model, args.output, "--output")
     _refuse_quantized(Path(args.model), "quantize it again", "quantize the model it was quantized from")
-    model = load_model(args.model, dtype="float32")
-    if not isinstance(model, DecoderLM):
-        raise LMStackError(f"{args.model}: lmstack quantize takes a language model, not a {type(model).__name__}")
+    model = _load_lm(args.model, "--model", "lmstack quantize", dtype="float32")
     tokenizer = load_tokenizer(args.model)
     before = model_bytes(model)
     text = None
@@ -599,11 +658,21 @@ def _info(args: argparse.Namespace) -> None:
 
     from lmstack.models import build_model
 
+    labels = None
+    if path.is_dir() and any(a.endswith("ForSequenceClassification") for a in raw.get("architectures") or []):
+        from lmstack.models.classifier import _labels_from_hf
+
+        labels = _labels_from_hf(raw, path)
     with torch.device("meta"):
         model = build_model(config)
-    print(json.dumps({"parameters": model.num_params(),
-                      "non_embedding_parameters": model.num_params(non_embedding=True),
-                      "config": config.to_dict()}, indent=2))
+    params, body = model.num_params(), model.num_params(non_embedding=True)
+    if labels is not None:  # a score head over the labels in place of the vocabulary-sized LM head
+        lm_head = 0 if config.tie_embeddings else config.vocab_size * config.n_embd
+        params, body = params - lm_head + len(labels) * config.n_embd, body - lm_head + len(labels) * config.n_embd
+    info = {"parameters": params, "non_embedding_parameters": body, "config": config.to_dict()}
+    if labels is not None:
+        info["labels"] = labels
+    print(json.dumps(info, indent=2))
 
 
 class _Parser(argparse.ArgumentParser):

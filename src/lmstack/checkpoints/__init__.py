@@ -135,12 +135,17 @@ def save_model(
     model: DecoderLM, path: str | os.PathLike, tokenizer: Tokenizer | None = None,
     max_shard_size: int | str = "5GB",
 ) -> Path:
-    """Save `model` (and `tokenizer`) as a Hugging Face directory that `transformers` loads (recurrent LMs,
-    which transformers has no class for, and quantized models, in lmstack's own layout)."""
+    """Save `model` (and `tokenizer`) as a Hugging Face directory that `transformers` loads (a classifier as a
+    ...ForSequenceClassification; recurrent LMs, which transformers has no class for, and quantized models,
+    in lmstack's own layout)."""
     if getattr(model, "quantization", None):
         from lmstack.quantize import save_quantized
 
         return save_quantized(model, path, tokenizer)
+    from lmstack.models.classifier import SequenceClassifier, save_classifier
+
+    if isinstance(model, SequenceClassifier):
+        return save_classifier(model, path, tokenizer=tokenizer, max_shard_size=max_shard_size)
     if model.config.arch != "transformer":
         return save_native(model, path, tokenizer)
     return save_hf_model(model, path, tokenizer=tokenizer, max_shard_size=max_shard_size)

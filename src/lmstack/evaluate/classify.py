@@ -43,7 +43,8 @@ def predict_labels(model: torch.nn.Module, tokenizer: Tokenizer, texts: Sequence
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
                    for p in prompts]
     longest = max(len(tokenizer.encode(label, add_special_tokens=False)) for label in labels)
-    params = SamplingParams(temperature=0, max_new_tokens=longest + 2, choice=list(labels))
+    # A text longer than the context keeps its end (the question and the answer cue), as the head path does.
+    params = SamplingParams(temperature=0, max_new_tokens=longest + 2, choice=list(labels), truncate_prompt=True)
     engine = Engine(model, tokenizer, max_batch_size=batch_size)
     return [c.text for c in engine.generate(prompts, params)]
 

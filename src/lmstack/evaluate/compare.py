@@ -18,7 +18,7 @@ from lmstack.data.shards import TokenShards, prepare_shards
 from lmstack.errors import LMStackError
 from lmstack.evaluate.perplexity import perplexity, scored_span
 from lmstack.models.ngram import NGramLM
-from lmstack.tokenizer import train_tokenizer
+from lmstack.tokenizer import Tokenizer
 
 NEURAL = {  # model_overrides of each neural model (similar sizes, the same training budget)
     "rnn": {"arch": "rnn", "n_embd": 256, "n_layer": 1, "dropout": 0.1},
@@ -33,24 +33,37 @@ def compare(corpus: str | Path, out_dir: str | Path, vocab_size: int = 2048, ord
             steps: int = 600, block_size: int = 128, batch_size: int = 16, progress: bool = False,
             max_val_chars: int | None = None) -> list[dict[str, Any]]:
     """Train and score every model; returns the rows of the table (also written to compare.md)."""
-    if not orders or min(orders) < 1:  # checked now, not after the data is prepared and models trained
+    # Everything is checked before anything is written: not after the data is prepared and models trained.
+    if not orders or min(orders) < 1:
         raise LMStackError(f"orders {list(orders)}: n-gram orders must be >= 1")
+    for name, value in (("steps", steps), ("block_size", block_size), ("batch_size", batch_size)):
+        if value < 1:
+            raise LMStackError(f"{name} must be >= 1, got {value}")
     from lmstack.checkpoints import load_model
     from lmstack.train.config import TrainConfig
     from lmstack.train.loop import pretrain
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("shards", *NEURAL):  # compare's own outputs of an earlier call: it starts from nothing
-        shutil.rmtree(out / name, ignore_errors=True)
+    marker = out / ".lmstack-compare"  # what compare writes it may replace; nothing else in `out`
+    if out.is_dir() and any(out.iterdir()) and not marker.exists():
+        raise LMStackError(f"--output {out}: not empty and not an earlier `lmstack compare` output, whose files "
+                           "(train.txt, shards/, rnn/, ...) compare would replace; pass a new or empty directory")
+    if Path(corpus).resolve().is_relative_to(out.resolve()):
+        raise LMStackError(f"--data {corpus}: lies inside --output {out}, which compare rewrites; move it out")
     # Held out by characters, before anything is tokenized: the tokenizer, the counts and the training runs
     # see the first 90% only (a split of the token stream would not fall where the text is cut), and every
     # model is scored on the same last 10%. JSONL and Parquet records are read by their text field.
     text = "\n\n".join(iter_texts([corpus]))
+    if not text.strip():
+        raise LMStackError(f"--data {corpus}: no text")
     cut = int(len(text) * 0.9)
+    tok = Tokenizer.train([text[:cut]], vocab_size=vocab_size)
+    out.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    for name in ("shards", *NEURAL):  # compare's own outputs of an earlier call: it starts from nothing
+        shutil.rmtree(out / name, ignore_errors=True)
     (out / "train.txt").write_text(text[:cut], encoding="utf-8")
     (out / "val.txt").write_text(text[cut:], encoding="utf-8")
-    tok = train_tokenizer([out / "train.txt"], vocab_size=vocab_size)
     # The shards' validation split is exactly the held-out text (each file a document, eos after it), so the
     # neural runs monitor the loss that is reported, and everything trains on the whole first 90%.
     n_train, n_val = (len(tok.encode(t, add_special_tokens=False)) + (tok.eos_token_id is not None)

@@ -86,7 +86,8 @@ def scored_span(tokenizer: Tokenizer, text: str) -> tuple[list[int], str, int]:
     """The ids of `text`; the part of `text` that all tokens but the first stand for (the scored ones); and
     its UTF-8 bytes. Measured on `text` through the tokenizer's offsets, not on a decoding of the ids: that
     would count an unseen character as the bytes of `<unk>`, and the rest of a character the first token
-    ends inside as a U+FFFD (3 bytes)."""
+    ends inside as a U+FFFD (3 bytes). Such a first token is taken to hold one byte of that character (one
+    byte too many is counted, once per text, where it holds two or three)."""
     encoding = tokenizer.backend.encode(text, add_special_tokens=False)
     ids = encoding.ids
     if len(ids) < 2:
