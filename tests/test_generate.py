@@ -261,6 +261,37 @@ def test_a_short_prompt_beside_a_long_one_keeps_its_own_room(tiny):
     assert batched[1].token_ids == Engine(model, tok).generate([long], **params)[0].token_ids
 
 
+@pytest.mark.parametrize("preset,changes", [("tiny-gpt2", {}),  # learned positions: a table of block_size rows
+                                            ("tiny-llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}})])
+def test_rows_past_their_limit_touch_nothing_beside_them(preset, changes):
+    """A long prompt's row stops early while a short one runs on; the stopped row, still fed, must neither
+    index past a learned position table nor move a dynamic NTK base (from the batch's longest position)."""
+    tok = lmstack.Tokenizer.train([(REPO / "data" / "tinyshakespeare.txt").read_text()[:20_000]], vocab_size=300)
+    torch.manual_seed(0)
+    model = lmstack.DecoderLM(lmstack.ModelConfig.from_name(preset, vocab_size=300, block_size=16, **changes)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    short, long = [5], list(range(20, 32))
+    params = dict(max_new_tokens=100, temperature=0, ignore_eos=True, logprobs=0)
+    alone = Engine(model, tok).generate([short], **params)[0]
+    batched = Engine(model, tok).generate([short, long], **params)
+    assert [len(c.token_ids) for c in batched] == [15, 4] and batched[0].token_ids == alone.token_ids
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(alone.logprobs, batched[0].logprobs)) < 1e-4
+
+
+def test_seeds_per_prompt_give_each_its_own_noise(tiny):
+    model, tok, _ = tiny
+    engine = Engine(model, tok)
+    params = dict(max_new_tokens=12, temperature=1.0, ignore_eos=True, n=2)
+    same = engine.generate(["ROMEO:", "ROMEO:"], seed=3, **params)
+    assert same[0].token_ids == same[2].token_ids  # one seed for the call: a repeated prompt repeats
+    own = engine.generate(["ROMEO:", "ROMEO:"], seeds=[3, 5], **params)
+    assert own[0].token_ids == same[0].token_ids and own[2].token_ids != own[0].token_ids
+    assert own[2].token_ids == engine.generate(["ROMEO:"], seed=5, **params)[0].token_ids
+    with pytest.raises(LMStackError, match="seeds: 1 given for 2 prompts"):
+        engine.generate(["a", "b"], seeds=[1], **params)
+
+
 def test_one_engine_runs_one_generation_at_a_time(tiny):
     """Two streams interleaved on one engine would overwrite each other's cache rows: the second is refused
     until the first is done, and then runs."""

@@ -104,7 +104,8 @@ def test_named_chat_templates_are_read_chosen_and_written_as_transformers_does(t
     assert (tmp_path / "hf" / "additional_chat_templates").exists() == (layout == "transformers-5-files")
     loaded = Tokenizer.load(tmp_path / "hf")
     assert loaded.chat_templates == {"tool_use": TOOL_TEMPLATE} and loaded.chat_template == tok.chat_template
-    for kwargs in ({}, {"tools": TOOLS}, {"chat_template": "tool_use", "tools": TOOLS}, {"add_generation_prompt": True}):
+    for kwargs in ({}, {"tools": TOOLS}, {"chat_template": "tool_use", "tools": TOOLS}, {"add_generation_prompt": True},
+                   {"chat_template": "default", "tools": TOOLS}):
         assert loaded.apply_chat_template(MESSAGES, tokenize=False, **kwargs) == hf.apply_chat_template(
             MESSAGES, tokenize=False, **kwargs)
     loaded.save(tmp_path / "again")

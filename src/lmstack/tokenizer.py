@@ -330,9 +330,9 @@ class Tokenizer:
         if self.model_max_length:
             config["model_max_length"] = self.model_max_length
         named = {name: t for name, t in self.chat_templates.items() if name != "default"}
-        if self.chat_template and named:  # both spellings, so every version of transformers reads the same
-            config["chat_template"] = [{"name": "default", "template": self.chat_template},
-                                       *({"name": k, "template": v} for k, v in named.items())]
+        if named:  # both spellings, so every version of transformers reads the same
+            default = [{"name": "default", "template": self.chat_template}] if self.chat_template else []
+            config["chat_template"] = [*default, *({"name": k, "template": v} for k, v in named.items())]
         elif self.chat_template:
             config["chat_template"] = self.chat_template
         _write_text(path / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
@@ -489,6 +489,8 @@ class Tokenizer:
     def select_chat_template(self, chat_template: str | None = None, tools: Any = None) -> str:
         """The template to render, chosen as transformers chooses: `chat_template` by name or as a template,
         else "tool_use" when tools are given and there is one, else the default."""
+        if chat_template == "default" and "default" not in self.chat_templates and self.chat_template is not None:
+            return self.chat_template
         if chat_template is not None:
             return self.chat_templates.get(chat_template, chat_template)
         if tools is not None and "tool_use" in self.chat_templates:

@@ -53,7 +53,7 @@ class _Row:
     """One sequence being generated."""
 
     prompt: list[int]
-    sample: int = 0  # which of the prompt's n completions: with a seed, it draws from generator seed + sample
+    seed: int | None = None  # its own generator's seed (the prompt's seed + which of its n completions it is)
     limit: int = 0  # tokens it may generate: max_new_tokens, or fewer where its prompt nears the context's end
     tokens: list[int] = field(default_factory=list)
     text: str = ""
@@ -117,10 +117,18 @@ class Engine:
     # ------------------------------------------------------------------------------------------ public
 
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
-                 params: SamplingParams | None = None, **overrides) -> list[Completion]:
-        """Complete each prompt (`params.n` completions per prompt, in prompt order)."""
+                 params: SamplingParams | None = None, *, seeds: Sequence[int] | None = None,
+                 **overrides) -> list[Completion]:
+        """Complete each prompt (`params.n` completions per prompt, in prompt order). Sample j of prompt i
+        draws from its own generator, seeded `params.seed + j`, or `seeds[i] + j` where one seed per prompt
+        is given (vLLM's per-request seeds)."""
         params = sampling_params(params, overrides)
-        rows = [_Row(ids, sample=j) for ids in self._encode(prompts, params) for j in range(params.n)]
+        encoded = self._encode(prompts, params)
+        if seeds is not None and len(seeds) != len(encoded):
+            raise LMStackError(f"seeds: {len(seeds)} given for {len(encoded)} prompts (one per prompt)")
+        firsts = [int(seed) for seed in seeds] if seeds is not None else [params.seed] * len(encoded)
+        rows = [_Row(ids, seed=None if first is None else first + j)
+                for ids, first in zip(encoded, firsts) for j in range(params.n)]
         for start in range(0, len(rows), self.max_batch_size):
             for _ in self._run(rows[start:start + self.max_batch_size], params):
                 pass
@@ -133,7 +141,7 @@ class Engine:
         params = sampling_params(params, overrides)
         if params.n != 1:
             raise LMStackError("stream() makes one completion; use generate() for n > 1")
-        row = _Row(self._encode([_one_prompt(prompt)], params)[0])
+        row = _Row(self._encode([_one_prompt(prompt)], params)[0], seed=params.seed)
         for _ in self._run([row], params, stream=True):
             delta = self._safe_delta(row, params)
             if delta:
@@ -285,8 +293,8 @@ class Engine:
         ids = torch.tensor([[0] * (L - len(r.prompt)) + r.prompt for r in rows], device=dev)
         key_padding = torch.arange(S, device=dev)[None, :] >= pads[:, None]  # True for real tokens
         generator = None  # seeded: one generator per row, so a completion does not depend on its batch
-        if params.seed is not None:
-            generator = [torch.Generator(device=dev).manual_seed(params.seed + r.sample) for r in rows]
+        if rows[0].seed is not None:
+            generator = [torch.Generator(device=dev).manual_seed(r.seed) for r in rows]
         stop_ids = self._stop_ids(params)
         need_seen = params.repetition_penalty != 1.0
         need_counts = bool(params.frequency_penalty or params.presence_penalty)
@@ -333,8 +341,12 @@ class Engine:
             nonlocal slot
             slot = slot + 1
             kv_len = None if self._compiled else L + step + 1  # the whole cache when compiled: static shapes
+            # A row past its own limit (a short prompt's neighbour) is fed on, its outputs dropped: its position
+            # is held below max_seq_len, so it indexes no position table out of range and, for dynamic NTK
+            # RoPE (a base from the batch's longest position), changes no other row's frequencies.
+            positions = (slot - pads).clamp(max=self.max_seq_len - 1)
             return self._forward(chosen[:, None], decode_step=True, input_pos=slot,
-                                 position_ids=(slot - pads)[:, None], key_padding=key_padding, kv_len=kv_len)
+                                 position_ids=positions[:, None], key_padding=key_padding, kv_len=kv_len)
 
         for step in range(steps):
             histories = [r.prompt + r.tokens for r in rows] if params.no_repeat_ngram_size else None

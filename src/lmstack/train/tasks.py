@@ -477,9 +477,10 @@ class GRPOTask(Task):
         engine = Engine(model, self.tokenizer, max_batch_size=len(records) * self.group_size)
         prompts = [self.prompt_ids(r) for r in records]
         params = SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                                n=self.group_size, seed=seed,
+                                n=self.group_size,
                                 stop_token_ids=[self.turn_end] if self.turn_end is not None else [])
-        completions = engine.generate(prompts, params)
+        # One seed per prompt: each of the batch's rows draws its own noise, even for a prompt drawn twice.
+        completions = engine.generate(prompts, params, seeds=[seed + i * self.group_size for i in range(len(prompts))])
         model.clear_kv_cache()
         model.train(was_training)
         rewards = []
