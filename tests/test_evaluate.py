@@ -50,6 +50,12 @@ def test_bits_per_byte_counts_the_text_not_its_decoding(tok):
     r = perplexity(model, bpe, text, max_length=64, stride=64)
     assert r.bytes == n_bytes and r.bits_per_byte == pytest.approx((len(ids) - 1) * math.log2(bpe.vocab_size)
                                                                      / n_bytes, rel=1e-6)
+    # A first token holding two of a character's three bytes ("—" starts E2 80, merged here) takes off two.
+    merged = Tokenizer.train(["\u2013 \u2014 \u2018 \u2019 \u201c \u201d words " * 200], vocab_size=300)
+    text = "\u2014hello there"
+    first = merged.backend.encode(text, add_special_tokens=False).ids[0]
+    assert len(merged.id_to_token(first)) == 2  # the premise: two bytes in the first token
+    assert scored_span(merged, text)[2] == len(text.encode()) - 2
 
 
 def test_single_window_equals_full_forward(tok):

@@ -10,6 +10,7 @@ by the UTF-8 bytes of the text the scored tokens stand for, so models with diffe
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -86,15 +87,27 @@ def scored_span(tokenizer: Tokenizer, text: str) -> tuple[list[int], str, int]:
     """The ids of `text`; the part of `text` that all tokens but the first stand for (the scored ones); and
     its UTF-8 bytes. Measured on `text` through the tokenizer's offsets, not on a decoding of the ids: that
     would count an unseen character as the bytes of `<unk>`, and the rest of a character the first token
-    ends inside as a U+FFFD (3 bytes). Such a first token is taken to hold one byte of that character (one
-    byte too many is counted, once per text, where it holds two or three)."""
+    ends inside as a U+FFFD (3 bytes). A first token that ends inside a character is taken off by its own
+    bytes (a byte-level token spells one byte per character; a byte-fallback `<0xNN>` is one byte)."""
     encoding = tokenizer.backend.encode(text, add_special_tokens=False)
     ids = encoding.ids
     if len(ids) < 2:
         return ids, "", 0
     (first_start, first_end), (second_start, _) = encoding.offsets[:2]
-    if second_start < first_end:  # the first token is part of a character, and holds at least a byte of it
+    if second_start < first_end:  # the first token ends inside a character
         rest = text[first_start:]
-        return ids, rest, len(rest.encode("utf-8")) - 1
+        return ids, rest, len(rest.encode("utf-8")) - _token_bytes(tokenizer, ids[0])
     rest = text[first_end:]
     return ids, rest, len(rest.encode("utf-8"))
+
+
+def _token_bytes(tokenizer: Tokenizer, token_id: int) -> int:
+    """How many UTF-8 bytes a token stands for, where it may end inside a character: a byte-level BPE token
+    is spelt one character per byte (GPT-2's byte alphabet), a byte-fallback token `<0xNN>` is one byte; any
+    other token is taken to be one byte."""
+    from tokenizers import decoders
+
+    token = tokenizer.id_to_token(token_id) or ""
+    if isinstance(tokenizer.backend.decoder, decoders.ByteLevel) and not re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+        return max(1, len(token))
+    return 1
