@@ -44,6 +44,19 @@ def test_packed_linears_compute_the_same_and_leave_the_model_alone():
 
 
 @needs_onednn
+def test_a_model_made_under_inference_mode_generates_through_packed_weights():
+    """Inference tensors have no version counter; the packed copies then go by the storage alone."""
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama")).eval()
+        ids = torch.randint(0, 256, (1, 7))
+        packed = PackedLinears(model)
+        with packed.swapped_in():
+            inside = model(ids)
+        assert torch.allclose(inside, model(ids), atol=1e-5)
+
+
+@needs_onednn
 def test_packed_linears_skip_layers_they_cannot_run():
     model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama"))
     apply_lora(model, r=2, targets=("q", "v"))

@@ -37,6 +37,16 @@ def test_quantized_linear_error(bits, group, tol):
     assert q.qweight.numel() == w.numel() // (1 if bits == 8 else 2)
 
 
+@pytest.mark.parametrize("bits,group", [(8, 128), (4, 32)])
+def test_quantized_linear_takes_inputs_that_are_not_contiguous(bits, group):
+    """A transposed or sliced input, which nn.Linear takes, gives the same output as its contiguous copy."""
+    torch.manual_seed(0)
+    q = QuantizedLinear.from_linear(nn.Linear(64, 24), bits, group, dtype=torch.float32)
+    x = torch.randn(64, 2, 5).permute(1, 2, 0)
+    assert not x.is_contiguous()
+    assert torch.allclose(q(x), q(x.contiguous()), atol=1e-6)
+
+
 def test_int4_codes_are_exact_for_representable_weights():
     linear = nn.Linear(32, 2, bias=False)
     with torch.no_grad():  # 16 evenly spaced values per group: exactly the 16 levels of a 4-bit code

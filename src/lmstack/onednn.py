@@ -141,7 +141,10 @@ class PackedLinear(nn.Module):
 
 
 def _version_of(weight: torch.Tensor) -> tuple[int, int]:
-    # In-place updates bump `_version`; assigning `.data` changes the storage.
+    # In-place updates bump `_version`; assigning `.data` changes the storage. A tensor made under
+    # inference_mode has no version counter, and cannot be changed in place outside it: its storage will do.
+    if weight.is_inference():
+        return -1, weight.data_ptr()
     return weight._version, weight.data_ptr()
 
 

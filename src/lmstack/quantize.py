@@ -89,7 +89,8 @@ class QuantizedLinear(nn.Module):
         x = x.to(self.scale.dtype)
         if self.bits == 8 and x.device.type == "cpu":
             shape = x.shape
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.qweight, self.scale)
+            # The kernel takes rows that are contiguous (a transposed or sliced input is not)
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).contiguous(), self.qweight, self.scale)
             y = y.view(*shape[:-1], self.out_features)
             if self.bias is not None:
                 y = y + self.bias
