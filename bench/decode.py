@@ -170,8 +170,10 @@ def main() -> None:
         from lmstack.quantize import model_bytes, quantize_model
 
         del engine  # its compiled step and packed weight copies, before the weights change
+        ours.clear_kv_cache()  # the int8 engine allocates its own, sized for its batches (not batch 32's)
         quantize_model(ours, bits=args.quantize, group_size=32,
                        dtype=dtype if dtype != torch.float32 else torch.bfloat16)
+        weights_gb = model_bytes(ours) / 1e9  # before a cache exists: weights (and their scales) only
         qengine = lmstack.Engine(ours, _NoTokenizer(), max_batch_size=max(args.quantize_batch),
                                  max_seq_len=args.prompt_len + args.new_tokens, compile=args.compile)
         weight_bytes = bytes_read_per_step(ours)
@@ -183,7 +185,7 @@ def main() -> None:
 
             tok_s, ttft = time_decode(run_quantized, batch, args.new_tokens, device)
             line = (f"  batch {batch:>3} lmstack int{args.quantize}: {tok_s:10,.1f} tok/s, first token "
-                    f"{ttft * 1000:7.1f} ms, {model_bytes(ours) / 1e9:.2f} GB of weights")
+                    f"{ttft * 1000:7.1f} ms, {weights_gb:.2f} GB of weights")
             if device.type == "cuda" and batch == 1:
                 line += bandwidth(weight_bytes * tok_s, name, copy_rate)
             print(line)

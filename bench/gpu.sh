@@ -64,18 +64,24 @@ shakespeare() {
     # No samples at evaluations: nanoGPT's 129 s include none.
     run prepare "$PYTHON" -m lmstack.cli data prepare --input data/tinyshakespeare.txt --tokenizer char \
         --output "$data" || return
+    local status=0
     run shakespeare "$PYTHON" -m lmstack.cli pretrain --config recipes/shakespeare-char.yaml --data "$data" \
-        --out_dir "$run_dir" --compile true --progress false --sample_tokens 0 ${SHAKESPEARE_ARGS:-} || return
-    "$PYTHON" - "$run_dir/metrics.jsonl" <<'EOF'
+        --out_dir "$run_dir" --compile true --progress false --sample_tokens 0 ${SHAKESPEARE_ARGS:-} || status=$?
+    # What the run logged comes back even when it was stopped or failed: its evaluations so far are a result.
+    [ -f "$run_dir/metrics.jsonl" ] || { echo "== shakespeare: no metrics.jsonl was written"; return 1; }
+    cp "$run_dir/metrics.jsonl" "$LOG_DIR/"
+    [ ! -f "$run_dir/loss.png" ] || cp "$run_dir/loss.png" "$LOG_DIR/"  # none where matplotlib is missing
+    "$PYTHON" - "$run_dir/metrics.jsonl" <<'EOF' || status=$?
 import json, sys
-rows = [json.loads(line) for line in open(sys.argv[1])]
+rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
 evals = [r for r in rows if "val_loss" in r]
+if not evals:
+    sys.exit("no validation loss logged yet")
 best = min(evals, key=lambda r: r["val_loss"])
 print(f"best validation loss {best['val_loss']:.4f} at step {best['step']}; last {evals[-1]['val_loss']:.4f} "
       f"at step {evals[-1]['step']} (nanoGPT: 1.4697; on an H100 best 1.4677 at step 1750, 129 s in all)")
 EOF
-    cp "$run_dir/metrics.jsonl" "$LOG_DIR/"
-    [ ! -f "$run_dir/loss.png" ] || cp "$run_dir/loss.png" "$LOG_DIR/"  # none where matplotlib is missing
+    return "$status"
 }
 
 # Each part runs even when an earlier one failed (a borrowed machine's minutes are few); the exit status

@@ -79,8 +79,19 @@ def test_int8_linear_on_the_gpu(tiny):
         assert (fn(x).float() - expected).abs().max().item() < 0.05 * expected.abs().max().item()
 
 
+def _greedy_agreement(model, prompt: list[int], tokens: list[int], tie: float = 0.0) -> torch.Tensor:
+    """Per generated position, whether `tokens` is the model's argmax there given the tokens before it
+    (teacher forcing: one early difference does not carry on), a top-2 gap below `tie` counting as agreed."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens], device="cuda"))[0, len(prompt) - 1:-1].float()
+    top = logits.topk(2, dim=-1)
+    agree = top.indices[:, 0] == torch.tensor(tokens, device="cuda")
+    return agree | (top.values[:, 0] - top.values[:, 1] < tie)
+
+
 def test_int8_engine_on_the_gpu_follows_bf16(tiny):
-    """A model quantized on the GPU decodes there, eager and graphed, mostly the bf16 model's greedy tokens."""
+    """A model quantized on the GPU picks, position by position, mostly the bf16 model's greedy tokens; and its
+    engine, eager and graphed, decodes its own greedy path (up to near-ties one bf16 step apart)."""
     import copy
 
     from lmstack.quantize import quantize_model
@@ -89,12 +100,15 @@ def test_int8_engine_on_the_gpu_follows_bf16(tiny):
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
     params = dict(max_new_tokens=12, temperature=0, ignore_eos=True)
     expected = Engine(bf16, tok).generate(PROMPTS, **params)
-    quantize_model(bf16, bits=8, dtype=torch.bfloat16)
-    assert all(t.is_cuda for t in bf16.buffers())
+    prompts = [tok.encode(p) for p in PROMPTS]
+    int8 = quantize_model(copy.deepcopy(bf16), bits=8, dtype=torch.bfloat16)
+    assert all(t.is_cuda for t in int8.buffers())
+    agreed = torch.cat([_greedy_agreement(int8, p, c.token_ids) for p, c in zip(prompts, expected)])
+    assert agreed.float().mean() >= 0.8
     for compile in (False, True):
-        out = Engine(bf16, tok, compile=compile).generate(PROMPTS, **params)
-        same = sum(a == b for c, d in zip(out, expected) for a, b in zip(c.token_ids, d.token_ids))
-        assert same >= 0.8 * sum(len(c.token_ids) for c in expected)
+        out = Engine(int8, tok, compile=compile).generate(PROMPTS, **params)
+        assert all(len(c.token_ids) == 12 for c in out)
+        assert all(_greedy_agreement(int8, p, c.token_ids, tie=0.05).all() for p, c in zip(prompts, out))
 
 
 def test_exponential_race_on_the_gpu_is_seeded_and_unbiased():
@@ -125,7 +139,8 @@ def test_bf16_compiled_training_follows_the_cpu_run(tmp_path):
         cfg = load_config(None, ["--data", str(data), "--out_dir", str(out), "--device", device, "--precision",
                                  precision, "--compile", str(compile).lower(), "--max_steps", "8", "--block_size",
                                  "64", "--batch_size", "8", "--log_interval", "1", "--eval_interval", "8",
-                                 "--progress", "false", "--model.n_layer", "2", "--model.dropout", "0"])
+                                 "--progress", "false", "--model.n_layer", "2", "--model.dropout", "0",
+                                 "--warmup_steps", "0"])  # the full rate from the start: the loss moves
         train(cfg)
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         losses[device] = [r["loss"] for r in rows if "loss" in r]

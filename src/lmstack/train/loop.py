@@ -592,7 +592,7 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
                     if cfg.task == "pretrain":
                         record["tokens"] = rows * cfg.grad_accum * cfg.block_size * (step + 1)
                     if mfu is not None:
-                        record["mfu"] = round(mfu, 4)
+                        record["mfu"] = float(f"{mfu:.4g}")  # significant digits: a tiny model's MFU is not 0
                     log.log(record)
                     bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:,.0f}" if tok_s is not None else "-",
                                     mfu=f"{mfu:.1%}" if mfu is not None else "-", lr=f"{lr:.2e}", refresh=False)
