@@ -82,14 +82,6 @@ def _check_result_file(output: str | None, inputs: list[str], flag: str = "--out
         raise LMStackError(f"{flag} {output}: no directory {out.parent} to write it in")
 
 
-def _write_result(output: str, text: str) -> None:
-    """Write a result file whole or not at all (a temporary file, then a rename)."""
-    out = Path(output)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, out)
-
-
 def _load_lm(path: str | os.PathLike, flag: str, purpose: str, **kwargs):
     """`load_model(path)`, refused with the verb that takes it when it is a classification or reward model
     (a score head in place of the language-model head), which cannot be used for `purpose`."""
@@ -317,7 +309,9 @@ def _eval_classify(args: argparse.Namespace) -> None:
     metrics = classification_metrics(gold, predicted, labels=list(labels))
     print(format_classification_report(metrics))
     if args.output:
-        _write_result(args.output, json.dumps(metrics, indent=2) + "\n")
+        from lmstack.atomic import atomic_write_text
+
+        atomic_write_text(args.output, json.dumps(metrics, indent=2) + "\n")
         print(f"wrote {args.output}")
 
 
@@ -665,11 +659,12 @@ def _info(args: argparse.Namespace) -> None:
         labels = _labels_from_hf(raw, path)
     with torch.device("meta"):
         model = build_model(config)
-    params, body = model.num_params(), model.num_params(non_embedding=True)
+    head_change = 0
     if labels is not None:  # a score head over the labels in place of the vocabulary-sized LM head
-        lm_head = 0 if config.tie_embeddings else config.vocab_size * config.n_embd
-        params, body = params - lm_head + len(labels) * config.n_embd, body - lm_head + len(labels) * config.n_embd
-    info = {"parameters": params, "non_embedding_parameters": body, "config": config.to_dict()}
+        head_change = len(labels) * config.n_embd - (0 if config.tie_embeddings else config.vocab_size * config.n_embd)
+    info = {"parameters": model.num_params() + head_change,
+            "non_embedding_parameters": model.num_params(non_embedding=True) + head_change,
+            "config": config.to_dict()}
     if labels is not None:
         info["labels"] = labels
     print(json.dumps(info, indent=2))

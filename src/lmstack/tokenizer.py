@@ -24,6 +24,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as Backend
 
+from lmstack.atomic import atomic_write_text
 from lmstack.errors import LMStackError
 
 # The split rule of GPT-4 / Llama 3: contractions, letters with one leading non-letter, numbers in groups of
@@ -269,9 +270,7 @@ class Tokenizer:
                 raise LMStackError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
         templates = _read_chat_templates(folder, config)
         max_len = config.get("model_max_length")
-        named = set()
-        for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
-            named.add(_token_text(config.get(key)))
+        named = {_token_text(config.get(key)) for key in ("bos_token", "eos_token", "pad_token", "unk_token")}
         extra = config.get("additional_special_tokens") or config.get("extra_special_tokens") or []
         if isinstance(extra, dict):  # transformers 5's named extras: {"image_token": "<image>", ...}
             extra = list(extra.values())
@@ -335,11 +334,11 @@ class Tokenizer:
             config["chat_template"] = [*default, *({"name": k, "template": v} for k, v in named.items())]
         elif self.chat_template:
             config["chat_template"] = self.chat_template
-        _write_text(path / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(path / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         # transformers 5's layout, which takes precedence where present: a template saved earlier into this
         # directory must not outlive this one.
         if self.chat_template:
-            _write_text(path / "chat_template.jinja", self.chat_template)
+            atomic_write_text(path / "chat_template.jinja", self.chat_template)
         elif (path / "chat_template.jinja").exists():
             (path / "chat_template.jinja").unlink()
         folder = path / "additional_chat_templates"
@@ -350,7 +349,7 @@ class Tokenizer:
             if Path(name).name != name or name in ("", ".", ".."):
                 raise LMStackError(f"chat template name {name!r} is not a plain file name")
             folder.mkdir(exist_ok=True)
-            _write_text(folder / f"{name}.jinja", template)
+            atomic_write_text(folder / f"{name}.jinja", template)
 
     # ------------------------------------------------------------------------------------ ids
 
@@ -396,6 +395,11 @@ class Tokenizer:
         ids = {i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
         return ids | {i for t in tokens if t is not None and (i := self.backend.token_to_id(t)) is not None}
 
+    def _skipped_ids(self) -> set[int]:
+        """What `decode(skip_special_tokens=True)` drops, as transformers: the added tokens marked special and
+        bos / eos / pad / unk, also where tokenizer.json does not flag them (not the additional ones)."""
+        return self._ids_of(self.bos_token, self.eos_token, self.pad_token, self.unk_token)
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; special-token strings inside it become their ids. `add_special_tokens` adds
         what the post-processor adds (e.g. a leading bos)."""
@@ -406,14 +410,14 @@ class Tokenizer:
         return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        if skip_special_tokens:  # as transformers: bos / eos / pad / unk too where tokenizer.json does not flag them
-            special = self._ids_of(self.bos_token, self.eos_token, self.pad_token, self.unk_token)
+        if skip_special_tokens:
+            special = self._skipped_ids()
             ids = [i for i in ids if i not in special]
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def decode_batch(self, batch: Sequence[Sequence[int]], skip_special_tokens: bool = False) -> list[str]:
         if skip_special_tokens:
-            special = self._ids_of(self.bos_token, self.eos_token, self.pad_token, self.unk_token)
+            special = self._skipped_ids()
             batch = [[i for i in ids if i not in special] for ids in batch]
         return self.backend.decode_batch([list(ids) for ids in batch], skip_special_tokens=skip_special_tokens)
 
@@ -485,7 +489,6 @@ class Tokenizer:
         out: Any = self.encode(text, add_special_tokens=False) if tokenize else text
         return (out, spans) if return_assistant_spans else out
 
-
     def select_chat_template(self, chat_template: str | None = None, tools: Any = None) -> str:
         """The template to render, chosen as transformers chooses: `chat_template` by name or as a template,
         else "tool_use" when tools are given and there is one, else the default."""
@@ -531,13 +534,6 @@ def _read_chat_templates(folder: Path, config: dict[str, Any]) -> dict[str, str]
         if isinstance(default, str):
             templates["default"] = default
     return templates
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write a file whole or not at all (a temporary file, then a rename)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _byte_level_pre_tokenizer(split_pattern: str | None) -> pre_tokenizers.PreTokenizer:

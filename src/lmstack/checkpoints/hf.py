@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lmstack.atomic import atomic_write
 from lmstack.config import ModelConfig
 from lmstack.errors import LMStackError
 from lmstack.models.decoder import DecoderLM
@@ -520,19 +521,6 @@ def hf_state_dict(model: DecoderLM, lm_head: bool = True) -> dict[str, torch.Ten
         t = torch.cat([tensor(n) for n in rule.ours], dim=0) if len(rule.ours) > 1 else tensor(rule.ours[0])
         out[rule.hf] = (t.t() if rule.transpose else t).detach().contiguous().cpu()
     return out
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Write through a temporary file and rename, so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(str(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # after a failure: no half-written file left beside the real one
 
 
 def write_json(path: Path, obj: Any) -> None:

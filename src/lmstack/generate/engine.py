@@ -240,8 +240,8 @@ class Engine:
         """Allocate the cache on first use, and again only if a larger batch or a longer sequence comes, or
         something else that uses the model (another engine, `generate_ids`, speculative decoding) has replaced
         or freed it. Its length is a power of two (at least 256) that holds `length` tokens, up to
-        `max_seq_len` (or `length`, when that is longer): a model with a long context does not reserve all of it for short generations, and a
-        compiled decode step sees a new shape only when the length doubles."""
+        `max_seq_len` (or `length`, when that is longer): a model with a long context does not reserve all of
+        it for short generations, and a compiled decode step sees a new shape only when the length doubles."""
         self._cache_batch = max(batch, self._cache_batch)
         cap = max(self.max_seq_len, length)  # past max_seq_len only for short prompts beside long ones
         self._cache_len = max(self._cache_len, min(cap, max(256, 1 << (length - 1).bit_length())))

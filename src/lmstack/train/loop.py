@@ -604,7 +604,7 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
 
     final_step = cfg.max_steps
     last = log_eval(final_step)
-    summary: dict[str, Any] = {"steps": final_step, "task": cfg.task, "val_loss": last["loss"],
+    summary: dict[str, Any] = {"steps": final_step, "val_loss": last["loss"],
                                **{f"val_{k}": v for k, v in last.items() if k != "loss"}}
     if cfg.task in ("pretrain", "sft"):
         summary["val_ppl"] = math.exp(min(last["loss"], 50))

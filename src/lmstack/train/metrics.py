@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from lmstack.atomic import atomic_write_text
 from lmstack.errors import LMStackError
 
 # Dense peak tensor throughput (FLOP/s) per GPU: (bf16/fp16, tf32). Substring matches on the device name,
@@ -59,9 +60,8 @@ class MetricsLog:
         self.path = run_dir / "metrics.jsonl"
         if self.path.exists():
             kept = [r for r in read_metrics(run_dir) if r.get("step", 0) < resume_step] if resume_step else []
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
-            os.replace(tmp, self.path)  # a kill here keeps the old file whole
+            # A kill here keeps the old file whole.
+            atomic_write_text(self.path, "".join(json.dumps(record) + "\n" for record in kept))
         self.writer = None
         if tensorboard:
             try:
