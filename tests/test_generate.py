@@ -207,6 +207,40 @@ def test_greedy_equals_transformers(tiny):
         assert ours.finish_reason == "length"
 
 
+def test_generation_config_eos_ids_stop_as_in_transformers(tiny, tmp_path):
+    """generation_config.json's list of eos ids (Llama 3, Qwen2.5) ends generation at any of them, as in
+    transformers; a save keeps the list."""
+    import json
+    import shutil
+
+    _, tok, path = tiny
+    free = Engine(lmstack.load_model(path), tok).generate("ROMEO:", max_new_tokens=12, temperature=0,
+                                                          ignore_eos=True)[0]
+    stop = free.token_ids[4]  # a token greedy decoding reaches, first at or before its fifth step
+    first = free.token_ids.index(stop)
+    listed = tmp_path / "listed"
+    shutil.copytree(path, listed)
+    config = json.loads((listed / "generation_config.json").read_text())
+    config["eos_token_id"] = [tok.eos_token_id, stop]
+    (listed / "generation_config.json").write_text(json.dumps(config))
+    model = lmstack.load_model(listed)
+    assert model.config.eos_token_id == [tok.eos_token_id, stop]
+    out = Engine(model, tok).generate("ROMEO:", max_new_tokens=12, temperature=0)[0]
+    assert (out.token_ids, out.finish_reason, out.stop_token_id) == (free.token_ids[:first], "stop", stop)
+    ids = tok.encode("ROMEO:")
+    hf = AutoModelForCausalLM.from_pretrained(listed).eval()
+    theirs = hf.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=0)[0, len(ids):]
+    assert theirs.tolist() == free.token_ids[:first] + [stop]
+    again = Engine(model, tok).generate("ROMEO:", max_new_tokens=12, temperature=0, ignore_eos=True)[0]
+    assert again.token_ids == free.token_ids  # ignore_eos ignores every eos id
+    lmstack.save_model(model, tmp_path / "resaved", tokenizer=tok)
+    saved = json.loads((tmp_path / "resaved" / "generation_config.json").read_text())
+    assert saved["eos_token_id"] == [tok.eos_token_id, stop]
+    (listed / "generation_config.json").write_text('{"eos_token_id": "</s>"}')
+    with pytest.raises(LMStackError, match="generation_config.json: eos_token_id must be a token id"):
+        lmstack.load_model(listed)
+
+
 def test_batched_equals_one_by_one(tiny):
     model, tok, _ = tiny
     engine = Engine(model, tok, max_batch_size=8)

@@ -18,7 +18,7 @@ import torch
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
-from lmstack.checkpoints.hf import Rule, convert_to_ours, expected_shapes, materialize
+from lmstack.checkpoints.hf import Rule, convert_to_ours, expected_shapes, materialize, merged_eos
 from lmstack.config import ModelConfig
 from lmstack.errors import LMStackError
 from lmstack.tokenizer import Tokenizer
@@ -117,7 +117,10 @@ def config_from_gguf(meta: dict[str, Any], tensors: dict[str, Any]) -> ModelConf
         tie_embeddings="output.weight" not in tensor_names,
         family="qwen2" if arch == "qwen2" else "llama",
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-        eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+        # llama.cpp ends generation at eos and at the end-of-turn / end-of-message tokens as well
+        eos_token_id=merged_eos(meta.get("tokenizer.ggml.eos_token_id"),
+                                [meta[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+                                 if meta.get(k) is not None]),
         pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
     )
 

@@ -62,6 +62,34 @@ def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
+def generation_eos(path: Path) -> list[int]:
+    """The eos ids of a directory's generation_config.json (Llama 3, Qwen2.5 and Phi-3 list several there:
+    `transformers` stops at any of them); [] without one."""
+    file = path / "generation_config.json"
+    if not path.is_dir() or not file.exists():
+        return []
+    try:
+        eos = json.loads(file.read_text(encoding="utf-8")).get("eos_token_id")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise LMStackError(f"{file}: not a JSON object ({e})") from None
+    ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise LMStackError(f"{file}: eos_token_id must be a token id or a list of them, got {eos!r}")
+    return ids
+
+
+def eos_ids(eos: int | list[int] | None) -> list[int]:
+    """A config's eos_token_id (one id, a list, or None) as a list."""
+    return [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+def merged_eos(eos: int | list[int] | None, more: list[int]) -> int | list[int] | None:
+    """`eos` with the ids of `more` it lacks: one id stays an int, several become a list."""
+    ids = eos_ids(eos)
+    ids += [i for i in more if i not in ids]
+    return None if not ids else ids[0] if len(ids) == 1 else ids
+
+
 def _rope_fields(c: dict[str, Any], family: str, where: str) -> dict[str, Any]:
     """rope_theta, rope_scaling and the rotary fraction, from either the v4 (`rope_theta` + `rope_scaling`)
     or the v5 (`rope_parameters`) spelling, as transformers' class for `family` applies them."""
@@ -478,6 +506,7 @@ def load_hf_model(
     if not path.exists():
         raise LMStackError(f"{path}: no such file or directory")
     config = config_from_hf(path)
+    config.eos_token_id = merged_eos(config.eos_token_id, generation_eos(path))
     source = TensorSource(safetensors_files(path))
     keys = source.keys()
     prefix = "transformer." if any(k.startswith("transformer.") for k in keys) else ""

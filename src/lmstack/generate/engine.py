@@ -17,13 +17,13 @@ import torch
 from lmstack.errors import LMStackError
 from lmstack.generate.sampling import (
     SamplingParams,
-    check_stop_token_ids,
     checked_prompt,
     logit_bias_vector,
     process_logits,
     reply_room,
     sample_from,
     sampling_params,
+    stop_token_set,
 )
 from lmstack.models.decoder import DecoderLM
 from lmstack.onednn import PackedLinears
@@ -251,11 +251,7 @@ class Engine:
             self.model.setup_kv_cache(self._cache_batch, self._cache_len, device=self.device)
 
     def _stop_ids(self, params: SamplingParams) -> set[int]:
-        check_stop_token_ids(params.stop_token_ids, self.model.config.vocab_size)
-        ids = set(params.stop_token_ids)
-        if not params.ignore_eos and self.tokenizer.eos_token_id is not None:
-            ids.add(self.tokenizer.eos_token_id)
-        return ids
+        return stop_token_set(params, self.tokenizer, self.model.config)
 
     @torch.no_grad()
     def _run(self, rows: list[_Row], params: SamplingParams, stream: bool = False) -> Iterator[None]:

@@ -222,6 +222,21 @@ def check_stop_token_ids(stop_token_ids: list[int], vocab_size: int) -> None:
         raise LMStackError(f"stop_token_ids: token id {bad[0]} is outside the vocabulary of {vocab_size}")
 
 
+def stop_token_set(params: SamplingParams, tokenizer, config) -> set[int]:
+    """The ids that end a sequence: `stop_token_ids`, and unless `ignore_eos` the tokenizer's eos and every
+    eos id the model's config names (a list in Llama 3's, or from generation_config.json, as `transformers`
+    stops at any of them)."""
+    check_stop_token_ids(params.stop_token_ids, config.vocab_size)
+    ids = set(params.stop_token_ids)
+    if not params.ignore_eos:
+        eos = config.eos_token_id
+        ids.update(t for t in (eos if isinstance(eos, (list, tuple)) else [eos])
+                   if t is not None and 0 <= t < config.vocab_size)
+        if tokenizer.eos_token_id is not None:
+            ids.add(tokenizer.eos_token_id)
+    return ids
+
+
 def logit_bias_vector(logit_bias: dict[int, float], vocab_size: int,
                       device: torch.device | str = "cpu") -> torch.Tensor | None:
     """`logit_bias` as a dense [V] vector to add to logits (None when there is none). Built once per

@@ -18,11 +18,11 @@ from lmstack.errors import LMStackError
 from lmstack.generate.engine import Completion, tokens_spelling
 from lmstack.generate.sampling import (
     SamplingParams,
-    check_stop_token_ids,
     checked_prompt,
     process_logits,
     reply_room,
     sampling_params,
+    stop_token_set,
 )
 from lmstack.models.decoder import DecoderLM
 from lmstack.onednn import PackedLinears
@@ -96,7 +96,7 @@ def speculative_generate(
     if not lookup and draft.embed.weight.device != device:
         raise LMStackError(f"draft is on {draft.embed.weight.device} but the target is on {device}: load both "
                            "on the same device")
-    check_stop_token_ids(params.stop_token_ids, target.config.vocab_size)
+    stop_ids = stop_token_set(params, tokenizer, target.config)
     ids = checked_prompt(tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt],
                          tokenizer, target.config.vocab_size)
     if params.truncate_prompt:  # as the engine does: room for max_new_tokens, or half the context
@@ -113,9 +113,6 @@ def speculative_generate(
                            f"tokens this call needs (prompt and max_new_tokens); lower max_new_tokens "
                            "or use a draft with a longer context")
     g = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None
-    stop_ids = set(params.stop_token_ids)
-    if not params.ignore_eos and tokenizer.eos_token_id is not None:
-        stop_ids.add(tokenizer.eos_token_id)
     models = [target] if lookup else [target, draft]
     for m in models:
         m.eval().setup_kv_cache(1, total, device=device)
