@@ -5,14 +5,17 @@ lmstack's checkpoint loader and compares float32 logits on a batch; then saves f
 `transformers`. Tolerance: max abs difference < 1e-4.
 """
 
+import json
+
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 from transformers.activations import ACT2FN
 
 import lmstack
-from lmstack.checkpoints.hf import GELU_APPROXIMATE
+from lmstack.checkpoints.hf import FAMILY_DEFAULTS, GELU_APPROXIMATE, config_from_hf
 
 TOL = 1e-4
 SMALL = dict(vocab_size=101, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
@@ -29,6 +32,13 @@ CASES = {
                       "original_max_position_embeddings": 16}),
     "llama-linear-rope": lambda: transformers.LlamaConfig(
         **SMALL, num_key_value_heads=2, rope_scaling={"rope_type": "linear", "factor": 4.0}),
+    # transformers gives a top-level original_max_position_embeddings (as Phi-3 writes it) priority
+    "llama-yarn-top-level-original": lambda: transformers.LlamaConfig(
+        **SMALL, num_key_value_heads=2, rope_scaling={"rope_type": "yarn", "factor": 4.0},
+        original_max_position_embeddings=16),
+    "llama3-top-level-original": lambda: transformers.LlamaConfig(
+        **SMALL, num_key_value_heads=2, rope_theta=500000.0, original_max_position_embeddings=16,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}),
     "llama-yarn-rope": lambda: transformers.LlamaConfig(
         **SMALL, num_key_value_heads=2,
         rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}),
@@ -183,3 +193,107 @@ def test_dynamic_rope_past_max_position_embeddings(tmp_path):
         plain = ours(ids, input_pos=torch.arange(ids.shape[1]))
     assert (got - expected).abs().max().item() < TOL
     assert (plain - expected).abs().max().item() > 1e-3
+
+
+def _hf_logits(path, ids):
+    with torch.no_grad():
+        return AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()(ids).logits
+
+
+# 32 heads: Qwen2 defaults to 32 key-value heads, Mistral and Mixtral to 8
+REQUIRED = dict(vocab_size=101, hidden_size=128, num_hidden_layers=2, num_attention_heads=32, intermediate_size=112)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_DEFAULTS))
+def test_keys_left_out_take_the_family_defaults(family):
+    """A config.json with only the required keys reads as transformers' own config class reads it."""
+    extra = dict(num_local_experts=4, num_experts_per_tok=2) if family == "mixtral" else {}
+    for more in ({}, dict(use_sliding_window=True), dict(output_router_logits=True)):
+        hf = transformers.AutoConfig.for_model(family, **REQUIRED, **extra, **more)
+        ours = config_from_hf({"model_type": family, **REQUIRED, **extra, **more})
+        assert ours.norm_eps == hf.rms_norm_eps
+        assert ours.rope_theta == hf.rope_parameters["rope_theta"]
+        assert ours.block_size == hf.max_position_embeddings
+        assert ours.n_kv_head == hf.num_key_value_heads
+        window = getattr(hf, "sliding_window", None)
+        windows = {window if kind == "sliding_attention" else None
+                   for kind in (getattr(hf, "layer_types", None) or ["sliding_attention"])}
+        assert {ours.sliding_window} == windows
+        if family == "mixtral":  # the router loss counts in training only with output_router_logits
+            assert ours.moe_aux_loss_coef == (hf.router_aux_loss_coef if hf.output_router_logits else 0.0)
+    qwen = {"model_type": "qwen2", **REQUIRED, "num_hidden_layers": 30, "use_sliding_window": True}
+    with pytest.raises(lmstack.LMStackError, match="only some layers"):  # windows from layer 28 on
+        config_from_hf(qwen)
+
+
+def test_left_out_keys_keep_logits_parity(tmp_path):
+    """Mixtral's defaults (rms_norm_eps 1e-5, rope_theta 1e6) differ from Llama's: a config.json without
+    them still computes what transformers computes."""
+    hf_config = transformers.MixtralConfig(**SMALL, num_key_value_heads=2, num_local_experts=4,
+                                           num_experts_per_tok=2, sliding_window=None)
+    hf = AutoModelForCausalLM.from_config(hf_config, attn_implementation="eager", dtype=torch.float32).eval()
+    _randomize(hf)
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key in ("rms_norm_eps", "rope_theta", "rope_parameters", "rope_scaling"):
+        config.pop(key, None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    ids = _inputs(hf_config.vocab_size)
+    with torch.no_grad():
+        got = lmstack.load_model(tmp_path)(ids)
+    assert (got - _hf_logits(tmp_path, ids)).abs().max().item() < TOL
+
+
+def test_stored_head_beside_a_tied_config_is_kept(tmp_path):
+    """A GPT-2 config that says nothing of tying (so: tied) beside its own lm_head.weight: transformers keeps
+    the stored head, and so does lmstack (with a warning)."""
+    hf_config = transformers.GPT2Config(vocab_size=101, n_positions=64, n_embd=48, n_layer=2, n_head=4,
+                                        tie_word_embeddings=False)
+    hf = AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32).eval()
+    _randomize(hf)
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("tie_word_embeddings")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="loading it untied"):
+        ours = lmstack.load_model(tmp_path)
+    assert not ours.config.tie_embeddings
+    ids = _inputs(hf_config.vocab_size)
+    with torch.no_grad():
+        got = ours(ids)
+    assert (got - _hf_logits(tmp_path, ids)).abs().max().item() < TOL
+
+
+def test_yarn_without_factor_saves_one_transformers_reads(tmp_path):
+    cfg = lmstack.ModelConfig.from_name(
+        "tiny-llama", block_size=128, rope_scaling={"rope_type": "yarn", "original_max_position_embeddings": 32})
+    model = lmstack.DecoderLM(cfg).eval()
+    _randomize(model)
+    lmstack.save_model(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["rope_scaling"]["factor"] == 4.0
+    ids = _inputs(cfg.vocab_size)
+    with torch.no_grad():
+        got = model(ids)
+    assert (got - _hf_logits(tmp_path, ids)).abs().max().item() < TOL
+
+
+def test_mixed_dtypes_load_in_one(tmp_path):
+    """bf16 matrices beside fp32 norms: loaded in the config's dtype, else the most common one, not left
+    mixed (where the first matrix product would fail)."""
+    model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama")).eval()
+    lmstack.save_model(model, tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({k: v.to(torch.bfloat16) if v.dim() == 2 else v for k, v in weights.items()},
+              tmp_path / "model.safetensors")
+    ids = _inputs(model.config.vocab_size)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for named, expected in (("float32", torch.float32), (None, torch.bfloat16)):
+        config["torch_dtype"] = named
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        loaded = lmstack.load_model(tmp_path)
+        assert {p.dtype for p in loaded.parameters()} == {expected}
+        with torch.no_grad():
+            out = loaded(ids).float()
+        reference = lmstack.load_model(tmp_path, dtype=expected)
+        with torch.no_grad():
+            assert torch.equal(out, reference(ids).float())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,25 @@ ARCHITECTURES = {
 PARTIAL_ROTARY_FAMILIES = ("phi3",)
 # Tensors some checkpoints carry that are not weights (old rotary caches, GPT-2's causal-mask buffers).
 IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias)$")
+
+# transformers' defaults for the keys a config.json may leave out, where a family's differ from Llama's
+# (tests/test_checkpoints.py checks them against transformers' config classes).
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": dict(rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=2048),
+    "mistral": dict(rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=131072, sliding_window=4096,
+                    num_key_value_heads=8),
+    "qwen2": dict(rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=32768, sliding_window=4096,
+                  num_key_value_heads=32, max_window_layers=28),
+    "mixtral": dict(rms_norm_eps=1e-5, rope_theta=1e6, max_position_embeddings=131072, num_key_value_heads=8,
+                    router_aux_loss_coef=0.001),
+    "phi3": dict(rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096),
+}
+
+
+def _default(c: dict[str, Any], family: str, key: str) -> Any:
+    """`c[key]`, or transformers' default for `family` when the config leaves it out."""
+    return c[key] if key in c else FAMILY_DEFAULTS[family].get(key)
+
 
 # ---------------------------------------------------------------------------------------------- config
 
@@ -96,11 +116,17 @@ def _rope_fields(c: dict[str, Any], family: str, where: str) -> dict[str, Any]:
     params = dict(c.get("rope_parameters") or {})
     scaling = dict(c.get("rope_scaling") or {}) or {k: v for k, v in params.items()
                                                     if k not in ("rope_theta", "partial_rotary_factor")}
-    theta = params.get("rope_theta", c.get("rope_theta", 10000.0))
+    theta = params.get("rope_theta", c.get("rope_theta", FAMILY_DEFAULTS[family]["rope_theta"]))
     fraction = float(params.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)))
     if "type" in scaling and "rope_type" not in scaling:
         scaling["rope_type"] = scaling.pop("type")
     kind = scaling.get("rope_type", "default")
+    if kind in ("llama3", "yarn"):
+        # As transformers: a top-level original_max_position_embeddings (Phi-3 writes one) wins over the one
+        # inside rope_scaling, and without either it is max_position_embeddings.
+        if "original_max_position_embeddings" in c:
+            scaling["original_max_position_embeddings"] = c["original_max_position_embeddings"]
+        scaling.setdefault("original_max_position_embeddings", _default(c, family, "max_position_embeddings"))
     if kind == "default":
         scaling = None
     elif kind not in ("linear", "dynamic", "llama3", "yarn"):
@@ -176,11 +202,12 @@ def _config_from_hf(c: dict[str, Any], where: str) -> ModelConfig:
 
     n_head = c["num_attention_heads"]
     fields = dict(
-        vocab_size=c["vocab_size"], block_size=c.get("max_position_embeddings", 2048),
+        vocab_size=c["vocab_size"], block_size=_default(c, family, "max_position_embeddings"),
         n_layer=c["num_hidden_layers"], n_embd=c["hidden_size"], n_head=n_head,
-        n_kv_head=c.get("num_key_value_heads") or n_head,
+        n_kv_head=_default(c, family, "num_key_value_heads") or n_head,  # null: as many as the heads
         head_dim=c.get("head_dim") or c["hidden_size"] // n_head,
-        norm="rmsnorm", norm_eps=c.get("rms_norm_eps", 1e-6), positions="rope", **_rope_fields(c, family, where),
+        norm="rmsnorm", norm_eps=_default(c, family, "rms_norm_eps"), positions="rope",
+        **_rope_fields(c, family, where),
         **_gated_mlp(c.get("hidden_act", "silu"), where),
         intermediate_size=c["intermediate_size"], bias="none",
         tie_embeddings=c.get("tie_word_embeddings", False), dropout=c.get("attention_dropout", 0.0),
@@ -192,13 +219,15 @@ def _config_from_hf(c: dict[str, Any], where: str) -> ModelConfig:
             raise LMStackError(f"{where}: attention_bias and mlp_bias differ; lmstack supports both or neither")
         fields["bias"] = "all" if attn_bias else "none"
     if family in ("mistral", "mixtral", "phi3"):
-        fields["sliding_window"] = c.get("sliding_window")
+        fields["sliding_window"] = _default(c, family, "sliding_window")
     if family == "qwen2":
         fields["bias"] = "qkv"
         fields["sliding_window"] = _qwen2_window(c)
     if family == "mixtral":
+        # transformers adds the router's load-balancing loss only with output_router_logits (off by default)
+        coef = _default(c, family, "router_aux_loss_coef") if c.get("output_router_logits") else 0.0
         fields.update(n_expert=c["num_local_experts"], n_expert_per_token=c["num_experts_per_tok"],
-                      moe_aux_loss_coef=c.get("router_aux_loss_coef", 0.001))
+                      moe_aux_loss_coef=coef)
     return ModelConfig(**fields)
 
 
@@ -206,15 +235,15 @@ def _qwen2_window(c: dict[str, Any]) -> int | None:
     n = c["num_hidden_layers"]
     if c.get("layer_types"):
         kinds = set(c["layer_types"])
-    elif c.get("use_sliding_window") and c.get("sliding_window"):
-        start = c.get("max_window_layers", n)
+    elif c.get("use_sliding_window") and _default(c, "qwen2", "sliding_window"):
+        start = _default(c, "qwen2", "max_window_layers")
         kinds = {"sliding_attention" if i >= start else "full_attention" for i in range(n)}
     else:
         kinds = {"full_attention"}
     if kinds == {"full_attention"}:
         return None
     if kinds == {"sliding_attention"}:
-        return c["sliding_window"]
+        return _default(c, "qwen2", "sliding_window")
     raise LMStackError("config.json: qwen2 with sliding windows on only some layers is not supported")
 
 
@@ -278,6 +307,9 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
             # Mixtral always renormalises the top-k router weights.
             _require(config, fam, moe_renormalize=True)
         rope_scaling = dict(config.rope_scaling) if config.rope_scaling else None
+        if config.rope_type == "yarn" and not rope_scaling.get("factor"):  # transformers needs it written out
+            trained = rope_scaling.get("original_max_position_embeddings") or config.block_size
+            rope_scaling["factor"] = config.block_size / trained
         out.update(
             vocab_size=config.vocab_size, max_position_embeddings=config.block_size,
             hidden_size=config.n_embd, intermediate_size=config.intermediate_size,
@@ -301,7 +333,8 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
                        max_window_layers=0 if window is not None else config.n_layer)
         if fam == "mixtral":
             out.update(num_local_experts=config.n_expert, num_experts_per_tok=config.n_expert_per_token,
-                       router_aux_loss_coef=config.moe_aux_loss_coef)
+                       router_aux_loss_coef=config.moe_aux_loss_coef,
+                       output_router_logits=bool(config.moe_aux_loss_coef))
     out.update(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
                pad_token_id=config.pad_token_id)
     return out
@@ -498,6 +531,23 @@ def expected_shapes(config: ModelConfig) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in model.state_dict().items()}
 
 
+def _common_dtype(source: TensorSource, hf: dict[str, Any]) -> torch.dtype | None:
+    """None when every floating tensor has one dtype (kept as stored); for a file that mixes them (bf16
+    matrices beside fp32 norms), the config's `dtype` / `torch_dtype`, else the dtype most tensors have, so
+    that the model computes in one precision."""
+    stored = [handle.get_slice(k).get_dtype() for k, handle in source.where.items()]
+    floating = [d for d in stored if d in SAFETENSORS_FLOATS]
+    if len(set(floating)) <= 1:
+        return None
+    named = hf.get("dtype") or hf.get("torch_dtype")
+    if named in ("float32", "float16", "bfloat16"):
+        return getattr(torch, named)
+    return SAFETENSORS_FLOATS[max(set(floating), key=floating.count)]
+
+
+SAFETENSORS_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
 def load_hf_model(
     path: str | os.PathLike, dtype: torch.dtype | None = None, device: torch.device | str | None = None
 ) -> DecoderLM:
@@ -510,7 +560,16 @@ def load_hf_model(
     source = TensorSource(safetensors_files(path))
     keys = source.keys()
     prefix = "transformer." if any(k.startswith("transformer.") for k in keys) else ""
+    embed = f"{prefix}wte.weight" if config.family == "gpt2" else "model.embed_tokens.weight"
+    if config.tie_embeddings and "lm_head.weight" in keys and embed in keys and not torch.equal(
+            source.get("lm_head.weight"), source.get(embed)):
+        # A head of its own beside a config that says tied (GPT-2 configs rarely say): transformers then
+        # keeps the stored head, untied, and so does lmstack.
+        warnings.warn(f"{path}: the config ties the output head to the embedding but the checkpoint holds a "
+                      "different lm_head.weight; loading it untied, as transformers does", stacklevel=2)
+        config.tie_embeddings = False
     rules = weight_rules(config, gpt2_prefix=prefix)
+    dtype = dtype or _common_dtype(source, read_hf_config(path))
 
     def convert(t: torch.Tensor) -> torch.Tensor:
         return t.to(device=device or "cpu", dtype=dtype or t.dtype)
