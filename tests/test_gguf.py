@@ -224,3 +224,109 @@ def test_gguf_export_refuses_what_llama_cpp_would_compute_differently(tmp_path, 
     with pytest.raises(LMStackError, match=match):
         save_gguf(model, tok, tmp_path / "m.gguf")
     assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+QWEN2_HF_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _hf_style_tokenizer(tmp_path, pre_tokenizer):
+    """A byte-level BPE whose tokenizer.json spells its split rules as a Hugging Face release does."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizer
+    backend.decoder = decoders.ByteLevel()
+    text = (REPO / "data" / "tinyshakespeare.txt").read_text()[:50_000]
+    backend.train_from_iterator([text], trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    return lmstack.load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("name,expected", [("qwen2", "qwen2"), ("smollm2", "smollm")])
+def test_gguf_export_knows_hugging_face_spellings_of_the_split_rules(tmp_path, name, expected):
+    """Qwen2's (?i:...) contractions and SmolLM2's Digits + ByteLevel(use_regex) are llama.cpp's qwen2 and
+    smollm pre-tokenizers: the export names them, and the file encodes as the source does."""
+    import gguf
+    from tokenizers import Regex, pre_tokenizers
+
+    from lmstack.checkpoints.gguf import save_gguf
+
+    pre = {
+        "qwen2": pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_HF_SPLIT), behavior="isolated"),
+                                          pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
+        "smollm2": pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]),
+    }[name]
+    tok = _hf_style_tokenizer(tmp_path, pre)
+    model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", vocab_size=400))
+    path = save_gguf(model, tok, tmp_path / "m.gguf")
+    field = gguf.GGUFReader(path).fields["tokenizer.ggml.pre"]
+    assert field.contents() == expected
+    sample = "KING HENRY'S men: 1234 friends, don't\r\n  go!  🦙"
+    assert lmstack.load_tokenizer(path).encode(sample) == tok.encode(sample)
+
+
+def test_gguf_without_add_bos_key_follows_llama_cpp(tmp_path, monkeypatch):
+    """A file with no tokenizer.ggml.add_bos_token (older converters): llama.cpp adds bos for its Llama 3
+    pre-tokenizers, and so does lmstack."""
+    import gguf
+
+    from lmstack.checkpoints.gguf import save_gguf
+
+    text = (REPO / "data" / "tinyshakespeare.txt").read_text()[:30_000]
+    tok = lmstack.Tokenizer.train([text], vocab_size=320, special_tokens=("<|begin_of_text|>", "<|end_of_text|>"),
+                                  bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>", add_bos=True)
+    monkeypatch.setattr(gguf.GGUFWriter, "add_add_bos_token", lambda self, value: None)
+    path = save_gguf(lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", vocab_size=320)), tok,
+                     tmp_path / "m.gguf")
+    fields = gguf.GGUFReader(path).fields
+    assert "tokenizer.ggml.add_bos_token" not in fields and fields["tokenizer.ggml.pre"].contents() == "llama-bpe"
+    again = lmstack.load_tokenizer(path)
+    assert again.encode("hi")[0] == again.bos_token_id == tok.bos_token_id
+
+
+def test_llama_gguf_with_qk_biases_is_unpermuted(tmp_path):
+    """llama.cpp's converter permutes q and k biases as it does their weights (llama architecture): read
+    back, the model computes what it did (transformers' GGUF reader drops llama biases: no reference there)."""
+    import gguf
+
+    from lmstack.checkpoints.gguf import _gguf_rules, _tokenizer_metadata, permute_rope_rows
+
+    text = (REPO / "data" / "tinyshakespeare.txt").read_text()[:30_000]
+    tok = lmstack.Tokenizer.train([text], vocab_size=320)
+    torch.manual_seed(0)
+    cfg = lmstack.ModelConfig.from_name("tiny-llama", vocab_size=320, bias="qkv", family="llama")
+    model = lmstack.DecoderLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(std=0.5)
+    writer = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
+    writer.add_context_length(cfg.block_size)
+    writer.add_embedding_length(cfg.n_embd)
+    writer.add_block_count(cfg.n_layer)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.n_head)
+    writer.add_head_count_kv(cfg.n_kv_head)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_rope_dimension_count(cfg.rotary_dim)
+    writer.add_layer_norm_rms_eps(cfg.norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    _tokenizer_metadata(writer, tok, cfg.vocab_size)
+    state = model.state_dict()
+    for rule in _gguf_rules(cfg):
+        t = state[rule.ours[0]].float()
+        if ".attn_q." in rule.hf or ".attn_k." in rule.hf:  # as convert_hf_to_gguf's LlamaModel
+            t = permute_rope_rows(t, cfg.n_head if ".attn_q." in rule.hf else cfg.n_kv_head)
+        writer.add_tensor(rule.hf, t.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    x = torch.randint(0, 320, (1, 16))
+    with torch.no_grad():
+        assert (lmstack.load_model(tmp_path / "m.gguf")(x) - model(x)).abs().max() < 1e-5

@@ -68,6 +68,14 @@ def test_merge_unmerge_and_disable():
         assert torch.allclose(model(ids), adapted, atol=1e-5)
         set_adapters_enabled(model, False)
         assert torch.allclose(model(ids), base, atol=1e-6)
+        set_adapters_enabled(model, True)
+        merge_lora(model)  # disabling a merged adapter unmerges it: the base model again
+        set_adapters_enabled(model, False)
+        assert torch.allclose(model(ids), base, atol=1e-5)
+        set_adapters_enabled(model, True)
+        assert torch.allclose(model(ids), adapted, atol=1e-5)
+    with pytest.raises(LMStackError, match="already has LoRA adapters"):
+        apply_lora(model, r=2, targets=("k",))
 
 
 def test_llama_3_1_8b_trainable_count_on_meta():
@@ -113,6 +121,8 @@ def test_peft_loads_our_adapters_with_identical_logits(tmp_path):
         assert (theirs(ids).logits - ours(ids)).abs().max() < 1e-4
         again = load_peft(lmstack.load_model(tmp_path / "base"), tmp_path / "adapter")
         assert torch.allclose(again(ids), ours(ids), atol=1e-6)
+    with pytest.raises(LMStackError, match="already has LoRA adapters"):
+        load_peft(again, tmp_path / "adapter")
 
 
 def test_adapter_for_another_base_names_the_shapes(tmp_path):

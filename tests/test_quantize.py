@@ -47,6 +47,18 @@ def test_quantized_linear_takes_inputs_that_are_not_contiguous(bits, group):
     assert torch.allclose(q(x), q(x.contiguous()), atol=1e-6)
 
 
+@pytest.mark.parametrize("in_features", [8, 24, 33, 40, 64])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_int8_bf16_any_input_width(in_features, rows):
+    """bf16 int8 layers of any width match their dequantized weights (PyTorch's CPU int8 kernel is wrong
+    or crashes below widths that are multiples of 16; those layers must not reach it)."""
+    torch.manual_seed(0)
+    q = QuantizedLinear.from_linear(nn.Linear(in_features, 16), 8, dtype=torch.bfloat16)
+    x = torch.randn(rows, in_features, dtype=torch.bfloat16)
+    expected = x.float() @ q.dequantized().float().t() + q.bias.float()
+    assert ((q(x).float() - expected).abs().max() / expected.abs().max()).item() < 0.02
+
+
 def test_int4_codes_are_exact_for_representable_weights():
     linear = nn.Linear(32, 2, bias=False)
     with torch.no_grad():  # 16 evenly spaced values per group: exactly the 16 levels of a 4-bit code
@@ -80,10 +92,19 @@ def test_bad_group_sizes_are_named(bits, group, match):
 
 def test_a_layer_that_cannot_be_quantized_leaves_the_model_as_it_was():
     model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", vocab_size=64, intermediate_size=160))
-    with pytest.raises(LMStackError, match="does not divide the layer's 160 inputs"):
+    with pytest.raises(LMStackError, match=r"does not divide the 160 inputs of layer layers.0.mlp.down; group "
+                                           r"sizes that fit every layer: \[32, 16, 8\]"):
         quantize_model(model, bits=4, group_size=64)  # mlp.down, after q, k, v, o, gate and up
     assert not any(isinstance(m, QuantizedLinear) for m in model.modules())
     assert not getattr(model, "quantization", None)
+
+
+def test_int4_default_group_is_the_largest_that_fits():
+    """128 where every layer's inputs allow it, else 64 or 32 (SmolLM2's 576-wide layers take 64)."""
+    for width, expected in ((128, 128), (576, 64), (96, 32)):
+        model = lmstack.DecoderLM(lmstack.ModelConfig.from_name(
+            "tiny-llama", vocab_size=64, n_embd=width, n_head=4, n_kv_head=2, intermediate_size=2 * width))
+        assert quantize_model(model, bits=4).quantization["group_size"] == expected
 
 
 def test_int4_needs_an_even_number_of_inputs():

@@ -87,7 +87,9 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.to(self.scale.dtype)
-        if self.bits == 8 and x.device.type == "cpu":
+        # PyTorch's CPU int8 kernel returns garbage or crashes in bf16 when the inputs are not a multiple of
+        # 16 (AVX-512 builds): such layers take the general form below.
+        if self.bits == 8 and x.device.type == "cpu" and self.in_features % 16 == 0:
             shape = x.shape
             # The kernel takes rows that are contiguous (a transposed or sliced input is not)
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).contiguous(), self.qweight, self.scale)
@@ -224,14 +226,23 @@ def quantize_model(model: nn.Module, bits: int | str = 8, group_size: int | None
     head stays in floating point when it is tied to the embedding."""
     if bits not in (8, 4, "nf4"):
         raise LMStackError(f"bits={bits!r}: lmstack quantizes to 8, 4 or 'nf4'")
-    if group_size is None:
+    tied = getattr(getattr(model, "config", None), "tie_embeddings", False)
+    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)
+               and name not in skip and not (tied and name == "lm_head")]
+    widths = {m.in_features for _, m in targets}
+    if group_size is None and bits == 4:  # the largest usual group that every layer's inputs divide into
+        group_size = next((g for g in (128, 64, 32) if all(w % g == 0 for w in widths)), 128)
+    elif group_size is None:
         group_size = 64 if bits == "nf4" else 128
     _check_group_size(group_size)
     if bits == "nf4":
         _nf4_check(group_size)
-    tied = getattr(getattr(model, "config", None), "tie_embeddings", False)
-    targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)
-               and name not in skip and not (tied and name == "lm_head")]
+    if bits == 4:
+        wrong = next(((n, m.in_features) for n, m in targets if m.in_features % group_size), None)
+        if wrong:
+            fits = [g for g in (256, 128, 64, 32, 16, 8) if all(w % g == 0 for w in widths)]
+            raise LMStackError(f"group_size {group_size} does not divide the {wrong[1]} inputs of layer {wrong[0]}"
+                               + (f"; group sizes that fit every layer: {fits}" if fits else ""))
     # Every layer quantized before any is swapped in: one that cannot be (its inputs not a multiple of the
     # group size) leaves the model as it was, not half quantized.
     quantized = [NF4Linear.from_linear(linear, group_size, dtype) if bits == "nf4"

@@ -37,6 +37,9 @@ PRE_TOKENIZER_SPLITS: dict[str, list[str]] = {
                     [r"\p{N}", _GPT2_SPLIT]),
     "falcon": [r"[\p{P}\$\+<=>\^~\|`]+", _GPT2_SPLIT, r"[0-9][0-9][0-9]"],
 }
+# llama.cpp's LLAMA3 pre-tokenizer type, which also ignores merges (whole-word vocabulary hits first) and
+# adds bos unless the file says otherwise
+LLAMA3_PRE_TOKENIZERS = ("llama-bpe", "llama3", "llama-v3", "falcon3")
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
 SUPPORTED_ARCHS = ("llama", "qwen2")
 
@@ -242,9 +245,10 @@ def load_gguf_model(
             array = array.copy()
         w = torch.from_numpy(array).reshape(
             [int(d) for d in reversed(t.shape)])
-        if permute and name.endswith("attn_q.weight"):
+        # llama.cpp's converter permutes the rows of q and k, weights and biases alike
+        if permute and name.endswith(("attn_q.weight", "attn_q.bias")):
             w = unpermute_rope_rows(w, config.n_head)
-        elif permute and name.endswith("attn_k.weight"):
+        elif permute and name.endswith(("attn_k.weight", "attn_k.bias")):
             w = unpermute_rope_rows(w, config.n_kv_head)
         return w
 
@@ -282,7 +286,9 @@ def load_gguf_tokenizer(path: str | os.PathLike) -> Tokenizer:
         return tokens[i] if i is not None and 0 <= i < len(tokens) else None
 
     bos = token("bos_token_id")
-    if meta.get("tokenizer.ggml.add_bos_token", kind == "llama") and bos is not None:
+    # Without the key, llama.cpp adds bos for SentencePiece vocabularies and Llama 3-style BPE ones
+    default_bos = kind == "llama" or meta.get("tokenizer.ggml.pre") in LLAMA3_PRE_TOKENIZERS
+    if meta.get("tokenizer.ggml.add_bos_token", default_bos) and bos is not None:
         backend.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokens.index(bos))])
     return Tokenizer(
@@ -299,7 +305,7 @@ def _byte_level_backend(meta: dict[str, Any], tokens: list[str], where: str) -> 
                            f"{sorted(PRE_TOKENIZER_SPLITS)}")
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
     backend = Backend(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges,
-                                 ignore_merges=pre in ("llama-bpe", "llama3", "llama-v3")))
+                                 ignore_merges=pre in LLAMA3_PRE_TOKENIZERS))
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_TOKENIZER_SPLITS[pre]]
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
@@ -342,6 +348,12 @@ def _sentencepiece_backend(meta: dict[str, Any], tokens: list[str], types: list[
 GGUF_TYPES = ("f32", "f16", "q8_0")
 
 
+def _canonical_split(regex: str) -> str:
+    """Hugging Face files (Llama 3, Qwen2) spell the contractions case-insensitively, llama.cpp's tables with
+    explicit classes: the same rule."""
+    return regex.replace("(?i:'s|'t|'re|'ve|'m|'ll|'d)", "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])")
+
+
 def _pre_tokenizer_name(backend: Backend) -> str:
     """The llama.cpp pre-tokenizer name whose split rules equal this byte-level tokenizer's."""
     import json
@@ -350,12 +362,16 @@ def _pre_tokenizer_name(backend: Backend) -> str:
 
     pre = json.loads(backend.to_str()).get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    if [s.get("type") for s in steps] == ["ByteLevel"] and steps[0].get("use_regex", True):
+    kinds = [s.get("type") for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
         return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm"  # SmolLM2's and StarCoder's spelling: single digits, then GPT-2's split
     if not steps or steps[-1].get("type") != "ByteLevel" or steps[-1].get("use_regex"):
         raise LMStackError("GGUF export needs a byte-level tokenizer whose split rules llama.cpp knows")
-    splits = [s.get("pattern", {}).get("Regex") for s in steps[:-1] if s.get("type") == "Split"]
-    if splits == [GPT4_SPLIT]:
+    splits = [_canonical_split(s.get("pattern", {}).get("Regex") or "") for s in steps[:-1]
+              if s.get("type") == "Split"]
+    if splits == [_canonical_split(GPT4_SPLIT)]:
         return "llama-bpe"
     for name, regexes in PRE_TOKENIZER_SPLITS.items():
         if splits == regexes:
@@ -458,8 +474,8 @@ def save_gguf(model: Any, tokenizer: Tokenizer, path: str | os.PathLike, tensor_
     state = model.state_dict()
     for rule in _gguf_rules(config):
         w = state[rule.ours[0]].detach().float().cpu()
-        if arch == "llama" and rule.hf.endswith(("attn_q.weight", "attn_k.weight")):
-            w = permute_rope_rows(w, config.n_head if rule.hf.endswith("attn_q.weight") else config.n_kv_head)
+        if arch == "llama" and rule.hf.endswith(("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")):
+            w = permute_rope_rows(w, config.n_head if ".attn_q." in rule.hf else config.n_kv_head)
         array = w.numpy()
         if array.ndim == 1 or tensor_type == "f32":
             writer.add_tensor(rule.hf, array)

@@ -110,6 +110,12 @@ def _wrappable(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, NF4Linear)) and _leaf(n) in HF_NAMES]
 
 
+def _refuse_second_adapter(model: nn.Module) -> None:
+    if any(True for _ in lora_layers(model)):
+        raise LMStackError("the model already has LoRA adapters: merge_and_unload it (or start from the base "
+                           "model) before applying another")
+
+
 def _wrap(model: nn.Module, layers: dict[str, tuple[int, float]], dropout: float, use_rslora: bool) -> None:
     """Freeze `model` and wrap each named layer with its own (r, alpha)."""
     for name, (r, _) in layers.items():  # checked first, so bad input leaves the model as it was
@@ -129,6 +135,7 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float =
     everything else. Targets may be nn.Linear or NF4Linear (see `prepare_qlora`). `use_rslora` scales the
     update by alpha / sqrt(r) (rank-stabilised LoRA) instead of alpha / r. Returns the model, changed in place."""
     targets = _check_targets(targets)
+    _refuse_second_adapter(model)
     chosen = [n for n in _wrappable(model) if _leaf(n) in targets]
     if not chosen:
         raise LMStackError(f"no linear layer named {list(targets)} in the model")
@@ -151,6 +158,7 @@ def prepare_qlora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: floa
     targets = _check_targets(targets)
     if r < 1:  # checked before quantizing, so bad input leaves the model as it was
         raise LMStackError(f"LoRA rank r={r}: must be >= 1")
+    _refuse_second_adapter(model)
     quantize_model(model, "nf4", group_size=block_size, dtype=dtype, skip=tuple(skip))
     return apply_lora(model, r, alpha, dropout, targets, use_rslora)
 
@@ -160,8 +168,11 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
 
 
 def set_adapters_enabled(model: nn.Module, enabled: bool) -> None:
-    """Switch the adapters off to get the base model back (e.g. as DPO's reference) without a copy."""
+    """Switch the adapters off to get the base model back (e.g. as DPO's reference) without a copy. A merged
+    adapter is unmerged first (as PEFT's disable_adapter does): its update lives in the base weight."""
     for _, m in lora_layers(model):
+        if not enabled:
+            m.unmerge()
         m.enabled = enabled
 
 
@@ -323,6 +334,7 @@ def _peft_layers(model: nn.Module, cfg: dict[str, Any], where: Path) -> dict[str
     targets = cfg.get("target_modules")
     if not targets:
         raise LMStackError(f"{where}: no target_modules")
+    _refuse_second_adapter(model)
     if isinstance(targets, str) and targets.lower() == "all-linear":
         targets = list(HF_NAMES.values())  # every linear layer but the output head, as PEFT expands it
     modules = {_hf_module(name): name for name in _wrappable(model)}
