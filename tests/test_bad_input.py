@@ -260,7 +260,19 @@ def test_record_files_are_known_by_suffix_in_any_case_and_compressed_ones_refuse
     (tmp_path / "d.jsonl.gz").write_bytes(gzip.compress(records.encode()))
     err = one_error_line(capsys, "data", "prepare", "--input", str(tmp_path / "d.jsonl.gz"), "--tokenizer", "char",
                          "--output", str(tmp_path / "out2"))
-    assert "d.jsonl.gz: a compressed file (.gz); decompress it first" in err
+    assert "d.jsonl.gz: a compressed file or archive (.gz); decompress it first" in err
+    import bz2
+
+    for name, data in (("d.tgz", gzip.compress(records.encode())), ("d.txt", gzip.compress(records.encode())),
+                       ("corpus", bz2.compress(records.encode()))):
+        (tmp_path / name).write_bytes(data)  # by suffix, or by the first bytes whatever the name
+        err = one_error_line(capsys, "data", "prepare", "--input", str(tmp_path / name), "--tokenizer", "char",
+                             "--output", str(tmp_path / "out2"))
+        assert f"{name}: a compressed file or archive" in err
+    (tmp_path / "d.ndjson").write_text(records)  # newline-delimited JSON: records too
+    assert main(["data", "prepare", "--input", str(tmp_path / "d.ndjson"), "--tokenizer", "char", "--output",
+                 str(tmp_path / "out3"), "--val-fraction", "0"]) == 0
+    assert TokenShards(tmp_path / "out3").meta["documents"] == 2
 
 
 def test_a_model_that_cannot_hold_the_run_is_named(model_dir, tmp_path, capsys):

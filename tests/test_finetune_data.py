@@ -64,6 +64,9 @@ def test_instruction_and_prompt_completion_forms(tok):
     assert trained_text(tok, ids, trained) == "four<|im_end|>"
     ids, _ = render_record({"instruction": "Greet.", "output": "Hello"}, tok)
     assert "### Input" not in tok.decode(ids)
+    assert render_record({"instruction": "Greet.", "input": None, "output": "Hello"}, tok)[0] == ids  # null: none
+    with pytest.raises(LMStackError, match="field 'output' is null"):
+        render_record({"instruction": "Greet.", "output": None}, tok, "f.jsonl:3")
     ids, trained = render_record({"prompt": "Two plus two is", "completion": " four"}, tok)
     assert trained_text(tok, ids, trained) == " four<|im_end|>"
     assert tok.decode([i for i, t in zip(ids, trained) if not t]) == "Two plus two is"

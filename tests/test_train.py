@@ -152,6 +152,62 @@ def test_jsonl_documents_eos_and_bad_records(tmp_path):
     assert meta["train_tokens"] == len(ids)
 
 
+def test_special_token_strings_in_the_text_are_text(tmp_path, capsys):
+    """A literal "<|endoftext|>" in a document is its characters, not a document break (counted and noted);
+    --parse-special-tokens reads it as the token, for text rendered with a chat template."""
+    from lmstack.cli import main
+
+    tok = Tokenizer.train(["say hello now, good day"] * 20, vocab_size=300)
+    tok.save(tmp_path / "tok")
+    src = tmp_path / "a.jsonl"
+    src.write_text('{"text": "say <|endoftext|> now"}\n')
+    eos = tok.eos_token_id
+    for workers in (1, 2):
+        meta = prepare_shards([src], tok, tmp_path / "s", val_fraction=0.0, progress=False, workers=workers)
+        ids = TokenShards(tmp_path / "s")["train"].tolist()
+        assert ids.count(eos) == 1 and ids[-1] == eos and meta["special_token_strings"] == 1
+        assert tok.decode(ids[:-1]) == "say <|endoftext|> now"
+    assert main(["data", "prepare", "--input", str(src), "--tokenizer", str(tmp_path / "tok"), "--output",
+                 str(tmp_path / "p"), "--val-fraction", "0", "--parse-special-tokens"]) == 0
+    assert TokenShards(tmp_path / "p")["train"].tolist().count(eos) == 2
+    assert main(["data", "prepare", "--input", str(src), "--tokenizer", str(tmp_path / "tok"), "--output",
+                 str(tmp_path / "q"), "--val-fraction", "0"]) == 0
+    assert "1 special-token strings (such as <|endoftext|>), tokenized as text" in capsys.readouterr().err
+
+
+def test_text_without_boundaries_is_cut_to_bounded_blocks(tmp_path, monkeypatch):
+    """A file with no space or newline (a genome) streams in blocks of bounded size, each cut counted, and
+    the blocks put together are the file."""
+    monkeypatch.setattr(shards_mod, "BLOCK_CHARS", 64)
+    monkeypatch.setattr(shards_mod, "MAX_BLOCK_CHARS", 256)
+    text = "ACGT" * 1000
+    (tmp_path / "g.txt").write_text(text)
+    stats = shards_mod.ReadStats()
+    blocks = list(shards_mod._text_blocks(tmp_path / "g.txt", stats))
+    assert "".join(blocks) == text
+    assert max(map(len, blocks)) <= 256 + 64 and stats.forced_cuts == len(blocks) - 1 > 10
+    tok = Tokenizer.train_chars(["ACGT"])
+    meta = prepare_shards([tmp_path / "g.txt"], tok, tmp_path / "s", val_fraction=0.0, progress=False, workers=1)
+    assert tok.decode(TokenShards(tmp_path / "s")["train"].tolist()) == text and meta["forced_cuts"] > 10
+
+
+def test_records_of_empty_text_are_an_empty_corpus(tmp_path):
+    (tmp_path / "e.jsonl").write_text('{"text": ""}\n{"text": ""}\n')
+    tok = Tokenizer.train(["hello world"] * 10, vocab_size=270)
+    with pytest.raises(LMStackError, match="the corpus is empty"):
+        prepare_shards([tmp_path / "e.jsonl"], tok, tmp_path / "s", progress=False, workers=1)
+
+
+@pytest.mark.parametrize("fraction,total,train", [(0.3, 90, 63), (0.07, 100, 93), (0.1, 90, 81)])
+def test_tail_split_is_exact(tmp_path, fraction, total, train):
+    """floor(total * (1 - val_fraction)) in exact arithmetic: 1 - 0.3 is 0.6999... in floating point, which
+    would give 62 of 90."""
+    (tmp_path / "t.txt").write_text("a" * total)
+    meta = prepare_shards([tmp_path / "t.txt"], Tokenizer.train_chars(["a"]), tmp_path / "s",
+                          val_fraction=fraction, progress=False, workers=1)
+    assert (meta["train_tokens"], meta["val_tokens"]) == (train, total - train)
+
+
 def test_not_utf8_is_replaced_and_counted(tmp_path):
     tok = Tokenizer.train(["abc"] * 10, vocab_size=260)
     src = tmp_path / "latin1.txt"
@@ -166,6 +222,26 @@ def test_empty_corpus(tmp_path):
     tok = Tokenizer.train_chars(["ab"])
     with pytest.raises(LMStackError, match="the corpus is empty"):
         prepare_shards([src], tok, tmp_path / "s", progress=False, workers=1)
+
+
+def test_a_damaged_parquet_file_is_named_wherever_it_breaks(tmp_path):
+    """One byte changed anywhere in a Parquet file: its texts, or an error naming the file, never a traceback
+    from pyarrow."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lmstack.data.readers import iter_texts
+
+    pq.write_table(pa.table({"text": [f"document {i} " * 20 for i in range(30)]}), tmp_path / "good.parquet")
+    data = (tmp_path / "good.parquet").read_bytes()
+    for offset in range(0, len(data), max(1, len(data) // 150)):
+        damaged = bytearray(data)
+        damaged[offset] ^= 0xFF
+        (tmp_path / "bad.parquet").write_bytes(bytes(damaged))
+        try:
+            list(iter_texts([tmp_path / "bad.parquet"]))
+        except LMStackError as e:
+            assert "bad.parquet" in str(e)
 
 
 def test_parquet_and_hash_split(tmp_path):

@@ -203,7 +203,7 @@ def _note_not_utf8(files: list[str], replaced: int) -> None:
 def _data_prepare(args: argparse.Namespace) -> None:
     from lmstack.checkpoints import load_tokenizer
     from lmstack.data.readers import SKIP_HINT, iter_texts
-    from lmstack.data.shards import prepare_shards
+    from lmstack.data.shards import MAX_BLOCK_CHARS, prepare_shards
     from lmstack.tokenizer import Tokenizer
 
     if args.workers is not None:
@@ -215,13 +215,25 @@ def _data_prepare(args: argparse.Namespace) -> None:
         tokenizer = load_tokenizer(args.tokenizer)
     meta = prepare_shards(args.input, tokenizer, args.output, text_field=args.text_field,
                           val_fraction=args.val_fraction, split=args.split, workers=args.workers,
-                          on_bad_record=args.on_bad_record, progress=sys.stderr.isatty())
+                          on_bad_record=args.on_bad_record, progress=sys.stderr.isatty(),
+                          parse_special_tokens=args.parse_special_tokens)
     print(f"wrote {args.output}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} validation tokens "
           f"({meta['dtype']}) from {meta['documents']:,} documents")
     _note_not_utf8(meta["files_not_utf8"], meta["replacement_chars"])
     if meta["skipped_records"]:
         print(f"note: skipped {meta['skipped_records']:,} bad records, e.g. {meta['skipped_examples'][0]}",
               file=sys.stderr)
+    if meta["special_token_strings"]:
+        print(f"note: the text holds {meta['special_token_strings']:,} special-token strings (such as "
+              "<|endoftext|>), tokenized as text; --parse-special-tokens reads them as the tokens", file=sys.stderr)
+    if meta["forced_cuts"]:
+        print(f"note: {meta['forced_cuts']:,} stretches of over {MAX_BLOCK_CHARS:,} characters without a space "
+              "or newline were cut where they were; tokens there may differ from one whole encoding",
+              file=sys.stderr)
+    empty = [name for name in ("train", "val") if not meta[f"{name}_tokens"]]
+    if empty and meta["val_fraction"] > 0:
+        print(f"note: the {empty[0]} split is empty (--split {meta['split']} with {meta['documents']:,} "
+              "documents); use more documents or --split tail", file=sys.stderr)
     if meta["eos_token_id"] is None and meta["documents"] > 1:
         print(f"note: the tokenizer has no eos token, so the {meta['documents']:,} documents follow each other "
               "without a separator", file=sys.stderr)
@@ -726,6 +738,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="tail: last tokens are validation; hash: whole documents by hash")
     prep.add_argument("--workers", type=int, default=None)
     prep.add_argument("--on-bad-record", default="fail", choices=["fail", "skip"])
+    prep.add_argument("--parse-special-tokens", action="store_true",
+                      help="read special-token strings in the text (<|endoftext|>) as the tokens, not as text")
     prep.set_defaults(func=_data_prepare)
 
     pre = verbs.add_parser("pretrain", help="train a model on token shards (any setting as --key value)")

@@ -172,9 +172,11 @@ def prompt_completion_ids(tokenizer: Tokenizer, prompt: str | list[dict[str, Any
 
 
 def _text(record: dict[str, Any], key: str, where: str, default: str | None = None) -> str:
-    value = record.get(key, default)
+    value = record.get(key)
+    if value is None and default is not None:  # an optional field left out or null: empty
+        return default
     if value is None:
-        raise LMStackError(f"{where}: missing field {key!r}")
+        raise LMStackError(f"{where}: field {key!r} is null" if key in record else f"{where}: missing field {key!r}")
     if not isinstance(value, str):
         raise LMStackError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
     return value

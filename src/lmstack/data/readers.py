@@ -14,19 +14,30 @@ from typing import Any
 
 from lmstack.errors import LMStackError
 
-JSONL_SUFFIXES = (".jsonl", ".json")
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 RECORD_SUFFIXES = (*JSONL_SUFFIXES, ".parquet")  # files of records whose `text_field` is the text
 
-_COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".zip", ".7z", ".tar")
+_COMPRESSED_SUFFIXES = (".gz", ".tgz", ".bz2", ".tbz2", ".xz", ".txz", ".lzma", ".zst", ".lz4", ".br", ".zip",
+                        ".7z", ".tar", ".rar")
+# What compressed files and archives start with, whatever their name: gzip, xz, zstd, lz4, zip, 7z, rar (and
+# bzip2: "BZh", its level, then a block's magic number)
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd", b"\x04\x22\x4d\x18",
+                     b"PK\x03\x04", b"7z\xbc\xaf\x27\x1c", b"Rar!\x1a\x07")
 
 
 def is_record_file(path: Path) -> bool:
     """Whether `path` holds records (JSONL or Parquet, by its suffix in any case) rather than plain text. A
-    compressed file is refused: read as text, its bytes would be tokenized."""
+    compressed file (by its suffix or its first bytes) is refused: read as text, its bytes would be tokenized."""
     suffix = path.suffix.lower()
-    if suffix in _COMPRESSED_SUFFIXES:
-        raise LMStackError(f"{path}: a compressed file ({suffix}); decompress it first (lmstack reads text, "
-                           "JSONL and Parquet files)")
+    compressed = suffix in _COMPRESSED_SUFFIXES
+    if not compressed and suffix != ".parquet" and path.is_file():
+        with open(path, "rb") as f:
+            head = f.read(10)
+        compressed = head.startswith(_COMPRESSED_MAGIC) or (head[:3] == b"BZh" and head[4:] == b"1AY&SY")
+    if compressed:
+        how = suffix if suffix in _COMPRESSED_SUFFIXES else "by its first bytes"
+        raise LMStackError(f"{path}: a compressed file or archive ({how}); decompress it first (lmstack reads "
+                           "text, JSONL and Parquet files)")
     return suffix in RECORD_SUFFIXES
 
 
@@ -56,6 +67,7 @@ class ReadStats:
     replaced_bytes_files: list[str] = field(default_factory=list)  # files that were not valid UTF-8
     replacement_chars: int = 0
     skipped_records: list[str] = field(default_factory=list)  # "file:line: why"
+    forced_cuts: int = 0  # places a text without a boundary in MAX_BLOCK_CHARS was cut (data.shards)
 
     def count_replaced(self, path: str | os.PathLike, n: int) -> None:
         if n > 0:
@@ -174,9 +186,11 @@ def _parquet_texts(path: Path, text_field: str) -> Iterator[str]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    # A damaged file can fail anywhere, from opening it to its last page, and not only as Arrow errors.
+    damaged = (pa.ArrowException, OSError, ValueError, UnicodeDecodeError)
     try:
         table = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as e:
+    except damaged as e:
         raise LMStackError(f"{path}: not a readable Parquet file ({e})") from None
     schema = table.schema_arrow
     if text_field not in schema.names:
@@ -188,12 +202,18 @@ def _parquet_texts(path: Path, text_field: str) -> Iterator[str]:
         # checked here: the tokenizer would fail on the first value, with a traceback from a worker process
         raise LMStackError(f"{path}: Parquet column {text_field!r} holds {kind}, not text "
                            "(name the text column with --text-field)")
-    for batch in table.iter_batches(columns=[text_field], batch_size=1024):
+    batches = table.iter_batches(columns=[text_field], batch_size=1024)
+    while True:
         try:
+            batch = next(batches, None)
+            if batch is None:
+                break
             values = batch.column(0).to_pylist()
         except UnicodeDecodeError as e:  # Arrow does not check that a string column holds UTF-8
             raise LMStackError(f"{path}: Parquet column {text_field!r} holds bytes that are not UTF-8 ({e.reason} "
                                f"at byte {e.start}); re-encode the file") from None
+        except damaged as e:
+            raise LMStackError(f"{path}: not a readable Parquet file ({e})") from None
         for value in values:
             if value is not None:  # a null is no document
                 yield value

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -31,6 +32,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import ExitStack
+from fractions import Fraction
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,9 @@ from lmstack.errors import LMStackError
 from lmstack.tokenizer import Tokenizer
 
 BLOCK_CHARS = 1 << 20  # text files are read and tokenized in blocks of about this many characters
+# Text with no boundary (below) in this many characters (a genome, minified JSON, base64) is cut where it is, so
+# that memory and time stay linear; the tokens at such a cut may differ from the whole-file encoding's.
+MAX_BLOCK_CHARS = 8 * BLOCK_CHARS
 SHARD_FILES = {"meta.json", "train.bin", "val.bin", "tokenizer"}  # what a shard directory holds
 _HOST = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())  # in temporary names: whose build it is
 
@@ -70,6 +75,10 @@ def _text_blocks(path: Path, stats: ReadStats, spaces_only: bool = False) -> Ite
         pieces = list(_cut(carry + chunk, len(carry) - 1 if len(carry) > BLOCK_CHARS else 0, spaces_only))
         carry = pieces.pop() if pieces else ""
         yield from pieces
+        if len(carry) > MAX_BLOCK_CHARS:
+            stats.forced_cuts += 1
+            yield carry
+            carry = ""
     if carry:
         yield carry
 
@@ -123,9 +132,11 @@ def iter_documents(
                 yield previous, True
 
 
-# Worker processes hold one tokenizer each, loaded once, and its variant for blocks that continue a document.
+# Worker processes hold one tokenizer each, loaded once, and its variant for blocks that continue a document,
+# and (when special tokens are read as text) a pattern that finds their strings, to count them.
 _WORKER_TOKENIZER: Tokenizer | None = None
 _WORKER_CONTINUATION: Tokenizer | None = None
+_WORKER_SPECIAL: re.Pattern | None = None
 
 
 def _can_spawn() -> bool:
@@ -135,13 +146,23 @@ def _can_spawn() -> bool:
     return main_file is None or Path(main_file).is_file()
 
 
-def _init_worker(tokenizer_json: str) -> None:
-    global _WORKER_TOKENIZER, _WORKER_CONTINUATION
+def _init_worker(tokenizer_json: str, parse_special_tokens: bool = False) -> None:
+    global _WORKER_TOKENIZER, _WORKER_CONTINUATION, _WORKER_SPECIAL
     from tokenizers import Tokenizer as Backend
 
     _WORKER_TOKENIZER = Tokenizer(Backend.from_str(tokenizer_json))
     continuation = continuation_tokenizer_json(tokenizer_json)
     _WORKER_CONTINUATION = Tokenizer(Backend.from_str(continuation)) if continuation else None
+    _WORKER_SPECIAL = None
+    if not parse_special_tokens:
+        # A corpus that happens to hold "<|endoftext|>" gets its characters, not a document break (nanoGPT's
+        # encode_ordinary)
+        for tok in (_WORKER_TOKENIZER, _WORKER_CONTINUATION):
+            if tok is not None:
+                tok.backend.encode_special_tokens = True
+        specials = sorted((t.content for t in _WORKER_TOKENIZER.backend.get_added_tokens_decoder().values()
+                           if t.special and t.content), key=len, reverse=True)
+        _WORKER_SPECIAL = re.compile("|".join(map(re.escape, specials))) if specials else None
 
 
 def continuation_tokenizer_json(tokenizer_json: str) -> str | None:
@@ -176,10 +197,12 @@ def continuation_tokenizer_json(tokenizer_json: str) -> str | None:
     return json.dumps(spec) if changed else None
 
 
-def _encode_batch(job: tuple[list[str], list[bool], list[bool], str, float]) -> list[tuple[np.ndarray, bool, str]]:
+def _encode_batch(job: tuple[list[str], list[bool], list[bool], str, float]
+                  ) -> tuple[list[tuple[np.ndarray, bool, str]], int]:
     """Token ids, end-of-document flag and destination split of each text block of a batch (`job`: the
     blocks, whether each starts a document, whether it ends one, the split and val_fraction; with
-    split="hash", the split of a document's first block holds for the whole document)."""
+    split="hash", the split of a document's first block holds for the whole document), and how many special
+    token strings the blocks hold that were read as text."""
     texts, starts, ends, split, val_fraction = job
     assert _WORKER_TOKENIZER is not None
     ids: list = _WORKER_TOKENIZER.encode_batch(texts, add_special_tokens=False)
@@ -190,7 +213,8 @@ def _encode_batch(job: tuple[list[str], list[bool], list[bool], str, float]) -> 
             ids[i] = encoded
     ids = [np.asarray(x, dtype=np.uint32) for x in ids]
     where = [_hash_split(t, val_fraction) if split == "hash" else "all" for t in texts]
-    return list(zip(ids, ends, where))  # arrays: far smaller than lists of Python ints, to hold and to send
+    specials = sum(len(_WORKER_SPECIAL.findall(t)) for t in texts) if _WORKER_SPECIAL is not None else 0
+    return list(zip(ids, ends, where)), specials  # arrays: far smaller than lists of ints, to hold and to send
 
 
 def _jobs(docs: Iterator[tuple[str, bool]], split: str, val_fraction: float, max_items: int = 1024,
@@ -239,8 +263,13 @@ def prepare_shards(
     workers: int | None = None,
     on_bad_record: str = "fail",
     progress: bool = True,
+    parse_special_tokens: bool = False,
 ) -> dict[str, Any]:
-    """Tokenize `files` into `out_dir` (see the module docstring); returns the metadata written."""
+    """Tokenize `files` into `out_dir` (see the module docstring); returns the metadata written.
+
+    Special-token strings in the text (a literal "<|endoftext|>") are tokenized as the characters they are,
+    counted in meta.json's `special_token_strings`; `parse_special_tokens` reads them as the special tokens
+    (for text already rendered with a chat template)."""
     if not files:
         raise LMStackError("no input files given")
     if split not in ("tail", "hash"):
@@ -264,7 +293,8 @@ def prepare_shards(
     try:
         meta = _write_shards(files, tokenizer, tmp, text_field=text_field, val_fraction=val_fraction, split=split,
                              workers=workers or max(1, min(8, (os.cpu_count() or 1))),
-                             on_bad_record=on_bad_record, progress=progress)
+                             on_bad_record=on_bad_record, progress=progress,
+                             parse_special_tokens=parse_special_tokens)
         _swap_in(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # whatever failed, no partial shards are left behind
@@ -273,7 +303,7 @@ def prepare_shards(
 
 def _write_shards(
     files: Sequence[str | os.PathLike], tokenizer: Tokenizer, tmp: Path, *, text_field: str, val_fraction: float,
-    split: str, workers: int, on_bad_record: str, progress: bool,
+    split: str, workers: int, on_bad_record: str, progress: bool, parse_special_tokens: bool = False,
 ) -> dict[str, Any]:
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
     eos = tokenizer.eos_token_id
@@ -292,17 +322,19 @@ def _write_shards(
         if workers > 1 and _can_spawn():
             # not multiprocessing.Pool: that waits forever for a worker that died, this raises BrokenProcessPool
             pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker,
-                                       initargs=(tokenizer.backend.to_str(),))
+                                       initargs=(tokenizer.backend.to_str(), parse_special_tokens))
             stack.callback(pool.shutdown, cancel_futures=True)
             encoded = _ordered_map(pool, _encode_batch, jobs, in_flight=2 * workers)
         else:  # one worker: this process (the tokenizer's encode_batch is multi-threaded anyway)
-            _init_worker(tokenizer.backend.to_str())
+            _init_worker(tokenizer.backend.to_str(), parse_special_tokens)
             encoded = map(_encode_batch, jobs)
         # Both keep the corpus order, so the shards are the same whatever the number of workers.
-        starts_document = True
+        starts_document, content, special_strings = True, 0, 0
         try:
-            for results in encoded:
+            for results, specials in encoded:
+                special_strings += specials
                 for ids, end, target in results:
+                    content += len(ids)
                     if starts_document:
                         document_target = target  # all blocks of a document go where its first one goes
                     starts_document = end
@@ -318,10 +350,11 @@ def _write_shards(
                 "started it): guard the script's entry point with `if __name__ == \"__main__\":`, or use "
                 "workers=1") from None
     total = counts["train"] + counts["val"]
-    if total == 0:
+    if content == 0:  # eos tokens alone (records of empty text) are no corpus either
         raise LMStackError(f"the corpus is empty: no text in {[str(f) for f in files]}")
     if split == "tail":
-        n_train = int(total * (1 - val_fraction))  # nanoGPT's data[:int(n * 0.9)]
+        # nanoGPT's data[:int(n * 0.9)], in exact arithmetic: 1 - 0.3 is 0.6999... in floating point
+        n_train = math.floor(total * (1 - Fraction(str(val_fraction))))
         counts = {"train": n_train, "val": total - n_train}
         _split_tail(tmp / "all.bin", tmp / "train.bin", tmp / "val.bin", counts["train"], np.dtype(dtype).itemsize)
     tokenizer.save(tmp / "tokenizer")
@@ -340,6 +373,8 @@ def _write_shards(
         "replacement_chars": stats.replacement_chars,
         "skipped_records": len(stats.skipped_records),
         "skipped_examples": stats.skipped_records[:10],
+        "special_token_strings": special_strings,
+        "forced_cuts": stats.forced_cuts,
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return meta
