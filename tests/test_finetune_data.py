@@ -54,6 +54,13 @@ def test_chat_without_generation_blocks_finds_turns_by_prefix(tok):
                 {"role": "user", "content": "Two?"}, {"role": "assistant", "content": "It is four."}]
     ids, trained = render_record({"messages": messages}, tok, chat_template=template)
     assert trained_text(tok, ids, trained) == "Hello there!<|im_end|>It is four.<|im_end|>"
+    # A conversation that opens with the answer, under a template that puts a default system prompt first
+    # (SmolLM2's): the answer is trained, not the system prompt before it.
+    system = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nBe brief.<|im_end|>\n{% endif %}"
+              + template)
+    opening = [{"role": "assistant", "content": "Hello there!"}, *messages[2:]]
+    ids, trained = render_record({"messages": opening}, tok, chat_template=system)
+    assert trained_text(tok, ids, trained) == "Hello there!<|im_end|>It is four.<|im_end|>"
 
 
 def test_instruction_and_prompt_completion_forms(tok):

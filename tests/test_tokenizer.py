@@ -135,6 +135,49 @@ def test_continue_final_message_matches_transformers(tok, tmp_path):
         tok.apply_chat_template(MESSAGES, continue_final_message=True, add_generation_prompt=True)
 
 
+def test_messages_are_normalised_as_transformers_does(tok, tmp_path):
+    """None-valued keys left out (OpenAI's content=None beside tool_calls), reasoning under any of its names
+    seen under each, Python functions as tools converted to JSON schemas; a template's own failure is an
+    LMStackError."""
+    tok.save(tmp_path)
+    hf = PreTrainedTokenizerFast.from_pretrained(tmp_path)
+
+    def get_weather(city: str) -> str:
+        """Today's weather.
+
+        Args:
+            city: where
+        """
+        return "sunny"
+
+    template = ("{% for t in tools or [] %}{{ t | tojson }}\n{% endfor %}{% for m in messages %}{{ m.role }}: "
+                "{{ m.content }}{% if m.reasoning_content %}<think>{{ m.reasoning_content }}</think>{% endif %}"
+                "{% if 'tool_calls' in m %}[{{ m.tool_calls | length }} calls]{% endif %}\n{% endfor %}")
+    messages = [{"role": "user", "content": "weather?", "tool_calls": None},
+                {"role": "assistant", "content": None, "reasoning": "look it up",
+                 "tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}]
+    ours = tok.apply_chat_template(messages, tokenize=False, chat_template=template, tools=[get_weather])
+    assert ours == hf.apply_chat_template(messages, tokenize=False, chat_template=template, tools=[get_weather])
+    assert '"name": "get_weather"' in ours and "None" not in ours and "<think>look it up</think>" in ours
+    with pytest.raises(LMStackError, match="chat template failed to render: TypeError"):
+        tok.apply_chat_template(messages, chat_template="{{ messages[0].content + 1 }}")
+
+
+def test_config_keys_lmstack_does_not_read_survive_a_save(tok, tmp_path):
+    """padding_side, sep / mask tokens and named extras come back as they were, in transformers too, and the
+    named tokens reach templates (as transformers passes its special tokens map)."""
+    tok.save(tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "tokenizer_config.json").read_text())
+    config.update(padding_side="left", sep_token="<|endoftext|>", extra_special_tokens={"image_token": "<|im_start|>"})
+    (tmp_path / "a" / "tokenizer_config.json").write_text(json.dumps(config))
+    loaded = Tokenizer.load(tmp_path / "a")
+    assert loaded.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
+                                      chat_template="{{ image_token }}|{{ sep_token }}") == "<|im_start|>|<|endoftext|>"
+    loaded.save(tmp_path / "b")
+    hf = PreTrainedTokenizerFast.from_pretrained(tmp_path / "b")
+    assert (hf.padding_side, hf.sep_token, hf.image_token) == ("left", "<|endoftext|>", "<|im_start|>")
+
+
 def test_tokens_that_tokenizer_config_calls_special_are_special(tmp_path):
     """An added token not flagged special in tokenizer.json but named eos in tokenizer_config.json is special to
     transformers, skipped by decode(skip_special_tokens=True); an additional special token counts among the

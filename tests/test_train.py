@@ -260,6 +260,13 @@ def test_parquet_and_hash_split(tmp_path):
     assert again["val_tokens"] == meta["val_tokens"]  # deterministic, whatever the number of workers
     with pytest.raises(LMStackError, match="no column 'text'"):
         prepare_shards([tmp_path / "d.parquet"], tok, tmp_path / "s3", progress=False, workers=1)
+    # a null is a bad record, as a JSONL null is: named by its row, or skipped and counted
+    pq.write_table(pa.table({"text": ["one document", None, "another"]}), tmp_path / "n.parquet")
+    with pytest.raises(LMStackError, match=r"n.parquet: row 2: field 'text' is null"):
+        prepare_shards([tmp_path / "n.parquet"], tok, tmp_path / "s4", progress=False, workers=1)
+    meta = prepare_shards([tmp_path / "n.parquet"], tok, tmp_path / "s4", progress=False, workers=1,
+                          on_bad_record="skip")
+    assert meta["documents"] == 2 and meta["skipped_records"] == 1
 
 
 def test_prepare_replaces_only_shard_directories(tmp_path):

@@ -124,6 +124,39 @@ def _token_text(value: Any) -> str | None:
     return value
 
 
+# tokenizer_config.json keys that `Tokenizer.load` reads (or rewrites on save); the others travel in config_extra.
+# extra_special_tokens travels too when it is transformers 5's dict of named extras (a list is read into
+# extra_special_tokens and written as additional_special_tokens).
+_CONFIG_KEYS_READ = {"tokenizer_class", "added_tokens_decoder", "bos_token", "eos_token", "pad_token", "unk_token",
+                     "clean_up_tokenization_spaces", "additional_special_tokens", "model_max_length", "chat_template",
+                     "auto_map"}
+
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # transformers' names for a model's reasoning
+
+
+def _alias_reasoning(message: dict[str, Any]) -> dict[str, Any]:
+    """`message` with its reasoning (under whichever name it came) also as `thinking` and `reasoning_content`,
+    the names templates read (gpt-oss's, Qwen3's), as transformers fills them."""
+    reasoning = next((message[k] for k in REASONING_FIELDS if message.get(k) is not None), None)
+    return message if reasoning is None else {"thinking": reasoning, **message, "reasoning_content": reasoning}
+
+
+def _tool_schema(tool: Any) -> Any:
+    """A tool as templates take it: a JSON schema as given, a Python function converted to one by transformers'
+    `get_json_schema` (from its type hints and docstring), as its `apply_chat_template` does."""
+    if not callable(tool):
+        return tool
+    try:
+        from transformers.utils import get_json_schema
+    except ImportError:
+        raise LMStackError(f"tool {getattr(tool, '__name__', tool)!r}: give tools as JSON schemas (converting a "
+                           "Python function needs transformers' get_json_schema)") from None
+    try:
+        return get_json_schema(tool)
+    except Exception as e:  # its TypeHintParsingException / DocstringParsingException say what is missing
+        raise LMStackError(f"tool {getattr(tool, '__name__', tool)!r}: {e}") from None
+
+
 class Tokenizer:
     """A byte-level BPE tokenizer with special tokens and an optional chat template."""
 
@@ -139,11 +172,13 @@ class Tokenizer:
         model_max_length: int | None = None,
         chat_templates: dict[str, str] | None = None,
         extra_special_tokens: Sequence[str] = (),
+        config_extra: dict[str, Any] | None = None,
     ) -> None:
         """`chat_template` is the default template; `chat_templates` holds named others (such as "tool_use",
         which `apply_chat_template` picks when tools are given, as transformers does). `extra_special_tokens`
         are special besides bos / eos / pad / unk (in `special_ids`; like transformers, `decode(skip_special_tokens=True)`
-        skips them only where tokenizer.json marks them special)."""
+        skips them only where tokenizer.json marks them special). `config_extra` holds the tokenizer_config.json
+        keys lmstack does not interpret (padding_side, sep_token, named extra tokens, ...), written back on save."""
         self.backend = backend
         self.bos_token, self.eos_token = bos_token, eos_token
         self.pad_token, self.unk_token = pad_token, unk_token
@@ -151,11 +186,14 @@ class Tokenizer:
         self.chat_templates = dict(chat_templates or {})
         self.extra_special_tokens = list(extra_special_tokens)
         self.model_max_length = model_max_length
+        self.config_extra = dict(config_extra or {})
         self._id_bound = (-1, 0)  # (token count, largest id + 1) for `vocab_size`
         for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
             token = getattr(self, name)
             if token is not None and backend.token_to_id(token) is None:
-                raise LMStackError(f"{name} {token!r} is not in the vocabulary")
+                raise LMStackError(f"{name} {token!r} is not in the vocabulary (transformers would append it as a "
+                                   "new token, past the model's embedding: add it to tokenizer.json's added_tokens "
+                                   "and resize the model, or name a token the vocabulary has)")
         for token in self.extra_special_tokens:
             if backend.token_to_id(token) is None:
                 raise LMStackError(f"special token {token!r} is not in the vocabulary")
@@ -285,6 +323,8 @@ class Tokenizer:
             chat_templates=templates,
             extra_special_tokens=[t for t in dict.fromkeys(extra) if backend.token_to_id(t) is not None],
             model_max_length=max_len if isinstance(max_len, int) and max_len < 10**12 else None,
+            config_extra={k: v for k, v in config.items() if k not in _CONFIG_KEYS_READ
+                          and not (k == "extra_special_tokens" and not isinstance(v, dict))},
         )
 
     @classmethod
@@ -316,6 +356,7 @@ class Tokenizer:
             for i, t in sorted(self.backend.get_added_tokens_decoder().items())
         }
         config: dict[str, Any] = {
+            **self.config_extra,
             "tokenizer_class": "PreTrainedTokenizerFast",
             "added_tokens_decoder": added,
             "bos_token": self.bos_token,
@@ -452,7 +493,10 @@ class Tokenizer:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or "role" not in m:
                 raise LMStackError(f"message {i} is not a dict with a 'role': {m!r}")
-        messages = [dict(m) for m in messages]
+        # As transformers: keys set to None (OpenAI's content=None beside tool_calls) are left out, which templates
+        # handle, and reasoning given under any of its names is there under each
+        messages = [_alias_reasoning({k: v for k, v in m.items() if v is not None}) for m in messages]
+        tools = [_tool_schema(t) for t in tools] if tools is not None else None
         final = None
         if continue_final_message:
             final = messages[-1].get("content") if messages else None
@@ -467,6 +511,8 @@ class Tokenizer:
         for name in ("bos_token", "eos_token", "pad_token", "unk_token"):  # as transformers: unset is undefined
             if getattr(self, name) is not None:
                 context.setdefault(name, getattr(self, name))
+        for name, token in self.named_tokens().items():  # sep / cls / mask and named extras (image_token)
+            context.setdefault(name, token)
         spans: list[tuple[int, int]] = []
         try:
             if return_assistant_spans:
@@ -479,6 +525,8 @@ class Tokenizer:
                 text = template.render(**context)
         except jinja2.exceptions.TemplateError as e:
             raise LMStackError(f"chat template failed to render: {e}") from None
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError) as e:  # the template's own code failed
+            raise LMStackError(f"chat template failed to render: {type(e).__name__}: {e}") from None
         if final is not None:  # cut right after the final message's text, as transformers does
             if _CONTINUE_TAG.strip() not in text or final.strip() not in text:
                 raise LMStackError("continue_final_message: the chat template does not show the last message's "
@@ -488,6 +536,15 @@ class Tokenizer:
             spans = [(a, min(b, len(text))) for a, b in spans if a < len(text)]
         out: Any = self.encode(text, add_special_tokens=False) if tokenize else text
         return (out, spans) if return_assistant_spans else out
+
+    def named_tokens(self) -> dict[str, str]:
+        """The special tokens tokenizer_config.json names besides bos / eos / pad / unk: sep_token, cls_token,
+        mask_token and transformers 5's named extras ({"image_token": "<image>"})."""
+        named = {k: _token_text(self.config_extra.get(k)) for k in ("sep_token", "cls_token", "mask_token")}
+        extras = self.config_extra.get("extra_special_tokens")
+        if isinstance(extras, dict):
+            named.update({k: _token_text(v) for k, v in extras.items()})
+        return {k: v for k, v in named.items() if isinstance(v, str)}
 
     def select_chat_template(self, chat_template: str | None = None, tools: Any = None) -> str:
         """The template to render, chosen as transformers chooses: `chat_template` by name or as a template,

@@ -104,14 +104,18 @@ def chat_segments(tokenizer: Tokenizer, messages: list[dict[str, Any]], where: s
             for i, m in enumerate(messages):
                 if m["role"] != "assistant":
                     continue
-                before = tokenizer.apply_chat_template(messages[:i], tokenize=False, chat_template=template,
-                                                       add_generation_prompt=True) if i else ""
                 upto = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False, chat_template=template)
-                if not text.startswith(upto) or not upto.startswith(before):
+                if i:
+                    before = tokenizer.apply_chat_template(messages[:i], tokenize=False, chat_template=template,
+                                                           add_generation_prompt=True)
+                    start = len(before) if upto.startswith(before) else -1
+                else:  # an opening answer: no prompt to render before it (a default system prompt may be)
+                    start = upto.rfind(m["content"]) if m["content"] else -1
+                if not text.startswith(upto) or start < 0:
                     raise LMStackError(f"{where}: the chat template renders turns differently in a longer "
                                        "conversation; add {% generation %} blocks to it to mark assistant turns")
                 end = len(upto.rstrip())  # the turn's trailing newline is the template's, not the answer's
-                spans.append((len(before), end))
+                spans.append((start, end))
     except LMStackError as e:
         if str(e).startswith(where):
             raise

@@ -155,7 +155,7 @@ def iter_record_texts(
     object or without the string field raises `LMStackError` naming `file:line` (+ `hint`), or with
     `on_bad_record="skip"` is recorded in `stats.skipped_records` and reading goes on with the next line."""
     if path.suffix.lower() == ".parquet":
-        yield from _parquet_texts(path, text_field)
+        yield from _parquet_texts(path, text_field, stats, on_bad_record, hint)
         return
     for lineno, line in _text_lines(path, stats):
         if not line.strip():
@@ -182,7 +182,9 @@ def iter_record_texts(
         stats.skipped_records.append(f"{path}:{lineno}: {why}")
 
 
-def _parquet_texts(path: Path, text_field: str) -> Iterator[str]:
+def _parquet_texts(path: Path, text_field: str, stats: ReadStats, on_bad_record: str = "fail",
+                   hint: str = "") -> Iterator[str]:
+    """The `text_field` strings of a Parquet file; a null is a bad record, as in JSONL (`file: row N`)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -203,6 +205,7 @@ def _parquet_texts(path: Path, text_field: str) -> Iterator[str]:
         raise LMStackError(f"{path}: Parquet column {text_field!r} holds {kind}, not text "
                            "(name the text column with --text-field)")
     batches = table.iter_batches(columns=[text_field], batch_size=1024)
+    row = 0  # 1-based, as a file's lines are
     while True:
         try:
             batch = next(batches, None)
@@ -215,8 +218,13 @@ def _parquet_texts(path: Path, text_field: str) -> Iterator[str]:
         except damaged as e:
             raise LMStackError(f"{path}: not a readable Parquet file ({e})") from None
         for value in values:
-            if value is not None:  # a null is no document
+            row += 1
+            if value is not None:
                 yield value
+            elif on_bad_record == "fail":
+                raise LMStackError(f"{path}: row {row}: field {text_field!r} is null{hint}")
+            else:
+                stats.skipped_records.append(f"{path}: row {row}: field {text_field!r} is null")
 
 
 def iter_texts(
