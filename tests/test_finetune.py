@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from lmstack.checkpoints import load_model, save_model
+from lmstack.checkpoints import load_model, load_tokenizer, save_model
 from lmstack.cli import main, summary_line
 from lmstack.config import ModelConfig
 from lmstack.evaluate.classification import classification_metrics
@@ -184,6 +184,33 @@ def test_preference_objectives_improve_on_their_pairs(base, tmp_path, task):
     assert val[-1] < val[0] - 0.05
 
 
+def test_preference_training_runs_without_the_models_dropout(base, tmp_path):
+    """As TRL's disable_dropout: under a checkpoint with dropout 0.1 (GPT-2's), DPO's first training loss is
+    exactly log 2 (the policy equals its reference, not dropout noise); the saved model keeps its rate."""
+    tok = load_tokenizer(base)
+    torch.manual_seed(0)
+    noisy = tmp_path / "noisy"
+    save_model(build_model(ModelConfig.from_name("tiny-llama", vocab_size=len(tok), block_size=64, dropout=0.1)),
+               noisy, tokenizer=tok)
+    data = _write(tmp_path / "pairs.jsonl", _pairs(40, 0))
+    summary, metrics = _run(noisy, tmp_path, "dpo", data, max_steps=1, learning_rate=1e-9, min_lr=0.0,
+                            warmup_steps=0)
+    assert [r["loss"] for r in metrics if "loss" in r][0] == pytest.approx(math.log(2), abs=1e-6)
+    assert load_model(summary["checkpoint"]).config.dropout == 0.1
+
+
+def test_kto_weights_scale_its_loss(base, tmp_path):
+    """kto_desirable_weight / kto_undesirable_weight reach the loss: both doubled, the first step's loss
+    (same batch, same weights) doubles."""
+    records = [r for p in _pairs(40, 0) for r in ({"prompt": p["prompt"], "completion": p["chosen"], "label": True},
+                                                 {"prompt": p["prompt"], "completion": p["rejected"], "label": False})]
+    data = _write(tmp_path / "kto.jsonl", records)
+    first = [next(r["loss"] for r in _run(base, tmp_path / str(w), "kto", data, max_steps=1,
+                                          kto_desirable_weight=w, kto_undesirable_weight=w)[1] if "loss" in r)
+             for w in (1.0, 2.0)]
+    assert first[1] == pytest.approx(2 * first[0], rel=1e-5)
+
+
 def test_dpo_under_fsdp_with_two_processes_matches_one(base, tmp_path):
     """Policy and frozen reference both sharded over two gloo processes: the losses of one process with the
     same global batch, within 1e-5."""
@@ -237,6 +264,31 @@ def test_grpo_raises_a_verifiable_reward(base, tmp_path):
     assert line.startswith(f"done: 30 steps; validation reward {rewards[-1]:.4f} (best {max(rewards):.4f} at step ")
     assert "; kl " in line and ", loss " in line
     assert not any("tok_per_s" in r for r in metrics)  # its batches hold no token ids: no throughput figure
+
+
+def test_grpo_scores_at_its_sampling_temperature_and_passes_chat_prompts_as_messages(base, tmp_path, monkeypatch):
+    """At temperature T the policy gradient and the KL use log_softmax(logits / T), the distribution the
+    completions were sampled from (as TRL); a chat prompt reaches the reward function as its messages."""
+    from lmstack.train import tasks
+    from lmstack.train.preference import token_logprobs
+
+    logits = torch.tensor([[[2.0, 0.5, -1.0]]])
+    model = lambda ids: logits  # noqa: E731
+    assert token_logprobs(model, torch.zeros(1, 1, dtype=torch.long), torch.tensor([[1]]), 0.5).item() == \
+        pytest.approx((logits / 0.5).log_softmax(-1)[0, 0, 1].item())
+    temperatures = []
+    monkeypatch.setattr(tasks, "token_logprobs", lambda m, i, la, t=1.0: (temperatures.append(t),
+                                                                          token_logprobs(m, i, la, t))[1])
+    reward = tmp_path / "reward.py"
+    reward.write_text("def reward(prompt, completion, record):\n"
+                      "    assert prompt == record['prompt'] and prompt[0]['role'] == 'user', prompt\n"
+                      "    return float(len(completion))\n")
+    rng = random.Random(0)
+    data = _write(tmp_path / "prompts.jsonl", [{"prompt": [{"role": "user", "content": _sentence(rng, 3)}]}
+                                               for _ in range(16)])
+    _run(base, tmp_path, "grpo", data, reward_function=f"{reward}:reward", group_size=2, max_new_tokens=4,
+         batch_size=2, max_steps=1, eval_interval=1, eval_batches=1, temperature=0.7, beta=0.1)
+    assert temperatures and set(temperatures) == {0.7}  # the policy's and the reference's
 
 
 def test_qlora_sft_trains_adapters_on_an_nf4_base(base, tmp_path):

@@ -198,6 +198,18 @@ def test_records_of_empty_text_are_an_empty_corpus(tmp_path):
         prepare_shards([tmp_path / "e.jsonl"], tok, tmp_path / "s", progress=False, workers=1)
 
 
+def test_a_field_added_since_a_run_started_is_no_config_change():
+    """A run saved before a field existed ran with its default: resuming it is not refused for that field."""
+    from lmstack.train.config import config_differences
+
+    cfg = load_config(None, ["--data", "d"])
+    saved = cfg.to_dict()
+    del saved["kto_desirable_weight"]
+    assert config_differences(saved, cfg) == []
+    saved["seed"] = 7
+    assert config_differences(saved, cfg) == [f"seed: run has 7, now {cfg.seed}"]
+
+
 @pytest.mark.parametrize("fraction,total,train", [(0.3, 90, 63), (0.07, 100, 93), (0.1, 90, 81)])
 def test_tail_split_is_exact(tmp_path, fraction, total, train):
     """floor(total * (1 - val_fraction)) in exact arithmetic: 1 - 0.3 is 0.6999... in floating point, which

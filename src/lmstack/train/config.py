@@ -79,6 +79,8 @@ class TrainConfig:
     label_smoothing: float = 0.0  # dpo: conservative DPO
     rpo_alpha: float = 0.0  # dpo: plus this times the chosen answers' per-token NLL (RPO)
     simpo_gamma: float = 0.5
+    kto_desirable_weight: float = 1.0  # kto: weights of desirable / undesirable examples (for unbalanced data,
+    kto_undesirable_weight: float = 1.0  # the paper keeps w_d * n_d / (w_u * n_u) in [1, 4/3])
     reference: str = ""  # the frozen reference checkpoint (default: `model`; under LoRA the adapter-free base)
     reward_function: str = ""  # grpo: 'file.py:function' or 'module:function', fn(prompt, completion, record)
     group_size: int = 8  # grpo: completions sampled per prompt
@@ -119,7 +121,7 @@ class TrainConfig:
                 raise LMStackError(f"{f.name} must be a finite number, got {value}")
         at_least_zero = ("seed", "warmup_steps", "keep_checkpoints", "sample_tokens", "lora_r", "min_lr",
                          "weight_decay", "grad_clip", "sample_temperature", "label_smoothing", "rpo_alpha",
-                         "temperature", "beta")
+                         "temperature", "beta", "kto_desirable_weight", "kto_undesirable_weight")
         for name in at_least_zero:
             if getattr(self, name) < 0:
                 raise LMStackError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -294,5 +296,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
 def config_differences(saved: dict[str, Any], current: TrainConfig) -> list[str]:
     """Fields that differ between a saved run's config and `current`, other than the ones that may."""
     now = current.to_dict()
-    return [f"{k}: run has {saved.get(k)!r}, now {now[k]!r}" for k in now
-            if k not in TrainConfig.RESUMABLE_CHANGES and saved.get(k) != now[k]]
+    # A field added after the run started is not in its saved config: it ran with the field's default.
+    defaults = TrainConfig(data="-").to_dict()
+    return [f"{k}: run has {saved.get(k, defaults[k])!r}, now {now[k]!r}" for k in now
+            if k not in TrainConfig.RESUMABLE_CHANGES and saved.get(k, defaults[k]) != now[k]]

@@ -183,7 +183,8 @@ def build_task(cfg: TrainConfig) -> Task:
         return GRPOTask(**common, reward=cfg.reward_function, group_size=cfg.group_size, beta=cfg.beta,
                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature)
     options = {"dpo": {"label_smoothing": cfg.label_smoothing, "rpo_alpha": cfg.rpo_alpha},
-               "simpo": {"gamma": cfg.simpo_gamma}}
+               "simpo": {"gamma": cfg.simpo_gamma},
+               "kto": {"desirable_weight": cfg.kto_desirable_weight, "undesirable_weight": cfg.kto_undesirable_weight}}
     return PreferenceTask(cfg.task, **common, block_size=cfg.block_size, beta=cfg.beta,
                           **options.get(cfg.task, {}))
 
@@ -218,6 +219,8 @@ def build_policy(cfg: TrainConfig, task: Task) -> torch.nn.Module:
         if cfg.task in ("classify", "reward"):
             labels = task.labels if cfg.task == "classify" else ["score"]
             model = SequenceClassifier.from_decoder(model, labels, task.tokenizer.pad_token_id)
+    if cfg.task in NO_DROPOUT_TASKS:
+        disable_dropout(model)  # before LoRA: the adapters' own dropout (lora_dropout) stays as set
     context = decoder_of(model).config.block_size
     if cfg.block_size > context:
         raise LMStackError(f"block_size {cfg.block_size} is longer than the model's context ({context} positions): "
@@ -235,6 +238,23 @@ def build_policy(cfg: TrainConfig, task: Task) -> torch.nn.Module:
 
         config_to_hf(decoder_of(model).config)  # checkpoints are Hugging Face directories: fail now, not at a save
     return model
+
+
+# Tasks that compare log-probabilities (of a pair, or with a reference scored in eval mode) train without the
+# model's dropout, as TRL's trainers do by default (disable_dropout): with it, the rewards start as noise.
+NO_DROPOUT_TASKS = ("reward", "dpo", "ipo", "kto", "orpo", "simpo", "grpo")
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Switch off every dropout of `model` (the modules and the attention's dropout_p); its config, and so
+    its saved checkpoint, keeps the rate it had."""
+    from lmstack.models.attention import Attention
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        elif isinstance(m, Attention):
+            m.dropout = 0.0
 
 
 def decoder_of(model: torch.nn.Module) -> torch.nn.Module:

@@ -10,10 +10,12 @@ import torch
 import torch.nn.functional as F
 
 
-def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
+                   temperature: float = 1.0) -> torch.Tensor:
     """Log-probability of each label token [B, T] (0 where the label is -100); label[t] is the token after
-    input_ids[t]."""
-    logp = model(input_ids).float().log_softmax(dim=-1)
+    input_ids[t]. `temperature` scores under the distribution tokens were sampled from (GRPO's, as TRL's)."""
+    logits = model(input_ids).float()
+    logp = (logits / temperature if temperature != 1.0 else logits).log_softmax(dim=-1)
     return logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) * (labels != -100)
 
 

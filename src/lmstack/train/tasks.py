@@ -354,7 +354,7 @@ class PreferenceTask(Task):
         if self.name == "kto":
             n = len(batch["desirable"])
             ref = self._reference_logprobs(batch)
-            kl = (total[n:] - ref[n:]).detach().mean()
+            kl = (total[n:] - ref[n:]).detach().mean().clamp(min=0)  # the reference point, as TRL logs it
             return preference.kto_loss(total[:n], ref[:n], batch["desirable"].to(total.device), kl, self.beta,
                                        **self.options), {"kl": kl}
         chosen, rejected = total.chunk(2)
@@ -379,7 +379,8 @@ class PreferenceTask(Task):
         return loss, metrics
 
 
-def reference_token_logprobs(task: Task, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def reference_token_logprobs(task: Task, ids: torch.Tensor, labels: torch.Tensor,
+                             temperature: float = 1.0) -> torch.Tensor:
     """Per-token log-probabilities under the task's reference model, without gradient."""
     from lmstack.train.lora import set_adapters_enabled
 
@@ -387,13 +388,13 @@ def reference_token_logprobs(task: Task, ids: torch.Tensor, labels: torch.Tensor
         raise LMStackError(f"{task.name} needs a reference model")
     with torch.no_grad():
         if task.reference is not task.policy:
-            return token_logprobs(task.reference, ids, labels)
+            return token_logprobs(task.reference, ids, labels, temperature)
         # The base is the policy with its adapters off, and in eval mode: a reference is deterministic.
         was_training = task.policy.training
         set_adapters_enabled(task.policy, False)
         task.policy.eval()
         try:
-            return token_logprobs(task.policy, ids, labels)
+            return token_logprobs(task.policy, ids, labels, temperature)
         finally:
             set_adapters_enabled(task.policy, True)
             task.policy.train(was_training)
@@ -486,8 +487,8 @@ class GRPOTask(Task):
         rewards = []
         for i, c in enumerate(completions):
             record = records[i // self.group_size]
-            prompt_text = record["prompt"] if isinstance(record["prompt"], str) else str(record["prompt"])
-            rewards.append(float(self.reward(prompt_text, c.text, record)))
+            # the prompt as the record has it: text, or a list of chat messages (as TRL passes them)
+            rewards.append(float(self.reward(record["prompt"], c.text, record)))
         return prompts, completions, torch.tensor(rewards)
 
     def loss(self, model, batch):
@@ -506,12 +507,14 @@ class GRPOTask(Task):
         device = next(self.policy.parameters()).device
         ids, labels, advantages = ids.to(device), labels.to(device), advantages.to(device)
         mask = labels != -100
-        logp = token_logprobs(model, ids, labels)
+        # Scored at the sampling temperature, as TRL does: the policy gradient is that of the distribution the
+        # completions came from, and the KL is measured between those distributions.
+        logp = token_logprobs(model, ids, labels, self.temperature)
         ratio = torch.exp(logp - logp.detach())
         per_token = -ratio * advantages[:, None]
         metrics = {"reward": rewards.mean()}
         if self.beta:
-            ref_logp = reference_token_logprobs(self, ids, labels)
+            ref_logp = reference_token_logprobs(self, ids, labels, self.temperature)
             d = ref_logp - logp
             kl = torch.exp(d) - d - 1
             per_token = per_token + self.beta * kl
