@@ -3,9 +3,11 @@ on 500 worked two-digit sums, then trained with GRPO and, separately, with DPO a
 without answers; each model is scored by the exact match of its greedy answer on 300 held-out sums that no
 stage trains on. The second stages run fewer steps than the demonstration's recipes, through the same code.
 
-Across seeds 0-4 of this configuration (split, initial weights, training) the SFT model scores 28-74% on the
-held-out sums, GRPO adds 10-32 points to it and DPO 19-38 (seed 0: 30%, +19, +28); the margins asserted leave
-room below seed 0's.
+Training is chaotic: the same seed trains to another model on another CPU (its float rounding differs), and
+SFT's held-out score varies most. With SFT's 750 steps at weight decay 0.5, seed 0 scored 30% on an AMD EPYC
+and 11% on an Intel Xeon; with the recipe's 1500 steps at 1.0 it scores 30% / 61% / 75% on seeds 0 / 1 / 3
+there, GRPO adding 35 / 23 / 14 points and DPO 42 / 26 / 12. The margins asserted leave room below those: at
+least 10 points gained, or 40% of what SFT left to gain where that is less.
 """
 
 import json
@@ -47,5 +49,6 @@ def test_sft_then_grpo_and_dpo_improve_held_out_accuracy(tmp_path):
     assert r["sft"] >= r["base"] + 0.15
     # SFT has memorised its demonstrations: what is left to gain is on new sums, and only the verifier helps there.
     assert r["sft_train"] >= 0.9
-    assert r["grpo"] >= r["sft"] + 0.10
-    assert r["dpo"] >= r["sft"] + 0.10
+    gain = min(0.10, 0.4 * (1 - r["sft"]))
+    assert r["grpo"] >= r["sft"] + gain
+    assert r["dpo"] >= r["sft"] + gain

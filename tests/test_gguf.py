@@ -294,7 +294,12 @@ def test_llama_gguf_with_qk_biases_is_unpermuted(tmp_path):
     back, the model computes what it did (transformers' GGUF reader drops llama biases: no reference there)."""
     import gguf
 
-    from lmstack.checkpoints.gguf import _gguf_rules, _tokenizer_metadata, permute_rope_rows
+    from lmstack.checkpoints.gguf import (
+        _gguf_rules,
+        _tokenizer_metadata,
+        permute_rope_rows,
+        write_model_metadata,
+    )
 
     text = (REPO / "data" / "tinyshakespeare.txt").read_text()[:30_000]
     tok = lmstack.Tokenizer.train([text], vocab_size=320)
@@ -305,17 +310,8 @@ def test_llama_gguf_with_qk_biases_is_unpermuted(tmp_path):
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(std=0.5)
-    writer = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
-    writer.add_context_length(cfg.block_size)
-    writer.add_embedding_length(cfg.n_embd)
-    writer.add_block_count(cfg.n_layer)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.n_head)
-    writer.add_head_count_kv(cfg.n_kv_head)
-    writer.add_rope_freq_base(cfg.rope_theta)
-    writer.add_rope_dimension_count(cfg.rotary_dim)
-    writer.add_layer_norm_rms_eps(cfg.norm_eps)
-    writer.add_vocab_size(cfg.vocab_size)
+    writer = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")  # save_gguf would write qwen2 for biases
+    write_model_metadata(writer, cfg)
     _tokenizer_metadata(writer, tok, cfg.vocab_size)
     state = model.state_dict()
     for rule in _gguf_rules(cfg):

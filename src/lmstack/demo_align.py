@@ -9,8 +9,8 @@ prompts are plentiful (the other 9,200 training sums, without answers) and any a
    trains on (nor samples from);
 2. build a small random model and a character tokenizer, saved as a checkpoint (the "base");
 3. `finetune sft` on the demonstrations (`recipes/align-sft.yaml`): the model learns the format and part of
-   the rule and memorises its 500 sums, but answers new ones right only part of the time (training longer on
-   the same demonstrations does not reliably help);
+   the rule and memorises its 500 sums, but answers new ones right only part of the time (more steps and
+   stronger weight decay help on some seeds and CPUs, not on others);
 4. two second stages, each from the SFT model, each learning from the verifier on the unlabelled prompts:
    - `finetune grpo` (`recipes/align-grpo.yaml`): groups of completions sampled per prompt with the policy,
      rewarded 1 for the right sum and 0 otherwise;

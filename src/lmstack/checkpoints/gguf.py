@@ -412,6 +412,28 @@ def _tokenizer_metadata(writer: Any, tokenizer: Tokenizer, vocab_size: int) -> N
         writer.add_chat_template(tokenizer.chat_template)
 
 
+def write_model_metadata(writer: Any, config: ModelConfig) -> None:
+    """The architecture's hyperparameters, as llama.cpp reads them."""
+    import gguf
+
+    writer.add_context_length(config.block_size)
+    writer.add_embedding_length(config.n_embd)
+    writer.add_block_count(config.n_layer)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.n_head)
+    writer.add_head_count_kv(config.n_kv_head)
+    if config.head_dim != config.n_embd // config.n_head:
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_rope_dimension_count(config.rotary_dim)
+    if config.rope_type == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(config.rope_scaling["factor"])
+    writer.add_layer_norm_rms_eps(config.norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+
+
 def save_gguf(model: Any, tokenizer: Tokenizer, path: str | os.PathLike, tensor_type: str = "f32") -> Path:
     """Write a Llama- or Qwen2-family `DecoderLM` and its byte-level BPE tokenizer as one GGUF file.
 
@@ -450,22 +472,7 @@ def save_gguf(model: Any, tokenizer: Tokenizer, path: str | os.PathLike, tensor_
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     writer = gguf.GGUFWriter(str(tmp), arch)
     writer.add_name(config.name or path.stem)
-    writer.add_context_length(config.block_size)
-    writer.add_embedding_length(config.n_embd)
-    writer.add_block_count(config.n_layer)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.n_head)
-    writer.add_head_count_kv(config.n_kv_head)
-    if config.head_dim != config.n_embd // config.n_head:
-        writer.add_key_length(config.head_dim)
-        writer.add_value_length(config.head_dim)
-    writer.add_rope_freq_base(config.rope_theta)
-    writer.add_rope_dimension_count(config.rotary_dim)
-    if config.rope_type == "linear":
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(config.rope_scaling["factor"])
-    writer.add_layer_norm_rms_eps(config.norm_eps)
-    writer.add_vocab_size(config.vocab_size)
+    write_model_metadata(writer, config)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[tensor_type]
     writer.add_file_type(file_type)
