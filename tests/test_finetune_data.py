@@ -61,6 +61,10 @@ def test_chat_without_generation_blocks_finds_turns_by_prefix(tok):
     opening = [{"role": "assistant", "content": "Hello there!"}, *messages[2:]]
     ids, trained = render_record({"messages": opening}, tok, chat_template=system)
     assert trained_text(tok, ids, trained) == "Hello there!<|im_end|>It is four.<|im_end|>"
+    for short in ("end", "m", "system"):  # an answer that the template's own text also spells
+        ids, trained = render_record({"messages": [{"role": "assistant", "content": short}]}, tok,
+                                     chat_template=system)
+        assert trained_text(tok, ids, trained) == f"{short}<|im_end|>"
 
 
 def test_instruction_and_prompt_completion_forms(tok):

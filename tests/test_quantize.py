@@ -101,10 +101,13 @@ def test_a_layer_that_cannot_be_quantized_leaves_the_model_as_it_was():
 
 def test_int4_default_group_is_the_largest_that_fits():
     """128 where every layer's inputs allow it, else 64 or 32 (SmolLM2's 576-wide layers take 64)."""
-    for width, expected in ((128, 128), (576, 64), (96, 32)):
+    for width, expected in ((128, 128), (576, 64), (96, 32), (48, 16)):
         model = lmstack.DecoderLM(lmstack.ModelConfig.from_name(
             "tiny-llama", vocab_size=64, n_embd=width, n_head=4, n_kv_head=2, intermediate_size=2 * width))
         assert quantize_model(model, bits=4).quantization["group_size"] == expected
+    odd = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", vocab_size=64, intermediate_size=175))
+    with pytest.raises(LMStackError, match="layer layers.0.mlp.down has 175 inputs, an odd number"):
+        quantize_model(odd, bits=4)
 
 
 def test_int4_needs_an_even_number_of_inputs():

@@ -176,6 +176,9 @@ def test_config_keys_lmstack_does_not_read_survive_a_save(tok, tmp_path):
     loaded.save(tmp_path / "b")
     hf = PreTrainedTokenizerFast.from_pretrained(tmp_path / "b")
     assert (hf.padding_side, hf.sep_token, hf.image_token) == ("left", "<|endoftext|>", "<|im_start|>")
+    loaded.extra_special_tokens = []  # a named extra taken out does not come back from its name
+    loaded.save(tmp_path / "c")
+    assert Tokenizer.load(tmp_path / "c").named_tokens().get("image_token") is None
 
 
 def test_tokens_that_tokenizer_config_calls_special_are_special(tmp_path):

@@ -186,6 +186,11 @@ def test_text_without_boundaries_is_cut_to_bounded_blocks(tmp_path, monkeypatch)
     blocks = list(shards_mod._text_blocks(tmp_path / "g.txt", stats))
     assert "".join(blocks) == text
     assert max(map(len, blocks)) <= 256 + 64 and stats.forced_cuts == len(blocks) - 1 > 10
+    for size in (257, 300):  # past the limit only in the last read: the file's end, no cut
+        (tmp_path / "short.txt").write_text("A" * size)
+        stats = shards_mod.ReadStats()
+        assert list(shards_mod._text_blocks(tmp_path / "short.txt", stats)) == ["A" * size]
+        assert stats.forced_cuts == 0
     tok = Tokenizer.train_chars(["ACGT"])
     meta = prepare_shards([tmp_path / "g.txt"], tok, tmp_path / "s", val_fraction=0.0, progress=False, workers=1)
     assert tok.decode(TokenShards(tmp_path / "s")["train"].tolist()) == text and meta["forced_cuts"] > 10
@@ -279,6 +284,10 @@ def test_parquet_and_hash_split(tmp_path):
     meta = prepare_shards([tmp_path / "n.parquet"], tok, tmp_path / "s4", progress=False, workers=1,
                           on_bad_record="skip")
     assert meta["documents"] == 2 and meta["skipped_records"] == 1
+    from lmstack.cli import main
+
+    assert main(["tokenizer", "train", "--input", str(tmp_path / "n.parquet"), "--vocab-size", "270", "--output",
+                 str(tmp_path / "tok"), "--on-bad-record", "skip"]) == 0
 
 
 def test_prepare_replaces_only_shard_directories(tmp_path):

@@ -133,7 +133,8 @@ def _tokenizer_train(args: argparse.Namespace) -> None:
             raise LMStackError(f"--chat-template {template!r}: not 'chatml' and no such file")
         template = _read_text_file(template, "--chat-template", "a Jinja template")
     tok = train_tokenizer(
-        args.input, args.vocab_size, text_field=args.text_field, special_tokens=args.special_tokens,
+        args.input, args.vocab_size, text_field=args.text_field, on_bad_record=args.on_bad_record,
+        special_tokens=args.special_tokens,
         min_frequency=args.min_frequency, bos_token=args.bos_token, eos_token=args.eos_token,
         pad_token=args.pad_token, add_bos=args.add_bos, chat_template=template,
         model_max_length=args.model_max_length, show_progress=sys.stderr.isatty(),
@@ -232,8 +233,9 @@ def _data_prepare(args: argparse.Namespace) -> None:
               file=sys.stderr)
     empty = [name for name in ("train", "val") if not meta[f"{name}_tokens"]]
     if empty and meta["val_fraction"] > 0:
+        advice = "use more documents or --split tail" if meta["split"] == "hash" else "use more text"
         print(f"note: the {empty[0]} split is empty (--split {meta['split']} with {meta['documents']:,} "
-              "documents); use more documents or --split tail", file=sys.stderr)
+              f"documents); {advice}", file=sys.stderr)
     if meta["eos_token_id"] is None and meta["documents"] > 1:
         print(f"note: the tokenizer has no eos token, so the {meta['documents']:,} documents follow each other "
               "without a separator", file=sys.stderr)
@@ -701,6 +703,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output", required=True, help="directory for tokenizer.json + tokenizer_config.json")
     train.add_argument("--vocab-size", type=int, required=True)
     train.add_argument("--text-field", default="text", help="JSONL field holding the text (default: text)")
+    train.add_argument("--on-bad-record", default="fail", choices=["fail", "skip"])
     train.add_argument("--special-tokens", nargs="*", default=["<|endoftext|>"])
     train.add_argument("--min-frequency", type=int, default=2)
     train.add_argument("--bos-token", default=None)

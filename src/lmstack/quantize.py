@@ -230,8 +230,13 @@ def quantize_model(model: nn.Module, bits: int | str = 8, group_size: int | None
     targets = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)
                and name not in skip and not (tied and name == "lm_head")]
     widths = {m.in_features for _, m in targets}
-    if group_size is None and bits == 4:  # the largest usual group that every layer's inputs divide into
-        group_size = next((g for g in (128, 64, 32) if all(w % g == 0 for w in widths)), 128)
+    if bits == 4:
+        odd = next(((n, m.in_features) for n, m in targets if m.in_features % 2), None)
+        if odd:  # two codes per byte: no group size helps
+            raise LMStackError(f"int4 packs two weights per byte: layer {odd[0]} has {odd[1]} inputs, an odd "
+                               "number (skip it, or use --bits 8)")
+    if group_size is None and bits == 4:  # the largest group, 128 at most, that every layer's inputs divide into
+        group_size = next((g for g in (128, 64, 32, 16, 8, 4, 2) if all(w % g == 0 for w in widths)), 128)
     elif group_size is None:
         group_size = 64 if bits == "nf4" else 128
     _check_group_size(group_size)

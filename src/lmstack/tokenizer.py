@@ -367,6 +367,10 @@ class Tokenizer:
         }
         if self.extra_special_tokens:
             config["additional_special_tokens"] = self.extra_special_tokens
+        named = config.get("extra_special_tokens")
+        if isinstance(named, dict):  # the names of the extras still here (a token taken out loses its name)
+            here = {*self.extra_special_tokens, self.bos_token, self.eos_token, self.pad_token, self.unk_token}
+            config["extra_special_tokens"] = {k: v for k, v in named.items() if _token_text(v) in here}
         if self.model_max_length:
             config["model_max_length"] = self.model_max_length
         named = {name: t for name, t in self.chat_templates.items() if name != "default"}
@@ -614,9 +618,11 @@ def _lines(texts: Iterable[str], chunk: int = 1 << 16) -> Iterator[str]:
 
 
 def train_tokenizer(
-    files: Sequence[str | os.PathLike], vocab_size: int, text_field: str = "text", **kwargs: Any
+    files: Sequence[str | os.PathLike], vocab_size: int, text_field: str = "text", on_bad_record: str = "fail",
+    **kwargs: Any,
 ) -> Tokenizer:
-    """Train a byte-level BPE on text / JSONL `files` (see `Tokenizer.train` for the options)."""
+    """Train a byte-level BPE on text / JSONL / Parquet `files` (see `Tokenizer.train` for the options; a bad
+    record stops with its file and line, or with `on_bad_record="skip"` is left out)."""
     from lmstack.data.readers import iter_texts
 
     if not files:
@@ -624,7 +630,7 @@ def train_tokenizer(
     seen = [0]
 
     def texts():
-        for text in iter_texts(files, text_field):
+        for text in iter_texts(files, text_field, on_bad_record=on_bad_record):
             seen[0] += len(text.strip())
             yield text
 

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from transformers.activations import ACT2FN
 
 import lmstack
-from lmstack.checkpoints.hf import FAMILY_DEFAULTS, GELU_APPROXIMATE, config_from_hf
+from lmstack.checkpoints.hf import FAMILY_DEFAULTS, GELU_APPROXIMATE, config_from_hf, config_to_hf
 
 TOL = 1e-4
 SMALL = dict(vocab_size=101, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
@@ -221,6 +221,13 @@ def test_keys_left_out_take_the_family_defaults(family):
         assert {ours.sliding_window} == windows
         if family == "mixtral":  # the router loss counts in training only with output_router_logits
             assert ours.moe_aux_loss_coef == (hf.router_aux_loss_coef if hf.output_router_logits else 0.0)
+    if family == "mixtral":  # the coefficient is kept (and saved) while the loss is off
+        mixtral = {"model_type": "mixtral", **REQUIRED, **extra, "router_aux_loss_coef": 0.02}
+        assert config_to_hf(config_from_hf(mixtral))["router_aux_loss_coef"] == 0.02
+    if family == "llama":  # a null top-level original_max_position_embeddings defers to rope_scaling's
+        yarn = {"model_type": "llama", **REQUIRED, "original_max_position_embeddings": None,
+                "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}}
+        assert config_from_hf(yarn).rope_scaling["original_max_position_embeddings"] == 16
     qwen = {"model_type": "qwen2", **REQUIRED, "num_hidden_layers": 30, "use_sliding_window": True}
     with pytest.raises(lmstack.LMStackError, match="only some layers"):  # windows from layer 28 on
         config_from_hf(qwen)

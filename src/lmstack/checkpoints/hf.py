@@ -9,6 +9,7 @@ transposed.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import warnings
@@ -41,7 +42,7 @@ PARTIAL_ROTARY_FAMILIES = ("phi3",)
 IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias)$")
 
 # transformers' defaults for the keys a config.json may leave out, where a family's differ from Llama's
-# (tests/test_checkpoints.py checks them against transformers' config classes).
+# (tests/parity/test_against_hf.py checks them against transformers' config classes).
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": dict(rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=2048),
     "mistral": dict(rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=131072, sliding_window=4096,
@@ -124,7 +125,7 @@ def _rope_fields(c: dict[str, Any], family: str, where: str) -> dict[str, Any]:
     if kind in ("llama3", "yarn"):
         # As transformers: a top-level original_max_position_embeddings (Phi-3 writes one) wins over the one
         # inside rope_scaling, and without either it is max_position_embeddings.
-        if "original_max_position_embeddings" in c:
+        if c.get("original_max_position_embeddings") is not None:
             scaling["original_max_position_embeddings"] = c["original_max_position_embeddings"]
         scaling.setdefault("original_max_position_embeddings", _default(c, family, "max_position_embeddings"))
     if kind == "default":
@@ -224,10 +225,12 @@ def _config_from_hf(c: dict[str, Any], where: str) -> ModelConfig:
         fields["bias"] = "qkv"
         fields["sliding_window"] = _qwen2_window(c)
     if family == "mixtral":
-        # transformers adds the router's load-balancing loss only with output_router_logits (off by default)
-        coef = _default(c, family, "router_aux_loss_coef") if c.get("output_router_logits") else 0.0
+        # transformers adds the router's load-balancing loss only with output_router_logits (off by default);
+        # the coefficient travels in `extra` for the save, whether or not it is in use
+        coef = _default(c, family, "router_aux_loss_coef")
         fields.update(n_expert=c["num_local_experts"], n_expert_per_token=c["num_experts_per_tok"],
-                      moe_aux_loss_coef=coef)
+                      moe_aux_loss_coef=coef if c.get("output_router_logits") else 0.0,
+                      extra={"router_aux_loss_coef": coef})
     return ModelConfig(**fields)
 
 
@@ -333,7 +336,7 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
                        max_window_layers=0 if window is not None else config.n_layer)
         if fam == "mixtral":
             out.update(num_local_experts=config.n_expert, num_experts_per_tok=config.n_expert_per_token,
-                       router_aux_loss_coef=config.moe_aux_loss_coef,
+                       router_aux_loss_coef=config.moe_aux_loss_coef or config.extra.get("router_aux_loss_coef", 0.0),
                        output_router_logits=bool(config.moe_aux_loss_coef))
     out.update(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
                pad_token_id=config.pad_token_id)
@@ -533,16 +536,19 @@ def expected_shapes(config: ModelConfig) -> dict[str, torch.Size]:
 
 def _common_dtype(source: TensorSource, hf: dict[str, Any]) -> torch.dtype | None:
     """None when every floating tensor has one dtype (kept as stored); for a file that mixes them (bf16
-    matrices beside fp32 norms), the config's `dtype` / `torch_dtype`, else the dtype most tensors have, so
+    matrices beside fp32 norms), the config's `dtype` / `torch_dtype`, else the dtype most weights have, so
     that the model computes in one precision."""
-    stored = [handle.get_slice(k).get_dtype() for k, handle in source.where.items()]
-    floating = [d for d in stored if d in SAFETENSORS_FLOATS]
-    if len(set(floating)) <= 1:
+    elements: dict[str, int] = {}  # floating dtype -> how many weights have it
+    for key, handle in source.where.items():
+        piece = handle.get_slice(key)
+        if piece.get_dtype() in SAFETENSORS_FLOATS:
+            elements[piece.get_dtype()] = elements.get(piece.get_dtype(), 0) + math.prod(piece.get_shape())
+    if len(elements) <= 1:
         return None
     named = hf.get("dtype") or hf.get("torch_dtype")
     if named in ("float32", "float16", "bfloat16"):
         return getattr(torch, named)
-    return SAFETENSORS_FLOATS[max(set(floating), key=floating.count)]
+    return SAFETENSORS_FLOATS[max(sorted(elements), key=elements.get)]  # sorted: a tie goes the same way
 
 
 SAFETENSORS_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}

@@ -91,6 +91,9 @@ def _check_messages(messages: Any, where: str) -> None:
                                f"{', '.join(ROLES)})")
 
 
+_ANSWER_PLACEHOLDER = "\x00lmstack-answer\x00"  # text no template writes by itself
+
+
 def chat_segments(tokenizer: Tokenizer, messages: list[dict[str, Any]], where: str = "messages",
                   chat_template: str | None = None) -> list[tuple[str, bool]]:
     """The rendered conversation cut into (text, is_assistant) segments."""
@@ -109,8 +112,12 @@ def chat_segments(tokenizer: Tokenizer, messages: list[dict[str, Any]], where: s
                     before = tokenizer.apply_chat_template(messages[:i], tokenize=False, chat_template=template,
                                                            add_generation_prompt=True)
                     start = len(before) if upto.startswith(before) else -1
-                else:  # an opening answer: no prompt to render before it (a default system prompt may be)
-                    start = upto.rfind(m["content"]) if m["content"] else -1
+                else:  # an opening answer: no prompt to render before it (a default system prompt may be), so
+                    # the answer starts where a placeholder put in its place does
+                    probe = tokenizer.apply_chat_template([{**m, "content": _ANSWER_PLACEHOLDER}], tokenize=False,
+                                                          chat_template=template)
+                    start = probe.find(_ANSWER_PLACEHOLDER)
+                    start = start if start >= 0 and upto.startswith(probe[:start] + m["content"]) else -1
                 if not text.startswith(upto) or start < 0:
                     raise LMStackError(f"{where}: the chat template renders turns differently in a longer "
                                        "conversation; add {% generation %} blocks to it to mark assistant turns")

@@ -71,14 +71,14 @@ def _text_blocks(path: Path, stats: ReadStats, spaces_only: bool = False) -> Ite
     tokenization; `spaces_only` for a SentencePiece-style tokenizer."""
     carry = ""
     for chunk in iter_text_chunks(path, stats, BLOCK_CHARS):
+        if len(carry) > MAX_BLOCK_CHARS:  # cut only now that more text follows: a file's end is no cut
+            stats.forced_cuts += 1
+            yield carry
+            carry = ""
         # a carry longer than a block has no boundary: don't scan it again (a huge line would be quadratic)
         pieces = list(_cut(carry + chunk, len(carry) - 1 if len(carry) > BLOCK_CHARS else 0, spaces_only))
         carry = pieces.pop() if pieces else ""
         yield from pieces
-        if len(carry) > MAX_BLOCK_CHARS:
-            stats.forced_cuts += 1
-            yield carry
-            carry = ""
     if carry:
         yield carry
 
