@@ -24,6 +24,11 @@ _ROPE_SCALING_NEEDS = {"linear": ("factor",), "dynamic": ("factor",),  # yarn ha
                        "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 
 
+def eos_ids(eos: int | list[int] | None) -> list[int]:
+    """An eos_token_id as configs spell it (one id, a list of them, or None) as a list."""
+    return [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
 @dataclass
 class ModelConfig:
     """Shape and switches of a decoder-only Transformer.

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lmstack.atomic import atomic_write
-from lmstack.config import ModelConfig
+from lmstack.config import ModelConfig, eos_ids
 from lmstack.errors import LMStackError
 from lmstack.models.decoder import DecoderLM
 
@@ -93,15 +93,10 @@ def generation_eos(path: Path) -> list[int]:
         eos = json.loads(file.read_text(encoding="utf-8")).get("eos_token_id")
     except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
         raise LMStackError(f"{file}: not a JSON object ({e})") from None
-    ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    ids = eos_ids(eos)
     if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
         raise LMStackError(f"{file}: eos_token_id must be a token id or a list of them, got {eos!r}")
     return ids
-
-
-def eos_ids(eos: int | list[int] | None) -> list[int]:
-    """A config's eos_token_id (one id, a list, or None) as a list."""
-    return [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
 
 
 def merged_eos(eos: int | list[int] | None, more: list[int]) -> int | list[int] | None:
@@ -166,10 +161,11 @@ def _gated_mlp(act: str, where: str) -> dict[str, str]:
                        f"(supported: silu, swish, {', '.join(GELU_APPROXIMATE)})")
 
 
-def config_from_hf(hf: dict[str, Any] | str | os.PathLike) -> ModelConfig:
-    """Translate a Hugging Face config (dict or path) into a `ModelConfig`; errors name the file and key."""
+def config_from_hf(hf: dict[str, Any] | str | os.PathLike, where: str = "config.json") -> ModelConfig:
+    """Translate a Hugging Face config (dict or path) into a `ModelConfig`; errors name the file (`where`, for
+    a dict) and key."""
     if isinstance(hf, dict):
-        c, where = hf, "config.json"
+        c = hf
     else:
         c, path = read_hf_config(hf), Path(hf)
         where = str(path / "config.json" if path.is_dir() else path)
@@ -236,9 +232,10 @@ def _config_from_hf(c: dict[str, Any], where: str) -> ModelConfig:
 
 def _qwen2_window(c: dict[str, Any]) -> int | None:
     n = c["num_hidden_layers"]
+    window = _default(c, "qwen2", "sliding_window")
     if c.get("layer_types"):
         kinds = set(c["layer_types"])
-    elif c.get("use_sliding_window") and _default(c, "qwen2", "sliding_window"):
+    elif c.get("use_sliding_window") and window:
         start = _default(c, "qwen2", "max_window_layers")
         kinds = {"sliding_attention" if i >= start else "full_attention" for i in range(n)}
     else:
@@ -246,7 +243,7 @@ def _qwen2_window(c: dict[str, Any]) -> int | None:
     if kinds == {"full_attention"}:
         return None
     if kinds == {"sliding_attention"}:
-        return _default(c, "qwen2", "sliding_window")
+        return window
     raise LMStackError("config.json: qwen2 with sliding windows on only some layers is not supported")
 
 
@@ -561,7 +558,8 @@ def load_hf_model(
     path = Path(path)
     if not path.exists():
         raise LMStackError(f"{path}: no such file or directory")
-    config = config_from_hf(path)
+    hf = read_hf_config(path)
+    config = config_from_hf(hf, where=str(path / "config.json"))
     config.eos_token_id = merged_eos(config.eos_token_id, generation_eos(path))
     source = TensorSource(safetensors_files(path))
     keys = source.keys()
@@ -575,7 +573,7 @@ def load_hf_model(
                       "different lm_head.weight; loading it untied, as transformers does", stacklevel=2)
         config.tie_embeddings = False
     rules = weight_rules(config, gpt2_prefix=prefix)
-    dtype = dtype or _common_dtype(source, read_hf_config(path))
+    dtype = dtype or _common_dtype(source, hf)
 
     def convert(t: torch.Tensor) -> torch.Tensor:
         return t.to(device=device or "cpu", dtype=dtype or t.dtype)

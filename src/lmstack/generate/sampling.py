@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from lmstack.config import eos_ids
 from lmstack.errors import LMStackError
 from lmstack.models.decoder import DecoderLM
 
@@ -229,9 +230,7 @@ def stop_token_set(params: SamplingParams, tokenizer, config) -> set[int]:
     check_stop_token_ids(params.stop_token_ids, config.vocab_size)
     ids = set(params.stop_token_ids)
     if not params.ignore_eos:
-        eos = config.eos_token_id
-        ids.update(t for t in (eos if isinstance(eos, (list, tuple)) else [eos])
-                   if t is not None and 0 <= t < config.vocab_size)
+        ids.update(t for t in eos_ids(config.eos_token_id) if 0 <= t < config.vocab_size)
         if tokenizer.eos_token_id is not None:
             ids.add(tokenizer.eos_token_id)
     return ids

@@ -111,7 +111,7 @@ def _wrappable(model: nn.Module) -> list[str]:
 
 
 def _refuse_second_adapter(model: nn.Module) -> None:
-    if any(True for _ in lora_layers(model)):
+    if lora_layers(model):
         raise LMStackError("the model already has LoRA adapters: merge_and_unload it (or start from the base "
                            "model) before applying another")
 
