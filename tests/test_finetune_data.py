@@ -212,3 +212,28 @@ def test_jsonl_lone_surrogates_become_replacement_characters(tmp_path):
     path.write_text('{"messages": [{"role": "user", "content": "a\\ud800b"}], "x": "\\ud83d\\ude00"}\n')
     [(_, record)] = list(read_jsonl(path))
     assert record == {"messages": [{"role": "user", "content": "a\ufffdb"}], "x": "\U0001F600"}
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_sft_keeps_padding_out_of_the_router_loss(tok, tmp_path, packing):
+    from lmstack.train.tasks import SFTTask
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in
+                            [("Hello", " there!"), ("Two plus two is", " four."), ("What is", " it? It is four.")]))
+    task = SFTTask(tok, 0, str(data), None, 24, packing, val_fraction=0.0)
+    items = task.draw("train", 0, task.size("train"))
+    batch = task.collate("train", items)
+    real = batch["token_mask"]
+    rows = [task.data["train"][i] for i in items]
+    lengths = [sum(len(e) for e in r) if packing else len(r) for r in rows]
+    assert real.sum(dim=1).tolist() == lengths and not real.all()  # padding and real tokens both present
+    assert all(real[b, :n].all() for b, n in enumerate(lengths))
+    torch.manual_seed(0)
+    task.policy = build_model(ModelConfig.from_name("tiny-mixtral", vocab_size=len(tok), block_size=32,
+                                                    moe_aux_loss_coef=0.5))
+    loss, _ = task.loss(task.policy, batch)
+    extra = {k: batch[k] for k in ("position_ids", "document_ids") if k in batch}
+    _, masked = task.policy(batch["input_ids"], batch["labels"], token_mask=real, **extra)
+    _, unmasked = task.policy(batch["input_ids"], batch["labels"], **extra)
+    assert torch.allclose(loss, masked) and not torch.allclose(loss, unmasked, atol=1e-5)

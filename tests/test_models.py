@@ -210,6 +210,34 @@ def test_load_balancing_loss_hand_values():
     assert math.isclose(load_balancing_loss([skewed], 4, 2).item(), expected.item(), rel_tol=1e-5)
 
 
+def test_load_balancing_loss_leaves_padding_out_as_transformers_does():
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    layers = [torch.randn(12, 4) * 3 for _ in range(3)]
+    ours = load_balancing_loss(layers, 4, 2, mask)
+    theirs = load_balancing_loss_func(tuple(layers), 4, 2, mask.long())
+    assert torch.allclose(ours, theirs, atol=1e-6)
+    assert not torch.allclose(ours, load_balancing_loss(layers, 4, 2), atol=1e-3)  # the mask mattered
+    assert torch.allclose(load_balancing_loss(layers, 4, 2), load_balancing_loss_func(tuple(layers), 4, 2),
+                          atol=1e-6)
+
+
+def test_moe_router_loss_ignores_padding_tokens():
+    torch.manual_seed(0)
+    model = DecoderLM(ModelConfig.from_name("tiny-mixtral", moe_aux_loss_coef=0.5)).eval()
+    ids = torch.randint(0, 256, (1, 6))
+    _, alone = model(ids, ids)
+    # Right padding: causal attention keeps the real tokens' logits (and cross-entropy) as they were.
+    padded = torch.cat([ids, torch.randint(0, 256, (1, 4))], dim=1)
+    targets = torch.cat([ids, torch.full((1, 4), -100)], dim=1)
+    real = torch.tensor([[True] * 6 + [False] * 4])
+    _, masked = model(padded, targets, token_mask=real)
+    _, unmasked = model(padded, targets)
+    assert torch.allclose(alone, masked, atol=1e-6) and not torch.allclose(alone, unmasked, atol=1e-4)
+
+
 def test_moe_loss_includes_aux_term():
     torch.manual_seed(0)
     cfg = ModelConfig.from_name("tiny-mixtral", moe_aux_loss_coef=0.5)

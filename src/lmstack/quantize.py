@@ -235,8 +235,9 @@ def quantize_model(model: nn.Module, bits: int | str = 8, group_size: int | None
         if odd:  # two codes per byte: no group size helps
             raise LMStackError(f"int4 packs two weights per byte: layer {odd[0]} has {odd[1]} inputs, an odd "
                                "number (skip it, or use --bits 8)")
+    fits = [g for g in (256, 128, 64, 32, 16, 8, 4, 2) if all(w % g == 0 for w in widths)]
     if group_size is None and bits == 4:  # the largest group, 128 at most, that every layer's inputs divide into
-        group_size = next((g for g in (128, 64, 32, 16, 8, 4, 2) if all(w % g == 0 for w in widths)), 128)
+        group_size = next((g for g in fits if g <= 128), 128)
     elif group_size is None:
         group_size = 64 if bits == "nf4" else 128
     _check_group_size(group_size)
@@ -245,7 +246,6 @@ def quantize_model(model: nn.Module, bits: int | str = 8, group_size: int | None
     if bits == 4:
         wrong = next(((n, m.in_features) for n, m in targets if m.in_features % group_size), None)
         if wrong:
-            fits = [g for g in (256, 128, 64, 32, 16, 8) if all(w % g == 0 for w in widths)]
             raise LMStackError(f"group_size {group_size} does not divide the {wrong[1]} inputs of layer {wrong[0]}"
                                + (f"; group sizes that fit every layer: {fits}" if fits else ""))
     # Every layer quantized before any is swapped in: one that cannot be (its inputs not a multiple of the

@@ -251,6 +251,7 @@ def collate_packed(rows: Sequence[Sequence[Example]], block_size: int, pad_id: i
     labels = np.full((B, block_size), -100, dtype=np.int64)
     positions = np.zeros((B, block_size), dtype=np.int64)
     documents = np.zeros((B, block_size), dtype=np.int64)
+    real = np.zeros((B, block_size), dtype=bool)
     for b, row in enumerate(rows):
         t = 0
         for d, ex in enumerate(row):
@@ -258,10 +259,12 @@ def collate_packed(rows: Sequence[Sequence[Example]], block_size: int, pad_id: i
             input_ids[b, t:t + n], labels[b, t:t + n] = ex.input_ids, ex.labels
             positions[b, t:t + n], documents[b, t:t + n] = np.arange(n), d
             t += n
+        real[b, :t] = True
         positions[b, t:] = np.arange(block_size - t)
         documents[b, t:] = len(row)  # the padding is a document of its own
     return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
-            "position_ids": torch.from_numpy(positions), "document_ids": torch.from_numpy(documents)}
+            "position_ids": torch.from_numpy(positions), "document_ids": torch.from_numpy(documents),
+            "token_mask": torch.from_numpy(real)}
 
 
 def pad_right(seqs: Sequence[Sequence[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,7 +279,8 @@ def pad_right(seqs: Sequence[Sequence[int]], value: int) -> tuple[torch.Tensor, 
 
 def collate_padded(examples: Sequence[Example], pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Right-padded to the longest example. No attention mask is needed: under the causal mask a real
-    token never sees the padding to its right, and padded positions carry no loss."""
-    input_ids, _ = pad_right([ex.input_ids for ex in examples], pad_id)
+    token never sees the padding to its right, and padded positions carry no loss; `token_mask` (the real
+    tokens) keeps the padding out of a mixture of experts' router loss."""
+    input_ids, real = pad_right([ex.input_ids for ex in examples], pad_id)
     labels, _ = pad_right([ex.labels for ex in examples], -100)
-    return {"input_ids": input_ids, "labels": labels}
+    return {"input_ids": input_ids, "labels": labels, "token_mask": real}

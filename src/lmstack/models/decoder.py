@@ -56,6 +56,7 @@ class DecoderLM(nn.Module):
     cache slots in use. `document_ids` ([B, T]) marks the examples packed into each row: attention stays
     within an example (pass `position_ids` that restart with each one too). `return_hidden` returns the
     final-norm hidden states [B, T, C] instead of logits (for classification and reward heads).
+    `token_mask` ([B, T], True for real tokens; default `key_padding`) keeps padding out of the router loss.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -150,6 +151,7 @@ class DecoderLM(nn.Module):
         kv_len: int | None = None,
         document_ids: torch.Tensor | None = None,
         return_hidden: bool = False,
+        token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
         B, T = input_ids.shape
@@ -201,7 +203,9 @@ class DecoderLM(nn.Module):
 
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         if router_logits and cfg.moe_aux_loss_coef:
-            aux = load_balancing_loss(router_logits, cfg.n_expert, cfg.n_expert_per_token)
+            if token_mask is None and key_padding is not None and cache is None:
+                token_mask = key_padding[:, :T]
+            aux = load_balancing_loss(router_logits, cfg.n_expert, cfg.n_expert_per_token, token_mask)
             loss = loss + cfg.moe_aux_loss_coef * aux
         return logits, loss
 

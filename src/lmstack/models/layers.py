@@ -87,16 +87,24 @@ class MoE(nn.Module):
         return out.reshape(shape), router_logits
 
 
-def load_balancing_loss(router_logits: list[torch.Tensor], n_expert: int, top_k: int) -> torch.Tensor:
+def load_balancing_loss(router_logits: list[torch.Tensor], n_expert: int, top_k: int,
+                        token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Switch-Transformer auxiliary loss, pooled over all MoE layers as Mixtral computes it.
 
     `n_expert * sum_e f_e * P_e`, where f_e is the fraction of routing slots sent to expert e (per top-k
     slot) and P_e the mean router probability of e. Perfectly uniform routing gives `top_k`, its minimum.
+    `token_mask` ([B, T] or [N], True for real tokens) leaves padding out, as `transformers` does with the
+    attention mask.
     """
     logits = torch.cat(router_logits, dim=0)  # [layers * N, E]
     probs = F.softmax(logits, dim=-1, dtype=torch.float)
     _, chosen = torch.topk(probs, top_k, dim=-1)
     expert_mask = F.one_hot(chosen, n_expert).float()  # [M, k, E]
-    tokens_per_expert = expert_mask.mean(dim=0)  # [k, E]
-    prob_per_expert = probs.mean(dim=0)  # [E]
+    if token_mask is None:
+        weight = torch.full((logits.shape[0],), 1.0 / logits.shape[0], device=logits.device)
+    else:
+        weight = token_mask.reshape(-1).float().repeat(len(router_logits))
+        weight = weight / weight.sum().clamp(min=1.0)
+    tokens_per_expert = torch.einsum("m,mke->ke", weight, expert_mask)  # [k, E]
+    prob_per_expert = weight @ probs  # [E]
     return n_expert * (tokens_per_expert * prob_per_expert).sum()

@@ -209,6 +209,8 @@ class SFTTask(Task):
 
     def loss(self, model, batch):
         extra = {k: batch[k] for k in ("position_ids", "document_ids") if k in batch}
+        if getattr(getattr(self.policy, "config", None), "n_expert", 0):  # padding out of the router loss
+            extra["token_mask"] = batch["token_mask"]
         _, loss = model(batch["input_ids"], batch["labels"], **extra)
         return loss, {}
 
