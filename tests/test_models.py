@@ -226,7 +226,7 @@ def test_load_balancing_loss_leaves_padding_out_as_transformers_does():
 
 def test_moe_router_loss_ignores_padding_tokens():
     torch.manual_seed(0)
-    model = DecoderLM(ModelConfig.from_name("tiny-mixtral", moe_aux_loss_coef=0.5)).eval()
+    model = DecoderLM(ModelConfig.from_name("tiny-mixtral", moe_aux_loss_coef=0.5))  # training mode
     ids = torch.randint(0, 256, (1, 6))
     _, alone = model(ids, ids)
     # Right padding: causal attention keeps the real tokens' logits (and cross-entropy) as they were.
@@ -246,6 +246,9 @@ def test_moe_loss_includes_aux_term():
     logits, loss = model(ids, ids)
     ce = F.cross_entropy(logits.view(-1, 256), ids.view(-1))
     assert loss.item() > ce.item() + 0.5  # the aux term is at least top_k * coef = 1.0
+    # In eval mode the loss is cross-entropy alone: validation loss and perplexity are not inflated.
+    _, val = model.eval()(ids, ids)
+    assert torch.allclose(val, ce, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- sizes

@@ -535,6 +535,71 @@ def test_overrides_are_typed(tmp_path):
         load_config(recipe, ["--max_steps", "ten"])
 
 
+def test_model_overrides_take_their_field_types(tmp_path):
+    """YAML reads `1e-06` (no dot, as Python writes small floats to a run's config.json) as a string: a model
+    override is converted to its ModelConfig type, so a run resumes and the model builds."""
+    from lmstack.train.config import config_differences
+
+    cfg = load_config(None, ["--data", "d", "--model.norm_eps", "1e-6", "--model.dropout", "1e-1",
+                             "--model.sliding_window", "none", "--model.tie_embeddings", "false"])
+    assert cfg.model_overrides == {"norm_eps": 1e-6, "dropout": 0.1, "sliding_window": None,
+                                   "tie_embeddings": False}
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps(cfg.saved_dict()))
+    assert "1e-06" in saved.read_text()
+    again = load_config(saved)
+    assert again.model_overrides["norm_eps"] == 1e-6 and config_differences(cfg.saved_dict(), again) == []
+    assert again.model_config(vocab_size=65).norm_eps == 1e-6
+    with pytest.raises(LMStackError, match="model_overrides.norm_eps: expected a number, got 'small'"):
+        load_config(None, ["--data", "d", "--model.norm_eps", "small"])
+
+
+@pytest.mark.parametrize("line", ["learning_rate: true", "grad_clip: false", "weight_decay: yes"])
+def test_yaml_booleans_are_not_numbers(tmp_path, line):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(line + "\n")
+    with pytest.raises(LMStackError, match=f"{line.split(':')[0]}: expected a number, got (True|False)"):
+        load_config(recipe, ["--data", "d"])
+
+
+def test_a_run_resumes_from_another_directory(tmp_path, monkeypatch):
+    """Files a run names are saved absolute and compared by where they are, however they were named."""
+    from lmstack.train.config import config_differences
+
+    (tmp_path / "shards").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["--data", "shards"])
+    saved = cfg.saved_dict()
+    assert saved["data"] == str(tmp_path / "shards") and cfg.data == "shards"
+    old = cfg.to_dict()  # a run saved before paths were made absolute, resumed from where it started
+    assert config_differences(old, load_config(None, ["--data", str(tmp_path / "shards")])) == []
+    monkeypatch.chdir(tmp_path.parent)
+    assert config_differences(saved, load_config(None, ["--data", str(tmp_path / "shards")])) == []
+    assert config_differences(saved, load_config(None, ["--data", "elsewhere"])) == [
+        f"data: run has {str(tmp_path / 'shards')!r}, now 'elsewhere'"]
+
+
+def test_precision_refusals():
+    from lmstack.train.loop import resolve_precision
+
+    fp16 = load_config(None, ["--data", "d", "--precision", "fp16", "--distributed", "fsdp"])
+    assert resolve_precision(fp16, torch.device("cuda")) == "fp16"
+    with pytest.raises(LMStackError, match="fp16 is not supported with distributed: fsdp"):
+        resolve_precision(fp16, torch.device("cuda"), sharded=True)
+    with pytest.raises(LMStackError, match="fp16 needs a GPU"):
+        resolve_precision(fp16, torch.device("cpu"))
+
+
+def test_one_gpu_index_under_torchrun_is_refused(monkeypatch):
+    from lmstack.train.loop import setup_runtime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(LMStackError, match="would put all 2 processes on one GPU"):
+        setup_runtime(load_config(None, ["--data", "d", "--device", "cuda:1"]))
+
+
 def test_recipes_parse():
     for recipe in (REPO / "recipes").glob("*.yaml"):
         cfg = load_config(recipe)

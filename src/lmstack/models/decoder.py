@@ -47,7 +47,8 @@ class DecoderLM(nn.Module):
     """A decoder-only language model.
 
     `model(input_ids)` returns logits [B, T, V]; `model(input_ids, targets)` returns `(logits, loss)`, the loss
-    being cross-entropy over targets != -100 plus, for mixtures of experts, the load-balancing term.
+    being cross-entropy over targets != -100 plus, for mixtures of experts in training mode, the
+    load-balancing term (validation loss and perplexity stay cross-entropy).
 
     For generation with a preallocated cache, call `setup_kv_cache(...)` and pass `input_pos` (the cache
     slots of the tokens, [T]); `position_ids` ([B, T]) and `key_padding` ([B, S], True for real tokens) let
@@ -202,7 +203,7 @@ class DecoderLM(nn.Module):
             return logits
 
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        if router_logits and cfg.moe_aux_loss_coef:
+        if router_logits and cfg.moe_aux_loss_coef and self.training:  # an objective term, not a score
             if token_mask is None and key_padding is not None and cache is None:
                 token_mask = key_padding[:, :T]
             aux = load_balancing_loss(router_logits, cfg.n_expert, cfg.n_expert_per_token, token_mask)

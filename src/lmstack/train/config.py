@@ -107,6 +107,7 @@ class TrainConfig:
         if self.init_from not in ("scratch", "checkpoint"):
             raise LMStackError(f"init_from {self.init_from!r} is not scratch or checkpoint")
         ModelConfig.check_settings(self.model_overrides, where="model_overrides")
+        self.model_overrides = _coerce_model_overrides(self.model_overrides)
         for name in ("batch_size", "block_size", "grad_accum", "max_steps", "eval_interval", "log_interval",
                      "checkpoint_interval", "eval_batches"):
             if getattr(self, name) < 1:
@@ -167,6 +168,10 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def saved_dict(self) -> dict[str, Any]:
+        """`to_dict` with the files it names made absolute: a run's config.json resumes from any directory."""
+        return with_resolved_paths(self.to_dict())
+
     def model_config(self, vocab_size: int | None = None) -> ModelConfig:
         """The model's config: the preset with `model_overrides` (the data's vocabulary by default)."""
         changes = dict(self.model_overrides)
@@ -179,6 +184,19 @@ class TrainConfig:
 def _field_types() -> dict[str, Any]:
     hints = typing.get_type_hints(TrainConfig)
     return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
+
+
+def _coerce_model_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Numbers and flags of `model_overrides` to their ModelConfig types: YAML reads `1e-06` (no dot, as
+    Python writes small floats to config.json) as a string."""
+    hints = typing.get_type_hints(ModelConfig)
+    out = {}
+    for key, value in overrides.items():
+        kinds = [k for k in typing.get_args(hints[key]) or (hints[key],) if k is not type(None)]
+        if value is not None and len(kinds) == 1 and kinds[0] in (int, float, bool):
+            value = _coerce(f"model_overrides.{key}", value, hints[key])
+        out[key] = value
+    return out
 
 
 def _coerce(name: str, value: Any, kind: Any) -> Any:
@@ -216,6 +234,8 @@ def _coerce(name: str, value: Any, kind: Any) -> Any:
         except ValueError:
             raise LMStackError(f"{name}: expected an integer, got {value!r}") from None
     if kind is float:
+        if isinstance(value, bool):  # YAML's `yes` / `false`: float() would take them as 1.0 / 0.0
+            raise LMStackError(f"{name}: expected a number, got {value!r}")
         try:
             return float(value)
         except (TypeError, ValueError):
@@ -293,9 +313,29 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     return build_config({**values, **extra}, where=str(path or "command line"))
 
 
+PATH_FIELDS = ("data", "val_data", "model", "reward_function")
+
+
+def with_resolved_paths(values: dict[str, Any]) -> dict[str, Any]:
+    """`values` with each of PATH_FIELDS that names an existing file or directory (relative to the working
+    directory) made absolute; a reward function's `file.py:function` has its file made absolute."""
+    out = dict(values)
+    for key in PATH_FIELDS:
+        value = out.get(key)
+        if not isinstance(value, str) or not value:
+            continue
+        path, sep, rest = value.rpartition(":") if key == "reward_function" else (value, "", "")
+        if key == "reward_function" and not path.endswith(".py"):
+            continue  # a module:function is found on the Python path, not in the working directory
+        if Path(path).exists():
+            out[key] = str(Path(path).resolve()) + sep + rest
+    return out
+
+
 def config_differences(saved: dict[str, Any], current: TrainConfig) -> list[str]:
-    """Fields that differ between a saved run's config and `current`, other than the ones that may."""
-    now = current.to_dict()
+    """Fields that differ between a saved run's config and `current`, other than the ones that may; files
+    are compared by where they are, however they were named."""
+    saved, now = with_resolved_paths(saved), current.saved_dict()
     # A field added after the run started is not in its saved config: it ran with the field's default.
     defaults = TrainConfig(data="-").to_dict()
     return [f"{k}: run has {saved.get(k, defaults[k])!r}, now {now[k]!r}" for k in now

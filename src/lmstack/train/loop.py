@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lmstack.atomic import atomic_write_text
 from lmstack.checkpoints import load_model, load_tokenizer, save_model
 from lmstack.data.shards import TokenShards
 from lmstack.errors import LMStackError
@@ -81,6 +82,10 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
         device = parse_device(cfg.device)
         if device.type == "cuda" and device.index is None:
             device = torch.device(f"cuda:{local}")
+        elif device.type == "cuda" and world > 1:  # every rank on one GPU: NCCL fails with "Duplicate GPU"
+            raise LMStackError(f"device {cfg.device!r} under torchrun would put all {world} processes on one GPU; "
+                               "give --device cuda (each process takes cuda:LOCAL_RANK) and choose the GPUs "
+                               "with CUDA_VISIBLE_DEVICES")
     if device.type == "cuda":
         torch.cuda.set_device(device)
         # float32 matrix products on tensor cores (TF32), as nanoGPT runs them and as MFU's fp32 peak assumes.
@@ -92,9 +97,13 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
     return Runtime(rank, world, local, device)
 
 
-def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
+def resolve_precision(cfg: TrainConfig, device: torch.device, sharded: bool = False) -> str:
+    """The precision a run trains in: `cfg.precision`, or for "auto" bf16 where the GPU has it, else fp32."""
     if cfg.precision == "fp16" and device.type == "cpu":
         raise LMStackError("precision fp16 needs a GPU (use bf16 or fp32 on the CPU)")
+    if cfg.precision == "fp16" and sharded:  # each rank's loss scaler would see only its own shard's infs
+        raise LMStackError("precision fp16 is not supported with distributed: fsdp (the loss scaler would have "
+                           "to agree across shards); use bf16, or fp16 with ddp")
     if cfg.precision != "auto":
         return cfg.precision
     if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):  # not emulated (V100, T4)
@@ -374,7 +383,7 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
               f"learning_rate {cfg.learning_rate:g} for the whole run", file=sys.stderr)
     task = build_task(cfg)
     tokenizer = task.tokenizer
-    precision = resolve_precision(cfg, rt.device)
+    precision = resolve_precision(cfg, rt.device, sharded=fsdp)
 
     # Seed before building the model so initial weights (and new heads, adapters) are reproducible.
     torch.manual_seed(cfg.seed)
@@ -439,7 +448,7 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
 
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        atomic_write_text(run_dir / "config.json", json.dumps(cfg.saved_dict(), indent=2) + "\n")
     # A fresh run starts metrics.jsonl anew (a run killed before its first checkpoint may have left one).
     log = MetricsLog(run_dir, cfg.tensorboard, resume_step=start_step) if rt.is_main else None
     if rt.is_main and cfg.lora_r:
