@@ -782,12 +782,17 @@ def test_curves_and_best_follow_the_task_headline(tmp_path):
     assert plot_losses(tmp_path).stat().st_size > 10_000
 
 
-def test_out_of_memory_says_what_to_change(char_shards, tmp_path, monkeypatch):
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_out_of_memory_says_what_to_change(char_shards, tmp_path, monkeypatch, wrapped):
+    """Also when torch.compile wraps the OOM it met while compiling or autotuning in its own error."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
     from lmstack import DecoderLM
     from lmstack.train.loop import pretrain
 
     def oom(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        raise BackendCompilerFailed("inductor", error, None) if wrapped else error
 
     monkeypatch.setattr(DecoderLM, "forward", oom)
     cfg = load_config(None, ["--data", str(char_shards), "--out_dir", str(tmp_path / "r"), *TINY])
@@ -820,6 +825,25 @@ def test_publishing_a_step_again_replaces_it_whole(tmp_path):
         (stage / "weights").write_text(content)
         final = ckpt.publish(tmp_path, 7, keep=2)
     assert (final / "weights").read_text() == "second"
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [final.name]
+
+
+def test_publishing_flushes_and_clears_stale_stages(tmp_path, monkeypatch):
+    """Every staged file is fsynced before the rename (a machine crash must not publish empty files), and a
+    staging directory a killed save left at another step is removed."""
+    from lmstack.train import checkpoint as ckpt
+
+    stale = ckpt.staging_dir(tmp_path, 3)
+    stale.mkdir(parents=True)
+    (stale / "half").write_text("x")
+    stage = ckpt.staging_dir(tmp_path, 5)
+    (stage / "trainer_state").mkdir(parents=True)
+    (stage / "trainer_state" / "state.json").write_text("{}")
+    synced, fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), fsync(fd)))
+    final = ckpt.publish(tmp_path, 5, keep=2)
+    assert str(stage / "trainer_state" / "state.json") in synced and str(stage) in synced
+    assert str(final.parent) in synced  # the rename itself
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [final.name]
 
 

@@ -13,6 +13,7 @@ previous checkpoint or the new one, never half of one.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import random
 import re
@@ -75,9 +76,26 @@ def write_trainer_state(stage: Path, rank: int, state: dict[str, Any] | None, op
         (folder / "state.json").write_text(json.dumps({**(state or {}), **host_rng_state()}, indent=1))
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_tree(folder: Path) -> None:
+    """Flush every file under `folder`, and the directories, to disk: a rename published after a crash of
+    the machine (not only of the process) must not name empty files."""
+    for path in [*folder.rglob("*"), folder]:
+        _fsync(path)
+
+
 def publish(run_dir: Path, step: int, keep: int) -> Path:
-    """Rename the staged checkpoint into place and delete all but the newest `keep`."""
+    """Rename the staged checkpoint into place and delete all but the newest `keep`, and any staging
+    directory an interrupted save left."""
     final, stage = checkpoint_dir(run_dir, step), staging_dir(run_dir, step)
+    _sync_tree(stage)
     if final.exists():
         # The same step saved again: move the old one aside first, so that the name never holds a
         # half-deleted checkpoint.
@@ -89,8 +107,11 @@ def publish(run_dir: Path, step: int, keep: int) -> Path:
         shutil.rmtree(old)
     else:
         stage.rename(final)
+    _fsync(final.parent)  # the rename itself
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old)
+    for stale in final.parent.glob("step-*.tmp"):  # a save killed at another step (one save runs at a time)
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 

@@ -97,6 +97,18 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
     return Runtime(rank, world, local, device)
 
 
+def caused_by_oom(error: BaseException) -> bool:
+    """Whether `error` is a CUDA out-of-memory error, or wraps one (torch.compile raises an OOM met while
+    compiling or autotuning inside its own BackendCompilerFailed)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, torch.cuda.OutOfMemoryError):
+            return True
+        seen.add(id(error))
+        error = getattr(error, "inner_exception", None) or error.__cause__ or error.__context__
+    return False
+
+
 def resolve_precision(cfg: TrainConfig, device: torch.device, sharded: bool = False) -> str:
     """The precision a run trains in: `cfg.precision`, or for "auto" bf16 where the GPU has it, else fp32."""
     if cfg.precision == "fp16" and device.type == "cpu":
@@ -327,7 +339,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict[str, Any]:
         if rt.is_main:  # the CLI then prints "interrupted" and exits non-zero
             print(interrupted_message(cfg), file=sys.stderr, flush=True)
         raise
-    except torch.cuda.OutOfMemoryError:
+    except Exception as e:
+        if not caused_by_oom(e):
+            raise
         raise LMStackError(
             f"out of GPU memory at batch_size={cfg.batch_size}, block_size={cfg.block_size}: lower batch_size "
             "(and raise grad_accum to keep the global batch), or set activation_checkpointing: true") from None
