@@ -167,11 +167,22 @@ def test_sampled_frequencies_match_the_distribution(sampler):
     (dict(stop_token_ids=5), "stop_token_ids"), (dict(stop_token_ids=[-5]), "stop_token_ids"),
     (dict(logit_bias={"a": 1.0}), "logit_bias"), (dict(choice="yes"), "choice"),
     (dict(regex=5), "regex=5: must be a string"), (dict(grammar=5), "grammar=5: must be a string"),
-    (dict(json_schema=5), "json_schema=5"),
+    (dict(json_schema=5), "json_schema=5"), (dict(ignore_eos="false"), "ignore_eos='false': must be True or"),
+    (dict(truncate_prompt="no"), "truncate_prompt"), (dict(logit_bias={5: True}), "logit_bias"),
 ])
 def test_bad_sampling_parameters_name_the_parameter(bad, match):
     with pytest.raises(LMStackError, match=match):
         SamplingParams(**bad)
+
+
+def test_a_tiny_temperature_is_greedy():
+    """Dividing by 1e-40 overflows the logits to NaN (an empty or failed sample); below 1e-5 is greedy."""
+    from lmstack.generate.sampling import sample_from
+
+    params = SamplingParams(temperature=1e-40)
+    assert params.greedy and not SamplingParams(temperature=1e-4).greedy
+    g = torch.Generator().manual_seed(0)
+    assert sample_from(process_logits(LOGITS, params), params.greedy, g).tolist() == [0]
 
 
 # ---------------------------------------------------------------------------------------------- engine
@@ -354,10 +365,52 @@ def test_prompts_as_tensors_and_edge_sizes(tiny):
     assert len(beams) == 6 and engine.beam_search(torch.tensor(ids), num_beams=2, max_new_tokens=6)[0].token_ids == beams
     empty = engine.beam_search("ROMEO:", num_beams=2, max_new_tokens=0, num_return_sequences=2)
     assert [(c.token_ids, c.finish_reason) for c in empty] == [([], "length")] * 2
-    with pytest.raises(LMStackError, match="max_batch_size=0: must be >= 1"):
-        Engine(model, tok, max_batch_size=0)
+    for bad in (dict(max_batch_size=0), dict(max_batch_size=2.5), dict(max_seq_len=True), dict(max_seq_len=0)):
+        name, value = next(iter(bad.items()))
+        with pytest.raises(LMStackError, match=f"{name}={value!r}: must be an integer >= 1"):
+            Engine(model, tok, **bad)
+    with pytest.raises(LMStackError, match=r"prompt 0: token ids must be integers, got 1.5"):
+        engine.generate([[ids[0], 1.5]], **params)
+    with pytest.raises(LMStackError, match="token ids must be integers"):
+        engine.generate(torch.tensor([[1.0, 2.0]]), **params)
     with pytest.raises(LMStackError, match="one prompt is expected here, got a batch of 2"):
         engine.beam_search(torch.tensor([ids, ids]))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(num_beams=0), "num_beams=0: must be an integer >= 1"),
+    (dict(num_beams=2.0), "num_beams=2.0: must be an integer"),
+    (dict(num_return_sequences=True), "num_return_sequences=True"),
+    (dict(num_beams=2, num_return_sequences=3), r"between 1 and num_beams \(2\)"),
+    (dict(length_penalty=float("nan")), "length_penalty=nan: must be a finite number"),
+    (dict(length_penalty="1"), "length_penalty='1'"),
+])
+def test_bad_beam_parameters_name_the_parameter(tiny, bad, match):
+    model, tok, _ = tiny
+    engine = Engine(model, tok)
+    with pytest.raises(LMStackError, match=match):
+        engine.beam_search("ROMEO:", **{"max_new_tokens": 4, **bad})
+    assert len(engine.generate("ROMEO:", max_new_tokens=4, ignore_eos=True)[0].token_ids) == 4  # still works
+
+
+def test_a_failed_cache_allocation_leaves_the_engine_as_it_was(tiny, monkeypatch):
+    """Out of memory while growing the cache must not record the size that was never allocated."""
+    model, tok, _ = tiny
+    engine = Engine(model, tok, max_batch_size=8)
+    params = dict(max_new_tokens=4, temperature=0, ignore_eos=True)
+    expected = engine.generate("ROMEO:", **params)[0].token_ids
+    sizes = (engine._cache_batch, engine._cache_len)
+    real = model.setup_kv_cache
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(model, "setup_kv_cache", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        engine.generate(["ROMEO:"] * 8, **params)
+    assert (engine._cache_batch, engine._cache_len) == sizes
+    monkeypatch.setattr(model, "setup_kv_cache", real)
+    assert engine.generate("ROMEO:", **params)[0].token_ids == expected
 
 
 def test_logprobs_beyond_a_small_vocabulary_give_every_token(tmp_path):
@@ -450,6 +503,11 @@ def test_prompt_too_long(tiny):
     # truncation keeps at least half the context for the prompt
     out = Engine(model, tok).generate(long, max_new_tokens=S + 50, truncate_prompt=True, ignore_eos=True)[0]
     assert out.prompt_tokens == S - S // 2 and len(out.token_ids) == S // 2
+    # a prompt that fits is kept whole, truncate_prompt or not (as generate_ids and transformers do)
+    fits = tok.encode(long)[:S - 10]
+    for truncate in (False, True):
+        out = Engine(model, tok).generate([fits], max_new_tokens=50, truncate_prompt=truncate, ignore_eos=True)[0]
+        assert out.prompt_tokens == S - 10 and len(out.token_ids) == 10 and out.finish_reason == "length"
 
 
 def test_smollm2_engine_answers_and_matches_transformers(smollm2_gguf):

@@ -176,6 +176,9 @@ def test_overrides_and_truncation(models):
     long = "word " * 500
     out, _ = speculative_generate(target, tok, long, params=base, truncate_prompt=True, max_new_tokens=8, k=4)
     assert len(out.token_ids) == 8 and out.prompt_tokens == target.config.block_size - 8  # as the engine keeps
+    fits = tok.encode(long)[:target.config.block_size - 4]  # a prompt that fits is kept whole
+    out, _ = speculative_generate(target, tok, fits, params=base, truncate_prompt=True, max_new_tokens=8, k=4)
+    assert out.prompt_tokens == target.config.block_size - 4 and len(out.token_ids) == 4
 
 
 def test_cli_speculative(models, tmp_path, capsys):

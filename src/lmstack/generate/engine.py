@@ -8,6 +8,7 @@ its own (eos, stop ids, stop strings, or `max_new_tokens`).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from numbers import Integral
@@ -17,10 +18,10 @@ import torch
 from lmstack.errors import LMStackError
 from lmstack.generate.sampling import (
     SamplingParams,
-    checked_prompt,
+    fitted_prompt,
     logit_bias_vector,
     process_logits,
-    reply_room,
+    prompt_token_ids,
     sample_from,
     sampling_params,
     stop_token_set,
@@ -83,8 +84,9 @@ class Engine:
         if arch != "transformer":  # the engine's batching lives in the Transformer's KV cache
             raise LMStackError(f"the generation engine runs Transformer models, not a recurrent LM (arch {arch!r}); "
                                "generate from one with lmstack.generate.generate_ids(model, prompt_ids, n)")
-        if max_batch_size < 1:
-            raise LMStackError(f"max_batch_size={max_batch_size}: must be >= 1")
+        for name, value in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise LMStackError(f"{name}={value!r}: must be an integer >= 1")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -161,10 +163,14 @@ class Engine:
         worst of those, or at `max_new_tokens`, where the running beams are scored the same way.
         `stop_token_ids` end a beam as eos does (as a list of eos ids does in `transformers`); `truncate_prompt`
         keeps the end of a prompt too long for the context, as in `generate`."""
-        if num_beams < 1:
-            raise LMStackError(f"num_beams={num_beams}: must be >= 1")
-        if not 1 <= num_return_sequences <= num_beams:
-            raise LMStackError(f"num_return_sequences={num_return_sequences} must be between 1 and num_beams")
+        for name, value in (("num_beams", num_beams), ("num_return_sequences", num_return_sequences)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise LMStackError(f"{name}={value!r}: must be an integer >= 1")
+        if num_return_sequences > num_beams:
+            raise LMStackError(f"num_return_sequences={num_return_sequences} must be between 1 and num_beams "
+                               f"({num_beams})")
+        if not (isinstance(length_penalty, (int, float)) and math.isfinite(length_penalty)):
+            raise LMStackError(f"length_penalty={length_penalty!r}: must be a finite number")
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0, ignore_eos=ignore_eos,
                                 stop_token_ids=list(stop_token_ids), truncate_prompt=truncate_prompt)
         ids = self._encode([_one_prompt(prompt)], params)[0]
@@ -225,15 +231,9 @@ class Engine:
         out = []
         V = self.model.config.vocab_size
         for i, p in enumerate(prompts):
-            ids = checked_prompt(self.tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p],
-                                 self.tokenizer, V, i)
-            if len(ids) >= self.max_seq_len and not params.truncate_prompt:
-                raise LMStackError(
-                    f"prompt {i} has {len(ids)} tokens; the context holds {self.max_seq_len}, with room for "
-                    f"a new token at most {self.max_seq_len - 1} (truncate_prompt=True, or --truncate-prompt, keeps its end)")
-            if params.truncate_prompt:  # keep the end, leaving room for max_new_tokens or half the context
-                ids = ids[-max(1, self.max_seq_len - reply_room(params.max_new_tokens, self.max_seq_len)):]
-            out.append(ids)
+            ids = prompt_token_ids(p, self.tokenizer, V, i)
+            out.append(fitted_prompt(ids, self.max_seq_len, params.max_new_tokens, params.truncate_prompt,
+                                     f"prompt {i}"))
         return out
 
     def _ensure_cache(self, batch: int, length: int) -> None:
@@ -242,13 +242,15 @@ class Engine:
         or freed it. Its length is a power of two (at least 256) that holds `length` tokens, up to
         `max_seq_len` (or `length`, when that is longer): a model with a long context does not reserve all of
         it for short generations, and a compiled decode step sees a new shape only when the length doubles."""
-        self._cache_batch = max(batch, self._cache_batch)
         cap = max(self.max_seq_len, length)  # past max_seq_len only for short prompts beside long ones
-        self._cache_len = max(self._cache_len, min(cap, max(256, 1 << (length - 1).bit_length())))
+        want_batch = max(batch, self._cache_batch)
+        want_len = max(self._cache_len, min(cap, max(256, 1 << (length - 1).bit_length())))
         cache = self.model.layers[0].attn.kv_cache
-        if (cache is None or cache.k.shape[0] < self._cache_batch or cache.k.shape[2] != self._cache_len
+        if (cache is None or cache.k.shape[0] < want_batch or cache.k.shape[2] != want_len
                 or cache.k.device != self.device or cache.k.dtype != self.model.embed.weight.dtype):
-            self.model.setup_kv_cache(self._cache_batch, self._cache_len, device=self.device)
+            self.model.setup_kv_cache(want_batch, want_len, device=self.device)
+        # Only once it is allocated: a failed allocation (out of memory) leaves the engine as it was.
+        self._cache_batch, self._cache_len = want_batch, want_len
 
     def _stop_ids(self, params: SamplingParams) -> set[int]:
         return stop_token_set(params, self.tokenizer, self.model.config)

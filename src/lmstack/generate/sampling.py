@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from numbers import Integral
 from typing import Any
 
 import torch
@@ -20,11 +21,12 @@ from lmstack.errors import LMStackError
 from lmstack.models.decoder import DecoderLM
 
 NEG_INF = float("-inf")
+GREEDY_BELOW = 1e-5  # a temperature under this is greedy (as in vLLM): dividing by it overflows to NaN
 
 
 @dataclass
 class SamplingParams:
-    """How to pick tokens and when to stop. `temperature=0` means greedy."""
+    """How to pick tokens and when to stop. `temperature=0` (or below 1e-5) means greedy."""
 
     max_new_tokens: int = 256
     temperature: float = 1.0
@@ -43,7 +45,7 @@ class SamplingParams:
     n: int = 1  # samples per prompt
     seed: int | None = None
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the top k alternatives
-    truncate_prompt: bool = False  # keep the end of a prompt longer than the context instead of failing
+    truncate_prompt: bool = False  # a prompt that fills the context keeps its end (room for the reply) instead of failing
     # Constraints (at most one): the output must match it (see lmstack.generate.constrained).
     choice: list[str] | None = None
     regex: str | None = None
@@ -73,6 +75,9 @@ class SamplingParams:
         for name in ("top_k", "seed", "logprobs"):
             if getattr(self, name) is not None and not is_int(getattr(self, name)):
                 raise bad(name, "must be an integer or None")
+        for name in ("ignore_eos", "truncate_prompt"):  # a string such as "false" would read as true
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "must be True or False")
         if self.temperature < 0:
             raise bad("temperature", "must be >= 0 (0 means greedy)")
         if not 0 < self.top_p <= 1:
@@ -97,7 +102,7 @@ class SamplingParams:
                 is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "must be a list of token ids (integers >= 0)")
         if not isinstance(self.logit_bias, dict) or not all(
-                is_int(t) and t >= 0 and isinstance(b, (int, float)) and math.isfinite(b)
+                is_int(t) and t >= 0 and isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b)
                 for t, b in self.logit_bias.items()):
             raise bad("logit_bias", "must map token ids (integers >= 0) to finite numbers")
         if self.choice is not None and (not isinstance(self.choice, (list, tuple)) or not self.choice
@@ -123,7 +128,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 def sampling_params(params: SamplingParams | None, overrides: dict[str, Any]) -> SamplingParams:
@@ -202,6 +207,33 @@ def apply_typical_p(logits: torch.Tensor, mass: float) -> torch.Tensor:
 def reply_room(max_new_tokens: int, context: int) -> int:
     """The tokens a truncated prompt leaves for the reply: `max_new_tokens`, but at most half the context."""
     return max(1, min(max_new_tokens, context // 2))
+
+
+def fitted_prompt(ids: list[int], context: int, max_new_tokens: int, truncate: bool,
+                  name: str = "prompt") -> list[int]:
+    """`ids` if they leave room in the context for a new token; else, with `truncate`, their end, leaving
+    room for `max_new_tokens` (at most half the context); else an error naming the prompt."""
+    if len(ids) < context:
+        return ids
+    if not truncate:
+        raise LMStackError(f"{name} has {len(ids)} tokens; the context holds {context}, with room for a new token "
+                           f"at most {context - 1} (truncate_prompt=True, or --truncate-prompt, keeps its end)")
+    return ids[-max(1, context - reply_room(max_new_tokens, context)):]
+
+
+def prompt_token_ids(prompt: str | Sequence[int], tokenizer: Any, vocab_size: int, index: int = 0) -> list[int]:
+    """A prompt's token ids: a string encoded, or a sequence of ids (ints, numpy or 0-d torch integers) checked
+    to be integers in the vocabulary (`checked_prompt`)."""
+    if isinstance(prompt, str):
+        return checked_prompt(tokenizer.encode(prompt), tokenizer, vocab_size, index)
+    ids = []
+    for t in prompt:
+        if isinstance(t, torch.Tensor) and t.dim() == 0 and not (t.is_floating_point() or t.dtype == torch.bool):
+            t = int(t)
+        if isinstance(t, bool) or not isinstance(t, Integral):  # int() would cut 1.5 to 1 without a word
+            raise LMStackError(f"prompt {index}: token ids must be integers, got {t!r}")
+        ids.append(int(t))
+    return checked_prompt(ids, tokenizer, vocab_size, index)
 
 
 def checked_prompt(ids: list[int], tokenizer: Any, vocab_size: int, index: int = 0) -> list[int]:
@@ -336,8 +368,7 @@ def generate_ids(
         return _generate_recurrent(model, prompt_ids, max_new_tokens, temperature, top_k, stop_ids, generator)
     block = model.config.block_size
     prompt_ids = list(prompt_ids) or [0]
-    if len(prompt_ids) >= block:  # no room for a token: keep the end, with room for the reply (`truncate_prompt`)
-        prompt_ids = prompt_ids[-max(1, block - reply_room(max_new_tokens, block)):]
+    prompt_ids = fitted_prompt(prompt_ids, block, max_new_tokens, truncate=True)
     total = min(len(prompt_ids) + max_new_tokens, block)
     was_training = model.training
     model.eval()

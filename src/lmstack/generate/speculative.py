@@ -18,9 +18,9 @@ from lmstack.errors import LMStackError
 from lmstack.generate.engine import Completion, tokens_spelling
 from lmstack.generate.sampling import (
     SamplingParams,
-    checked_prompt,
+    fitted_prompt,
     process_logits,
-    reply_room,
+    prompt_token_ids,
     sampling_params,
     stop_token_set,
 )
@@ -97,13 +97,8 @@ def speculative_generate(
         raise LMStackError(f"draft is on {draft.embed.weight.device} but the target is on {device}: load both "
                            "on the same device")
     stop_ids = stop_token_set(params, tokenizer, target.config)
-    ids = checked_prompt(tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt],
-                         tokenizer, target.config.vocab_size)
-    if params.truncate_prompt:  # as the engine does: room for max_new_tokens, or half the context
-        ids = ids[-max(1, block - reply_room(params.max_new_tokens, block)):]
-    if len(ids) >= block:  # the engine's rule: a prompt leaves room for at least one new token
-        raise LMStackError(f"prompt has {len(ids)} tokens; the context holds {block}, with room for a new token "
-                           f"at most {block - 1} (truncate_prompt=True, or --truncate-prompt, keeps its end)")
+    ids = prompt_token_ids(prompt, tokenizer, target.config.vocab_size)
+    ids = fitted_prompt(ids, block, params.max_new_tokens, params.truncate_prompt)  # the engine's rule
     if params.max_new_tokens == 0:  # as the engine: nothing to generate
         return Completion("", [], "length", len(ids)), SpeculativeStats()
     # Proposals never run past max_new_tokens or the context (`room` below), so this many slots suffice.
