@@ -78,6 +78,21 @@ def test_the_grammar_wins_over_processors_that_ban_every_allowed_token(random_en
     assert [c.text for c in outs] == ["zzzz"] * 3 and {c.finish_reason for c in outs} == {"stop"}
 
 
+def test_without_an_eos_the_grammar_ends_on_its_own_end_token_never_spelled():
+    """A tokenizer with no eos: llguidance ends the grammar on a special token of its choosing, which ends the
+    row as eos would and is not appended to the text."""
+    text = (REPO / "data" / "tinyshakespeare.txt").read_text()[:30_000]
+    tok = lmstack.Tokenizer.train([text], vocab_size=300, eos_token=None)
+    assert tok.eos_token_id is None
+    torch.manual_seed(0)
+    model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", vocab_size=300, block_size=64))
+    outs = Engine(model.eval(), tok, max_batch_size=30).generate(
+        "a", regex="[0-9]{1,3}", max_new_tokens=8, temperature=3.0, seed=0, n=30)
+    assert all(re.fullmatch("[0-9]{1,3}", c.text) and c.finish_reason == "stop" for c in outs)
+    ended_early = [c for c in outs if len(c.text) < 3]
+    assert ended_early and all(c.stop_token_id == 0 and 0 not in c.token_ids for c in ended_early)
+
+
 def test_character_level_tokenizers_are_constrained_too():
     """llguidance cannot read a character tokenizer's decoder (Fuse) from tokenizer.json: it gets each token's
     bytes instead. A vocabulary that cannot spell the grammar is a clear error, not a crash."""

@@ -542,6 +542,8 @@ def test_beam_search_equals_transformers(tiny, num_beams):
         theirs = hf.generate(torch.tensor([ids]), max_new_tokens=12, num_beams=num_beams, do_sample=False,
                              eos_token_id=stop, pad_token_id=0)[0, len(ids):].tolist()
         assert ours.token_ids == [t for t in theirs if t != stop]
+        ended = stop in theirs  # the stop token is reported as generate() reports it, and never in token_ids
+        assert (ours.finish_reason, ours.stop_token_id) == (("stop", stop) if ended else ("length", None))
         changed.append(ours.token_ids != free)
     assert any(changed)  # the stop token changed the search's outcome somewhere
 
@@ -819,12 +821,21 @@ def test_cli_beam_search_refuses_the_flags_it_ignores(tmp_path, capsys):
     for flags, named in ((["--temperature", "0.9"], "--temperature"), (["--top-p", "0.5"], "--top-p"),
                          (["--stop", "x", "--seed", "1"], "--stop, --seed"), (["--regex", "a+"], "--regex"),
                          (["--repetition-penalty", "1.2"], "--repetition-penalty"),
-                         (["--speculative", "prompt_lookup"], "--speculative and --num-beams")):
+                         (["--speculative", "prompt_lookup"], "--speculative and --num-beams"),
+                         (["--n", "3"], "--n 3 with --num-beams 2")):
         assert main([*common, *flags]) == 1
         err = capsys.readouterr().err
         assert err.startswith("error: ") and named in err and err.count("\n") == 1, err
     # what beam search does use: greedy, stop ids, the prompt's end
     assert main([*common, "--temperature", "0", "--stop-token-ids", "5", "--truncate-prompt"]) == 0
+    # flags of one mode given without it are refused, not ignored
+    plain = common[:-2]
+    for flags, named in ((["--length-penalty", "0.5"], "--length-penalty scores finished beams"),
+                         (["--draft-k", "3"], "--draft-k is the number"),
+                         (["--speculative", "prompt_lookup", "--draft-k", "0"], "--draft-k 0: must be >= 1")):
+        assert main([*plain, *flags]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and named in err and err.count("\n") == 1, err
 
 
 def test_cli_list_flags_repeat_and_leave_the_prompt_alone(tmp_path, monkeypatch, capsys):
@@ -917,3 +928,12 @@ def test_lmstack_generate_is_the_function_and_the_package(tiny):
         Engine(model, tok).generate("O", max_new_tokens=3, temperature=0)[0].token_ids
     assert lmstack.generate.speculative.speculative_generate is not None
     assert importlib.import_module("lmstack.generate.sampling").SamplingParams is SamplingParams
+
+
+def test_the_one_call_generate_runs_n_samples_of_one_prompt_together(tiny, monkeypatch):
+    model, tok, _ = tiny
+    batches = []
+    run = Engine._run
+    monkeypatch.setattr(Engine, "_run", lambda self, rows, params: (batches.append(len(rows)), run(self, rows, params))[1])
+    outs = lmstack.generate(model, tok, "O", max_new_tokens=3, temperature=1.0, seed=0, n=8)
+    assert len(outs) == 8 and batches == [8]

@@ -106,6 +106,8 @@ def test_bad_speculative_arguments(models):
     target, _, tok = models
     with pytest.raises(LMStackError, match="k=0"):
         speculative_generate(target, tok, "x", k=0)
+    with pytest.raises(LMStackError, match="k=2.5: the tokens drafted per target pass must be an integer"):
+        speculative_generate(target, tok, "x", k=2.5)
     small = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", vocab_size=300))
     with pytest.raises(LMStackError, match="vocabulary"):
         speculative_generate(target, tok, "x", small)

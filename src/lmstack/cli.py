@@ -427,9 +427,18 @@ def _generate(args: argparse.Namespace) -> None:
         raise LMStackError(f"--num-beams {args.num_beams}: must be >= 1 (1 means no beam search)")
     if params.logprobs is not None and (args.num_beams > 1 or args.speculative):
         raise LMStackError("--logprobs works with sampling and greedy decoding, not beam search or --speculative")
+    if args.draft_k is not None and not args.speculative:
+        raise LMStackError("--draft-k is the number of tokens drafted per target pass: it needs --speculative")
+    if args.draft_k is not None and args.draft_k < 1:
+        raise LMStackError(f"--draft-k {args.draft_k}: must be >= 1")
+    if args.length_penalty is not None and args.num_beams == 1:
+        raise LMStackError("--length-penalty scores finished beams: it needs --num-beams > 1")
     if args.num_beams > 1:
         if args.speculative:
             raise LMStackError("--speculative and --num-beams > 1 do not combine")
+        if args.n > args.num_beams:
+            raise LMStackError(f"--n {args.n} with --num-beams {args.num_beams}: beam search returns at most "
+                               "num_beams sequences")
         # Greedy is what beam search is: --temperature 0 is no contradiction.
         ignored = [f for f in _flags_given(args, _NOT_FOR_BEAMS) if f != "--temperature" or args.temperature]
         if ignored:
@@ -449,7 +458,7 @@ def _generate(args: argparse.Namespace) -> None:
             _check_model(args.speculative, "--speculative")
         draft = args.speculative if args.speculative == "prompt_lookup" else _load_lm(
             args.speculative, "--speculative", "drafting", dtype=args.dtype, device=args.device)
-        out, stats = speculative_generate(engine.model, engine.tokenizer, prompt, draft, k=args.draft_k,
+        out, stats = speculative_generate(engine.model, engine.tokenizer, prompt, draft, k=args.draft_k or 4,
                                           params=params)
         print(out.text)
         print(f"(speculative: {stats.accepted}/{stats.proposed} drafted tokens accepted, "
@@ -458,7 +467,8 @@ def _generate(args: argparse.Namespace) -> None:
         return
     if args.num_beams > 1:
         for c in engine.beam_search(prompt, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
-                                    length_penalty=args.length_penalty, num_return_sequences=args.n,
+                                    length_penalty=1.0 if args.length_penalty is None else args.length_penalty,
+                                    num_return_sequences=args.n,
                                     ignore_eos=args.ignore_eos, stop_token_ids=params.stop_token_ids,
                                     truncate_prompt=args.truncate_prompt):
             print(c.text)
@@ -764,14 +774,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(gen)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message (chat template)")
     gen.add_argument("--num-beams", type=int, default=1, help="> 1: beam search")
-    gen.add_argument("--length-penalty", type=float, default=1.0,
-                     help="beam search: a finished beam scores its log-probability / length ** this")
+    gen.add_argument("--length-penalty", type=float, default=None,
+                     help="beam search: a finished beam scores its log-probability / length ** this (default 1)")
     gen.add_argument("--logprobs", type=int, default=None, metavar="K",
                      help="print each token's log-probability and its K most likely alternatives")
     gen.add_argument("--no-stream", action="store_true")
     gen.add_argument("--speculative", default=None, metavar="DRAFT",
                      help="speculative decoding with a draft model directory, or 'prompt_lookup'")
-    gen.add_argument("--draft-k", type=int, default=4, help="tokens drafted per target pass")
+    gen.add_argument("--draft-k", type=int, default=None, help="tokens drafted per target pass (default 4)")
     gen.set_defaults(func=_generate)
 
     chat = verbs.add_parser("chat", help="interactive chat with streaming (/reset, /system TEXT, /quit)")

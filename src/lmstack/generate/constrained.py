@@ -87,6 +87,10 @@ class Constraint:
         ll = _llguidance()
         eos = tokenizer.eos_token_id
         self.tokenizer = _ll_tokenizer(tokenizer.backend.to_str(), vocab_size, eos)
+        # The token the grammar ends with: the tokenizer's eos, or, without one, the special token llguidance
+        # picks in its place (None where it picks none inside the vocabulary). It ends a row and is not text.
+        end = self.tokenizer.eos_token
+        self.eos: int | None = end if 0 <= end < vocab_size else None
         error = ll.LLMatcher.validate_grammar(grammar, self.tokenizer)
         if error and not error.startswith("WARNING"):
             first = error.strip().splitlines()[0]  # the rest is a caret diagram

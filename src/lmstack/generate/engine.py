@@ -216,9 +216,11 @@ class Engine:
             logits = self._forward(feed, input_pos=torch.tensor([L + step], device=dev), kv_len=L + step + 1)
         out = []
         for score, tokens, _ in finished[:num_return_sequences]:
-            tokens = [t for t in tokens if t not in eos]
-            reason = "length" if len(tokens) == steps else "stop"
-            out.append(Completion(self.tokenizer.decode(tokens), tokens, reason, L, score=score))
+            stop = tokens[-1] if tokens[-1] in eos else None  # only a beam's last token can be a stop token
+            tokens = tokens[:-1] if stop is not None else tokens
+            reason = "length" if stop is None else "stop"
+            out.append(Completion(self.tokenizer.decode(tokens), tokens, reason, L, score=score,
+                                  stop_token_id=stop))
         return out
 
     # ------------------------------------------------------------------------------------------ internals
@@ -351,9 +353,8 @@ class Engine:
             scores = logits
             if constraint is not None:  # before the truncations, so top-k / top-p choose among allowed tokens
                 allowed = constraint.allowed(dev)
-                eos = self.tokenizer.eos_token_id
-                if eos is not None:  # a matcher with nothing left to allow may still end
-                    allowed[~allowed.any(dim=-1), eos] = True
+                if constraint.eos is not None:  # a matcher with nothing left to allow may still end
+                    allowed[~allowed.any(dim=-1), constraint.eos] = True
                 scores = logits.float().masked_fill(~allowed, float("-inf"))
             processed = process_logits(scores, params, seen, counts, histories, bias)
             if constraint is not None:
@@ -398,7 +399,7 @@ class Engine:
             if r.finish_reason is not None:
                 continue
             token = tokens[i]
-            if token in stop_ids or (constraint is not None and token == self.tokenizer.eos_token_id):
+            if token in stop_ids or (constraint is not None and token == constraint.eos):
                 r.finish_reason, r.stop_token_id = "stop", token
                 continue
             r.tokens.append(token)
@@ -500,9 +501,9 @@ def _next_token_logits(model: DecoderLM, ids: torch.Tensor, **kwargs) -> torch.T
 def generate(model: DecoderLM, tokenizer: Tokenizer, prompts: str | Sequence[str] | Sequence[Sequence[int]],
              **sampling) -> list[Completion]:
     """One-call generation: `lmstack.generate(model, tok, ["Once upon"], max_new_tokens=20, temperature=0)`."""
-    batch = 1 if isinstance(prompts, str) else max(1, len(prompts) * sampling.get("n", 1))
     was_training = model.training  # a model sampled in the middle of training goes back to training mode
     try:
-        return Engine(model, tokenizer, max_batch_size=min(batch, 64)).generate(prompts, **sampling)
+        # The cache is sized by the rows actually run, so a large cap costs nothing for one prompt.
+        return Engine(model, tokenizer, max_batch_size=64).generate(prompts, **sampling)
     finally:
         model.train(was_training)

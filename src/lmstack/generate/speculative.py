@@ -84,8 +84,8 @@ def speculative_generate(
             or params.no_repeat_ngram_size or params.constraint or params.n != 1 or params.logprobs is not None:
         raise LMStackError("speculative decoding supports temperature, top-k, top-p, min-p, typical-p, stop "
                            "conditions and logit bias, with n=1 and no logprobs")
-    if k < 1:
-        raise LMStackError(f"k={k}: must be >= 1")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise LMStackError(f"k={k!r}: the tokens drafted per target pass must be an integer >= 1")
     lookup = isinstance(draft, str)
     if lookup and draft != "prompt_lookup":
         raise LMStackError(f"draft {draft!r}: a DecoderLM or 'prompt_lookup'")
