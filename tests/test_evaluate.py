@@ -58,6 +58,20 @@ def test_bits_per_byte_counts_the_text_not_its_decoding(tok):
     assert scored_span(merged, text)[2] == len(text.encode()) - 2
 
 
+@pytest.mark.parametrize("prepend", ["normalizer", "metaspace"])
+def test_bits_per_byte_leaves_out_a_sentencepiece_prefix(prepend):
+    """Llama 2 / Mistral-style: the "▁" put in front of the text stands for none of it, so where it is a token
+    of its own, the scored tokens stand for the whole text."""
+    from lmstack.evaluate.perplexity import scored_span
+    from tests.test_train import CORPUS, _sentencepiece_style
+
+    sp = _sentencepiece_style(CORPUS.read_text()[:60_000], prepend)
+    for text in ("The king", "12 apples", *(["  two kings"] if prepend == "normalizer" else [])):
+        encoding = sp.backend.encode(text, add_special_tokens=False)
+        assert encoding.tokens[0] == "\u2581" and encoding.offsets[1][0] == 0  # the premise: a bare prefix
+        assert scored_span(sp, text)[1:] == (text, len(text.encode()))
+
+
 def test_single_window_equals_full_forward(tok):
     torch.manual_seed(0)
     model = DecoderLM(ModelConfig.from_name("tiny-llama", vocab_size=tok.vocab_size)).eval()

@@ -315,7 +315,7 @@ def test_prepare_replaces_only_shard_directories(tmp_path):
 
 
 def test_jsonl_skip_drops_only_bad_lines(tmp_path):
-    from lmstack.data.readers import iter_texts
+    from lmstack.data.readers import iter_json_lines, iter_texts
 
     tok = Tokenizer.train(["hello world, good day"] * 20, vocab_size=300)
     bad = tmp_path / "b.jsonl"
@@ -327,6 +327,18 @@ def test_jsonl_skip_drops_only_bad_lines(tmp_path):
     eos = tok.eos_token_id
     assert TokenShards(tmp_path / "s")["train"].tolist() == [
         *tok.encode("hello"), eos, *tok.encode("a"), eos, *tok.encode("b"), eos]
+    # an empty text is no document (no second eos in a row); a line nested too deep for Python's parser is bad
+    deep = '{"text": "x", "meta": ' + "[" * 5000 + "]" * 5000 + "}"
+    bad.write_text(f'{{"text": "hello"}}\n{{"text": ""}}\n{deep}\n{{"text": "a"}}\n')
+    meta = prepare_shards([bad], tok, tmp_path / "e", val_fraction=0.0, on_bad_record="skip", progress=False,
+                          workers=1)
+    assert (meta["documents"], meta["empty_records"], meta["skipped_records"]) == (2, 1, 1)
+    assert meta["skipped_examples"] == [f"{bad}:3: not valid JSON (nested too deeply)"]
+    assert TokenShards(tmp_path / "e")["train"].tolist() == [*tok.encode("hello"), eos, *tok.encode("a"), eos]
+    with pytest.raises(LMStackError, match=r"b.jsonl:3: not valid JSON \(nested too deeply\)"):
+        prepare_shards([bad], tok, tmp_path / "f", progress=False, workers=1)
+    with pytest.raises(LMStackError, match=r"b.jsonl:3: not valid JSON \(nested too deeply\)"):
+        list(iter_json_lines(bad))  # finetuning and metric files are read through it
     bad.write_text('{"text": "hello"}\n[1, 2]\n')
     with pytest.raises(LMStackError, match=r"b.jsonl:2: expected a JSON object, got list"):
         prepare_shards([bad], tok, tmp_path / "t", progress=False, workers=1)

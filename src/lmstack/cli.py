@@ -224,6 +224,8 @@ def _data_prepare(args: argparse.Namespace) -> None:
     if meta["skipped_records"]:
         print(f"note: skipped {meta['skipped_records']:,} bad records, e.g. {meta['skipped_examples'][0]}",
               file=sys.stderr)
+    if meta["empty_records"]:
+        print(f"note: left out {meta['empty_records']:,} records with empty text", file=sys.stderr)
     if meta["special_token_strings"]:
         print(f"note: the text holds {meta['special_token_strings']:,} special-token strings (such as "
               "<|endoftext|>), tokenized as text; --parse-special-tokens reads them as the tokens", file=sys.stderr)

@@ -64,6 +64,7 @@ codecs.register_error(_COUNTING_REPLACE, _count_and_replace)
 @dataclass
 class ReadStats:
     documents: int = 0
+    empty_records: int = 0  # records whose text is "": no document, so no lone eos (data.shards)
     replaced_bytes_files: list[str] = field(default_factory=list)  # files that were not valid UTF-8
     replacement_chars: int = 0
     skipped_records: list[str] = field(default_factory=list)  # "file:line: why"
@@ -120,11 +121,16 @@ def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
             continue
         try:
             value = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise LMStackError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise LMStackError(f"{path}:{lineno}: not valid JSON ({_json_error(e)})") from None
         if _SURROGATE_ESCAPE.search(line):  # a lone "\ud800" is valid JSON but no text: U+FFFD instead
             value = _replace_surrogates(value)
         yield lineno, value
+
+
+def _json_error(e: ValueError | RecursionError) -> str:
+    """Why a line is not JSON; Python's parser gives up on deep nesting with a RecursionError."""
+    return "nested too deeply" if isinstance(e, RecursionError) else e.msg
 
 
 def _replace_surrogates(value: Any) -> Any:
@@ -162,8 +168,8 @@ def iter_record_texts(
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError as e:
-            why = f"not valid JSON ({e.msg})"
+        except (json.JSONDecodeError, RecursionError) as e:
+            why = f"not valid JSON ({_json_error(e)})"
         else:
             if not isinstance(record, dict):
                 why = f"expected a JSON object, got {type(record).__name__}"

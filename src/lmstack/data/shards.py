@@ -119,6 +119,9 @@ def iter_documents(
         if is_record_file(path):
             for value in iter_record_texts(path, text_field, stats, on_bad_record,
                                            hint=SKIP_HINT):
+                if not value:  # nothing to learn, and its eos would follow the last one
+                    stats.empty_records += 1
+                    continue
                 stats.documents += 1
                 yield value, True
         else:
@@ -371,6 +374,7 @@ def _write_shards(
         "sources": [str(f) for f in files],
         "files_not_utf8": stats.replaced_bytes_files,
         "replacement_chars": stats.replacement_chars,
+        "empty_records": stats.empty_records,
         "skipped_records": len(stats.skipped_records),
         "skipped_examples": stats.skipped_records[:10],
         "special_token_strings": special_strings,

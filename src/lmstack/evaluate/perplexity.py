@@ -87,8 +87,9 @@ def scored_span(tokenizer: Tokenizer, text: str) -> tuple[list[int], str, int]:
     """The ids of `text`; the part of `text` that all tokens but the first stand for (the scored ones); and
     its UTF-8 bytes. Measured on `text` through the tokenizer's offsets, not on a decoding of the ids: that
     would count an unseen character as the bytes of `<unk>`, and the rest of a character the first token
-    ends inside as a U+FFFD (3 bytes). A first token that ends inside a character is taken off by its own
-    bytes (a byte-level token spells one byte per character; a byte-fallback `<0xNN>` is one byte)."""
+    ends inside as a U+FFFD (3 bytes). A first token that shares the second's character is taken off by its own
+    bytes (a byte-level token spells one byte per character; a byte-fallback `<0xNN>` is one byte; a bare
+    SentencePiece prefix "▁" none)."""
     encoding = tokenizer.backend.encode(text, add_special_tokens=False)
     ids = encoding.ids
     if len(ids) < 2:
@@ -104,10 +105,13 @@ def scored_span(tokenizer: Tokenizer, text: str) -> tuple[list[int], str, int]:
 def _token_bytes(tokenizer: Tokenizer, token_id: int) -> int:
     """How many UTF-8 bytes a token stands for, where it may end inside a character: a byte-level BPE token
     is spelt one character per byte (GPT-2's byte alphabet), a byte-fallback token `<0xNN>` is one byte; any
-    other token is taken to be one byte."""
+    other token is taken to be one byte, except SentencePiece's bare "▁" put in front of the text, which stands
+    for none of it."""
     from tokenizers import decoders
 
     token = tokenizer.id_to_token(token_id) or ""
     if isinstance(tokenizer.backend.decoder, decoders.ByteLevel) and not re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
         return max(1, len(token))
+    if token == "\u2581":  # shares the next token's offsets: the prefix Metaspace or a Prepend normalizer adds
+        return 0
     return 1
