@@ -215,6 +215,20 @@ def test_perplexity_notes_text_that_is_not_utf8(model_dir, tmp_path, capsys):
                             "\n")
 
 
+def test_perplexity_skips_bad_records_when_asked(model_dir, tmp_path, capsys):
+    data = tmp_path / "e.jsonl"
+    data.write_text('{"text": "To be, or not to be"}\nnot json\n{"text": "that is the question"}\n')
+    err = one_error_line(capsys, "eval", "perplexity", "--model", str(model_dir), "--data", str(data))
+    assert "e.jsonl:2: not valid JSON" in err and "--on-bad-record skip" in err
+    assert main(["eval", "perplexity", "--model", str(model_dir), "--data", str(data), "--on-bad-record", "skip"]) == 0
+    captured = capsys.readouterr()
+    assert "note: skipped 1 bad records, e.g. " in captured.err and f"{data}:2" in captured.err
+    whole = json.loads(captured.out)
+    data.write_text('{"text": "To be, or not to be"}\n{"text": "that is the question"}\n')
+    assert main(["eval", "perplexity", "--model", str(model_dir), "--data", str(data)]) == 0
+    assert json.loads(capsys.readouterr().out) == whole  # the bad line left out, nothing else
+
+
 def test_a_bad_record_in_the_char_vocabulary_pass_gives_the_hint(tmp_path, capsys):
     (tmp_path / "d.jsonl").write_text('{"text": "hello"}\n[1, 2]\n')
     err = one_error_line(capsys, "data", "prepare", "--input", str(tmp_path / "d.jsonl"), "--tokenizer", "char",

@@ -333,7 +333,7 @@ def _eval_classify(args: argparse.Namespace) -> None:
 
 def _eval_perplexity(args: argparse.Namespace) -> None:
     from lmstack.checkpoints import load_tokenizer
-    from lmstack.data.readers import ReadStats, iter_texts
+    from lmstack.data.readers import SKIP_HINT, ReadStats, iter_texts
     from lmstack.evaluate import perplexity
 
     _at_least(args.max_chars, 1, "--max-chars")
@@ -341,8 +341,11 @@ def _eval_perplexity(args: argparse.Namespace) -> None:
     model = _load_lm(args.model, "--model", "perplexity", dtype="float32", device=args.device)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     stats = ReadStats()
-    text = "\n\n".join(iter_texts(args.data, args.text_field, stats=stats))
+    text = "\n\n".join(iter_texts(args.data, args.text_field, args.on_bad_record, stats=stats, hint=SKIP_HINT))
     _note_not_utf8(stats.replaced_bytes_files, stats.replacement_chars)
+    if stats.skipped_records:
+        print(f"note: skipped {len(stats.skipped_records):,} bad records, e.g. {stats.skipped_records[0]}",
+              file=sys.stderr)
     if args.max_chars is not None:
         text = text[: args.max_chars]
     result = perplexity(model, tokenizer, text, max_length=args.max_length, stride=args.stride,
@@ -798,6 +801,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--data", nargs="+", required=True, help="text or JSONL files")
     ppl.add_argument("--tokenizer", default=None, help="default: the model's own")
     ppl.add_argument("--text-field", default="text")
+    ppl.add_argument("--on-bad-record", default="fail", choices=["fail", "skip"])
     ppl.add_argument("--max-length", type=int, default=None, help="window in tokens (default: the context)")
     ppl.add_argument("--stride", type=int, default=None, help="default: half the window")
     ppl.add_argument("--max-chars", type=int, default=None, help="score only the first N characters")
