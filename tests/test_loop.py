@@ -67,7 +67,8 @@ def test_mfu_peak_is_looked_up_by_device_name(name, precision, peak):
 
 def test_mfu_counts_what_each_kind_of_run_computes():
     """6 N + attention for full training (nanoGPT's count); LoRA and QLoRA skip the frozen weights' gradients
-    (4 N); a frozen reference scoring the same tokens adds its forward pass (2 N); GRPO reports no MFU."""
+    (4 N); a frozen reference scoring the same tokens adds its forward pass (2 N); a classifier has no LM head;
+    attention is counted at the batch's own length; GRPO reports no MFU."""
     from lmstack.models import active_params, flops_per_token
     from lmstack.train.loop import run_flops_per_token
     from lmstack.train.lora import apply_lora, prepare_qlora
@@ -77,13 +78,17 @@ def test_mfu_counts_what_each_kind_of_run_computes():
     n = active_params(model)
     full = flops_per_token(config, n, 64)
 
-    def flops(model, *args):
-        return run_flops_per_token(load_config(None, ["--data", "d", "--block_size", "64", *args]), model)
+    def flops(model, *args, seq_len=64):
+        at = run_flops_per_token(load_config(None, ["--data", "d", "--block_size", "64", *args]), model)
+        return at if at is None else at(seq_len)
 
     assert flops(model) == full
+    assert flops(model, "--task", "sft", seq_len=16) == flops_per_token(config, n, 16) < full  # a short batch
     assert flops(model, "--task", "dpo") == full + 2 * n
     assert flops(model, "--task", "simpo") == full  # no reference
     assert flops(model, "--task", "grpo") is None
+    head = config.vocab_size * config.n_embd  # untied: the head is a matrix of its own either way
+    assert flops(model, "--task", "classify") == flops(model, "--task", "reward") == full - 6 * head
     apply_lora(model, r=4, alpha=8, dropout=0.0, targets=["q", "v"])
     assert flops(model, "--task", "sft", "--lora_r", "4") == full - 2 * n
     qlora = lmstack.DecoderLM(config)
@@ -162,6 +167,22 @@ def test_resuming_with_more_steps_says_how_the_schedule_changes(shards, tmp_path
     train(load_config(None, [*common, "--max_steps", "9"]), resume=True)
     assert "note: the cosine decay now ends at step 9 (it ended at 5); --lr_decay_steps 5 keeps" in \
         capsys.readouterr().err
+
+
+@pytest.mark.parametrize("eval_interval, expected", [("3", [0, 3, 5, 6, 8]), ("5", [0, 5, 8])])
+def test_a_finished_run_trained_longer_keeps_its_last_evaluation(shards, tmp_path, eval_interval, expected):
+    """The final evaluation of a run, off the eval grid, is not redone on resume: it stays in the log (on the
+    grid it is redone, and logged once)."""
+    run(shards, tmp_path / "r", "--eval_interval", eval_interval, "--checkpoint_interval", "5")
+    common = ["--data", str(shards), "--out_dir", str(tmp_path / "r"), "--block_size", "32", "--log_interval", "1",
+              "--eval_interval", eval_interval, "--eval_batches", "1", "--progress", "false", "--model.n_layer",
+              "1", "--model.dropout", "0", "--warmup_steps", "2", "--checkpoint_interval", "5"]
+    before = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    train(load_config(None, [*common, "--max_steps", "8"]), resume=True)
+    rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val_loss" in r] == expected
+    at_5 = [r["val_loss"] for r in rows if "val_loss" in r and r["step"] == 5]
+    assert at_5 == [pytest.approx(r["val_loss"]) for r in before if "val_loss" in r and r["step"] == 5]
 
 
 def test_an_empty_recipe_key_is_an_empty_setting(tmp_path):

@@ -935,7 +935,7 @@ def test_tensorboard_drops_what_a_killed_run_logged_past_its_checkpoint(tmp_path
     is purged from there too."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from lmstack.train.metrics import MetricsLog
+    from lmstack.train.metrics import MetricsLog, read_metrics
 
     first = MetricsLog(tmp_path, tensorboard=True)
     for step in range(6):
@@ -949,6 +949,21 @@ def test_tensorboard_drops_what_a_killed_run_logged_past_its_checkpoint(tmp_path
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(0, 5.0), (1, 4.0), (2, 3.0), (3, 1.0), (4, 1.0)]
+    # a finished run's last evaluation, off the eval grid, kept on resume: in both logs, once
+    time.sleep(1.1)
+    final = MetricsLog(tmp_path, tensorboard=True)
+    final.log({"step": 5, "loss": 0.5})
+    final.log({"step": 5, "val_loss": 0.75})
+    final.close()
+    time.sleep(1.1)
+    longer = MetricsLog(tmp_path, tensorboard=True, resume_step=5, keep_evaluation=True)
+    longer.log({"step": 6, "val_loss": 0.25})
+    longer.close()
+    assert [(r["step"], r["val_loss"]) for r in read_metrics(tmp_path)] == [(5, 0.75), (6, 0.25)]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("val_loss")] == [(5, 0.75), (6, 0.25)]
+    assert events.Scalars("loss") == []  # the step-5 training record is redone: dropped, not kept
 
 
 def test_settings_at_the_edges_of_their_ranges_are_accepted():

@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -134,17 +135,21 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
 
 
-def run_flops_per_token(cfg: TrainConfig, decoder: torch.nn.Module) -> float | None:
-    """Model FLOPs per trained token, for MFU: nanoGPT's 6 N plus attention for full training; 4 N with LoRA
-    (frozen weights take no weight gradients; the adapters' are negligible); 2 N more where a frozen
-    reference scores the same tokens (DPO, IPO, KTO). None for GRPO, whose time goes mostly to sampling."""
+def run_flops_per_token(cfg: TrainConfig, decoder: torch.nn.Module) -> Callable[[int], float] | None:
+    """Model FLOPs per trained token, for MFU, as a function of the batch's sequence length (the attention
+    term grows with it; SFT and preference batches are padded to their longest row, not to block_size):
+    nanoGPT's 6 N plus attention for full training; 4 N with LoRA (frozen weights take no weight gradients;
+    the adapters' are negligible); 2 N more where a frozen reference scores the same tokens (DPO, IPO, KTO).
+    A classifier or reward model has no LM head to count. None for GRPO, whose time goes mostly to sampling."""
     if cfg.task == "grpo":
         return None
+    config = decoder.config
     with torch.device("meta"):  # the base model's weights: LoRA wrappers and 4-bit buffers aside
-        n = active_params(build_model(decoder.config))
-    full = flops_per_token(decoder.config, n, cfg.block_size)
+        n = active_params(build_model(config))
+    if cfg.task in ("classify", "reward"):  # a score head of a few rows stands where the LM head was
+        n -= config.vocab_size * config.n_embd
     weights = (4 if cfg.lora_r else 6) + (2 if cfg.task in NEEDS_REFERENCE and cfg.beta else 0)
-    return full + (weights - 6) * n
+    return lambda seq_len: flops_per_token(config, n, seq_len) + (weights - 6) * n
 
 
 def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -464,7 +469,9 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.json", json.dumps(cfg.saved_dict(), indent=2) + "\n")
     # A fresh run starts metrics.jsonl anew (a run killed before its first checkpoint may have left one).
-    log = MetricsLog(run_dir, cfg.tensorboard, resume_step=start_step) if rt.is_main else None
+    # Off the eval grid, an evaluation logged at the resume step (a finished run's last) is not redone: kept.
+    log = MetricsLog(run_dir, cfg.tensorboard, resume_step=start_step,
+                     keep_evaluation=start_step % cfg.eval_interval != 0) if rt.is_main else None
     if rt.is_main and cfg.lora_r:
         from lmstack.train.lora import parameter_counts
 
@@ -474,8 +481,8 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
             print(f"trainable parameters: {trainable:,} of {total:,} ({trainable / total:.2%})")
 
     rows = cfg.batch_size * rt.world_size  # sequences per micro-step, all processes together
-    flops = run_flops_per_token(cfg, decoder)
-    peak = peak_flops(rt.device, precision) if flops is not None else None
+    flops_at = run_flops_per_token(cfg, decoder)
+    peak = peak_flops(rt.device, precision) if flops_at is not None else None
 
     def evaluate() -> dict[str, float]:
         model.eval()
@@ -564,7 +571,7 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
             torch.cuda.synchronize(rt.device)
         return time.perf_counter()
 
-    t_last, tokens_since = time.perf_counter(), 0
+    t_last, tokens_since, flops_since = time.perf_counter(), 0, 0.0
     try:  # a Ctrl-C ends the bar's line, so that what is printed next starts a line of its own
         for step in range(start_step, cfg.max_steps):
             evaluating, saving = step % cfg.eval_interval == 0, step % cfg.checkpoint_interval == 0 and step > start_step
@@ -595,8 +602,11 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
                 total = total_t.item()
             shares = [w * rt.world_size / max(total, 1.0) for w in weights]
             for micro, batch in enumerate(batches):
-                if "input_ids" in batch:
-                    tokens_since += batch["input_ids"].numel() * rt.world_size
+                if "input_ids" in batch:  # padding included: the device computes it too
+                    tokens = batch["input_ids"].numel() * rt.world_size
+                    tokens_since += tokens
+                    if flops_at is not None:
+                        flops_since += tokens * flops_at(batch["input_ids"].shape[-1])
                 batch = _to_device(batch, rt.device)
                 sync = micro == cfg.grad_accum - 1
                 no_sync = model.no_sync() if rt.distributed and not fsdp and not sync else contextlib.nullcontext()
@@ -626,8 +636,8 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
                 # The first step after a start also compiles and warms up: it gives no throughput figure.
                 # None where batches hold no token ids (GRPO samples its own): no throughput to report
                 tok_s = tokens_since / (now - t_last) if step > start_step and tokens_since else None
-                t_last, tokens_since = now, 0
-                mfu = flops * tok_s / (peak * rt.world_size) if peak and tok_s is not None else None
+                mfu = flops_since / (now - t_last) / (peak * rt.world_size) if peak and tok_s is not None else None
+                t_last, tokens_since, flops_since = now, 0, 0.0
                 if rt.is_main:
                     record = {"step": step, "loss": loss_value, "lr": lr, **dict(zip(names, metric_values))}
                     if tok_s is not None:
@@ -640,7 +650,7 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
                     bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tok_s:,.0f}" if tok_s is not None else "-",
                                     mfu=f"{mfu:.1%}" if mfu is not None else "-", lr=f"{lr:.2e}", refresh=False)
             if step == start_step:  # the warm-up step is left out of the first window
-                t_last, tokens_since = device_clock(), 0
+                t_last, tokens_since, flops_since = device_clock(), 0, 0.0
             bar.update(1)
     finally:
         bar.close()

@@ -54,14 +54,21 @@ def peak_flops_of(device_name: str, precision: str) -> float | None:
 class MetricsLog:
     """Appends one JSON object per line to `metrics.jsonl` (and TensorBoard scalars when asked)."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = False, resume_step: int = 0) -> None:
+    def __init__(self, run_dir: Path, tensorboard: bool = False, resume_step: int = 0,
+                 keep_evaluation: bool = False) -> None:
         """Records from step `resume_step` on are dropped: a killed run's lines after its last checkpoint are
-        about to be redone, and a fresh run (0) starts the file anew."""
+        about to be redone, and a fresh run (0) starts the file anew. With `keep_evaluation`, the validation
+        and sample records at `resume_step` stay: the resumed run does not redo them (a finished run's final
+        evaluation, off the `eval_interval` grid, resumed to train longer)."""
         self.path = run_dir / "metrics.jsonl"
+        kept_now: list[dict[str, Any]] = []
         if self.path.exists():
             kept = [r for r in read_metrics(run_dir) if r.get("step", 0) < resume_step] if resume_step else []
+            if resume_step and keep_evaluation:
+                kept_now = [r for r in read_metrics(run_dir) if r.get("step") == resume_step
+                            and ("val_loss" in r or "sample" in r)]
             # A kill here keeps the old file whole.
-            atomic_write_text(self.path, "".join(json.dumps(record) + "\n" for record in kept))
+            atomic_write_text(self.path, "".join(json.dumps(record) + "\n" for record in kept + kept_now))
         self.writer = None
         if tensorboard:
             try:
@@ -72,15 +79,20 @@ class MetricsLog:
             # TensorBoard reads every event file of the directory: purging from `resume_step` hides what an
             # earlier (killed) run logged from there on, as metrics.jsonl drops it.
             self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
+            for record in kept_now:  # purged with the rest of their step: written again
+                self._scalars(record)
 
     def log(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(key, value, record["step"])
-            self.writer.flush()
+            self._scalars(record)
+
+    def _scalars(self, record: dict[str, Any]) -> None:
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, record["step"])
+        self.writer.flush()
 
     def close(self) -> None:
         if self.writer is not None:
