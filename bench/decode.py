@@ -85,22 +85,36 @@ def bytes_read_per_step(model) -> int:
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()) if id(t) not in skip)
 
 
-def time_decode(run, batch: int, new_tokens: int, device) -> tuple[float, float]:
-    """(decode tokens/s, seconds to the first token): warm-up, one single-token run, one full run. The warm-up
-    makes several decode steps twice over: a compiled step is recorded as a CUDA graph on its second call
-    and only replayed from the third, and neither the recording nor the compilation may fall in the timing."""
-    for _ in range(2):
-        run(min(new_tokens, 8))
-    sync(device)
-    t0 = time.perf_counter()
-    run(1)
-    sync(device)
-    ttft = time.perf_counter() - t0
-    t0 = time.perf_counter()
+def time_decode(run, batch: int, new_tokens: int, device, repeat: int = 3) -> tuple[float, float, object]:
+    """(decode tokens/s, seconds to the first token, the last full run's output). One full-length warm-up run
+    first: a compiled step is recorded as a CUDA graph on its second call and replayed from the third, and the
+    cache reaches the length the timed runs use, so neither compilation nor recording falls in the timing.
+    Then `repeat` single-token and full runs, the fastest of each kept (one hiccup of a short run would
+    otherwise move the figure by percents); decoding is the difference of the two."""
     run(new_tokens)
     sync(device)
-    total = time.perf_counter() - t0
-    return batch * (new_tokens - 1) / max(total - ttft, 1e-9), ttft
+    firsts, totals, out = [], [], None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        run(1)
+        sync(device)
+        firsts.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        out = run(new_tokens)
+        sync(device)
+        totals.append(time.perf_counter() - t0)
+    ttft, total = min(firsts), min(totals)
+    if total <= ttft:
+        raise SystemExit(f"decode timing failed: {new_tokens} tokens took {total * 1000:.1f} ms, no more than the "
+                         f"first token alone ({ttft * 1000:.1f} ms); time more tokens (--new-tokens)")
+    return batch * (new_tokens - 1) / (total - ttft), ttft, out
+
+
+def agreement(a: list[int], b: list[int]) -> str:
+    """How long two greedy continuations agree: the first tokens match unless the weights differ (bf16 near-ties
+    may part them later; a parting at the first tokens would mean a wrong fast path)."""
+    same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return f"{same} of {min(len(a), len(b))} greedy tokens agree"
 
 
 def sync(device):
@@ -114,6 +128,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per measurement (the fastest is kept)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="compile lmstack's decode step")
@@ -146,8 +161,10 @@ def main() -> None:
                             max_seq_len=args.prompt_len + args.new_tokens, compile=args.compile)
     g = torch.Generator().manual_seed(0)
     plain = {}  # batch -> lmstack's tok/s with unquantized weights
+    reference: dict[int, list[int]] = {}  # batch -> row 0's greedy tokens with unquantized weights
+    prompts_of: dict[int, torch.Tensor] = {}
     for batch in args.batch:
-        prompts = torch.randint(0, ours.config.vocab_size, (batch, args.prompt_len), generator=g)
+        prompts = prompts_of[batch] = torch.randint(0, ours.config.vocab_size, (batch, args.prompt_len), generator=g)
 
         def run_ours(n, prompts=prompts):
             return engine.generate(prompts.tolist(), max_new_tokens=n, temperature=0, ignore_eos=True)
@@ -158,14 +175,18 @@ def main() -> None:
 
         results = {}
         for who, run in (("lmstack", run_ours), ("transformers", run_theirs)):
-            results[who] = tok_s, ttft = time_decode(run, batch, args.new_tokens, device)
+            results[who] = tok_s, ttft, _ = time_decode(run, batch, args.new_tokens, device, args.repeat)
             line = f"  batch {batch:>3} {who:>12}: {tok_s:10,.1f} tok/s, first token {ttft * 1000:7.1f} ms"
             if device.type == "cuda" and batch == 1:
                 line += bandwidth(weight_bytes * tok_s, name, copy_rate)
             print(line)
         plain[batch] = results["lmstack"][0]
+        first_ours = results["lmstack"][2][0].token_ids
+        reference[batch] = first_ours
+        theirs_ids = results["transformers"][2][0, args.prompt_len:].tolist()
         ratio = results["lmstack"][0] / results["transformers"][0]
-        print(f"  batch {batch:>3} ratio lmstack / transformers: {ratio:.2f}")
+        print(f"  batch {batch:>3} ratio lmstack / transformers: {ratio:.2f} "
+              f"(row 0: {agreement(first_ours, theirs_ids)})")
     if args.quantize:
         from lmstack.quantize import model_bytes, quantize_model
 
@@ -178,19 +199,23 @@ def main() -> None:
                                  max_seq_len=args.prompt_len + args.new_tokens, compile=args.compile)
         weight_bytes = bytes_read_per_step(ours)
         for batch in args.quantize_batch:
-            prompts = torch.randint(0, ours.config.vocab_size, (batch, args.prompt_len), generator=g).tolist()
+            prompts = prompts_of.get(batch)  # the same prompts as unquantized, so that outputs compare
+            if prompts is None:
+                prompts = prompts_of[batch] = torch.randint(0, ours.config.vocab_size, (batch, args.prompt_len), generator=g)
+            prompts = prompts.tolist()
 
             def run_quantized(n, prompts=prompts):
                 return qengine.generate(prompts, max_new_tokens=n, temperature=0, ignore_eos=True)
 
-            tok_s, ttft = time_decode(run_quantized, batch, args.new_tokens, device)
+            tok_s, ttft, out = time_decode(run_quantized, batch, args.new_tokens, device, args.repeat)
             line = (f"  batch {batch:>3} lmstack int{args.quantize}: {tok_s:10,.1f} tok/s, first token "
                     f"{ttft * 1000:7.1f} ms, {weights_gb:.2f} GB of weights")
             if device.type == "cuda" and batch == 1:
                 line += bandwidth(weight_bytes * tok_s, name, copy_rate)
             print(line)
             if batch in plain:
-                print(f"  batch {batch:>3} ratio int{args.quantize} / {args.dtype}: {tok_s / plain[batch]:.2f}")
+                print(f"  batch {batch:>3} ratio int{args.quantize} / {args.dtype}: {tok_s / plain[batch]:.2f} "
+                      f"(row 0: {agreement(out[0].token_ids, reference[batch])} with {args.dtype})")
 
 
 def bandwidth(bytes_per_s: float, device_name: str, copy_bytes_per_s: float | None = None) -> str:

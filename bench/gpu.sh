@@ -43,7 +43,7 @@ cuda_tests() {  # needs pytest, as the device image has it
 
 decode() {  # one process: the 1.1B model is built, saved for transformers and compiled once per engine
     # int8 at batch 1 only: at 32 rows Inductor no longer fuses the int8-to-bf16 conversion into the matmul
-    run decode-tinyllama "$PYTHON" bench/decode.py --shape tinyllama-1.1b --dtype bfloat16 --batch 1 32 --compile \
+    run decode-tinyllama "$PYTHON" bench/decode.py --shape tinyllama-1.1b --dtype bfloat16 --batch 1 32 --compile --new-tokens 128 \
         --quantize 8 --quantize-batch 1
 }
 

@@ -67,7 +67,8 @@ def main() -> None:
     torch.manual_seed(0)
     shape = dict(SHAPES[args.shape])
     cfg = lmstack.ModelConfig.from_name(shape.pop("preset"), block_size=max(args.seq, 256), **shape)
-    ours = lmstack.DecoderLM(cfg)
+    with torch.device(device):  # built where it trains: a 1.1B model is not initialised on the host first
+        ours = lmstack.DecoderLM(cfg)
     with tempfile.TemporaryDirectory() as d:
         lmstack.save_model(ours, d)
         theirs = AutoModelForCausalLM.from_pretrained(d, attn_implementation="sdpa", dtype=torch.float32)

@@ -608,7 +608,8 @@ def test_cli_generate_and_chat(tmp_path, monkeypatch, capsys):
         assert "this PyTorch has no CUDA, or no GPU is visible" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("option", [{"pack_weights": False}, {"compile": True}], ids=["unpacked", "compiled"])
+@pytest.mark.parametrize("option", [{"pack_weights": False}, {"pack_weights": True}, {"compile": True}],
+                         ids=["unpacked", "packed", "compiled"])
 def test_engine_options_give_the_same_tokens(tiny, option):
     model, tok, _ = tiny
     default = Engine(model, tok).generate(PROMPTS, max_new_tokens=10, temperature=0, ignore_eos=True)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import lmstack
+from lmstack import onednn
 from lmstack.onednn import PackedLinear, PackedLinears, onednn_available, onednn_linears
 from lmstack.train.lora import apply_lora
 
@@ -20,7 +21,7 @@ def test_packed_linears_compute_the_same_and_leave_the_model_alone():
     torch.manual_seed(0)
     model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", bias="all")).eval()
     ids = torch.randint(0, 256, (2, 9))
-    packed = PackedLinears(model)
+    packed = PackedLinears(model, enabled=True)
     assert len(packed.slots) == 7 * model.config.n_layer + 1  # q k v o gate up down per block, and the head
     with torch.no_grad():
         before = model(ids)
@@ -50,7 +51,7 @@ def test_a_model_made_under_inference_mode_generates_through_packed_weights():
         torch.manual_seed(0)
         model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama")).eval()
         ids = torch.randint(0, 256, (1, 7))
-        packed = PackedLinears(model)
+        packed = PackedLinears(model, enabled=True)
         with packed.swapped_in():
             inside = model(ids)
         assert torch.allclose(inside, model(ids), atol=1e-5)
@@ -61,9 +62,9 @@ def test_packed_linears_skip_layers_they_cannot_run():
     model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama"))
     apply_lora(model, r=2, targets=("q", "v"))
     model.layers[1].mlp.up.to(torch.bfloat16)
-    names = {name for _, name, _ in PackedLinears(model).slots}
+    names = {name for _, name, _ in PackedLinears(model, enabled=True).slots}
     assert "q" not in names and "v" not in names and "k" in names  # LoRA layers keep their forward
-    assert sum(linear is model.layers[1].mlp.up for _, _, linear in PackedLinears(model).slots) == 0
+    assert sum(linear is model.layers[1].mlp.up for _, _, linear in PackedLinears(model, enabled=True).slots) == 0
     assert PackedLinears(model, enabled=False).slots == []
 
 
@@ -72,7 +73,7 @@ def test_a_model_too_large_to_pack_runs_unpacked_through_onednn():
     torch.manual_seed(0)
     model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama")).eval()
     ids = torch.randint(0, 256, (2, 9))
-    packed = PackedLinears(model, max_bytes=1000)
+    packed = PackedLinears(model, enabled=True, max_bytes=1000)
     assert packed.slots == [] and packed.unpacked
     with torch.no_grad():
         expected = model(ids)
@@ -81,7 +82,7 @@ def test_a_model_too_large_to_pack_runs_unpacked_through_onednn():
             ops = _ops_run(lambda: model(ids))
             got = model(ids)
     assert "lmstack::onednn_linear" in ops and torch.allclose(got, expected, atol=1e-5)
-    assert PackedLinears(model).slots  # a tiny model fits in half of this machine's memory
+    assert PackedLinears(model, enabled=True).slots  # a tiny model fits in half of this machine's memory
 
 
 def _ops_run(fn) -> set[str]:
@@ -103,7 +104,7 @@ def test_onednn_linears_give_the_same_loss_and_gradients():
     reference.backward()
 
     def run():
-        with onednn_linears():
+        with onednn_linears(enabled=True):
             loss = other(ids, ids)[1]
         loss.backward()
         return loss
@@ -119,14 +120,14 @@ def test_onednn_linears_give_the_same_loss_and_gradients():
 @needs_onednn
 def test_onednn_linears_leave_other_dtypes_and_autograd_cases_alone():
     x, w = torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(5, 8, dtype=torch.bfloat16)
-    with onednn_linears():
+    with onednn_linears(enabled=True):
         ops = _ops_run(lambda: F.linear(x, w))
         empty = F.linear(torch.randn(0, 8), torch.randn(5, 8))  # zero rows: PyTorch's path
     assert "lmstack::onednn_linear" not in ops and empty.shape == (0, 5)
     # Only the input needs a gradient (a frozen weight): no weight gradient is computed or returned.
     x = torch.randn(2, 3, 8, requires_grad=True)
     w = torch.randn(5, 8)
-    with onednn_linears():
+    with onednn_linears(enabled=True):
         y = F.linear(x, w)
     y.square().sum().backward()
     expected = torch.autograd.grad(F.linear(x, w).square().sum(), x)[0]
@@ -134,7 +135,7 @@ def test_onednn_linears_leave_other_dtypes_and_autograd_cases_alone():
     x, w = torch.randn(2, 8), torch.randn(5, 8)
     with onednn_linears(enabled=False):
         assert "lmstack::onednn_linear" not in _ops_run(lambda: F.linear(x, w))
-    with onednn_linears(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's bf16 product, not ours
+    with onednn_linears(enabled=True), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's bf16 product, not ours
         assert "lmstack::onednn_linear" not in _ops_run(lambda: F.linear(x, w))
 
 
@@ -153,7 +154,7 @@ def test_onednn_linears_under_torch_compile():
     ids = torch.randint(0, 256, (2, 12))
     model(ids, ids)[1].backward()
     compiled = torch.compile(other)
-    with onednn_linears():
+    with onednn_linears(enabled=True):
         loss = compiled(ids, ids)[1]
     loss.backward()
     for (name, p), q in zip(model.named_parameters(), other.parameters()):
@@ -165,13 +166,13 @@ def test_activation_checkpointing_recomputes_through_onednn():
     torch.manual_seed(0)
     model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama")).train()
     ids = torch.randint(0, 256, (2, 16))
-    with onednn_linears():
+    with onednn_linears(enabled=True):
         loss = model(ids, ids)[1]
     loss.backward()
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     model.activation_checkpointing = True
-    with onednn_linears():
+    with onednn_linears(enabled=True):
         loss2 = model(ids, ids)[1]
     loss2.backward()  # the recomputation saves what the forward saved (no CheckpointError) and matches it
     assert torch.equal(loss, loss2)
@@ -182,7 +183,7 @@ def test_activation_checkpointing_recomputes_through_onednn():
 def test_odd_biases_take_pytorchs_path():
     x, w = torch.randn(3, 4), torch.randn(5, 4)
     for bias in (torch.tensor(0.5), torch.randn(1)):  # broadcast biases F.linear accepts
-        with onednn_linears():
+        with onednn_linears(enabled=True):
             ops = _ops_run(lambda bias=bias: F.linear(x, w, bias))
             got = F.linear(x, w, bias)
         assert "lmstack::onednn_linear" not in ops and torch.allclose(got, x @ w.T + bias)
@@ -191,7 +192,7 @@ def test_odd_biases_take_pytorchs_path():
 @needs_onednn
 def test_a_layer_replaced_after_packing_is_left_in_place():
     model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama")).eval()
-    packed = PackedLinears(model)
+    packed = PackedLinears(model, enabled=True)
     apply_lora(model, r=2, targets=("q",))
     lora = model.layers[0].attn.q
     with torch.no_grad(), packed.swapped_in():
@@ -208,3 +209,26 @@ def test_an_engine_and_its_packed_copies_are_freed_when_dropped():
     alive = weakref.ref(engine)
     del engine  # no reference cycle: freed at once, not at the next garbage collection
     assert alive() is None
+
+
+@needs_onednn
+@pytest.mark.parametrize("vendor, forced, expected", [
+    ("AuthenticAMD", "", True), ("GenuineIntel", "", False), (None, "", True),
+    ("GenuineIntel", "1", True), ("AuthenticAMD", "0", False),
+])
+def test_onednn_is_the_default_where_mkl_runs_generic_code(monkeypatch, vendor, forced, expected):
+    """MKL's own kernels on Intel's CPUs are as fast as oneDNN; on others MKL runs generic code."""
+    monkeypatch.setattr(onednn, "cpu_vendor", lambda: vendor)
+    monkeypatch.setenv("LMSTACK_ONEDNN", forced)
+    onednn.onednn_preferred.cache_clear()
+    try:
+        assert onednn.onednn_preferred() is expected
+        model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama")).eval()
+        assert bool(PackedLinears(model).slots) is expected
+        assert bool(PackedLinears(model, enabled=True).slots)  # asked for, it packs whatever the CPU
+        ids = torch.randint(0, 256, (1, 5))
+        with onednn_linears():
+            ops = _ops_run(lambda: model(ids))
+        assert ("lmstack::onednn_linear" in ops) is expected
+    finally:
+        onednn.onednn_preferred.cache_clear()

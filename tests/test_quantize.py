@@ -37,6 +37,23 @@ def test_quantized_linear_error(bits, group, tol):
     assert q.qweight.numel() == w.numel() // (1 if bits == 8 else 2)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_codes_are_rounded_against_the_stored_scale(bits):
+    """In bf16 each weight lies within half a step of what the stored codes, scale and offset stand for
+    (rounding against the float32 scale, then storing it in bf16, left errors past one step)."""
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 512)
+    q = QuantizedLinear.from_linear(linear, bits, 64, dtype=torch.bfloat16)
+    scale = q.scale.float()
+    if bits == 8:
+        exact, step = q.qweight.float() * scale[:, None], scale[:, None]
+    else:
+        codes = torch.stack((q.qweight & 0xF, q.qweight >> 4), dim=-1).view(512, -1, 64).float()
+        exact = (codes * scale[..., None] + q.low.float()[..., None]).view(512, 256)
+        step = scale.repeat_interleave(64, dim=1)
+    assert ((linear.weight - exact).abs() / step).max() <= 0.5 + 1e-3
+
+
 @pytest.mark.parametrize("bits,group", [(8, 128), (4, 32)])
 def test_quantized_linear_takes_inputs_that_are_not_contiguous(bits, group):
     """A transposed or sliced input, which nn.Linear takes, gives the same output as its contiguous copy."""
@@ -178,6 +195,7 @@ def test_cli_quantize(tmp_path, capsys):
                  "--group-size", "32", "--eval-data", str(tmp_path / "t.txt")]) == 0
     out = capsys.readouterr().out
     assert "int4 weights" in out and "perplexity on 2,000 characters" in out
+    assert " MB in float32 -> " in out and "embeddings and norms stay float32" in out
     assert isinstance(lmstack.load_model(tmp_path / "q").layers[0].attn.q, QuantizedLinear)
     assert main(["quantize", "--model", str(tmp_path / "m"), "--output", str(tmp_path / "nf4"), "--bits", "nf4"]) == 0
     assert "NF4 weights" in capsys.readouterr().out

@@ -627,8 +627,10 @@ def _quantize(args: argparse.Namespace) -> None:
     save_quantized(model, args.output, tokenizer=tokenizer)
     after = model_bytes(model)
     kind = "NF4" if bits == "nf4" else f"int{bits}"
-    print(f"wrote {args.output}: {kind} weights, {before / 1e6:,.1f} MB -> {after / 1e6:,.1f} MB "
-          f"({after / before:.0%})")
+    # The model was loaded in float32 (whatever the checkpoint stores): both sizes are of it in memory, and
+    # the layers left unquantized (embeddings, norms, a tied head) stay float32.
+    print(f"wrote {args.output}: {kind} weights, {before / 1e6:,.1f} MB in float32 -> {after / 1e6:,.1f} MB "
+          f"({after / before:.0%}; embeddings and norms stay float32)")
     if text is not None:
         ppl_after = perplexity(model, tokenizer, text, stride=args.stride).perplexity
         print(f"perplexity on {len(text):,} characters: {ppl_before:.3f} -> {ppl_after:.3f} "

@@ -3,7 +3,10 @@
 PyTorch sends a float32 `nn.Linear` on the CPU to MKL. On x86 parts that are not Intel's, MKL runs a generic
 code path: on the 2-core AMD EPYC this project is developed on, oneDNN (bundled with PyTorch as `mkldnn`)
 multiplies 2.2-2.9x faster from 8 to 2048 rows and reads weights 1.2-3x faster in the matrix-vector products
-of batch-1 decoding (`bench/matmul.py`). Two ways in, neither of which changes a model for good:
+of batch-1 decoding (`bench/matmul.py`). On Intel's own processors MKL is the faster (a 2-core Xeon: 0.5-0.9x
+for oneDNN at 1 to 8 rows, a training step 10% slower), so by default oneDNN is used only where MKL would run
+its generic code (`onednn_preferred`; `LMSTACK_ONEDNN=1` or `0` decides instead). Two ways in, neither of
+which changes a model for good:
 
 - `onednn_linears()`, for training and evaluation: inside the block every float32 CPU `F.linear` (which is
   what `nn.Linear` calls) runs forward and backward through oneDNN on the weights as they are.
@@ -87,6 +90,28 @@ def onednn_available() -> bool:
         return False
 
 
+def cpu_vendor() -> str | None:
+    """The CPU's vendor string ("GenuineIntel", "AuthenticAMD", ...) from /proc/cpuinfo; None elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return None
+
+
+@functools.cache
+def onednn_preferred() -> bool:
+    """Whether float32 CPU linear layers go through oneDNN by default: where it is usable and the CPU is not
+    Intel's (whose MKL kernels are at least as fast). `LMSTACK_ONEDNN=1` / `0` overrides."""
+    forced = os.environ.get("LMSTACK_ONEDNN", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1" and onednn_available()
+    return onednn_available() and cpu_vendor() != "GenuineIntel"
+
+
 # ---------------------------------------------------------------------------------------------- training
 
 
@@ -114,10 +139,12 @@ def checkpoint_contexts() -> tuple[contextlib.AbstractContextManager, contextlib
     return contextlib.nullcontext(), (_OneDNNLinearMode() if active else contextlib.nullcontext())
 
 
-def onednn_linears(enabled: bool = True) -> contextlib.AbstractContextManager:
+def onednn_linears(enabled: bool | None = None) -> contextlib.AbstractContextManager:
     """A context in which float32 CPU linear layers run through oneDNN, gradients included.
 
-    A no-op when not `enabled`, where oneDNN is not usable, and under CPU autocast."""
+    A no-op when not `enabled` (default: `onednn_preferred()`), where oneDNN is not usable, and under CPU
+    autocast."""
+    enabled = onednn_preferred() if enabled is None else enabled
     return _OneDNNLinearMode() if enabled and onednn_available() else contextlib.nullcontext()
 
 
@@ -171,14 +198,16 @@ class PackedLinears:
     reassigned; writes through `.data` are not seen (call `refresh` after them). The copies
     may take at most `max_bytes` (default: half the memory available now); a model whose float32 linear
     weights are larger runs them through oneDNN as they are (`onednn_linears`), a little slower and with no
-    extra memory. Does nothing when not `enabled` or where PyTorch has no usable oneDNN. The swap changes the
+    extra memory. Does nothing when not `enabled` (default: `onednn_preferred()`) or where PyTorch has no
+    usable oneDNN. The swap changes the
     model's module tree for the duration of a pass: not for a model that other threads run at the same time.
     """
 
-    def __init__(self, model: nn.Module, enabled: bool = True, max_bytes: int | None = None) -> None:
+    def __init__(self, model: nn.Module, enabled: bool | None = None, max_bytes: int | None = None) -> None:
         self.slots: list[tuple[nn.Module, str, nn.Linear]] = []
         self.packed: list[PackedLinear | None] = []
         self.unpacked = False  # too large to pack: onednn_linears() instead
+        enabled = onednn_preferred() if enabled is None else enabled
         if not (enabled and onednn_available()):
             return
         for parent in model.modules():

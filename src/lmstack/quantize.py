@@ -58,19 +58,21 @@ class QuantizedLinear(nn.Module):
             q = cls(linear.in_features, linear.out_features, bits, group_size, linear.bias is not None, dtype)
         w = linear.weight.detach().float()
         with torch.no_grad():
+            # Codes are rounded against the scale (and offset) as stored in `dtype`, not the float32 ones:
+            # each weight is then within half a step of what the stored numbers dequantize to.
             if bits == 8:
-                scale = w.abs().amax(dim=1).clamp_min(1e-8) / 127
-                q.qweight.copy_(torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
-                q.scale.copy_(scale.to(dtype))
+                scale = (w.abs().amax(dim=1).clamp_min(1e-8) / 127).to(dtype)
+                q.qweight.copy_(torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8))
+                q.scale.copy_(scale)
             else:
                 groups = w.view(w.shape[0], -1, group_size)
-                low, high = groups.amin(dim=-1), groups.amax(dim=-1)
-                scale = ((high - low) / 15).clamp_min(1e-8)
-                codes = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15)
+                low, high = groups.amin(dim=-1).to(dtype), groups.amax(dim=-1)
+                scale = ((high - low.float()) / 15).clamp_min(1e-8).to(dtype)
+                codes = torch.round((groups - low.float()[..., None]) / scale.float()[..., None]).clamp(0, 15)
                 codes = codes.to(torch.uint8).view(w.shape)
                 q.qweight.copy_(codes[:, 0::2] | (codes[:, 1::2] << 4))
-                q.scale.copy_(scale.to(dtype))
-                q.low.copy_(low.to(dtype))
+                q.scale.copy_(scale)
+                q.low.copy_(low)
             if linear.bias is not None:
                 q.bias.copy_(linear.bias.detach().to(dtype))
         return q

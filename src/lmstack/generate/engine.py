@@ -72,13 +72,14 @@ class Engine:
     """Generates with one model and tokenizer; the KV cache is allocated once and reused across calls.
 
     The engine puts the model in eval mode. On the CPU it runs float32 linear layers through oneDNN-packed
-    copies of their weights (`PackedLinears`: faster than PyTorch's default BLAS, at the cost of a second
-    copy of those weights where memory allows; `pack_weights=False` keeps PyTorch's default path). On a GPU
+    copies of their weights where oneDNN is the faster (`PackedLinears`: faster than MKL's generic code on
+    non-Intel x86 CPUs, at the cost of a second copy of those weights where memory allows; `pack_weights`
+    True or False decides instead of `lmstack.onednn.onednn_preferred()`). On a GPU
     it queues each decode step before the host has read the previous step's tokens (`lookahead`, on by
     default there), so the device never waits for Python; `compile=True` adds a CUDA graph of the step."""
 
     def __init__(self, model: DecoderLM, tokenizer: Tokenizer, max_batch_size: int = 8,
-                 max_seq_len: int | None = None, compile: bool = False, pack_weights: bool = True,
+                 max_seq_len: int | None = None, compile: bool = False, pack_weights: bool | None = None,
                  lookahead: bool | None = None) -> None:
         arch = getattr(model.config, "arch", "transformer")
         if arch != "transformer":  # the engine's batching lives in the Transformer's KV cache
@@ -95,7 +96,7 @@ class Engine:
         self.device = model.embed.weight.device
         self._cache_batch = self._cache_len = 0
         self.lookahead = self.device.type == "cuda" if lookahead is None else lookahead
-        self._packed = PackedLinears(model, enabled=pack_weights and self.device.type == "cpu")
+        self._packed = PackedLinears(model, enabled=pack_weights if self.device.type == "cpu" else False)
         # The decode step always sees the same shapes (one token per sequence, the whole cache), so it
         # compiles once. On a GPU it is also captured in a CUDA graph, and compiled as gpt-fast does: with
         # coordinate-descent tuning, under which Inductor turns a one-row matmul into a fused reduction that

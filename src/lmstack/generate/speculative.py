@@ -111,7 +111,7 @@ def speculative_generate(
     models = [target] if lookup else [target, draft]
     for m in models:
         m.eval().setup_kv_cache(1, total, device=device)
-    packed = {id(m): PackedLinears(m, enabled=device.type == "cpu") for m in models}
+    packed = {id(m): PackedLinears(m, enabled=None if device.type == "cpu" else False) for m in models}
     stats = SpeculativeStats()
     tokens = list(ids)
     try:

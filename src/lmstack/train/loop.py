@@ -161,9 +161,10 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[s
 
 def compute_context(device: torch.device, precision: str):
     """How a forward pass computes: autocast for bf16 / fp16; in float32 on the CPU, linear layers through
-    oneDNN (`lmstack.onednn`: 1.6x the step of PyTorch's default on the AMD machine of BENCHMARKS.md)."""
+    oneDNN where it is the faster (`lmstack.onednn`: 1.6x the step of PyTorch's default on the AMD machine of
+    BENCHMARKS.md; not on Intel's CPUs, whose MKL is as fast)."""
     if precision == "fp32":
-        return onednn_linears(enabled=device.type == "cpu")
+        return onednn_linears(enabled=None if device.type == "cpu" else False)
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
