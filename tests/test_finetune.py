@@ -211,6 +211,26 @@ def test_kto_weights_scale_its_loss(base, tmp_path):
     assert first[1] == pytest.approx(2 * first[0], rel=1e-5)
 
 
+def test_kto_reference_point_is_averaged_over_processes(base, tmp_path, monkeypatch):
+    """KTO's KL reference point goes through mean_over_processes (TRL gathers it over processes): what that
+    returns is the point the loss uses and the `kl` logged."""
+    from lmstack.train import tasks
+
+    records = [{"prompt": p["prompt"], "completion": p["chosen"], "label": True} for p in _pairs(20, 0)]
+    data = _write(tmp_path / "kto.jsonl", records)
+    seen = []
+
+    def other_ranks(value):
+        seen.append(value.item())
+        return torch.full_like(value, 0.25)
+
+    monkeypatch.setattr(tasks, "mean_over_processes", other_ranks)
+    _, metrics = _run(base, tmp_path, "kto", data, max_steps=1, eval_interval=100)
+    assert seen and [r["kl"] for r in metrics if "kl" in r and "loss" in r] == [pytest.approx(0.25)]
+    monkeypatch.undo()
+    assert torch.equal(tasks.mean_over_processes(torch.tensor(0.7)), torch.tensor(0.7))  # one process: itself
+
+
 def test_dpo_under_fsdp_with_two_processes_matches_one(base, tmp_path):
     """Policy and frozen reference both sharded over two gloo processes: the losses of one process with the
     same global batch, within 1e-5."""

@@ -356,7 +356,8 @@ class PreferenceTask(Task):
         if self.name == "kto":
             n = len(batch["desirable"])
             ref = self._reference_logprobs(batch)
-            kl = (total[n:] - ref[n:]).detach().mean().clamp(min=0)  # the reference point, as TRL logs it
+            # The reference point over every process's rows, as TRL gathers it (each micro-batch its own)
+            kl = mean_over_processes((total[n:] - ref[n:]).detach().mean()).clamp(min=0)
             return preference.kto_loss(total[:n], ref[:n], batch["desirable"].to(total.device), kl, self.beta,
                                        **self.options), {"kl": kl}
         chosen, rejected = total.chunk(2)
@@ -379,6 +380,16 @@ class PreferenceTask(Task):
         if rpo_alpha:  # RPO (Pang et al. 2024): keep the chosen answers likely while separating the pairs
             loss = loss - rpo_alpha * chosen_mean.mean()
         return loss, metrics
+
+
+def mean_over_processes(value: torch.Tensor) -> torch.Tensor:
+    """`value` averaged over the processes of a distributed run (itself in a single process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.AVG)
+    return value
 
 
 def reference_token_logprobs(task: Task, ids: torch.Tensor, labels: torch.Tensor,
