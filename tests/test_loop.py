@@ -185,6 +185,24 @@ def test_a_finished_run_trained_longer_keeps_its_last_evaluation(shards, tmp_pat
     assert at_5 == [pytest.approx(r["val_loss"]) for r in before if "val_loss" in r and r["step"] == 5]
 
 
+def test_resuming_in_another_precision_says_so(shards, tmp_path, capsys):
+    """precision auto resolves by device: a run from a GPU (bf16) resumed on the CPU (fp32) is told."""
+    run(shards, tmp_path / "r", "--checkpoint_interval", "5")
+    state_file = next((tmp_path / "r" / "checkpoints").glob("step-*")) / "trainer_state" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["precision"] == "fp32"  # what the CPU run trained in is saved
+    common = ["--data", str(shards), "--out_dir", str(tmp_path / "r"), "--block_size", "32", "--log_interval", "1",
+              "--eval_interval", "5", "--eval_batches", "1", "--progress", "false", "--model.n_layer", "1",
+              "--model.dropout", "0", "--warmup_steps", "2", "--checkpoint_interval", "5"]
+    capsys.readouterr()
+    train(load_config(None, [*common, "--max_steps", "6"]), resume=True)
+    assert "note: this run trained in" not in capsys.readouterr().err
+    state_file = tmp_path / "r" / "checkpoints" / "step-0000006" / "trainer_state" / "state.json"
+    state_file.write_text(json.dumps({**json.loads(state_file.read_text()), "precision": "bf16"}))
+    train(load_config(None, [*common, "--max_steps", "7"]), resume=True)
+    assert "note: this run trained in bf16 and continues in fp32 (precision auto on cpu)" in capsys.readouterr().err
+
+
 def test_an_empty_recipe_key_is_an_empty_setting(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("data: d\nmodel_overrides:\nsample_prompts:\n")

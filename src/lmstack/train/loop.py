@@ -404,6 +404,10 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
     task = build_task(cfg)
     tokenizer = task.tokenizer
     precision = resolve_precision(cfg, rt.device, sharded=fsdp)
+    if rt.is_main and state.get("precision", precision) != precision:  # "auto" on another device
+        print(f"note: this run trained in {state['precision']} and continues in {precision} (precision "
+              f"{cfg.precision} on {rt.device.type}): its losses will differ from an uninterrupted run's",
+              file=sys.stderr)
 
     # Seed before building the model so initial weights (and new heads, adapters) are reproducible.
     torch.manual_seed(cfg.seed)
@@ -541,7 +545,8 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
             save_weights(to_save, stage, cfg, tokenizer)
         if rt.distributed:
             dist.barrier()  # the staging directory exists before the other ranks write their RNG state
-        ckpt.write_trainer_state(stage, rt.rank, {"step": step, "world_size": rt.world_size, "config": cfg.to_dict()},
+        ckpt.write_trainer_state(stage, rt.rank, {"step": step, "world_size": rt.world_size, "precision": precision,
+                                             "config": cfg.to_dict()},
                                  {"optimizer": optim, "scaler": scaler.state_dict()} if rt.is_main else None)
         if rt.distributed:
             dist.barrier()
