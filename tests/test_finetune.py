@@ -4,6 +4,7 @@ DPO family and GRPO, with checkpoints, exact resume, the CLI and evaluation."""
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -220,8 +221,8 @@ def test_kto_reference_point_is_averaged_over_processes(base, tmp_path, monkeypa
     data = _write(tmp_path / "kto.jsonl", records)
     seen = []
 
-    def other_ranks(value):
-        seen.append(value.item())
+    def other_ranks(value, weight):
+        seen.append((value.item(), weight))
         return torch.full_like(value, 0.25)
 
     monkeypatch.setattr(tasks, "mean_over_processes", other_ranks)
@@ -229,6 +230,28 @@ def test_kto_reference_point_is_averaged_over_processes(base, tmp_path, monkeypa
     assert seen and [r["kl"] for r in metrics if "kl" in r and "loss" in r] == [pytest.approx(0.25)]
     monkeypatch.undo()
     assert torch.equal(tasks.mean_over_processes(torch.tensor(0.7)), torch.tensor(0.7))  # one process: itself
+
+
+def _mean_over_two(rank, init_file, out_dir):
+    import torch.distributed as dist
+
+    from lmstack.train.tasks import mean_over_processes
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        value = torch.tensor([1.0, 5.0][rank])
+        results = [mean_over_processes(value).item(), mean_over_processes(value, [1.0, 0.0][rank]).item()]
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(results))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_mean_over_processes_on_two_gloo_processes(tmp_path):
+    """The mean of each process's value; a placeholder (weight 0) counts for nothing."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_mean_over_two, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [[3.0, 1.0]] * 2
 
 
 def test_dpo_under_fsdp_with_two_processes_matches_one(base, tmp_path):

@@ -383,7 +383,7 @@ def test_prompts_as_tensors_and_edge_sizes(tiny):
     (dict(num_return_sequences=True), "num_return_sequences=True"),
     (dict(num_beams=2, num_return_sequences=3), r"between 1 and num_beams \(2\)"),
     (dict(length_penalty=float("nan")), "length_penalty=nan: must be a finite number"),
-    (dict(length_penalty="1"), "length_penalty='1'"),
+    (dict(length_penalty="1"), "length_penalty='1'"), (dict(length_penalty=True), "length_penalty=True"),
 ])
 def test_bad_beam_parameters_name_the_parameter(tiny, bad, match):
     model, tok, _ = tiny
@@ -393,24 +393,44 @@ def test_bad_beam_parameters_name_the_parameter(tiny, bad, match):
     assert len(engine.generate("ROMEO:", max_new_tokens=4, ignore_eos=True)[0].token_ids) == 4  # still works
 
 
-def test_a_failed_cache_allocation_leaves_the_engine_as_it_was(tiny, monkeypatch):
-    """Out of memory while growing the cache must not record the size that was never allocated."""
+def test_numpy_sizes_are_accepted(tiny):
+    import numpy as np
+
+    model, tok, _ = tiny
+    engine = Engine(model, tok, max_batch_size=np.int64(2), max_seq_len=np.int32(64))
+    beams = engine.beam_search("ROMEO:", num_beams=np.int64(2), num_return_sequences=np.int64(2),
+                               length_penalty=np.float32(1.0), max_new_tokens=4, ignore_eos=True)
+    assert len(beams) == 2 and all(len(b.token_ids) == 4 for b in beams)
+    assert beams[0].token_ids == Engine(model, tok).beam_search("ROMEO:", num_beams=2, max_new_tokens=4,
+                                                                ignore_eos=True)[0].token_ids
+
+
+def test_a_failed_cache_allocation_leaves_the_engine_usable(tiny, monkeypatch):
+    """Out of memory part way through growing the cache (at the second layer) leaves no layers of two sizes:
+    the next call allocates afresh and generates what it would have."""
+    import lmstack.models.decoder as decoder
+
     model, tok, _ = tiny
     engine = Engine(model, tok, max_batch_size=8)
     params = dict(max_new_tokens=4, temperature=0, ignore_eos=True)
-    expected = engine.generate("ROMEO:", **params)[0].token_ids
-    sizes = (engine._cache_batch, engine._cache_len)
-    real = model.setup_kv_cache
+    expected = [c.token_ids for c in engine.generate(["ROMEO:", "JULIET:"] * 4, **params)]
+    model.clear_kv_cache()
+    engine = Engine(model, tok, max_batch_size=8)
+    engine.generate("ROMEO:", **params)  # a cache for one row
+    real, made = decoder.KVCache, []
 
-    def out_of_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+    def second_layer_fails(*args, **kwargs):
+        made.append(1)
+        if len(made) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(model, "setup_kv_cache", out_of_memory)
+    monkeypatch.setattr(decoder, "KVCache", second_layer_fails)
     with pytest.raises(torch.OutOfMemoryError):
-        engine.generate(["ROMEO:"] * 8, **params)
-    assert (engine._cache_batch, engine._cache_len) == sizes
-    monkeypatch.setattr(model, "setup_kv_cache", real)
-    assert engine.generate("ROMEO:", **params)[0].token_ids == expected
+        engine.generate(["ROMEO:", "JULIET:"] * 4, **params)
+    assert all(block.attn.kv_cache is None for block in model.layers)  # freed, not left half grown
+    monkeypatch.setattr(decoder, "KVCache", real)
+    assert [c.token_ids for c in engine.generate(["ROMEO:", "JULIET:"] * 4, **params)] == expected
 
 
 def test_logprobs_beyond_a_small_vocabulary_give_every_token(tmp_path):
@@ -829,6 +849,7 @@ def test_cli_beam_search_refuses_the_flags_it_ignores(tmp_path, capsys):
         assert err.startswith("error: ") and named in err and err.count("\n") == 1, err
     # what beam search does use: greedy, stop ids, the prompt's end
     assert main([*common, "--temperature", "0", "--stop-token-ids", "5", "--truncate-prompt"]) == 0
+    assert main([*common, "--temperature", "1e-6"]) == 0  # greedy too
     # flags of one mode given without it are refused, not ignored
     plain = common[:-2]
     for flags, named in ((["--length-penalty", "0.5"], "--length-penalty scores finished beams"),

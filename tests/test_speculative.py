@@ -108,6 +108,13 @@ def test_bad_speculative_arguments(models):
         speculative_generate(target, tok, "x", k=0)
     with pytest.raises(LMStackError, match="k=2.5: the tokens drafted per target pass must be an integer"):
         speculative_generate(target, tok, "x", k=2.5)
+    import numpy as np  # a numpy integer is an integer
+
+    out, stats = speculative_generate(target, tok, "x", "prompt_lookup", k=np.int64(2), max_new_tokens=3,
+                                      temperature=0, ignore_eos=True)
+    again, _ = speculative_generate(target, tok, "x", "prompt_lookup", k=2, max_new_tokens=3, temperature=0,
+                                    ignore_eos=True)
+    assert len(out.token_ids) == 3 and out.token_ids == again.token_ids
     small = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", vocab_size=300))
     with pytest.raises(LMStackError, match="vocabulary"):
         speculative_generate(target, tok, "x", small)

@@ -444,8 +444,11 @@ def _generate(args: argparse.Namespace) -> None:
         if args.n > args.num_beams:
             raise LMStackError(f"--n {args.n} with --num-beams {args.num_beams}: beam search returns at most "
                                "num_beams sequences")
-        # Greedy is what beam search is: --temperature 0 is no contradiction.
-        ignored = [f for f in _flags_given(args, _NOT_FOR_BEAMS) if f != "--temperature" or args.temperature]
+        # Greedy is what beam search is: --temperature 0 (or below GREEDY_BELOW) is no contradiction.
+        from lmstack.generate.sampling import GREEDY_BELOW
+
+        ignored = [f for f in _flags_given(args, _NOT_FOR_BEAMS)
+                   if f != "--temperature" or args.temperature >= GREEDY_BELOW]
         if ignored:
             raise LMStackError(f"beam search (--num-beams {args.num_beams}) does not use {', '.join(ignored)}")
     engine = _load_engine(args)

@@ -11,7 +11,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from numbers import Integral
+from numbers import Integral, Real
 
 import torch
 
@@ -86,8 +86,9 @@ class Engine:
             raise LMStackError(f"the generation engine runs Transformer models, not a recurrent LM (arch {arch!r}); "
                                "generate from one with lmstack.generate.generate_ids(model, prompt_ids, n)")
         for name, value in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, Integral) or value < 1):
                 raise LMStackError(f"{name}={value!r}: must be an integer >= 1")
+        max_batch_size, max_seq_len = int(max_batch_size), None if max_seq_len is None else int(max_seq_len)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -165,13 +166,15 @@ class Engine:
         `stop_token_ids` end a beam as eos does (as a list of eos ids does in `transformers`); `truncate_prompt`
         keeps the end of a prompt too long for the context, as in `generate`."""
         for name, value in (("num_beams", num_beams), ("num_return_sequences", num_return_sequences)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
                 raise LMStackError(f"{name}={value!r}: must be an integer >= 1")
+        num_beams, num_return_sequences = int(num_beams), int(num_return_sequences)
         if num_return_sequences > num_beams:
             raise LMStackError(f"num_return_sequences={num_return_sequences} must be between 1 and num_beams "
                                f"({num_beams})")
-        if not (isinstance(length_penalty, (int, float)) and math.isfinite(length_penalty)):
+        if isinstance(length_penalty, bool) or not (isinstance(length_penalty, Real) and math.isfinite(length_penalty)):
             raise LMStackError(f"length_penalty={length_penalty!r}: must be a finite number")
+        length_penalty = float(length_penalty)
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0, ignore_eos=ignore_eos,
                                 stop_token_ids=list(stop_token_ids), truncate_prompt=truncate_prompt)
         ids = self._encode([_one_prompt(prompt)], params)[0]
@@ -251,8 +254,14 @@ class Engine:
         cache = self.model.layers[0].attn.kv_cache
         if (cache is None or cache.k.shape[0] < want_batch or cache.k.shape[2] != want_len
                 or cache.k.device != self.device or cache.k.dtype != self.model.embed.weight.dtype):
-            self.model.setup_kv_cache(want_batch, want_len, device=self.device)
-        # Only once it is allocated: a failed allocation (out of memory) leaves the engine as it was.
+            try:
+                self.model.setup_kv_cache(want_batch, want_len, device=self.device)
+            except BaseException:
+                # Out of memory part way leaves layers of two sizes: free them all, so that the next call
+                # allocates afresh (and the memory is back for whatever the caller does next).
+                self.model.clear_kv_cache()
+                self._cache_batch = self._cache_len = 0
+                raise
         self._cache_batch, self._cache_len = want_batch, want_len
 
     def _stop_ids(self, params: SamplingParams) -> set[int]:

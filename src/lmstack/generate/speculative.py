@@ -11,6 +11,7 @@ followed the last occurrence of the current n-gram in the prompt and output so f
 from __future__ import annotations
 
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
 
@@ -84,8 +85,9 @@ def speculative_generate(
             or params.no_repeat_ngram_size or params.constraint or params.n != 1 or params.logprobs is not None:
         raise LMStackError("speculative decoding supports temperature, top-k, top-p, min-p, typical-p, stop "
                            "conditions and logit bias, with n=1 and no logprobs")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    if isinstance(k, bool) or not isinstance(k, Integral) or k < 1:
         raise LMStackError(f"k={k!r}: the tokens drafted per target pass must be an integer >= 1")
+    k = int(k)
     lookup = isinstance(draft, str)
     if lookup and draft != "prompt_lookup":
         raise LMStackError(f"draft {draft!r}: a DecoderLM or 'prompt_lookup'")

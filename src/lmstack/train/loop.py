@@ -502,6 +502,8 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
                 if empty:
                     items = task.eval_items(0, rows)[:1]
                 batch = task.collate("val", items)
+                if empty:  # counted nowhere, not even in a reduction a loss makes itself (KTO's KL point)
+                    batch["placeholder"] = True
                 weight = 0.0 if empty else float(task.weight(batch, items))  # on the host, before the copy
                 batch = _to_device(batch, rt.device)
                 with compute_context(rt.device, precision):

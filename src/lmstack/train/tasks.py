@@ -357,7 +357,8 @@ class PreferenceTask(Task):
             n = len(batch["desirable"])
             ref = self._reference_logprobs(batch)
             # The reference point over every process's rows, as TRL gathers it (each micro-batch its own)
-            kl = mean_over_processes((total[n:] - ref[n:]).detach().mean()).clamp(min=0)
+            kl = (total[n:] - ref[n:]).detach().mean()
+            kl = mean_over_processes(kl, 0.0 if batch.get("placeholder") else 1.0).clamp(min=0)
             return preference.kto_loss(total[:n], ref[:n], batch["desirable"].to(total.device), kl, self.beta,
                                        **self.options), {"kl": kl}
         chosen, rejected = total.chunk(2)
@@ -382,14 +383,17 @@ class PreferenceTask(Task):
         return loss, metrics
 
 
-def mean_over_processes(value: torch.Tensor) -> torch.Tensor:
-    """`value` averaged over the processes of a distributed run (itself in a single process)."""
+def mean_over_processes(value: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+    """`value` averaged over the processes of a distributed run, each counted `weight` times (0 for a
+    placeholder batch of a process with no rows left); itself in a single process. A sum, not ReduceOp.AVG,
+    which older gloo builds lack."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.AVG)
-    return value
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    both = torch.stack([value.float() * weight, value.new_tensor(weight, dtype=torch.float32)])
+    dist.all_reduce(both)
+    return (both[0] / both[1].clamp(min=1e-12)).to(value.dtype)
 
 
 def reference_token_logprobs(task: Task, ids: torch.Tensor, labels: torch.Tensor,
