@@ -638,7 +638,8 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
                 names = sorted(step_metrics)
                 values = torch.stack([step_loss, *(step_metrics[n] for n in names)])
                 if rt.distributed:
-                    dist.all_reduce(values, op=dist.ReduceOp.AVG)
+                    dist.all_reduce(values)  # a sum: older gloo builds have no ReduceOp.AVG
+                    values = values / rt.world_size
                 loss_value, *metric_values = values.tolist()  # the one host sync per logged step
                 now = time.perf_counter()
                 # The first step after a start also compiles and warms up: it gives no throughput figure.
