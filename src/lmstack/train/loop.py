@@ -610,8 +610,8 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
                 total = total_t.item()
             shares = [w * rt.world_size / max(total, 1.0) for w in weights]
             for micro, batch in enumerate(batches):
-                if "input_ids" in batch:  # padding included: the device computes it too
-                    tokens = batch["input_ids"].numel() * rt.world_size
+                if "input_ids" in batch:  # padding included: the device computes it too (this process's)
+                    tokens = batch["input_ids"].numel()
                     tokens_since += tokens
                     if flops_at is not None:
                         flops_since += tokens * flops_at(batch["input_ids"].shape[-1])
@@ -637,9 +637,13 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
             if step % cfg.log_interval == 0 or step == cfg.max_steps - 1:
                 names = sorted(step_metrics)
                 values = torch.stack([step_loss, *(step_metrics[n] for n in names)])
-                if rt.distributed:
-                    dist.all_reduce(values)  # a sum: older gloo builds have no ReduceOp.AVG
-                    values = values / rt.world_size
+                if rt.distributed:  # one sum: the metrics' mean (older gloo has no ReduceOp.AVG), and the tokens
+                    # and FLOPs of all processes, whose padded batches may differ in length
+                    counts = torch.tensor([tokens_since, flops_since], dtype=torch.float64, device=rt.device)
+                    packed = torch.cat([values.double(), counts])
+                    dist.all_reduce(packed)
+                    values = (packed[:-2] / rt.world_size).float()
+                    tokens_since, flops_since = packed[-2:].tolist()
                 loss_value, *metric_values = values.tolist()  # the one host sync per logged step
                 now = time.perf_counter()
                 # The first step after a start also compiles and warms up: it gives no throughput figure.
