@@ -74,8 +74,29 @@ def test_merge_unmerge_and_disable():
         assert torch.allclose(model(ids), base, atol=1e-5)
         set_adapters_enabled(model, True)
         assert torch.allclose(model(ids), adapted, atol=1e-5)
+        set_adapters_enabled(model, False)  # merged while disabled: still the base model, as in PEFT
+        merge_lora(model)
+        assert torch.allclose(model(ids), base, atol=1e-5)
+        set_adapters_enabled(model, True)
+        assert torch.allclose(model(ids), adapted, atol=1e-5)
     with pytest.raises(LMStackError, match="already has LoRA adapters"):
         apply_lora(model, r=2, targets=("k",))
+
+
+def test_save_model_refuses_a_model_with_adapters(tmp_path):
+    """save_model would write wrapped names no loader reads: it points to save_peft or merge_and_unload."""
+    from lmstack.train.lora import merge_and_unload
+
+    model = apply_lora(_tiny(), r=4, alpha=8)
+    merge_lora(model)  # merged but still wrapped
+    with pytest.raises(LMStackError, match="has LoRA adapters: save them as a PEFT adapter"):
+        lmstack.save_model(model, tmp_path / "m")
+    qlora = prepare_qlora(_tiny(), r=4, targets=("q", "v"))
+    with pytest.raises(LMStackError, match="save_peft"):
+        lmstack.save_model(qlora, tmp_path / "q")
+    assert not (tmp_path / "m").exists() and not (tmp_path / "q").exists()
+    lmstack.save_model(merge_and_unload(model), tmp_path / "m")  # an ordinary model again
+    assert lmstack.load_model(tmp_path / "m").layers[0].attn.q.weight.shape == model.layers[0].attn.q.weight.shape
 
 
 def test_llama_3_1_8b_trainable_count_on_meta():
@@ -123,6 +144,15 @@ def test_peft_loads_our_adapters_with_identical_logits(tmp_path):
         assert torch.allclose(again(ids), ours(ids), atol=1e-6)
     with pytest.raises(LMStackError, match="already has LoRA adapters"):
         load_peft(again, tmp_path / "adapter")
+    # an adapter directory loads as its base merged, in the base's own precision unless told otherwise
+    AutoModelForCausalLM.from_config(hf_config).to(torch.bfloat16).save_pretrained(tmp_path / "half")
+    save_peft(ours, tmp_path / "half-adapter", base_model_name_or_path=str(tmp_path / "half"))
+    assert lmstack.load_model(tmp_path / "half-adapter").embed.weight.dtype == torch.bfloat16
+    assert lmstack.load_model(tmp_path / "half-adapter", dtype="float32").embed.weight.dtype == torch.float32
+    # GPT-2 fuses q/k/v: its adapters are refused by name, loading as saving
+    gpt2 = lmstack.DecoderLM(ModelConfig.from_name("gpt2", n_layer=1, n_embd=64, n_head=4, vocab_size=101))
+    with pytest.raises(LMStackError, match="a PEFT adapter needs separate q/k/v .*Llama-style families"):
+        load_peft(gpt2, tmp_path / "adapter")
 
 
 def test_adapter_for_another_base_names_the_shapes(tmp_path):

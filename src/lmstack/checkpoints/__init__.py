@@ -65,13 +65,14 @@ def load_adapter_model(path: str | os.PathLike, dtype: torch.dtype | None = None
     if not base or not Path(base).exists():
         raise LMStackError(f"{path}: the adapter's base model {base!r} is not on this machine; load the base "
                            "model and apply the adapter with lmstack.train.lora.load_peft")
-    model = load_model(base, dtype=torch.float32, device=device)
-    merge_and_unload(load_peft(model, path))
+    model = load_model(base, dtype=dtype, device=device)
+    stored = model.embed.weight.dtype  # what `dtype=None` keeps: the base's own precision
+    merge_and_unload(load_peft(model.float(), path))  # merged in float32, then back
     from lmstack.models.classifier import HEAD_FILE, attach_head
 
     if (Path(path) / HEAD_FILE).exists():  # a classifier or reward model trained with LoRA
         model = attach_head(model, path).eval()
-    return model.to(dtype) if dtype is not None else model
+    return model.to(dtype or stored)
 
 
 NATIVE = "lmstack"  # config.json model_type of architectures transformers has no class for (RNN LMs)
@@ -137,7 +138,13 @@ def save_model(
 ) -> Path:
     """Save `model` (and `tokenizer`) as a Hugging Face directory that `transformers` loads (a classifier as a
     ...ForSequenceClassification; recurrent LMs, which transformers has no class for, and quantized models,
-    in lmstack's own layout)."""
+    in lmstack's own layout). A model with LoRA adapters is refused: save them with `save_peft`, or fold
+    them in with `merge_and_unload` first."""
+    from lmstack.train.lora import lora_layers
+
+    if lora_layers(model):
+        raise LMStackError("the model has LoRA adapters: save them as a PEFT adapter with "
+                           "lmstack.train.lora.save_peft, or fold them in with merge_and_unload before save_model")
     if getattr(model, "quantization", None):
         from lmstack.quantize import save_quantized
 

@@ -68,6 +68,8 @@ class LoRALinear(nn.Module):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged and not self.enabled:  # disabled means the base alone, merged or not (as in PEFT)
+            self.unmerge()
         y = self.base(x)
         if self.enabled and not self.merged:
             # The casts are no-ops on a float base; on an NF4 base the update is computed in float32.
@@ -226,14 +228,16 @@ def _hf_key(name: str) -> str:
     return f"base_model.model.{_hf_module(name)}"
 
 
-def check_peft_exportable(model: nn.Module) -> None:
-    """Raise unless adapters on `model` can be written in PEFT's format (checked before training, too)."""
+def check_peft_exportable(model: nn.Module, doing: str = "PEFT export") -> None:
+    """Raise unless adapters on `model` can be written in (or read from) PEFT's format (checked before
+    training, too)."""
     from lmstack.checkpoints.hf import family_of
 
     if family_of(model.config) in ("gpt2", "phi3"):
-        raise LMStackError("PEFT export needs separate q/k/v and gate/up projections (GPT-2 and Phi-3 fuse them)")
+        raise LMStackError(f"{doing} needs separate q/k/v and gate/up projections (GPT-2 and Phi-3 fuse them "
+                           "into one layer): LoRA runs and PEFT adapters support the Llama-style families")
     if model.config.n_expert:
-        raise LMStackError("PEFT export of mixture-of-experts layers is not supported")
+        raise LMStackError(f"{doing} of mixture-of-experts layers is not supported")
 
 
 def save_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
@@ -368,7 +372,7 @@ def load_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if cfg.get("peft_type") != "LORA":
         raise LMStackError(f"{config_file}: peft_type {cfg.get('peft_type')!r} is not LORA")
     _check_peft_settings(cfg, config_file)
-    check_peft_exportable(model)
+    check_peft_exportable(model, "a PEFT adapter")
     layers = _peft_layers(model, cfg, config_file)
     tensors = _read_adapter(path)
     shapes = {}
