@@ -83,6 +83,26 @@ def test_merge_unmerge_and_disable():
         apply_lora(model, r=2, targets=("k",))
 
 
+def test_adapters_on_a_half_precision_base_are_float32():
+    """As PEFT's autocast_adapter_dtype: bf16 adapters would round small updates away."""
+    model = _tiny().to(torch.bfloat16)
+    apply_lora(model, r=4, alpha=8)
+    layer = model.layers[0].attn.q
+    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float32 and layer.base.weight.dtype == torch.bfloat16
+    torch.nn.init.normal_(layer.lora_B, std=0.5)
+    ids = torch.randint(0, 256, (1, 6))
+    with torch.no_grad():
+        adapted = model(ids)
+        assert adapted.dtype == torch.bfloat16
+        merge_lora(model)
+        assert layer.base.weight.dtype == torch.bfloat16 and (model(ids).float() - adapted.float()).abs().max() < 0.1
+        unmerge_lora(model)
+    model.train()
+    _, loss = model(ids, ids)
+    loss.backward()
+    assert layer.lora_B.grad is not None and layer.lora_B.grad.dtype == torch.float32
+
+
 def test_save_model_refuses_a_model_with_adapters(tmp_path):
     """save_model would write wrapped names no loader reads: it points to save_peft or merge_and_unload."""
     from lmstack.train.lora import merge_and_unload

@@ -39,7 +39,8 @@ HF_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": 
 class LoRALinear(nn.Module):
     """A frozen nn.Linear (or NF4Linear, for QLoRA) plus a trainable low-rank update.
 
-    On a float base the adapters take the base weight's dtype; on an NF4 base they are float32."""
+    The adapters are float32 on a bf16, fp16 or NF4 base (PEFT's `autocast_adapter_dtype`: small updates to
+    half-precision adapters would round away), else the base weight's dtype."""
 
     def __init__(self, base: nn.Linear | NF4Linear, r: int, alpha: float, dropout: float = 0.0,
                  use_rslora: bool = False) -> None:
@@ -55,6 +56,8 @@ class LoRALinear(nn.Module):
             device, dtype = base.absmax.device, torch.float32
         else:
             device, dtype = base.weight.device, base.weight.dtype
+            if dtype in (torch.float16, torch.bfloat16):
+                dtype = torch.float32
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device, dtype=dtype))
         if device.type != "meta":
@@ -85,13 +88,13 @@ class LoRALinear(nn.Module):
             raise LMStackError("cannot merge LoRA into a 4-bit NF4 base (QLoRA): save the adapter with "
                                "save_peft, load it onto the float model with load_peft and merge there")
         if not self.merged:
-            self.base.weight += (self.lora_B @ self.lora_A) * self.scaling
+            self.base.weight += ((self.lora_B @ self.lora_A) * self.scaling).to(self.base.weight.dtype)
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
-            self.base.weight -= (self.lora_B @ self.lora_A) * self.scaling
+            self.base.weight -= ((self.lora_B @ self.lora_A) * self.scaling).to(self.base.weight.dtype)
             self.merged = False
 
 
