@@ -403,6 +403,15 @@ def test_lora_classifier_checkpoint_loads_with_its_head(base, tmp_path):
     records = _sentiment(60, 1)
     predicted = predict_labels(model, load_tokenizer(summary["checkpoint"]), [r["text"] for r in records])
     assert sum(p == r["label"] for p, r in zip(predicted, records)) / len(records) >= 0.85
+    # ... and it is a PEFT SEQ_CLS adapter: peft puts it on transformers' classifier of the base, same logits
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    hf = AutoModelForSequenceClassification.from_pretrained(base, num_labels=2, pad_token_id=model.pad_token_id)
+    theirs = PeftModel.from_pretrained(hf, summary["checkpoint"]).eval()
+    ids = torch.tensor([load_tokenizer(summary["checkpoint"]).encode(records[0]["text"])])
+    with torch.no_grad():
+        assert (theirs(ids).logits - model(ids)).abs().max() < 1e-4
 
 
 def test_reference_under_lora_is_deterministic_and_adapter_free(base):

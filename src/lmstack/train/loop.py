@@ -295,8 +295,9 @@ def save_weights(model: torch.nn.Module, path: Path, cfg: TrainConfig, tokenizer
     if cfg.lora_r:
         from lmstack.train.lora import save_peft
 
-        save_peft(decoder_of(model), path, base_model_name_or_path=str(Path(cfg.model).resolve()))
-        if isinstance(model, SequenceClassifier):
+        head = model.score.weight if isinstance(model, SequenceClassifier) else None
+        save_peft(decoder_of(model), path, base_model_name_or_path=str(Path(cfg.model).resolve()), head=head)
+        if head is not None:
             save_head(model, path)
         tokenizer.save(path)
     elif isinstance(model, SequenceClassifier):

@@ -243,9 +243,17 @@ def check_peft_exportable(model: nn.Module, doing: str = "PEFT export") -> None:
         raise LMStackError(f"{doing} of mixture-of-experts layers is not supported")
 
 
-def save_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
+# Where PEFT keeps a sequence classifier's head (task_type SEQ_CLS, modules_to_save): lmstack writes it there
+# for PEFT, and reads its own copy from classifier_head.safetensors (with the label names).
+HEAD_KEY = "base_model.model.score.weight"
+
+
+def save_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None,
+              head: torch.Tensor | None = None) -> Path:
     """Write the adapters in PEFT's format. The config states every setting that changes what PEFT computes
-    (rslora, per-module ranks and alphas; no DoRA, biases or extra modules), so PEFT applies exactly these."""
+    (rslora, per-module ranks and alphas; no DoRA, biases or extra modules), so PEFT applies exactly these.
+    With `head` (a classifier's score weight) it is a SEQ_CLS adapter, the head a module PEFT saves whole, so
+    that PEFT's AutoModelForSequenceClassification adapter loads it."""
     if not getattr(model, "lora", None):
         raise LMStackError("the model has no LoRA adapters (apply_lora first)")
     check_peft_exportable(model)
@@ -257,6 +265,8 @@ def save_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_path
         key = _hf_key(name)
         tensors[f"{key}.lora_A.weight"] = layer.lora_A.detach().contiguous().cpu()
         tensors[f"{key}.lora_B.weight"] = layer.lora_B.detach().contiguous().cpu()
+    if head is not None:
+        tensors[HEAD_KEY] = head.detach().contiguous().cpu()
     save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
     cfg = model.lora
     r, alpha = cfg["r"], cfg["alpha"]
@@ -270,12 +280,14 @@ def save_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_path
     # exclude_modules) each module is listed.
     by_kind = set(wrapped) == every
     target_modules = sorted(HF_NAMES[k] for k in kinds) if by_kind else sorted(wrapped.values())
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
+    config = {"peft_type": "LORA", "task_type": "SEQ_CLS" if head is not None else "CAUSAL_LM", "r": r,
+              "lora_alpha": alpha,
               "lora_dropout": cfg["dropout"], "target_modules": target_modules,
               "use_rslora": bool(cfg.get("use_rslora", False)),
               "rank_pattern": {wrapped[n]: layer.r for n, layer in layers if layer.r != r},
               "alpha_pattern": {wrapped[n]: layer.alpha for n, layer in layers if layer.alpha != alpha},
-              "use_dora": False, "bias": "none", "modules_to_save": None, "layers_to_transform": None,
+              "use_dora": False, "bias": "none", "modules_to_save": ["score"] if head is not None else None,
+              "layers_to_transform": None,
               "layers_pattern": None, "init_lora_weights": True, "fan_in_fan_out": False, "inference_mode": True,
               "base_model_name_or_path": base_model_name_or_path}
     (path / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -305,7 +317,8 @@ def _is_off(value: Any) -> bool:
 
 def _check_peft_settings(cfg: dict[str, Any], where: Path) -> None:
     """Raise naming every setting of a PEFT adapter config that lmstack cannot apply."""
-    refused = [k for k, v in cfg.items() if k not in _PEFT_APPLIED | _PEFT_NO_EFFECT and not _is_off(v)]
+    refused = [k for k, v in cfg.items() if k not in _PEFT_APPLIED | _PEFT_NO_EFFECT and not _is_off(v)
+               and not (k == "modules_to_save" and _own_classifier_head(cfg, where.parent))]
     if cfg.get("bias", "none") != "none":
         refused.append("bias")
     init = cfg.get("init_lora_weights", True)
@@ -393,14 +406,33 @@ def load_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     return model
 
 
+def _own_classifier_head(cfg: dict[str, Any], path: Path) -> bool:
+    """Whether an adapter's saved modules are just the classifier head lmstack wrote (`save_peft(head=)`), which
+    it reads from classifier_head.safetensors beside it: a SEQ_CLS adapter of another origin stays refused."""
+    from lmstack.models.classifier import HEAD_FILE
+
+    return (cfg.get("task_type") == "SEQ_CLS" and set(cfg.get("modules_to_save") or ()) <= {"score", "classifier"}
+            and (path / HEAD_FILE).exists())
+
+
 def _read_adapter(path: Path) -> dict[str, torch.Tensor]:
+    """The adapter's tensors, less the classifier head lmstack wrote for PEFT (its own copy is read elsewhere)."""
     file = path / "adapter_model.safetensors"
     if not file.exists():
         raise LMStackError(f"{path}: no adapter_model.safetensors")
     try:
-        return load_file(str(file))
+        tensors = load_file(str(file))
     except Exception as e:  # safetensors' own error type: a cut-off or corrupt file
         raise LMStackError(f"{file}: unreadable ({e})") from None
+    config_file = path / "adapter_config.json"
+    if HEAD_KEY in tensors and config_file.exists():
+        try:
+            cfg = json.loads(config_file.read_text())
+        except json.JSONDecodeError:
+            cfg = {}
+        if _own_classifier_head(cfg, path):
+            del tensors[HEAD_KEY]
+    return tensors
 
 
 def _check_adapter_tensors(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[str, list[int]]],
