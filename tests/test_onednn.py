@@ -214,7 +214,8 @@ def test_an_engine_and_its_packed_copies_are_freed_when_dropped():
 @needs_onednn
 @pytest.mark.parametrize("vendor, forced, expected", [
     ("AuthenticAMD", "", True), ("GenuineIntel", "", False), (None, "", True),
-    ("GenuineIntel", "1", True), ("AuthenticAMD", "0", False),
+    ("GenuineIntel", "1", True), ("AuthenticAMD", "0", False), ("GenuineIntel", "On", True),
+    ("AuthenticAMD", "false", False),
 ])
 def test_onednn_is_the_default_where_mkl_runs_generic_code(monkeypatch, vendor, forced, expected):
     """MKL's own kernels on Intel's CPUs are as fast as oneDNN; on others MKL runs generic code."""
@@ -230,5 +231,15 @@ def test_onednn_is_the_default_where_mkl_runs_generic_code(monkeypatch, vendor, 
         with onednn_linears():
             ops = _ops_run(lambda: model(ids))
         assert ("lmstack::onednn_linear" in ops) is expected
+    finally:
+        onednn.onednn_preferred.cache_clear()
+
+
+def test_an_unknown_lmstack_onednn_value_is_named(monkeypatch):
+    monkeypatch.setenv("LMSTACK_ONEDNN", "maybe")
+    onednn.onednn_preferred.cache_clear()
+    try:
+        with pytest.raises(lmstack.LMStackError, match="LMSTACK_ONEDNN='maybe': set it to 1"):
+            onednn.onednn_preferred()
     finally:
         onednn.onednn_preferred.cache_clear()

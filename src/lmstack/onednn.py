@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from lmstack.errors import LMStackError
+
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
@@ -106,9 +108,14 @@ def cpu_vendor() -> str | None:
 def onednn_preferred() -> bool:
     """Whether float32 CPU linear layers go through oneDNN by default: where it is usable and the CPU is not
     Intel's (whose MKL kernels are at least as fast). `LMSTACK_ONEDNN=1` / `0` overrides."""
-    forced = os.environ.get("LMSTACK_ONEDNN", "").strip()
-    if forced in ("0", "1"):
-        return forced == "1" and onednn_available()
+    forced = os.environ.get("LMSTACK_ONEDNN", "").strip().lower()
+    if forced in ("1", "true", "yes", "on"):
+        return onednn_available()
+    if forced in ("0", "false", "no", "off"):
+        return False
+    if forced:
+        raise LMStackError(f"LMSTACK_ONEDNN={forced!r}: set it to 1 (use oneDNN) or 0 (PyTorch's default), or "
+                           "leave it unset (oneDNN on CPUs that are not Intel's)")
     return onednn_available() and cpu_vendor() != "GenuineIntel"
 
 
