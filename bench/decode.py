@@ -201,7 +201,7 @@ def main() -> None:
         for batch in args.quantize_batch:
             prompts = prompts_of.get(batch)  # the same prompts as unquantized, so that outputs compare
             if prompts is None:
-                prompts = prompts_of[batch] = torch.randint(0, ours.config.vocab_size, (batch, args.prompt_len), generator=g)
+                prompts = torch.randint(0, ours.config.vocab_size, (batch, args.prompt_len), generator=g)
             prompts = prompts.tolist()
 
             def run_quantized(n, prompts=prompts):

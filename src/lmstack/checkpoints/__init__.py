@@ -53,15 +53,9 @@ def load_adapter_model(path: str | os.PathLike, dtype: torch.dtype | None = None
                        device: torch.device | str | None = None) -> DecoderLM:
     """A PEFT LoRA adapter directory applied to its base model (`base_model_name_or_path`), merged (with
     its classification head, if it was trained as one)."""
-    import json
+    from lmstack.train.lora import adapter_config, load_peft, merge_and_unload
 
-    from lmstack.train.lora import load_peft, merge_and_unload
-
-    try:
-        config = json.loads((Path(path) / "adapter_config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise LMStackError(f"{Path(path) / 'adapter_config.json'}: not valid JSON ({e})") from None
-    base = config.get("base_model_name_or_path")
+    base = adapter_config(path).get("base_model_name_or_path")
     if not base or not Path(base).exists():
         raise LMStackError(f"{path}: the adapter's base model {base!r} is not on this machine; load the base "
                            "model and apply the adapter with lmstack.train.lora.load_peft")

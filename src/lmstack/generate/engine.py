@@ -20,6 +20,7 @@ from lmstack.generate.sampling import (
     SamplingParams,
     fitted_prompt,
     logit_bias_vector,
+    positive_int,
     process_logits,
     prompt_token_ids,
     sample_from,
@@ -85,10 +86,8 @@ class Engine:
         if arch != "transformer":  # the engine's batching lives in the Transformer's KV cache
             raise LMStackError(f"the generation engine runs Transformer models, not a recurrent LM (arch {arch!r}); "
                                "generate from one with lmstack.generate.generate_ids(model, prompt_ids, n)")
-        for name, value in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, Integral) or value < 1):
-                raise LMStackError(f"{name}={value!r}: must be an integer >= 1")
-        max_batch_size, max_seq_len = int(max_batch_size), None if max_seq_len is None else int(max_seq_len)
+        max_batch_size = positive_int("max_batch_size", max_batch_size)
+        max_seq_len = None if max_seq_len is None else positive_int("max_seq_len", max_seq_len)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -165,10 +164,8 @@ class Engine:
         worst of those, or at `max_new_tokens`, where the running beams are scored the same way.
         `stop_token_ids` end a beam as eos does (as a list of eos ids does in `transformers`); `truncate_prompt`
         keeps the end of a prompt too long for the context, as in `generate`."""
-        for name, value in (("num_beams", num_beams), ("num_return_sequences", num_return_sequences)):
-            if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-                raise LMStackError(f"{name}={value!r}: must be an integer >= 1")
-        num_beams, num_return_sequences = int(num_beams), int(num_return_sequences)
+        num_beams = positive_int("num_beams", num_beams)
+        num_return_sequences = positive_int("num_return_sequences", num_return_sequences)
         if num_return_sequences > num_beams:
             raise LMStackError(f"num_return_sequences={num_return_sequences} must be between 1 and num_beams "
                                f"({num_beams})")

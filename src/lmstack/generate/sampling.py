@@ -209,6 +209,13 @@ def reply_room(max_new_tokens: int, context: int) -> int:
     return max(1, min(max_new_tokens, context // 2))
 
 
+def positive_int(name: str, value: Any, what: str = "") -> int:
+    """`value` as an int, if it is an integer >= 1 (numpy's too, bools not); else an error naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+        raise LMStackError(f"{name}={value!r}: {what}must be an integer >= 1")
+    return int(value)
+
+
 def fitted_prompt(ids: list[int], context: int, max_new_tokens: int, truncate: bool,
                   name: str = "prompt") -> list[int]:
     """`ids` if they leave room in the context for a new token; else, with `truncate`, their end, leaving

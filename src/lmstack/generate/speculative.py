@@ -11,7 +11,6 @@ followed the last occurrence of the current n-gram in the prompt and output so f
 from __future__ import annotations
 
 from dataclasses import dataclass
-from numbers import Integral
 
 import torch
 
@@ -20,6 +19,7 @@ from lmstack.generate.engine import Completion, tokens_spelling
 from lmstack.generate.sampling import (
     SamplingParams,
     fitted_prompt,
+    positive_int,
     process_logits,
     prompt_token_ids,
     sampling_params,
@@ -85,9 +85,7 @@ def speculative_generate(
             or params.no_repeat_ngram_size or params.constraint or params.n != 1 or params.logprobs is not None:
         raise LMStackError("speculative decoding supports temperature, top-k, top-p, min-p, typical-p, stop "
                            "conditions and logit bias, with n=1 and no logprobs")
-    if isinstance(k, bool) or not isinstance(k, Integral) or k < 1:
-        raise LMStackError(f"k={k!r}: the tokens drafted per target pass must be an integer >= 1")
-    k = int(k)
+    k = positive_int("k", k, "the tokens drafted per target pass ")
     lookup = isinstance(draft, str)
     if lookup and draft != "prompt_lookup":
         raise LMStackError(f"draft {draft!r}: a DecoderLM or 'prompt_lookup'")

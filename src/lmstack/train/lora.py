@@ -379,18 +379,13 @@ def load_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     left as it was."""
     path = Path(path)
     config_file = path / "adapter_config.json"
-    if not config_file.exists():
-        raise LMStackError(f"{path}: no adapter_config.json")
-    try:
-        cfg = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise LMStackError(f"{config_file}: not valid JSON ({e})") from None
+    cfg = adapter_config(path)
     if cfg.get("peft_type") != "LORA":
         raise LMStackError(f"{config_file}: peft_type {cfg.get('peft_type')!r} is not LORA")
     _check_peft_settings(cfg, config_file)
     check_peft_exportable(model, "a PEFT adapter")
     layers = _peft_layers(model, cfg, config_file)
-    tensors = _read_adapter(path)
+    tensors = _read_adapter(path, cfg)
     shapes = {}
     for name, (r, _) in layers.items():
         base = model.get_submodule(name)
@@ -415,7 +410,18 @@ def _own_classifier_head(cfg: dict[str, Any], path: Path) -> bool:
             and (path / HEAD_FILE).exists())
 
 
-def _read_adapter(path: Path) -> dict[str, torch.Tensor]:
+def adapter_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The adapter_config.json of PEFT adapter directory `path`."""
+    config_file = Path(path) / "adapter_config.json"
+    if not config_file.exists():
+        raise LMStackError(f"{path}: no adapter_config.json")
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise LMStackError(f"{config_file}: not valid JSON ({e})") from None
+
+
+def _read_adapter(path: Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The adapter's tensors, less the classifier head lmstack wrote for PEFT (its own copy is read elsewhere)."""
     file = path / "adapter_model.safetensors"
     if not file.exists():
@@ -424,14 +430,8 @@ def _read_adapter(path: Path) -> dict[str, torch.Tensor]:
         tensors = load_file(str(file))
     except Exception as e:  # safetensors' own error type: a cut-off or corrupt file
         raise LMStackError(f"{file}: unreadable ({e})") from None
-    config_file = path / "adapter_config.json"
-    if HEAD_KEY in tensors and config_file.exists():
-        try:
-            cfg = json.loads(config_file.read_text())
-        except json.JSONDecodeError:
-            cfg = {}
-        if _own_classifier_head(cfg, path):
-            del tensors[HEAD_KEY]
+    if HEAD_KEY in tensors and _own_classifier_head(cfg, path):
+        del tensors[HEAD_KEY]
     return tensors
 
 
@@ -467,7 +467,8 @@ def load_adapter_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module
     layers = lora_layers(model)
     if not layers:
         raise LMStackError("the model has no LoRA adapters (apply_lora first)")
-    tensors = _read_adapter(path)
+    cfg = adapter_config(path) if (path / "adapter_config.json").exists() else {}
+    tensors = _read_adapter(path, cfg)
     shapes = {f"{_hf_key(name)}.{which}.weight": (name, list(getattr(layer, which).shape))
               for name, layer in layers for which in ("lora_A", "lora_B")}
     _check_adapter_tensors(tensors, shapes, path)

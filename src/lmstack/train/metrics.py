@@ -63,10 +63,10 @@ class MetricsLog:
         self.path = run_dir / "metrics.jsonl"
         kept_now: list[dict[str, Any]] = []
         if self.path.exists():
-            kept = [r for r in read_metrics(run_dir) if r.get("step", 0) < resume_step] if resume_step else []
-            if resume_step and keep_evaluation:
-                kept_now = [r for r in read_metrics(run_dir) if r.get("step") == resume_step
-                            and ("val_loss" in r or "sample" in r)]
+            records = read_metrics(run_dir) if resume_step else []
+            kept = [r for r in records if r.get("step", 0) < resume_step]
+            if keep_evaluation:
+                kept_now = [r for r in records if r.get("step") == resume_step and ("val_loss" in r or "sample" in r)]
             # A kill here keeps the old file whole.
             atomic_write_text(self.path, "".join(json.dumps(record) + "\n" for record in kept + kept_now))
         self.writer = None
