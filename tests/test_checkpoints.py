@@ -41,6 +41,9 @@ def test_dtype_and_tied_weights(tmp_path):
     half = lmstack.load_model(tmp_path, dtype="bfloat16")
     assert half.embed.weight.dtype == torch.bfloat16
     assert half.lm_head.weight is half.embed.weight
+    # Nothing is left on the meta device it is built on (GPT-2 has no RoPE buffer to fill), so it can move.
+    assert not any(t.is_meta for t in [*half.parameters(), *half.buffers()])
+    assert half.to("cpu", torch.float32).embed.weight.dtype == torch.float32
 
 
 def test_directory_without_config(tmp_path):

@@ -42,6 +42,19 @@ def base(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def gpt2_base(base, tmp_path_factory):
+    """A tiny random GPT-2 checkpoint (q/k/v fused into c_attn on the Hugging Face side), same tokenizer."""
+    from lmstack.checkpoints import load_tokenizer
+
+    tok = load_tokenizer(base)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_name("tiny-gpt2", vocab_size=len(tok), block_size=64))
+    path = tmp_path_factory.mktemp("gpt2") / "model"
+    save_model(model, path, tokenizer=tok)
+    return path
+
+
 def _write(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
@@ -278,6 +291,27 @@ def test_dpo_under_fsdp_with_two_processes_matches_one(base, tmp_path):
     assert [s for s, _ in losses[0]] == [s for s, _ in losses[1]] == [0, 1, 2, 3]
     assert max(abs(a - b) for (_, a), (_, b) in zip(*losses)) < 1e-5
     assert _val(one) == pytest.approx(_val(two), abs=1e-5)
+
+
+def test_lora_sft_on_gpt2_fused_attention_resumes_exactly(gpt2_base, tmp_path):
+    """GPT-2's checkpoints fuse q, k and v into c_attn: the adapters on q and v are saved as one on c_attn and
+    read back apart on resume, so the resumed run logs the same losses, and the adapter loads merged."""
+    data = _write(tmp_path / "chat.jsonl", _chats(100))
+    settings = dict(lora_r=4, lora_alpha=8, lora_targets=["q", "v", "up"], max_steps=6, checkpoint_interval=3,
+                    eval_interval=3)
+    _, straight = _run(gpt2_base, tmp_path / "a", "sft", data, **settings)
+    _run(gpt2_base, tmp_path / "b", "sft", data, **{**settings, "max_steps": 3})
+    _run(gpt2_base, tmp_path / "b", "sft", data, resume=True, **settings)
+    losses = {r["step"]: r["loss"] for r in straight if "loss" in r}
+    again = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "b" / "sft") if "loss" in r}
+    assert [again[s] for s in (3, 4, 5)] == [losses[s] for s in (3, 4, 5)]
+    ckpt = tmp_path / "a" / "sft" / "checkpoints" / "step-0000006"
+    config = json.loads((ckpt / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["c_attn", "c_fc"] and config["rank_pattern"] == {
+        f"h.{i}.attn.c_attn": 8 for i in range(2)}
+    ids = torch.tensor([[5, 17, 42, 9, 77]])
+    with torch.no_grad():
+        assert not torch.allclose(load_model(ckpt)(ids), load_model(gpt2_base)(ids), atol=1e-4)
 
 
 def test_dpo_under_lora_uses_the_base_as_reference(base, tmp_path):

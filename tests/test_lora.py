@@ -169,10 +169,77 @@ def test_peft_loads_our_adapters_with_identical_logits(tmp_path):
     save_peft(ours, tmp_path / "half-adapter", base_model_name_or_path=str(tmp_path / "half"))
     assert lmstack.load_model(tmp_path / "half-adapter").embed.weight.dtype == torch.bfloat16
     assert lmstack.load_model(tmp_path / "half-adapter", dtype="float32").embed.weight.dtype == torch.float32
-    # GPT-2 fuses q/k/v: its adapters are refused by name, loading as saving
-    gpt2 = lmstack.DecoderLM(ModelConfig.from_name("gpt2", n_layer=1, n_embd=64, n_head=4, vocab_size=101))
-    with pytest.raises(LMStackError, match="a PEFT adapter needs separate q/k/v .*Llama-style families"):
-        load_peft(gpt2, tmp_path / "adapter")
+
+
+def _random_b(model, std=0.3):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=std)
+
+
+# GPT-2 fuses q/k/v into c_attn (a Conv1D); Phi-3 fuses q/k/v into qkv_proj and gate/up into gate_up_proj.
+FUSED = {
+    "gpt2": (dict(n_embd=64, n_head=4, vocab_size=101, block_size=64),
+             ("q", "v", "up", "o"),
+             {"transformer.h.0.attn.c_attn": 8, "transformer.h.0.attn.c_proj": 4, "transformer.h.0.mlp.c_fc": 4},
+             ["c_attn", "c_fc", "h.0.attn.c_proj", "h.1.attn.c_proj"], "c_attn"),
+    "phi3": (dict(family="phi3", vocab_size=101),
+             ("q", "k", "v", "gate", "down"),
+             {"model.layers.0.self_attn.qkv_proj": 12, "model.layers.0.mlp.gate_up_proj": 4,
+              "model.layers.0.mlp.down_proj": 4},
+             ["down_proj", "gate_up_proj", "qkv_proj"], "qkv_proj"),
+}
+
+
+@pytest.mark.parametrize("family, use_rslora", [("gpt2", False), ("phi3", True)])
+def test_adapters_on_fused_layers_round_trip_through_peft(tmp_path, family, use_rslora):
+    """Adapters on the parts of a fused layer are one PEFT adapter of the summed rank with identical outputs,
+    and read back into the same parts and ranks; a dense PEFT adapter on a fused layer loads as well."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    changes, targets, ranks, target_modules, fused = FUSED[family]
+    torch.manual_seed(0)
+    lmstack.save_model(lmstack.DecoderLM(ModelConfig.from_name("gpt2" if family == "gpt2" else "tiny-llama",
+                                                                n_layer=2, **changes)), tmp_path / "base")
+    ours = apply_lora(lmstack.load_model(tmp_path / "base"), r=4, alpha=8, targets=targets, use_rslora=use_rslora)
+    _random_b(ours)
+    save_peft(ours, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["target_modules"] == target_modules and config["fan_in_fan_out"] == (family == "gpt2")
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert {m: saved[f"base_model.model.{m}.lora_A.weight"].shape[0] for m in ranks} == ranks  # summed ranks
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    theirs = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    ids = torch.randint(0, 101, (2, 12))
+    with torch.no_grad():
+        expected = ours(ids)
+        assert (expected - lmstack.load_model(tmp_path / "base")(ids)).abs().max() > 1e-2  # the adapter matters
+        assert (theirs(ids).logits - expected).abs().max() < 1e-4
+        # Read back: the same layers and ranks (k has none on GPT-2), the same outputs; resuming copies exactly.
+        again = load_peft(lmstack.load_model(tmp_path / "base"), tmp_path / "adapter")
+        assert {n: m.r for n, m in lora_layers(again)} == {n: m.r for n, m in lora_layers(ours)}
+        assert (again(ids) - expected).abs().max() < 1e-5
+        resumed = apply_lora(lmstack.load_model(tmp_path / "base"), r=4, alpha=8, targets=targets,
+                             use_rslora=use_rslora)
+        load_adapter_weights(resumed, tmp_path / "adapter")
+        assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), ours.state_dict().values()))
+
+    # An adapter peft trained on the fused layers themselves: every part gets the whole A and its rows of B.
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_rslora=use_rslora))
+    _random_b(peft_model)
+    peft_model.save_pretrained(tmp_path / "peft")
+    loaded = load_peft(lmstack.load_model(tmp_path / "base"), tmp_path / "peft")
+    assert loaded.layers[0].attn.k.r == 4
+    with torch.no_grad():
+        assert (peft_model.eval()(ids).logits - loaded(ids)).abs().max() < 1e-4
+    # Untrained (B zero), every part keeps the whole rank, so training can go on from it.
+    fresh = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=[fused]))
+    fresh.save_pretrained(tmp_path / "fresh")
+    loaded = load_peft(lmstack.load_model(tmp_path / "base"), tmp_path / "fresh")
+    assert [m.r for _, m in lora_layers(loaded)] == [4] * 6
 
 
 def test_adapter_for_another_base_names_the_shapes(tmp_path):

@@ -97,9 +97,10 @@ class DecoderLM(nn.Module):
 
     def init_buffers(self, device: torch.device | str | None = None) -> None:
         """(Re)compute the non-learned buffers; call it after materialising a model built on the meta device."""
-        if self.config.positions != "rope":
-            return
         device = torch.device(device or self.embed.weight.device)
+        if self.config.positions != "rope":  # an empty placeholder, but on the model's device (not left on meta)
+            self.rope_inv_freq = torch.empty(0, device=device)
+            return
         inv_freq, self.rope_scale = rope_inv_freq(self.config)
         self.rope_inv_freq = inv_freq.to(device) if device.type != "meta" else torch.empty_like(inv_freq, device="meta")
 

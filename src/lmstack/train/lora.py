@@ -5,9 +5,11 @@ A wrapped layer computes base(x) + (alpha / r) * B(A(dropout(x))) with A [r, in]
 stabilised LoRA, `use_rslora`, scales by alpha / sqrt(r) instead). Only A and B train. `merge` folds B A into
 the base weight for inference; `unmerge` takes it back out. Adapters save as `adapter_config.json` +
 `adapter_model.safetensors` under Hugging Face parameter names, so `peft.PeftModel.from_pretrained` applies them
-to the Hugging Face export of the same base model. `load_peft` reads adapters written by PEFT, with per-module
-ranks and alphas (`rank_pattern`, `alpha_pattern`), and refuses, naming the setting, any PEFT option it cannot
-apply (DoRA, trained biases, `modules_to_save`, ...).
+to the Hugging Face export of the same base model. Where the Hugging Face family fuses layers that lmstack keeps
+apart (GPT-2's c_attn, Phi-3's qkv_proj and gate_up_proj), the adapters on the parts are written as one adapter
+on the fused layer, of the summed rank with a block-diagonal B, and read back apart: the outputs are the same.
+`load_peft` reads adapters written by PEFT, with per-module ranks and alphas (`rank_pattern`, `alpha_pattern`),
+and refuses, naming the setting, any PEFT option it cannot apply (DoRA, trained biases, `modules_to_save`, ...).
 
 QLoRA (Dettmers et al. 2023): `prepare_qlora` first quantizes the frozen base to 4-bit NF4 (`NF4Linear`), then
 adds float32 adapters; the base costs ~4.5 bits per weight while gradients still flow through it to the
@@ -31,9 +33,8 @@ from torch import nn
 from lmstack.errors import LMStackError
 from lmstack.quantize import NF4Linear, quantize_model
 
-# lmstack's linear layer names and the Hugging Face (Llama-family) module names PEFT targets.
-HF_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj",
-            "down": "down_proj"}
+# The names of lmstack's linear layers LoRA can wrap (Hugging Face's names are mapped in `peft_modules`).
+TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 class LoRALinear(nn.Module):
@@ -70,6 +71,14 @@ class LoRALinear(nn.Module):
     def weight(self) -> torch.Tensor:  # so code that reads `.weight` (shapes, dtype) keeps working
         return self.base.weight
 
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged and not self.enabled:  # disabled means the base alone, merged or not (as in PEFT)
             self.unmerge()
@@ -100,9 +109,9 @@ class LoRALinear(nn.Module):
 
 def _check_targets(targets: Iterable[str]) -> tuple[str, ...]:
     targets = tuple(targets)
-    unknown = [t for t in targets if t not in HF_NAMES]
+    unknown = [t for t in targets if t not in TARGETS]
     if unknown:
-        raise LMStackError(f"unknown LoRA targets {unknown}; choose from {list(HF_NAMES)}")
+        raise LMStackError(f"unknown LoRA targets {unknown}; choose from {list(TARGETS)}")
     return targets
 
 
@@ -112,7 +121,7 @@ def _leaf(name: str) -> str:
 
 def _wrappable(model: nn.Module) -> list[str]:
     """Names of the layers LoRA can wrap: linear layers (float or NF4) named q, k, v, o, gate, up or down."""
-    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, NF4Linear)) and _leaf(n) in HF_NAMES]
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, NF4Linear)) and _leaf(n) in TARGETS]
 
 
 def _refuse_second_adapter(model: nn.Module) -> None:
@@ -215,32 +224,76 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + nf4
 
 
-def _hf_module(name: str) -> str:
-    """layers.3.attn.q -> model.layers.3.self_attn.q_proj: the module's name in the Hugging Face model, which
-    PEFT matches target_modules, exclude_modules, rank_pattern and alpha_pattern against."""
-    parts = name.split(".")
-    block, kind, leaf = ".".join(parts[:2]), parts[2], parts[3]
-    group = "self_attn" if kind == "attn" else "mlp"
-    if kind == "mlp" and len(parts) > 4:
-        raise LMStackError(f"PEFT export of {name!r} (mixture-of-experts layers) is not supported")
-    return f"model.{block}.{group}.{HF_NAMES[leaf]}"
+def peft_modules(model: nn.Module) -> dict[str, list[str]]:
+    """The Hugging Face modules PEFT puts adapters on, each with the lmstack layers it stands for in the order
+    of its outputs: one layer for most (model.layers.0.self_attn.q_proj -> layers.0.attn.q), several where the
+    family fuses them (GPT-2's c_attn -> q, k, v; Phi-3's qkv_proj and gate_up_proj). Read off the checkpoint
+    mapping, so adapters and weights can never disagree on a name."""
+    from lmstack.checkpoints.hf import weight_rules
+
+    linear = {n for n, m in model.named_modules()
+              if isinstance(m, (nn.Linear, NF4Linear, LoRALinear)) and _leaf(n) in TARGETS}
+    modules = {}
+    for rule in weight_rules(model.config, lm_head=False):
+        layers = [name.removesuffix(".weight") for name in rule.ours]
+        if rule.hf.endswith(".weight") and all(name in linear for name in layers):
+            modules[rule.hf.removesuffix(".weight")] = layers
+    return modules
 
 
-def _hf_key(name: str) -> str:
-    """layers.3.attn.q -> base_model.model.model.layers.3.self_attn.q_proj (PEFT's prefix + HF's names)."""
-    return f"base_model.model.{_hf_module(name)}"
+def _key(module: str) -> str:
+    """model.layers.3.self_attn.q_proj -> base_model.model.model.layers.3.self_attn.q_proj (PEFT's prefix)."""
+    return f"base_model.model.{module}"
 
 
 def check_peft_exportable(model: nn.Module, doing: str = "PEFT export") -> None:
     """Raise unless adapters on `model` can be written in (or read from) PEFT's format (checked before
     training, too)."""
-    from lmstack.checkpoints.hf import family_of
-
-    if family_of(model.config) in ("gpt2", "phi3"):
-        raise LMStackError(f"{doing} needs separate q/k/v and gate/up projections (GPT-2 and Phi-3 fuse them "
-                           "into one layer): LoRA runs and PEFT adapters support the Llama-style families")
     if model.config.n_expert:
         raise LMStackError(f"{doing} of mixture-of-experts layers is not supported")
+
+
+def _fuse(parts: list[LoRALinear | None], out_features: list[int]) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+    """One adapter (A, B, r, alpha) on a fused layer equal to the adapters on its parts (None: no adapter): A
+    stacks the parts' A, B is block-diagonal, each block scaled to the first part's scaling, so the rank is the
+    sum of the parts' ranks and nothing is approximated."""
+    present = [p for p in parts if p is not None]
+    first = present[0]
+    if len(parts) == 1:
+        return first.lora_A.detach(), first.lora_B.detach(), first.r, first.alpha
+    r = sum(p.r for p in present)
+    alpha = first.scaling * (math.sqrt(r) if first.use_rslora else r)  # the fused scaling is the first part's
+    A = torch.cat([p.lora_A.detach() for p in present])
+    B = first.lora_B.new_zeros(sum(out_features), r)
+    row = col = 0
+    for part, out in zip(parts, out_features):
+        if part is not None:
+            B[row:row + out, col:col + part.r] = part.lora_B.detach() * (part.scaling / first.scaling)
+            col += part.r
+        row += out
+    return A, B, r, int(alpha) if float(alpha).is_integer() else alpha
+
+
+def _unfuse(A: torch.Tensor, B: torch.Tensor, r: int, alpha: float, out_features: list[int], use_rslora: bool
+            ) -> list[tuple[torch.Tensor, torch.Tensor, int, float] | None]:
+    """The parts of a fused layer's adapter, each (A, B, r, alpha) or None. Each part keeps the columns of B its
+    rows use, so an adapter `_fuse` made splits back into its parts and ranks; a dense adapter (trained by PEFT
+    on the fused layer) gives every part the whole A and its rows of B. An untrained one (B all zero) gives
+    every part the whole rank, so that training can go on."""
+    if len(out_features) == 1:
+        return [(A, B, r, alpha)]
+    blocks = B.split(out_features)
+    used = [block.ne(0).any(0) for block in blocks]
+    if not any(u.any() for u in used):
+        used = [torch.ones(r, dtype=torch.bool)] * len(blocks)
+    parts = []
+    for block, cols in zip(blocks, used):
+        k = int(cols.sum())
+        # The same scaling at rank k: alpha / r = alpha_k / k (alpha / sqrt(r) under rslora).
+        alpha_k = alpha * (math.sqrt(k / r) if use_rslora else k / r)
+        parts.append((A[cols], block[:, cols], k, int(alpha_k) if float(alpha_k).is_integer() else alpha_k)
+                     if k else None)
+    return parts
 
 
 # Where PEFT keeps a sequence classifier's head (task_type SEQ_CLS, modules_to_save): lmstack writes it there
@@ -259,12 +312,19 @@ def save_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_path
     check_peft_exportable(model)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    layers = lora_layers(model)
-    tensors = {}
-    for name, layer in layers:
-        key = _hf_key(name)
-        tensors[f"{key}.lora_A.weight"] = layer.lora_A.detach().contiguous().cpu()
-        tensors[f"{key}.lora_B.weight"] = layer.lora_B.detach().contiguous().cpu()
+    from lmstack.checkpoints.hf import family_of
+
+    wrapped = dict(lora_layers(model))
+    modules = peft_modules(model)
+    tensors, adapters = {}, {}  # adapters: HF module -> (r, alpha)
+    for module, names in modules.items():
+        parts = [wrapped.get(name) for name in names]
+        if any(parts):
+            out_features = [model.get_submodule(name).out_features for name in names]
+            A, B, r, alpha = _fuse(parts, out_features)
+            tensors[f"{_key(module)}.lora_A.weight"] = A.contiguous().cpu()
+            tensors[f"{_key(module)}.lora_B.weight"] = B.contiguous().cpu()
+            adapters[module] = (r, alpha)
     if head is not None:
         tensors[HEAD_KEY] = head.detach().contiguous().cpu()
     save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -272,23 +332,21 @@ def save_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_path
     r, alpha = cfg["r"], cfg["alpha"]
     # PEFT matches a bare "layers.0.self_attn.q_proj" as a suffix of the module name (target_modules) or as the
     # regex (.*\.)?(pattern)$ (rank/alpha patterns): either way exactly that module.
-    wrapped = {name: _hf_module(name).removeprefix("model.") for name, _ in layers}
-    kinds = {_leaf(name) for name in wrapped}
-    every = {n for n, m in model.named_modules()
-             if isinstance(m, (nn.Linear, NF4Linear, LoRALinear)) and _leaf(n) in kinds}
-    # Adapters on every layer of their kinds are named by kind, as usual; otherwise (e.g. an adapter loaded with
-    # exclude_modules) each module is listed.
-    by_kind = set(wrapped) == every
-    target_modules = sorted(HF_NAMES[k] for k in kinds) if by_kind else sorted(wrapped.values())
+    short = {module: module.split(".", 1)[1] for module in adapters}
+    # A kind with adapters on every module of it is named by kind, as usual; otherwise (e.g. an adapter loaded
+    # with exclude_modules, or on GPT-2's attention c_proj and not its MLP's) its modules are listed.
+    whole = {_leaf(m) for m in adapters} - {_leaf(m) for m in modules if m not in adapters}
+    target_modules = sorted(whole) + sorted(short[m] for m in adapters if _leaf(m) not in whole)
     config = {"peft_type": "LORA", "task_type": "SEQ_CLS" if head is not None else "CAUSAL_LM", "r": r,
               "lora_alpha": alpha,
               "lora_dropout": cfg["dropout"], "target_modules": target_modules,
               "use_rslora": bool(cfg.get("use_rslora", False)),
-              "rank_pattern": {wrapped[n]: layer.r for n, layer in layers if layer.r != r},
-              "alpha_pattern": {wrapped[n]: layer.alpha for n, layer in layers if layer.alpha != alpha},
+              "rank_pattern": {short[m]: mr for m, (mr, _) in adapters.items() if mr != r},
+              "alpha_pattern": {short[m]: ma for m, (_, ma) in adapters.items() if ma != alpha},
               "use_dora": False, "bias": "none", "modules_to_save": ["score"] if head is not None else None,
-              "layers_to_transform": None,
-              "layers_pattern": None, "init_lora_weights": True, "fan_in_fan_out": False, "inference_mode": True,
+              "layers_to_transform": None, "layers_pattern": None, "init_lora_weights": True,
+              # GPT-2's Conv1D layers keep weights as [in, out]; PEFT sets this for them itself.
+              "fan_in_fan_out": family_of(model.config) == "gpt2", "inference_mode": True,
               "base_model_name_or_path": base_model_name_or_path}
     (path / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return path
@@ -302,7 +360,7 @@ _PEFT_APPLIED = frozenset({"peft_type", "r", "lora_alpha", "lora_dropout", "targ
 _PEFT_NO_EFFECT = frozenset({"task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
                              "peft_version", "megatron_core", "qalora_group_size", "eva_config",
                              "ensure_weight_tying",
-                             "fan_in_fan_out"})  # PEFT itself turns it off on nn.Linear layers
+                             "fan_in_fan_out"})  # PEFT sets it from the layer's type (Conv1D or Linear)
 _PEFT_WHY = {"use_dora": "DoRA's magnitude vectors", "bias": "trained biases", "lora_bias": "a bias on lora_B",
              "modules_to_save": "fully trained copies of modules",
              "layers_to_transform": "adapters on only some layers", "layers_pattern": "adapters on only some layers",
@@ -328,7 +386,7 @@ def _check_peft_settings(cfg: dict[str, Any], where: Path) -> None:
         named = ", ".join(f"{k}={cfg[k]!r}" + (f" ({_PEFT_WHY[k]})" if k in _PEFT_WHY else "") for k in refused)
         plural = "s" if len(refused) > 1 else ""
         raise LMStackError(f"{where}: lmstack's LoRA cannot apply the PEFT setting{plural} {named}; it loads plain "
-                           f"LoRA adapters on {', '.join(HF_NAMES.values())}")
+                           "LoRA adapters on the attention and MLP layers")
 
 
 def _peft_matches(spec: str | list[str] | None, module: str) -> bool:
@@ -349,34 +407,40 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     return default
 
 
-def _peft_layers(model: nn.Module, cfg: dict[str, Any], where: Path) -> dict[str, tuple[int, float]]:
-    """The layers of `model` an adapter config targets, each with its (r, alpha), chosen by PEFT's rules."""
+def _peft_targets(modules: dict[str, list[str]], cfg: dict[str, Any], where: Path) -> dict[str, tuple[int, float]]:
+    """The Hugging Face modules (of `peft_modules`) an adapter config targets, each with its (r, alpha), chosen
+    by PEFT's rules."""
     targets = cfg.get("target_modules")
     if not targets:
         raise LMStackError(f"{where}: no target_modules")
-    _refuse_second_adapter(model)
+    kinds = sorted({_leaf(m) for m in modules})
     if isinstance(targets, str) and targets.lower() == "all-linear":
-        targets = list(HF_NAMES.values())  # every linear layer but the output head, as PEFT expands it
-    modules = {_hf_module(name): name for name in _wrappable(model)}
+        targets = kinds  # every linear layer but the output head, as PEFT expands it
     if isinstance(targets, list):
         unknown = [t for t in targets if not any(_peft_matches([t], m) for m in modules)]
         if unknown:
             raise LMStackError(f"{where}: target modules {unknown} are not lmstack layers (LoRA goes on "
-                               f"{', '.join(HF_NAMES.values())})")
+                               f"{', '.join(kinds)})")
     exclude = cfg.get("exclude_modules")
     chosen = [m for m in modules if _peft_matches(targets, m) and not _peft_matches(exclude, m)]
     if not chosen:
         raise LMStackError(f"{where}: target_modules {targets!r} match no layer of the model")
     r, alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)  # PEFT's defaults
     ranks, alphas = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
-    return {modules[m]: (_pattern_value(ranks, m, r), _pattern_value(alphas, m, alpha)) for m in chosen}
+    return {m: (_pattern_value(ranks, m, r), _pattern_value(alphas, m, alpha)) for m in chosen}
+
+
+def _module_label(module: str, names: list[str]) -> str:
+    """An HF module as error messages name it: its lmstack layer, or the layers it fuses."""
+    return names[0] if len(names) == 1 else f"{module} ({', '.join(names)})"
 
 
 def load_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Apply a PEFT LoRA adapter directory to `model` (wrapping the layers it targets) as PEFT does, with its
-    rslora scaling and per-module ranks and alphas. A setting lmstack cannot apply (DoRA, trained biases,
-    modules_to_save, ...) or a tensor in the file it would not use raises LMStackError naming it, with `model`
-    left as it was."""
+    rslora scaling and per-module ranks and alphas. An adapter on a fused layer (GPT-2's c_attn, Phi-3's
+    qkv_proj and gate_up_proj) becomes adapters on the layers it fuses, with the same outputs. A setting
+    lmstack cannot apply (DoRA, trained biases, modules_to_save, ...) or a tensor in the file it would not use
+    raises LMStackError naming it, with `model` left as it was."""
     path = Path(path)
     config_file = path / "adapter_config.json"
     cfg = adapter_config(path)
@@ -384,20 +448,34 @@ def load_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise LMStackError(f"{config_file}: peft_type {cfg.get('peft_type')!r} is not LORA")
     _check_peft_settings(cfg, config_file)
     check_peft_exportable(model, "a PEFT adapter")
-    layers = _peft_layers(model, cfg, config_file)
+    _refuse_second_adapter(model)
+    modules = peft_modules(model)
+    chosen = _peft_targets(modules, cfg, config_file)
     tensors = _read_adapter(path, cfg)
-    shapes = {}
-    for name, (r, _) in layers.items():
-        base = model.get_submodule(name)
-        shapes[f"{_hf_key(name)}.lora_A.weight"] = (name, [r, base.in_features])
-        shapes[f"{_hf_key(name)}.lora_B.weight"] = (name, [base.out_features, r])
+    shapes, out_features = {}, {}
+    for module, (r, _) in chosen.items():
+        bases = [model.get_submodule(name) for name in modules[module]]
+        out_features[module] = [base.out_features for base in bases]
+        label = _module_label(module, modules[module])
+        shapes[f"{_key(module)}.lora_A.weight"] = (label, [r, bases[0].in_features])
+        shapes[f"{_key(module)}.lora_B.weight"] = (label, [sum(out_features[module]), r])
     _check_adapter_tensors(tensors, shapes, path)  # before wrapping, so a bad adapter leaves the model alone
     use_rslora, dropout = bool(cfg.get("use_rslora", False)), cfg.get("lora_dropout") or 0.0
+    layers, weights = {}, {}
+    for module, (r, alpha) in chosen.items():
+        A, B = tensors[f"{_key(module)}.lora_A.weight"], tensors[f"{_key(module)}.lora_B.weight"]
+        for name, part in zip(modules[module], _unfuse(A, B, r, alpha, out_features[module], use_rslora)):
+            if part is not None:
+                layers[name], weights[name] = part[2:], part[:2]
     _wrap(model, layers, dropout, use_rslora)
-    targets = [k for k in HF_NAMES if any(_leaf(name) == k for name in layers)]
+    targets = [k for k in TARGETS if any(_leaf(name) == k for name in layers)]
     model.lora = {"r": cfg.get("r", 8), "alpha": cfg.get("lora_alpha", 8), "dropout": dropout, "targets": targets,
                   "use_rslora": use_rslora}
-    _copy_adapter(model, tensors)
+    with torch.no_grad():
+        for name, (A, B) in weights.items():
+            layer = model.get_submodule(name)
+            layer.lora_A.copy_(A)
+            layer.lora_B.copy_(B)
     return model
 
 
@@ -453,24 +531,36 @@ def _check_adapter_tensors(tensors: dict[str, torch.Tensor], shapes: dict[str, t
                            f"lmstack cannot apply: {', '.join(extra[:5])}{more}")
 
 
-def _copy_adapter(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    with torch.no_grad():
-        for name, layer in lora_layers(model):
-            layer.lora_A.copy_(tensors[f"{_hf_key(name)}.lora_A.weight"])
-            layer.lora_B.copy_(tensors[f"{_hf_key(name)}.lora_B.weight"])
-
-
 def load_adapter_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Copy a PEFT adapter directory's A and B into a model that already has its LoRA layers (e.g. to resume
-    training), checking every name and shape, and that the file holds nothing else. Returns the model."""
+    training), checking every name and shape, and that the file holds nothing else; a fused layer's adapter
+    (as `save_peft` wrote it) splits back into its parts exactly. Returns the model."""
     path = Path(path)
-    layers = lora_layers(model)
-    if not layers:
+    wrapped = dict(lora_layers(model))
+    if not wrapped:
         raise LMStackError("the model has no LoRA adapters (apply_lora first)")
     cfg = adapter_config(path) if (path / "adapter_config.json").exists() else {}
     tensors = _read_adapter(path, cfg)
-    shapes = {f"{_hf_key(name)}.{which}.weight": (name, list(getattr(layer, which).shape))
-              for name, layer in layers for which in ("lora_A", "lora_B")}
+    shapes, fused = {}, {}
+    for module, names in peft_modules(model).items():
+        parts = [wrapped.get(name) for name in names]
+        if any(parts):
+            out_features = [model.get_submodule(name).out_features for name in names]
+            A, B, _, _ = _fuse(parts, out_features)  # for the shapes and the blocks' scales
+            label = _module_label(module, names)
+            shapes[f"{_key(module)}.lora_A.weight"] = (label, list(A.shape))
+            shapes[f"{_key(module)}.lora_B.weight"] = (label, list(B.shape))
+            fused[module] = (parts, out_features)
     _check_adapter_tensors(tensors, shapes, path)
-    _copy_adapter(model, tensors)
+    with torch.no_grad():
+        for module, (parts, out_features) in fused.items():
+            A, B = tensors[f"{_key(module)}.lora_A.weight"], tensors[f"{_key(module)}.lora_B.weight"]
+            present = [p for p in parts if p is not None]
+            row = col = 0
+            for part, out in zip(parts, out_features):
+                if part is not None:
+                    part.lora_A.copy_(A[col:col + part.r])
+                    part.lora_B.copy_(B[row:row + out, col:col + part.r] / (part.scaling / present[0].scaling))
+                    col += part.r
+                row += out
     return model
