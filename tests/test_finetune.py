@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmstack import LMStackError
 from lmstack.checkpoints import load_model, load_tokenizer, save_model
 from lmstack.cli import main, summary_line
 from lmstack.config import ModelConfig
@@ -45,8 +46,6 @@ def base(tmp_path_factory):
 @pytest.fixture(scope="module")
 def gpt2_base(base, tmp_path_factory):
     """A tiny random GPT-2 checkpoint (q/k/v fused into c_attn on the Hugging Face side), same tokenizer."""
-    from lmstack.checkpoints import load_tokenizer
-
     tok = load_tokenizer(base)
     torch.manual_seed(0)
     model = build_model(ModelConfig.from_name("tiny-gpt2", vocab_size=len(tok), block_size=64))
@@ -312,6 +311,16 @@ def test_lora_sft_on_gpt2_fused_attention_resumes_exactly(gpt2_base, tmp_path):
     ids = torch.tensor([[5, 17, 42, 9, 77]])
     with torch.no_grad():
         assert not torch.allclose(load_model(ckpt)(ids), load_model(gpt2_base)(ids), atol=1e-4)
+
+
+def test_lora_on_experts_is_refused_before_training(base, tmp_path):
+    tok = load_tokenizer(base)
+    save_model(build_model(ModelConfig.from_name("tiny-mixtral", vocab_size=len(tok), block_size=64)),
+               tmp_path / "moe", tokenizer=tok)
+    data = _write(tmp_path / "chat.jsonl", _chats(20))
+    with pytest.raises(LMStackError, match=r"experts of a mixture-of-experts model .*target the attention"):
+        _run(tmp_path / "moe", tmp_path, "sft", data, lora_r=4, lora_targets=["q", "down"])
+    assert not (tmp_path / "sft" / "checkpoints").exists()
 
 
 def test_dpo_under_lora_uses_the_base_as_reference(base, tmp_path):

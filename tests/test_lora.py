@@ -242,6 +242,27 @@ def test_adapters_on_fused_layers_round_trip_through_peft(tmp_path, family, use_
     assert [m.r for _, m in lora_layers(loaded)] == [4] * 6
 
 
+def test_mixture_of_experts_takes_adapters_on_attention(tmp_path):
+    """Mixtral's attention adapters round-trip through peft; its experts, one fused tensor per layer in
+    transformers, have no PEFT module, so adapters there are refused by name."""
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    lmstack.save_model(lmstack.DecoderLM(ModelConfig.from_name("tiny-mixtral", vocab_size=101)), tmp_path / "base")
+    ours = apply_lora(lmstack.load_model(tmp_path / "base"), r=4, alpha=8, targets=("q", "k", "v", "o"))
+    _random_b(ours)
+    save_peft(ours, tmp_path / "adapter")
+    theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                       tmp_path / "adapter").eval()
+    ids = torch.randint(0, 101, (2, 12))
+    with torch.no_grad():
+        assert (theirs(ids).logits - ours(ids)).abs().max() < 1e-4
+    on_experts = apply_lora(lmstack.load_model(tmp_path / "base"), r=4, targets=("q", "up"))
+    with pytest.raises(LMStackError, match="experts of a mixture-of-experts model has no PEFT format"):
+        save_peft(on_experts, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+
+
 def test_adapter_for_another_base_names_the_shapes(tmp_path):
     model = _tiny()
     apply_lora(model, r=4)

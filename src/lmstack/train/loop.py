@@ -256,7 +256,8 @@ def build_policy(cfg: TrainConfig, task: Task) -> torch.nn.Module:
         # Adapters go on the decoder; a classifier's new head stays outside them and trains in full.
         from lmstack.train.lora import apply_lora, check_peft_exportable, prepare_qlora
 
-        check_peft_exportable(decoder_of(model))  # LoRA checkpoints are PEFT adapters: fail now, not at a save
+        # LoRA checkpoints are PEFT adapters: fail now, not at a save
+        check_peft_exportable(decoder_of(model), cfg.lora_targets)
         wrap = prepare_qlora if cfg.qlora else apply_lora
         wrap(decoder_of(model), r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
              targets=cfg.lora_targets, use_rslora=cfg.lora_rslora)

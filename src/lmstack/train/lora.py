@@ -236,7 +236,7 @@ def peft_modules(model: nn.Module) -> dict[str, list[str]]:
     modules = {}
     for rule in weight_rules(model.config, lm_head=False):
         layers = [name.removesuffix(".weight") for name in rule.ours]
-        if rule.hf.endswith(".weight") and all(name in linear for name in layers):
+        if rule.hf.endswith(".weight") and all(name in linear and ".experts." not in name for name in layers):
             modules[rule.hf.removesuffix(".weight")] = layers
     return modules
 
@@ -246,11 +246,23 @@ def _key(module: str) -> str:
     return f"base_model.model.{module}"
 
 
-def check_peft_exportable(model: nn.Module, doing: str = "PEFT export") -> None:
-    """Raise unless adapters on `model` can be written in (or read from) PEFT's format (checked before
-    training, too)."""
-    if model.config.n_expert:
-        raise LMStackError(f"{doing} of mixture-of-experts layers is not supported")
+# The layers of a mixture of experts' experts: transformers keeps each MoE layer's experts as one fused tensor,
+# so PEFT has no module to put these adapters on.
+_EXPERT_TARGETS = ("gate", "up", "down")
+
+
+def check_peft_exportable(model: nn.Module, targets: Iterable[str] | None = None) -> None:
+    """Raise unless adapters on `targets` of `model` (by default, the adapters it has) can be written in PEFT's
+    format; checked before training, too."""
+    if not model.config.n_expert:
+        return
+    if targets is None:
+        on_experts = any(".experts." in name for name, _ in lora_layers(model))
+    else:
+        on_experts = bool(set(targets) & set(_EXPERT_TARGETS))
+    if on_experts:
+        raise LMStackError("LoRA on the experts of a mixture-of-experts model has no PEFT format (transformers "
+                           "keeps each layer's experts as one fused tensor): target the attention (q, k, v, o)")
 
 
 def _fuse(parts: list[LoRALinear | None], out_features: list[int]) -> tuple[torch.Tensor, torch.Tensor, int, float]:
@@ -447,7 +459,6 @@ def load_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if cfg.get("peft_type") != "LORA":
         raise LMStackError(f"{config_file}: peft_type {cfg.get('peft_type')!r} is not LORA")
     _check_peft_settings(cfg, config_file)
-    check_peft_exportable(model, "a PEFT adapter")
     _refuse_second_adapter(model)
     modules = peft_modules(model)
     chosen = _peft_targets(modules, cfg, config_file)
