@@ -129,19 +129,28 @@ def test_not_a_gguf_file(tmp_path):
         lmstack.load_model(bad)
 
 
-@pytest.mark.parametrize("tensor_type,tol", [("f32", 1e-5), ("q8_0", 0.2)])
-def test_gguf_export_round_trip_and_transformers(tmp_path, tensor_type, tol):
+@pytest.mark.parametrize("preset,changes,tensor_type,tol", [
+    ("tiny-llama", {}, "f32", 1e-5), ("tiny-llama", {}, "q8_0", 0.2),
+    # GPT-2: learned positions, biases, q/k/v fused into attn_qkv. transformers' GGUF reader (5.24) reads the
+    # context as n_ctx and keeps n_positions at 1024, so the model has GPT-2's 1024 positions.
+    ("tiny-gpt2", {"block_size": 1024}, "f32", 1e-5),
+    ("tiny-llama", {"family": "phi3"}, "f32", 1e-5),  # Phi-3: attn_qkv, and gate/up fused into ffn_up
+], ids=["llama-f32", "llama-q8_0", "gpt2-f32", "phi3-f32"])
+def test_gguf_export_round_trip_and_transformers(tmp_path, preset, changes, tensor_type, tol):
     """lmstack -> GGUF: lmstack reads it back, and so does transformers, with the same logits and ids."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lmstack.checkpoints.gguf import save_gguf
 
     text = (REPO / "data" / "tinyshakespeare.txt").read_text()[:100_000]
-    tok = lmstack.Tokenizer.train([text], vocab_size=512, chat_template="chatml", eos_token="<|im_end|>")
+    # A pad token, which the file carries: transformers' Phi3Config would otherwise pad with id 32000.
+    tok = lmstack.Tokenizer.train([text], vocab_size=512, chat_template="chatml", eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>")
     torch.manual_seed(0)
-    model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", vocab_size=512)).eval()
+    model = lmstack.DecoderLM(lmstack.ModelConfig.from_name(preset, vocab_size=512, **changes)).eval()
     path = save_gguf(model, tok, tmp_path / "m.gguf", tensor_type=tensor_type)
     again, tok_again = lmstack.load_model(path), lmstack.load_tokenizer(path)
+    assert again.config.family == model.config.family and again.config.tie_embeddings == model.config.tie_embeddings
     sample = "KING HENRY: Once more unto the breach, 1234 friends! 🦙"
     ids = tok.encode(sample)
     assert tok_again.encode(sample) == ids
@@ -209,8 +218,8 @@ def test_q8_0_export_keeps_rows_that_do_not_fit_its_blocks_in_f16(tmp_path):
 
 
 @pytest.mark.parametrize("preset,changes,match", [
-    ("tiny-gpt2", {}, "supports the llama, mistral and qwen2 families, not 'gpt2'"),
-    ("tiny-llama", {"n_expert": 4}, "supports the llama, mistral and qwen2 families"),
+    ("tiny-gpt2", {"gelu_approximate": "none"}, "llama.cpp's gpt2 computes the tanh GELU"),
+    ("tiny-llama", {"n_expert": 4}, "GGUF export of a mixture of experts is not supported"),
     ("tiny-llama", {"sliding_window": 8, "family": "mistral"}, "no sliding window"),
     ("tiny-llama", {"rotary_fraction": 0.5}, "rotary_fraction=0.5"),
     ("tiny-llama", {"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope scaling 'yarn'"),
@@ -224,6 +233,24 @@ def test_gguf_export_refuses_what_llama_cpp_would_compute_differently(tmp_path, 
     with pytest.raises(LMStackError, match=match):
         save_gguf(model, tok, tmp_path / "m.gguf")
     assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_gguf_phi3_keeps_partial_rotary_and_sliding_window_and_bias_free_gpt2_loads(tmp_path):
+    """What llama.cpp's phi3 reads beyond transformers' GGUF loader (rope.dimension_count, the sliding window)
+    comes back; a GPT-2 without biases (nanoGPT's bias=False) is written with zero biases, as llama.cpp needs."""
+    from lmstack.checkpoints.gguf import save_gguf
+
+    tok = lmstack.Tokenizer.train(["plain ascii text only " * 40], vocab_size=300)
+    torch.manual_seed(0)
+    x = torch.randint(0, 300, (1, 24))
+    for preset, changes in (("tiny-llama", dict(family="phi3", rotary_fraction=0.5, sliding_window=8)),
+                            ("tiny-gpt2", dict(bias="none", tie_embeddings=False))):
+        model = lmstack.DecoderLM(lmstack.ModelConfig.from_name(preset, vocab_size=300, **changes)).eval()
+        again = lmstack.load_model(save_gguf(model, tok, tmp_path / f"{preset}.gguf"))
+        for key, value in changes.items():
+            assert getattr(again.config, key) == (value if key != "bias" else "all"), key
+        with torch.no_grad():
+            assert (again(x) - model(x)).abs().max() < 1e-5
 
 
 QWEN2_HF_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"

@@ -1,4 +1,4 @@
-"""GGUF files (llama.cpp's format): Llama-family weights dequantized, and the tokenizer rebuilt.
+"""GGUF files (llama.cpp's format): Llama, Qwen2, Phi-3 and GPT-2 weights dequantized, and the tokenizer rebuilt.
 
 The `gguf` package parses the file and dequantizes every block format (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, ...).
 What is lmstack's here: mapping llama.cpp's names and metadata onto `ModelConfig` and `DecoderLM`, undoing the
@@ -41,7 +41,7 @@ PRE_TOKENIZER_SPLITS: dict[str, list[str]] = {
 # adds bos unless the file says otherwise
 LLAMA3_PRE_TOKENIZERS = ("llama-bpe", "llama3", "llama-v3", "falcon3")
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
-SUPPORTED_ARCHS = ("llama", "qwen2")
+SUPPORTED_ARCHS = ("llama", "qwen2", "phi3", "gpt2")
 
 
 def _reader(path: str | os.PathLike) -> Any:
@@ -83,6 +83,22 @@ def config_from_gguf(meta: dict[str, Any], tensors: dict[str, Any]) -> ModelConf
         if get(key) is None:
             raise LMStackError(f"GGUF metadata lacks {arch}.{key}, which a {arch} model needs")
     n_embd, n_head = get("embedding_length"), get("attention.head_count")
+    tokens = meta.get("tokenizer.ggml.tokens") or []
+    special = dict(
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        # llama.cpp ends generation at eos and at the end-of-turn / end-of-message tokens as well
+        eos_token_id=merged_eos(meta.get("tokenizer.ggml.eos_token_id"),
+                                [meta[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+                                 if meta.get(k) is not None]),
+        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
+    )
+    if arch == "gpt2":
+        return ModelConfig(
+            vocab_size=get("vocab_size") or len(tokens), block_size=get("context_length", 1024),
+            n_layer=get("block_count"), n_embd=n_embd, n_head=n_head,
+            intermediate_size=get("feed_forward_length") or 4 * n_embd, norm="layernorm",
+            norm_eps=get("attention.layer_norm_epsilon", 1e-5), positions="learned", mlp="gelu",
+            gelu_approximate="tanh", bias="all", tie_embeddings=_tied_output(tensors), family="gpt2", **special)
     head_dim = get("attention.key_length") or n_embd // n_head
     rope_scaling = None
     kind = get("rope.scaling.type")
@@ -99,7 +115,6 @@ def config_from_gguf(meta: dict[str, Any], tensors: dict[str, Any]) -> ModelConf
         rotary_dim = get("rope.dimension_count") or head_dim
         rope_scaling = llama3_scaling_from_factors(factors, get("rope.freq_base", 10000.0), rotary_dim,
                                                    get("rope.scaling.original_context_length"))
-    tokens = meta.get("tokenizer.ggml.tokens") or []
     return ModelConfig(
         vocab_size=get("vocab_size") or len(tokens),
         block_size=get("context_length", 2048),
@@ -117,15 +132,21 @@ def config_from_gguf(meta: dict[str, Any], tensors: dict[str, Any]) -> ModelConf
         mlp="swiglu",
         intermediate_size=get("feed_forward_length"),
         bias="qkv" if "blk.0.attn_q.bias" in tensor_names else "none",
-        tie_embeddings="output.weight" not in tensor_names,
-        family="qwen2" if arch == "qwen2" else "llama",
-        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-        # llama.cpp ends generation at eos and at the end-of-turn / end-of-message tokens as well
-        eos_token_id=merged_eos(meta.get("tokenizer.ggml.eos_token_id"),
-                                [meta[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
-                                 if meta.get(k) is not None]),
-        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
+        tie_embeddings=_tied_output(tensors),
+        sliding_window=get("attention.sliding_window") if arch == "phi3" else None,
+        family=arch if arch in ("qwen2", "phi3") else "llama",
+        **special,
     )
+
+
+def _tied_output(tensors: dict[str, Any]) -> bool:
+    """Whether the output head is the token embedding: no output.weight, or (as llama.cpp's GPT-2 converter
+    writes it) a copy of it."""
+    out, embed = tensors.get("output.weight"), tensors.get("token_embd.weight")
+    if out is None:
+        return True
+    return (embed is not None and out.tensor_type == embed.tensor_type
+            and np.array_equal(np.asarray(out.data), np.asarray(embed.data)))
 
 
 def read_gguf_config(path: str | os.PathLike) -> ModelConfig:
@@ -197,15 +218,34 @@ def llama3_scaling_from_factors(factors: torch.Tensor, theta: float, rotary_dim:
 
 
 def _gguf_rules(config: ModelConfig) -> list[Rule]:
-    rules = [Rule("token_embd.weight", ("embed.weight",)), Rule("output_norm.weight", ("norm.weight",))]
+    """Every GGUF tensor of `config` (llama.cpp's names) with the lmstack tensors it holds: Phi-3 and GPT-2
+    fuse q/k/v into attn_qkv, Phi-3 gate/up into ffn_up (gate first), and GPT-2 has biases everywhere."""
+    from lmstack.checkpoints.hf import family_of
+
+    family = family_of(config)
+    rules = [Rule("token_embd.weight", ("embed.weight",))]
+    if family == "gpt2":
+        rules.append(Rule("position_embd.weight", ("pos_embed.weight",)))
     for i in range(config.n_layer):
         b, o = f"blk.{i}.", f"layers.{i}."
-        names = {"attn_norm": "attn_norm", "ffn_norm": "mlp_norm", "attn_q": "attn.q", "attn_k": "attn.k",
-                 "attn_v": "attn.v", "attn_output": "attn.o", "ffn_gate": "mlp.gate", "ffn_up": "mlp.up",
-                 "ffn_down": "mlp.down"}
-        rules += [Rule(f"{b}{g}.weight", (f"{o}{ours}.weight",)) for g, ours in names.items()]
-        if config.bias == "qkv":
+        layers: dict[str, tuple[str, ...]] = {"attn_norm": ("attn_norm",), "ffn_norm": ("mlp_norm",)}
+        if family in ("gpt2", "phi3"):
+            layers["attn_qkv"] = ("attn.q", "attn.k", "attn.v")
+        else:
+            layers.update(attn_q=("attn.q",), attn_k=("attn.k",), attn_v=("attn.v",))
+        layers["attn_output"] = ("attn.o",)
+        if family not in ("gpt2", "phi3"):
+            layers["ffn_gate"] = ("mlp.gate",)
+        layers["ffn_up"] = ("mlp.gate", "mlp.up") if family == "phi3" else ("mlp.up",)
+        layers["ffn_down"] = ("mlp.down",)
+        rules += [Rule(f"{b}{g}.weight", tuple(f"{o}{x}.weight" for x in ours)) for g, ours in layers.items()]
+        if family == "gpt2":
+            rules += [Rule(f"{b}{g}.bias", tuple(f"{o}{x}.bias" for x in ours)) for g, ours in layers.items()]
+        elif config.bias == "qkv":
             rules += [Rule(f"{b}attn_{x}.bias", (f"{o}attn.{x}.bias",)) for x in "qkv"]
+    rules.append(Rule("output_norm.weight", ("norm.weight",)))
+    if family == "gpt2":
+        rules.append(Rule("output_norm.bias", ("norm.bias",)))
     if not config.tie_embeddings:
         rules.append(Rule("output.weight", ("lm_head.weight",)))
     return rules
@@ -235,6 +275,8 @@ def load_gguf_model(
     tensors = {t.name: t for t in reader.tensors}
     config = config_from_gguf(meta, tensors)  # it reads rope_freqs.weight into config.rope_scaling
     tensors.pop(ROPE_FREQS, None)
+    if config.tie_embeddings:
+        tensors.pop("output.weight", None)  # GPT-2's converter writes the tied head again
     permute = meta.get("general.architecture") == "llama"
 
     def get(name: str) -> torch.Tensor:
@@ -412,15 +454,29 @@ def _tokenizer_metadata(writer: Any, tokenizer: Tokenizer, vocab_size: int) -> N
         writer.add_chat_template(tokenizer.chat_template)
 
 
+def gguf_arch(config: ModelConfig) -> str:
+    """The llama.cpp architecture `config` is written as."""
+    from lmstack.checkpoints.hf import family_of
+
+    family = family_of(config)
+    if family in ("gpt2", "phi3"):
+        return family
+    return "qwen2" if config.bias == "qkv" else "llama"
+
+
 def write_model_metadata(writer: Any, config: ModelConfig) -> None:
     """The architecture's hyperparameters, as llama.cpp reads them."""
     import gguf
 
+    arch = gguf_arch(config)
     writer.add_context_length(config.block_size)
     writer.add_embedding_length(config.n_embd)
     writer.add_block_count(config.n_layer)
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.n_head)
+    if arch == "gpt2":
+        writer.add_layer_norm_eps(config.norm_eps)
+        return
     writer.add_head_count_kv(config.n_kv_head)
     if config.head_dim != config.n_embd // config.n_head:
         writer.add_key_length(config.head_dim)
@@ -431,43 +487,60 @@ def write_model_metadata(writer: Any, config: ModelConfig) -> None:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(config.rope_scaling["factor"])
     writer.add_layer_norm_rms_eps(config.norm_eps)
+    if arch == "phi3":  # as llama.cpp's Phi-3 converter writes them
+        writer.add_rope_scaling_orig_ctx_len(config.block_size)
+        if config.sliding_window is not None:
+            writer.add_sliding_window(config.sliding_window)
     writer.add_vocab_size(config.vocab_size)
 
 
-def save_gguf(model: Any, tokenizer: Tokenizer, path: str | os.PathLike, tensor_type: str = "f32") -> Path:
-    """Write a Llama- or Qwen2-family `DecoderLM` and its byte-level BPE tokenizer as one GGUF file.
+def _check_exportable(config: ModelConfig, tensor_type: str) -> None:
+    """Raise naming what llama.cpp would compute differently from lmstack (or cannot hold)."""
+    from lmstack.checkpoints.hf import config_to_hf, family_of
 
-    `tensor_type` is f32, f16 or q8_0 for the 2-D weights; norms and biases stay f32, as llama.cpp keeps them.
-    """
-    import gguf
-
-    from lmstack.checkpoints.hf import family_of
-
-    config: ModelConfig = model.config
     if config.arch != "transformer":
         raise LMStackError(f"GGUF export: a recurrent LM (arch {config.arch!r}) has no llama.cpp architecture")
     family = family_of(config)
-    if family not in ("llama", "mistral", "qwen2") or config.n_expert:
-        raise LMStackError(f"GGUF export supports the llama, mistral and qwen2 families, not {family!r}")
-    if config.sliding_window is not None:
-        raise LMStackError("GGUF export: llama.cpp's llama architecture has no sliding window")
-    if config.rotary_fraction != 1.0:  # llama.cpp's llama and qwen2 rotate whole heads
-        raise LMStackError(f"GGUF export: rotary_fraction={config.rotary_fraction} (a partial rotary) is not "
-                           "supported")
-    if config.rope_type not in ("default", "linear", "llama3"):
-        raise LMStackError(f"GGUF export: rope scaling {config.rope_type!r} is not supported "
-                           "(default, linear, llama3)")
-    if config.bias not in ("none", "qkv") or config.mlp != "swiglu":
-        raise LMStackError("GGUF export: needs a SwiGLU MLP and no biases beyond q/k/v")
+    if config.n_expert:
+        raise LMStackError("GGUF export of a mixture of experts is not supported")
+    if family not in ("llama", "mistral", "qwen2", "phi3", "gpt2"):
+        raise LMStackError(f"GGUF export supports the llama, mistral, qwen2, phi3 and gpt2 families, not {family!r}")
+    config_to_hf(config)  # the family's own constraints (GPT-2: learned positions, LayerNorm, ...)
     if tensor_type not in GGUF_TYPES:
         raise LMStackError(f"GGUF tensor type {tensor_type!r} is not one of {list(GGUF_TYPES)}")
+    if family == "gpt2":
+        if config.gelu_approximate != "tanh":
+            raise LMStackError("GGUF export: llama.cpp's gpt2 computes the tanh GELU (gelu_new), not the exact one")
+        return
+    if config.sliding_window is not None and family != "phi3":
+        raise LMStackError("GGUF export: llama.cpp's llama architecture has no sliding window")
+    if config.rotary_fraction != 1.0 and family != "phi3":  # llama.cpp's llama and qwen2 rotate whole heads
+        raise LMStackError(f"GGUF export: rotary_fraction={config.rotary_fraction} (a partial rotary) is not "
+                           "supported")
+    if config.rope_type not in ("default", "linear", "llama3") or (family == "phi3" and config.rope_scaling):
+        raise LMStackError(f"GGUF export: rope scaling {config.rope_type!r} is not supported "
+                           f"({'none for phi3' if family == 'phi3' else 'default, linear, llama3'})")
+    if config.bias not in ("none", "qkv") or config.mlp != "swiglu":
+        raise LMStackError("GGUF export: needs a SwiGLU MLP and no biases beyond q/k/v")
     if config.rope_type == "llama3":
         divisors = llama3_divisors(config.rope_scaling, config.rope_theta, config.rotary_dim)
         if float(divisors.max()) < config.rope_scaling["factor"] * (1 - 1e-6):
             raise LMStackError(f"GGUF export: no rotary frequency of this model is divided by the whole llama3 factor "
                                f"{config.rope_scaling['factor']}, so llama.cpp's per-frequency divisors cannot carry "
                                "the scaling")
-    arch = "qwen2" if config.bias == "qkv" else "llama"
+
+
+def save_gguf(model: Any, tokenizer: Tokenizer, path: str | os.PathLike, tensor_type: str = "f32") -> Path:
+    """Write a Llama-, Mistral-, Qwen2-, Phi-3- or GPT-2-family `DecoderLM` and its byte-level BPE tokenizer as
+    one GGUF file.
+
+    `tensor_type` is f32, f16 or q8_0 for the 2-D weights; norms and biases stay f32, as llama.cpp keeps them.
+    """
+    import gguf
+
+    config: ModelConfig = model.config
+    _check_exportable(config, tensor_type)
+    arch = gguf_arch(config)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     writer = gguf.GGUFWriter(str(tmp), arch)
@@ -479,8 +552,17 @@ def save_gguf(model: Any, tokenizer: Tokenizer, path: str | os.PathLike, tensor_
     _tokenizer_metadata(writer, tokenizer, config.vocab_size)
 
     state = model.state_dict()
-    for rule in _gguf_rules(config):
-        w = state[rule.ours[0]].detach().float().cpu()
+    rules = _gguf_rules(config)
+    if arch == "gpt2" and config.tie_embeddings:  # llama.cpp's gpt2 reads the head from output.weight: a copy
+        rules.append(Rule("output.weight", ("embed.weight",)))
+
+    def tensor(name: str) -> torch.Tensor:
+        if name not in state:  # a bias-free GPT-2 (nanoGPT's bias=False): the format holds zeros, as HF's does
+            return torch.zeros(state[name.removesuffix(".bias") + ".weight"].shape[0])
+        return state[name].detach().float().cpu()
+
+    for rule in rules:
+        w = torch.cat([tensor(name) for name in rule.ours])
         if arch == "llama" and rule.hf.endswith(("attn_q.weight", "attn_k.weight", "attn_q.bias", "attn_k.bias")):
             w = permute_rope_rows(w, config.n_head if ".attn_q." in rule.hf else config.n_kv_head)
         array = w.numpy()
@@ -492,7 +574,8 @@ def save_gguf(model: Any, tokenizer: Tokenizer, path: str | os.PathLike, tensor_
             qtype = gguf.GGMLQuantizationType.Q8_0
             writer.add_tensor(rule.hf, gguf.quants.quantize(array, qtype), raw_dtype=qtype)
     if config.rope_type == "llama3":  # as llama.cpp's converter writes it: one divisor per frequency
-        writer.add_tensor(ROPE_FREQS, divisors.float().numpy())
+        writer.add_tensor(ROPE_FREQS, llama3_divisors(config.rope_scaling, config.rope_theta,
+                                                      config.rotary_dim).float().numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
