@@ -418,6 +418,36 @@ def test_load_peft_applies_peft_scaling_and_patterns(hf_base, tmp_path, settings
         assert (reloaded(ids) - expected).abs().max() < 1e-4
 
 
+def test_a_classifier_adapter_peft_trained_loads_with_its_head(hf_base, tmp_path):
+    """A PEFT SEQ_CLS adapter (LoRA on the body, the score head saved whole) loads as a classifier, with
+    Hugging Face's default label names, scoring as peft does."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from lmstack.models.classifier import SequenceClassifier
+
+    torch.manual_seed(2)
+    hf = AutoModelForSequenceClassification.from_pretrained(hf_base, num_labels=3)
+    theirs = get_peft_model(hf, LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
+                                           target_modules=["q_proj", "v_proj"]))
+    _random_b(theirs)
+    theirs.save_pretrained(tmp_path)
+    assert "score" in json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"]
+    model = lmstack.load_model(tmp_path)
+    assert isinstance(model, SequenceClassifier) and model.labels == ["LABEL_0", "LABEL_1", "LABEL_2"]
+    ids = torch.randint(0, 101, (1, 9))
+    with torch.no_grad():
+        assert (theirs.eval()(ids).logits - model(ids)).abs().max() < 1e-4
+    # Without its head the adapter is no classifier: the error names what is missing.
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    del tensors["base_model.model.score.weight"]
+    from safetensors.torch import save_file
+
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(LMStackError, match="a SEQ_CLS adapter without its head"):
+        lmstack.load_model(tmp_path)
+
+
 def test_rslora_adapters_of_lmstack_load_in_peft(hf_base, tmp_path):
     from peft import PeftModel
 

@@ -53,18 +53,19 @@ def load_adapter_model(path: str | os.PathLike, dtype: torch.dtype | None = None
                        device: torch.device | str | None = None) -> DecoderLM:
     """A PEFT LoRA adapter directory applied to its base model (`base_model_name_or_path`), merged (with
     its classification head, if it was trained as one)."""
-    from lmstack.train.lora import adapter_config, load_peft, merge_and_unload
+    from lmstack.train.lora import adapter_config, is_classifier_adapter, load_peft, merge_and_unload
 
-    base = adapter_config(path).get("base_model_name_or_path")
+    cfg = adapter_config(path)
+    base = cfg.get("base_model_name_or_path")
     if not base or not Path(base).exists():
         raise LMStackError(f"{path}: the adapter's base model {base!r} is not on this machine; load the base "
                            "model and apply the adapter with lmstack.train.lora.load_peft")
     model = load_model(base, dtype=dtype, device=device)
     stored = model.embed.weight.dtype  # what `dtype=None` keeps: the base's own precision
     merge_and_unload(load_peft(model.float(), path))  # merged in float32, then back
-    from lmstack.models.classifier import HEAD_FILE, attach_head
+    from lmstack.models.classifier import attach_head
 
-    if (Path(path) / HEAD_FILE).exists():  # a classifier or reward model trained with LoRA
+    if is_classifier_adapter(cfg):  # a classifier or reward model trained with LoRA
         model = attach_head(model, path).eval()
     return model.to(dtype or stored)
 

@@ -236,6 +236,10 @@ def load_classifier(
 
 
 HEAD_FILE = "classifier_head.safetensors"  # a LoRA-trained classifier's head, beside its adapters
+# Where PEFT keeps a sequence classifier's head in adapter_model.safetensors (task_type SEQ_CLS, the head a
+# module saved whole): lmstack writes it there for PEFT and keeps its own copy, with the label names, in
+# HEAD_FILE.
+HEAD_KEY = "base_model.model.score.weight"
 
 
 def save_head(model: SequenceClassifier, path: str | os.PathLike) -> Path:
@@ -250,12 +254,24 @@ def save_head(model: SequenceClassifier, path: str | os.PathLike) -> Path:
 
 
 def read_head(path: str | os.PathLike) -> tuple[torch.Tensor, list[str], int | None]:
-    """(score.weight, labels, pad_token_id) from `save_head`'s file in directory `path`."""
+    """(score.weight, labels, pad_token_id) of the classifier adapter in directory `path`: from `save_head`'s
+    file, or else (an adapter PEFT trained) from the head in adapter_model.safetensors, with Hugging Face's
+    default label names and the base config's pad id (None here)."""
     from safetensors import safe_open
 
-    with safe_open(str(Path(path) / HEAD_FILE), framework="pt") as f:
-        meta = f.metadata() or {}
-        return f.get_tensor("score.weight"), json.loads(meta["labels"]), json.loads(meta.get("pad_token_id", "null"))
+    path = Path(path)
+    if (path / HEAD_FILE).exists():
+        with safe_open(str(path / HEAD_FILE), framework="pt") as f:
+            meta = f.metadata() or {}
+            return (f.get_tensor("score.weight"), json.loads(meta["labels"]),
+                    json.loads(meta.get("pad_token_id", "null")))
+    adapter = path / "adapter_model.safetensors"
+    with safe_open(str(adapter), framework="pt") as f:
+        if HEAD_KEY not in set(f.keys()):  # a safe_open handle has no __contains__
+            raise LMStackError(f"{path}: a SEQ_CLS adapter without its head (no {HEAD_FILE}, and no {HEAD_KEY} in "
+                               f"{adapter.name})")
+        weight = f.get_tensor(HEAD_KEY)
+    return weight, _label_names(weight.shape[0]), None
 
 
 def attach_head(decoder: DecoderLM, path: str | os.PathLike) -> SequenceClassifier:
@@ -263,7 +279,7 @@ def attach_head(decoder: DecoderLM, path: str | os.PathLike) -> SequenceClassifi
     weight, labels, pad = read_head(path)
     model = SequenceClassifier.from_decoder(decoder, labels, pad)
     if weight.shape != model.score.weight.shape:
-        raise LMStackError(f"{Path(path) / HEAD_FILE}: score.weight has shape {list(weight.shape)}, the model "
+        raise LMStackError(f"{Path(path)}: the classifier head score.weight has shape {list(weight.shape)}, the model "
                            f"needs {list(model.score.weight.shape)}")
     with torch.no_grad():
         model.score.weight.copy_(weight)

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lmstack.errors import LMStackError
+from lmstack.models.classifier import HEAD_KEY
 from lmstack.quantize import NF4Linear, quantize_model
 
 # The names of lmstack's linear layers LoRA can wrap (Hugging Face's names are mapped in `peft_modules`).
@@ -308,9 +309,6 @@ def _unfuse(A: torch.Tensor, B: torch.Tensor, r: int, alpha: float, out_features
     return parts
 
 
-# Where PEFT keeps a sequence classifier's head (task_type SEQ_CLS, modules_to_save): lmstack writes it there
-# for PEFT, and reads its own copy from classifier_head.safetensors (with the label names).
-HEAD_KEY = "base_model.model.score.weight"
 
 
 def save_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None,
@@ -388,7 +386,7 @@ def _is_off(value: Any) -> bool:
 def _check_peft_settings(cfg: dict[str, Any], where: Path) -> None:
     """Raise naming every setting of a PEFT adapter config that lmstack cannot apply."""
     refused = [k for k, v in cfg.items() if k not in _PEFT_APPLIED | _PEFT_NO_EFFECT and not _is_off(v)
-               and not (k == "modules_to_save" and _own_classifier_head(cfg, where.parent))]
+               and not (k == "modules_to_save" and is_classifier_adapter(cfg))]
     if cfg.get("bias", "none") != "none":
         refused.append("bias")
     init = cfg.get("init_lora_weights", True)
@@ -490,13 +488,11 @@ def load_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     return model
 
 
-def _own_classifier_head(cfg: dict[str, Any], path: Path) -> bool:
-    """Whether an adapter's saved modules are just the classifier head lmstack wrote (`save_peft(head=)`), which
-    it reads from classifier_head.safetensors beside it: a SEQ_CLS adapter of another origin stays refused."""
-    from lmstack.models.classifier import HEAD_FILE
-
-    return (cfg.get("task_type") == "SEQ_CLS" and set(cfg.get("modules_to_save") or ()) <= {"score", "classifier"}
-            and (path / HEAD_FILE).exists())
+def is_classifier_adapter(cfg: dict[str, Any]) -> bool:
+    """Whether an adapter config is a sequence classifier's (PEFT's task_type SEQ_CLS) whose only saved module
+    is the head: `load_adapter_model` puts that head on the adapted body (`classifier.read_head`)."""
+    saved = set(cfg.get("modules_to_save") or ())
+    return cfg.get("task_type") == "SEQ_CLS" and bool(saved) and saved <= {"score", "classifier"}
 
 
 def adapter_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -511,7 +507,7 @@ def adapter_config(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _read_adapter(path: Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The adapter's tensors, less the classifier head lmstack wrote for PEFT (its own copy is read elsewhere)."""
+    """The adapter's tensors, less a classifier's head (`classifier.read_head` reads it)."""
     file = path / "adapter_model.safetensors"
     if not file.exists():
         raise LMStackError(f"{path}: no adapter_model.safetensors")
@@ -519,8 +515,8 @@ def _read_adapter(path: Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
         tensors = load_file(str(file))
     except Exception as e:  # safetensors' own error type: a cut-off or corrupt file
         raise LMStackError(f"{file}: unreadable ({e})") from None
-    if HEAD_KEY in tensors and _own_classifier_head(cfg, path):
-        del tensors[HEAD_KEY]
+    if is_classifier_adapter(cfg):  # the head goes on through read_head, not on the body
+        tensors.pop(HEAD_KEY, None)
     return tensors
 
 
