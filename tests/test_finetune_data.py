@@ -67,6 +67,70 @@ def test_chat_without_generation_blocks_finds_turns_by_prefix(tok):
         assert trained_text(tok, ids, trained) == f"{short}<|im_end|>"
 
 
+# Templates that render an earlier turn differently once more turns follow (as the released ones do).
+PHI3_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + "
+    "'<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}")
+QWEN3_TEMPLATE = (  # Qwen3's rule: only answers after the last user turn get the thinking block
+    "{%- set ns = namespace(last_query_index=0) %}{%- for message in messages %}{%- if message.role == 'user' %}"
+    "{%- set ns.last_query_index = loop.index0 %}{%- endif %}{%- endfor %}"
+    "{%- for message in messages %}{%- if message.role == 'assistant' %}"
+    "{%- if loop.index0 > ns.last_query_index and (loop.last or message.reasoning_content) %}"
+    "{{- '<|im_start|>assistant\n<think>\n' + (message.reasoning_content or '') + '\n</think>\n\n' + message.content }}"
+    "{%- else %}{{- '<|im_start|>assistant\n' + message.content }}{%- endif %}{{- '<|im_end|>\n' }}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' }}{%- endif %}"
+    "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}")
+MISTRAL_V3_TEMPLATE = (  # Mistral v0.3's rule: the system prompt goes into the user turn that is last
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+    "{{- bos_token }}{%- for message in loop_messages %}{%- if message['role'] == 'user' %}"
+    "{%- if loop.last and system_message is defined %}"
+    "{{- '[INST] ' + system_message + '\n\n' + message['content'] + '[/INST]' }}"
+    "{%- else %}{{- '[INST] ' + message['content'] + '[/INST]' }}{%- endif %}"
+    "{%- elif message['role'] == 'assistant' %}{{- ' ' + message['content'] + eos_token }}{%- endif %}{%- endfor %}")
+
+
+@pytest.mark.parametrize("template, special, eos, expected", [
+    (PHI3_TEMPLATE, ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], "<|endoftext|>",
+     "Hello there!<|end|>It is four.<|end|>"),
+    (QWEN3_TEMPLATE, ["<|im_start|>", "<|im_end|>", "<think>", "</think>"], "<|im_end|>",
+     "Hello there!<|im_end|><think>\n\n</think>\n\nIt is four.<|im_end|>"),  # the last: what follows its prompt
+    # The space the template puts before an answer is in the answer's first token, " It", here
+    (MISTRAL_V3_TEMPLATE, ["[INST]", "[/INST]"], "</s>", "Hello there!</s> It is four.</s>"),
+], ids=["phi3", "qwen3", "mistral-v0.3"])
+def test_chat_turns_are_found_under_templates_that_rewrite_earlier_turns(template, special, eos, expected):
+    text = "Hello there! What is two plus two? It is four. Be brief.\n" * 20
+    tok = Tokenizer.train([text], 400, special_tokens=["<|endoftext|>", "<s>", "</s>", *special], eos_token=eos,
+                          bos_token="<s>", chat_template=template)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"},
+                {"role": "assistant", "content": "Hello there!"}, {"role": "user", "content": "Two plus two?"},
+                {"role": "assistant", "content": "It is four."}]
+    ids, trained = render_record({"messages": messages}, tok)
+    assert ids == tok.apply_chat_template(messages)  # the tokens inference sees
+    assert trained_text(tok, ids, trained) == expected
+    untrained = tok.decode([i for i, t in zip(ids, trained) if not t], skip_special_tokens=False)
+    assert "Hello there" not in untrained and "Two plus two?" in untrained
+
+
+def test_sentencepiece_answers_are_tokenized_as_in_the_whole_conversation():
+    """Phi-3's real template and SentencePiece vocabulary (llama.cpp's test file): the answers' tokens are
+    those of the whole rendered conversation; tokenized on their own they would start with a "▁"."""
+    from lmstack.checkpoints import load_tokenizer
+    from tests.conftest import VOCAB_DIR
+
+    if not (VOCAB_DIR / "ggml-vocab-phi-3.gguf").exists():
+        pytest.skip("llama.cpp's vocabularies are not fetched (make fetch-test-data)")
+    tok = load_tokenizer(VOCAB_DIR / "ggml-vocab-phi-3.gguf")
+    messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hello there!"},
+                {"role": "user", "content": "Two plus two?"}, {"role": "assistant", "content": "It is four."}]
+    ids, trained = render_record({"messages": messages}, tok)
+    assert ids == tok.apply_chat_template(messages)
+    assert [tok.backend.id_to_token(i) for i, t in zip(ids, trained) if t] == [
+        "Hello", "▁there", "!", "<|end|>", "It", "▁is", "▁four", ".", "<|end|>"]
+
+
 def test_instruction_and_prompt_completion_forms(tok):
     ids, trained = render_record({"instruction": "Add.", "input": "2 and 2", "output": "four"}, tok)
     text = tok.decode(ids)

@@ -65,16 +65,18 @@ def alpaca_prompt(instruction: str, input: str = "") -> str:
 
 
 def _encode_segments(tokenizer: Tokenizer, segments: Sequence[tuple[str, bool]]) -> tuple[list[int], list[bool]]:
-    """Tokenize each (text, trained) segment on its own; returns ids and a per-token trained flag."""
-    ids: list[int] = []
-    trained: list[bool] = []
-    for text, flag in segments:
-        if not text:
-            continue
-        piece = tokenizer.encode(text, add_special_tokens=False)
-        ids += piece
-        trained += [flag] * len(piece)
-    return ids, trained
+    """Tokenize the joined (text, trained) segments once, as inference sees the text, and flag each token
+    that covers a character of a trained segment. (Tokenized one by one, the segments would come out
+    differently: a SentencePiece tokenizer puts its "▁" prefix before each.)"""
+    text = "".join(piece for piece, _ in segments)
+    spans, pos = [], 0
+    for piece, flag in segments:
+        if flag and piece:
+            spans.append((pos, pos + len(piece)))
+        pos += len(piece)
+    encoding = tokenizer.backend.encode(text, add_special_tokens=False)
+    trained = [any(max(a, s) < min(b, e) for s, e in spans) for a, b in encoding.offsets]
+    return encoding.ids, trained
 
 
 def _check_messages(messages: Any, where: str) -> None:
@@ -94,35 +96,84 @@ def _check_messages(messages: Any, where: str) -> None:
 _ANSWER_PLACEHOLDER = "\x00lmstack-answer\x00"  # text no template writes by itself
 
 
+def _render(tokenizer: Tokenizer, messages: list[dict[str, Any]], template: str | None, **kwargs: Any) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, chat_template=template, **kwargs)
+
+
+def _spans_by_prefix(tokenizer: Tokenizer, messages: list[dict[str, Any]], template: str | None,
+                     text: str) -> list[tuple[int, int]] | None:
+    """Each assistant turn found by rendering the conversation up to it: from the end of the prompt before it
+    to the end of its own turn (the template's end-of-turn text included). None where the template renders a
+    turn differently once more turns follow."""
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        upto = _render(tokenizer, messages[:i + 1], template)
+        if i:
+            before = _render(tokenizer, messages[:i], template, add_generation_prompt=True)
+            start = len(before) if upto.startswith(before) else -1
+        else:  # an opening answer: no prompt to render before it (a default system prompt may be), so the
+            # answer starts where a placeholder put in its place does
+            probe = _render(tokenizer, [{**m, "content": _ANSWER_PLACEHOLDER}], template)
+            start = probe.find(_ANSWER_PLACEHOLDER)
+            start = start if start >= 0 and upto.startswith(probe[:start] + m["content"]) else -1
+        if not text.startswith(upto) or start < 0:
+            return None
+        spans.append((start, len(upto.rstrip())))  # the turn's trailing newline is the template's
+    return spans
+
+
+def _spans_by_marker(tokenizer: Tokenizer, messages: list[dict[str, Any]], template: str | None,
+                     text: str) -> list[tuple[int, int]] | None:
+    """Each answer found where a marker put in its place lands in the whole conversation, up to the special
+    token that closes it (ChatML's <|im_end|>, Phi-3's <|end|>, Llama 3's <|eot_id|>, ...), and from the end of
+    the generation prompt before it where the conversation starts with that prompt (what the model writes
+    after it at inference: Qwen3's empty thinking block too). For templates that render a turn differently
+    once more turns follow: Qwen3 gives only the last answer the thinking block, Phi-3 ends the conversation
+    with eos, Mistral moves the system prompt into the last user turn. None unless the conversation with the
+    answers put back is exactly `text`."""
+    marks = {i: f"\x00lmstack-answer-{i}\x00" for i, m in enumerate(messages) if m["role"] == "assistant"}
+    probe = _render(tokenizer, [{**m, "content": marks[i]} if i in marks else m for i, m in enumerate(messages)],
+                    template)
+    closers = sorted((tokenizer.backend.id_to_token(i) for i in tokenizer.special_ids), key=len, reverse=True)
+    spans, rebuilt, pos = [], "", 0
+    for i, mark in marks.items():
+        at = probe.find(mark, pos)
+        if at < 0 or probe.count(mark) != 1:
+            return None
+        rebuilt += probe[pos:at]
+        start = len(rebuilt)
+        if i:
+            before = _render(tokenizer, messages[:i], template, add_generation_prompt=True)
+            if spans[-1:] and len(before) < spans[-1][1]:
+                before = ""  # it reaches into the answer before: not this turn's prompt
+            if before and len(before) <= start and text.startswith(before):
+                start = len(before)
+        rebuilt += messages[i]["content"]
+        pos = at + len(mark)
+        closer = next((c for c in closers if c and probe.startswith(c, pos)), "")
+        spans.append((start, len(rebuilt) + len(closer)))
+    rebuilt += probe[pos:]
+    return spans if rebuilt == text else None
+
+
 def chat_segments(tokenizer: Tokenizer, messages: list[dict[str, Any]], where: str = "messages",
                   chat_template: str | None = None) -> list[tuple[str, bool]]:
-    """The rendered conversation cut into (text, is_assistant) segments."""
+    """The rendered conversation cut into (text, is_assistant) segments: by the template's {% generation %}
+    blocks; else by rendering the conversation up to each answer; else, for templates that render earlier
+    turns differently, by markers in the answers' place."""
     _check_messages(messages, where)
     template = chat_template or tokenizer.chat_template
     try:
         text, spans = tokenizer.apply_chat_template(messages, tokenize=False, chat_template=template,
                                                     return_assistant_spans=True)
-        if not spans:  # no {% generation %} blocks: find each assistant turn by rendering prefixes
-            spans = []
-            for i, m in enumerate(messages):
-                if m["role"] != "assistant":
-                    continue
-                upto = tokenizer.apply_chat_template(messages[:i + 1], tokenize=False, chat_template=template)
-                if i:
-                    before = tokenizer.apply_chat_template(messages[:i], tokenize=False, chat_template=template,
-                                                           add_generation_prompt=True)
-                    start = len(before) if upto.startswith(before) else -1
-                else:  # an opening answer: no prompt to render before it (a default system prompt may be), so
-                    # the answer starts where a placeholder put in its place does
-                    probe = tokenizer.apply_chat_template([{**m, "content": _ANSWER_PLACEHOLDER}], tokenize=False,
-                                                          chat_template=template)
-                    start = probe.find(_ANSWER_PLACEHOLDER)
-                    start = start if start >= 0 and upto.startswith(probe[:start] + m["content"]) else -1
-                if not text.startswith(upto) or start < 0:
-                    raise LMStackError(f"{where}: the chat template renders turns differently in a longer "
-                                       "conversation; add {% generation %} blocks to it to mark assistant turns")
-                end = len(upto.rstrip())  # the turn's trailing newline is the template's, not the answer's
-                spans.append((start, end))
+        if not spans:
+            spans = (_spans_by_prefix(tokenizer, messages, template, text)
+                     or _spans_by_marker(tokenizer, messages, template, text))
+            if spans is None:
+                raise LMStackError(f"{where}: the chat template renders turns differently in a longer "
+                                   "conversation; add {% generation %} blocks to it to mark assistant turns")
     except LMStackError as e:
         if str(e).startswith(where):
             raise
