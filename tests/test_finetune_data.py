@@ -114,6 +114,22 @@ def test_chat_turns_are_found_under_templates_that_rewrite_earlier_turns(templat
     assert "Hello there" not in untrained and "Two plus two?" in untrained
 
 
+def test_whitespace_tokens_of_an_answer_are_trained_under_trimmed_offsets():
+    """A ByteLevel post-processor with trim_offsets (GPT-NeoX-style tokenizer.json files) reports a run of
+    spaces as covering no character; the indentation of a code answer is trained all the same."""
+    from tokenizers import processors
+
+    text = "def f():\n    return 1\n  x = 2\n" * 30
+    tok = Tokenizer.train([text], 300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                          eos_token="<|im_end|>", chat_template="chatml")
+    tok.backend.post_processor = processors.ByteLevel(trim_offsets=True)
+    answer = "def f():\n    return 1\n  x = 2"
+    messages = [{"role": "user", "content": "code"}, {"role": "assistant", "content": answer}]
+    ids, trained = render_record({"messages": messages}, tok)
+    assert ids == tok.apply_chat_template(messages)
+    assert trained_text(tok, ids, trained) == answer + "<|im_end|>"
+
+
 def test_sentencepiece_answers_are_tokenized_as_in_the_whole_conversation():
     """Phi-3's real template and SentencePiece vocabulary (llama.cpp's test file): the answers' tokens are
     those of the whole rendered conversation; tokenized on their own they would start with a "▁"."""

@@ -220,7 +220,9 @@ def test_q8_0_export_keeps_rows_that_do_not_fit_its_blocks_in_f16(tmp_path):
 @pytest.mark.parametrize("preset,changes,match", [
     ("tiny-gpt2", {"gelu_approximate": "none"}, "llama.cpp's gpt2 computes the tanh GELU"),
     ("tiny-llama", {"n_expert": 4}, "GGUF export of a mixture of experts is not supported"),
-    ("tiny-llama", {"sliding_window": 8, "family": "mistral"}, "no sliding window"),
+    ("tiny-llama", {"sliding_window": 8, "family": "mistral"}, "not computed by llama.cpp's llama architecture"),
+    # llama.cpp's phi3 reads the window but turns it off (full attention)
+    ("tiny-llama", {"sliding_window": 8, "family": "phi3"}, r"sliding window \(8 of 128 positions\) .* phi3"),
     ("tiny-llama", {"rotary_fraction": 0.5}, "rotary_fraction=0.5"),
     ("tiny-llama", {"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "rope scaling 'yarn'"),
     ("tiny-llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope scaling 'dynamic'"),
@@ -236,14 +238,13 @@ def test_gguf_export_refuses_what_llama_cpp_would_compute_differently(tmp_path, 
 
 
 def test_gguf_phi3_keeps_partial_rotary_and_sliding_window_and_bias_free_gpt2_loads(tmp_path):
-    """What llama.cpp's phi3 reads beyond transformers' GGUF loader (rope.dimension_count, the sliding window)
-    comes back; a GPT-2 without biases (nanoGPT's bias=False) is written with zero biases, as llama.cpp needs."""
+    """What llama.cpp's phi3 reads beyond transformers' GGUF loader (rope.dimension_count) comes back; a GPT-2 without biases (nanoGPT's bias=False) is written with zero biases, as llama.cpp needs."""
     from lmstack.checkpoints.gguf import save_gguf
 
     tok = lmstack.Tokenizer.train(["plain ascii text only " * 40], vocab_size=300)
     torch.manual_seed(0)
     x = torch.randint(0, 300, (1, 24))
-    for preset, changes in (("tiny-llama", dict(family="phi3", rotary_fraction=0.5, sliding_window=8)),
+    for preset, changes in (("tiny-llama", dict(family="phi3", rotary_fraction=0.5)),
                             ("tiny-gpt2", dict(bias="none", tie_embeddings=False))):
         model = lmstack.DecoderLM(lmstack.ModelConfig.from_name(preset, vocab_size=300, **changes)).eval()
         again = lmstack.load_model(save_gguf(model, tok, tmp_path / f"{preset}.gguf"))

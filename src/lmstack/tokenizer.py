@@ -180,6 +180,7 @@ class Tokenizer:
         skips them only where tokenizer.json marks them special). `config_extra` holds the tokenizer_config.json
         keys lmstack does not interpret (padding_side, sep_token, named extra tokens, ...), written back on save."""
         self.backend = backend
+        self._untrimmed: tuple[Backend, Backend] | None = None  # (backend, a copy without post-processor)
         self.bos_token, self.eos_token = bos_token, eos_token
         self.pad_token, self.unk_token = pad_token, unk_token
         self.chat_template = chat_template
@@ -449,6 +450,17 @@ class Tokenizer:
         """Token ids of `text`; special-token strings inside it become their ids. `add_special_tokens` adds
         what the post-processor adds (e.g. a leading bos)."""
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of `text` (no special tokens added) and the (start, end) characters each covers. Read
+        without the post-processor, whose ByteLevel `trim_offsets` would shrink a whitespace token to
+        nothing (the ids are the same)."""
+        if self._untrimmed is None or self._untrimmed[0] is not self.backend:
+            plain = Backend.from_str(self.backend.to_str())
+            plain.post_processor = None
+            self._untrimmed = (self.backend, plain)
+        encoding = self._untrimmed[1].encode(text, add_special_tokens=False)
+        return encoding.ids, encoding.offsets
 
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
         """Encode many texts in parallel (Rust threads)."""

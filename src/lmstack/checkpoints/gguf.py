@@ -98,7 +98,8 @@ def config_from_gguf(meta: dict[str, Any], tensors: dict[str, Any]) -> ModelConf
             n_layer=get("block_count"), n_embd=n_embd, n_head=n_head,
             intermediate_size=get("feed_forward_length") or 4 * n_embd, norm="layernorm",
             norm_eps=get("attention.layer_norm_epsilon", 1e-5), positions="learned", mlp="gelu",
-            gelu_approximate="tanh", bias="all", tie_embeddings=_tied_output(tensors), family="gpt2", **special)
+            gelu_approximate="tanh", bias="all", tie_embeddings=_tied_output(tensors, compare=True), family="gpt2",
+            **special)
     head_dim = get("attention.key_length") or n_embd // n_head
     rope_scaling = None
     kind = get("rope.scaling.type")
@@ -132,20 +133,20 @@ def config_from_gguf(meta: dict[str, Any], tensors: dict[str, Any]) -> ModelConf
         mlp="swiglu",
         intermediate_size=get("feed_forward_length"),
         bias="qkv" if "blk.0.attn_q.bias" in tensor_names else "none",
+        # No sliding window: llama.cpp reads phi3.attention.sliding_window but turns Phi-3's window off.
         tie_embeddings=_tied_output(tensors),
-        sliding_window=get("attention.sliding_window") if arch == "phi3" else None,
         family=arch if arch in ("qwen2", "phi3") else "llama",
         **special,
     )
 
 
-def _tied_output(tensors: dict[str, Any]) -> bool:
-    """Whether the output head is the token embedding: no output.weight, or (as llama.cpp's GPT-2 converter
-    writes it) a copy of it."""
+def _tied_output(tensors: dict[str, Any], compare: bool = False) -> bool:
+    """Whether the output head is the token embedding: no output.weight, or, with `compare` (GPT-2, whose
+    converter writes the tied head again), a copy of it; only then are the two matrices read."""
     out, embed = tensors.get("output.weight"), tensors.get("token_embd.weight")
     if out is None:
         return True
-    return (embed is not None and out.tensor_type == embed.tensor_type
+    return (compare and embed is not None and out.tensor_type == embed.tensor_type
             and np.array_equal(np.asarray(out.data), np.asarray(embed.data)))
 
 
@@ -487,10 +488,8 @@ def write_model_metadata(writer: Any, config: ModelConfig) -> None:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(config.rope_scaling["factor"])
     writer.add_layer_norm_rms_eps(config.norm_eps)
-    if arch == "phi3":  # as llama.cpp's Phi-3 converter writes them
+    if arch == "phi3":  # as llama.cpp's Phi-3 converter writes it
         writer.add_rope_scaling_orig_ctx_len(config.block_size)
-        if config.sliding_window is not None:
-            writer.add_sliding_window(config.sliding_window)
     writer.add_vocab_size(config.vocab_size)
 
 
@@ -512,8 +511,10 @@ def _check_exportable(config: ModelConfig, tensor_type: str) -> None:
         if config.gelu_approximate != "tanh":
             raise LMStackError("GGUF export: llama.cpp's gpt2 computes the tanh GELU (gelu_new), not the exact one")
         return
-    if config.sliding_window is not None and family != "phi3":
-        raise LMStackError("GGUF export: llama.cpp's llama architecture has no sliding window")
+    if config.sliding_window is not None and config.sliding_window < config.block_size:
+        # llama.cpp's phi3 reads the key but turns Phi-3's window off (full attention), its llama has none
+        raise LMStackError(f"GGUF export: a sliding window ({config.sliding_window} of {config.block_size} "
+                           f"positions) is not computed by llama.cpp's {gguf_arch(config)} architecture")
     if config.rotary_fraction != 1.0 and family != "phi3":  # llama.cpp's llama and qwen2 rotate whole heads
         raise LMStackError(f"GGUF export: rotary_fraction={config.rotary_fraction} (a partial rotary) is not "
                            "supported")

@@ -74,9 +74,8 @@ def _encode_segments(tokenizer: Tokenizer, segments: Sequence[tuple[str, bool]])
         if flag and piece:
             spans.append((pos, pos + len(piece)))
         pos += len(piece)
-    encoding = tokenizer.backend.encode(text, add_special_tokens=False)
-    trained = [any(max(a, s) < min(b, e) for s, e in spans) for a, b in encoding.offsets]
-    return encoding.ids, trained
+    ids, offsets = tokenizer.encode_with_offsets(text)
+    return ids, [any(max(a, s) < min(b, e) for s, e in spans) for a, b in offsets]
 
 
 def _check_messages(messages: Any, where: str) -> None:

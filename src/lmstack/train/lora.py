@@ -287,15 +287,28 @@ def _fuse(parts: list[LoRALinear | None], out_features: list[int]) -> tuple[torc
     return A, B, r, int(alpha) if float(alpha).is_integer() else alpha
 
 
-def _unfuse(A: torch.Tensor, B: torch.Tensor, r: int, alpha: float, out_features: list[int], use_rslora: bool
-            ) -> list[tuple[torch.Tensor, torch.Tensor, int, float] | None]:
-    """The parts of a fused layer's adapter, each (A, B, r, alpha) or None. Each part keeps the columns of B its
-    rows use, so an adapter `_fuse` made splits back into its parts and ranks; a dense adapter (trained by PEFT
-    on the fused layer) gives every part the whole A and its rows of B. An untrained one (B all zero) gives
-    every part the whole rank, so that training can go on."""
+def _unfuse(A: torch.Tensor, B: torch.Tensor, r: int, alpha: float, out_features: list[int], use_rslora: bool,
+            recorded: list[list[float]] | None = None) -> list[tuple[torch.Tensor, torch.Tensor, int, float] | None]:
+    """The parts of a fused layer's adapter, each (A, B, r, alpha) or None. With `recorded` (each part's
+    [r, alpha], r 0 for none, as `save_peft` records them) the block-diagonal adapter `_fuse` made splits back
+    exactly. Else each part keeps the columns of B its rows use: a dense adapter (trained by PEFT on the fused
+    layer) gives every part the whole A and its rows of B, and an untrained one (B all zero) every part the
+    whole rank."""
     if len(out_features) == 1:
         return [(A, B, r, alpha)]
     blocks = B.split(out_features)
+    if recorded is not None and len(recorded) == len(blocks) and sum(int(k) for k, _ in recorded) == r:
+        scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        parts, col = [], 0
+        for block, (k, alpha_k) in zip(blocks, recorded):
+            k = int(k)
+            if k:  # _fuse scaled the block to the fused scaling: undo it
+                own = alpha_k / math.sqrt(k) if use_rslora else alpha_k / k
+                parts.append((A[col:col + k], block[:, col:col + k] * (scaling / own), k, alpha_k))
+            else:
+                parts.append(None)
+            col += k
+        return parts
     used = [block.ne(0).any(0) for block in blocks]
     if not any(u.any() for u in used):
         used = [torch.ones(r, dtype=torch.bool)] * len(blocks)
@@ -309,6 +322,9 @@ def _unfuse(A: torch.Tensor, B: torch.Tensor, r: int, alpha: float, out_features
     return parts
 
 
+# safetensors metadata key under which save_peft records each fused layer's parts as [r, alpha] (r 0: a part
+# without an adapter), so that they split back exactly, even while B is still zero; PEFT ignores it.
+FUSED_RANKS_KEY = "lmstack.fused_ranks"
 
 
 def save_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None,
@@ -326,9 +342,11 @@ def save_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_path
 
     wrapped = dict(lora_layers(model))
     modules = peft_modules(model)
-    tensors, adapters = {}, {}  # adapters: HF module -> (r, alpha)
+    tensors, adapters, fused_ranks = {}, {}, {}  # adapters: HF module -> (r, alpha)
     for module, names in modules.items():
         parts = [wrapped.get(name) for name in names]
+        if len(parts) > 1 and any(parts):
+            fused_ranks[module] = [[p.r, p.alpha] if p is not None else [0, 0] for p in parts]
         if any(parts):
             out_features = [model.get_submodule(name).out_features for name in names]
             A, B, r, alpha = _fuse(parts, out_features)
@@ -337,7 +355,8 @@ def save_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_path
             adapters[module] = (r, alpha)
     if head is not None:
         tensors[HEAD_KEY] = head.detach().contiguous().cpu()
-    save_file(tensors, str(path / "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_file(tensors, str(path / "adapter_model.safetensors"),
+              metadata={"format": "pt", FUSED_RANKS_KEY: json.dumps(fused_ranks)})
     cfg = model.lora
     r, alpha = cfg["r"], cfg["alpha"]
     # PEFT matches a bare "layers.0.self_attn.q_proj" as a suffix of the module name (target_modules) or as the
@@ -461,6 +480,7 @@ def load_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     modules = peft_modules(model)
     chosen = _peft_targets(modules, cfg, config_file)
     tensors = _read_adapter(path, cfg)
+    fused_ranks = _fused_ranks(path)
     shapes, out_features = {}, {}
     for module, (r, _) in chosen.items():
         bases = [model.get_submodule(name) for name in modules[module]]
@@ -473,7 +493,8 @@ def load_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     layers, weights = {}, {}
     for module, (r, alpha) in chosen.items():
         A, B = tensors[f"{_key(module)}.lora_A.weight"], tensors[f"{_key(module)}.lora_B.weight"]
-        for name, part in zip(modules[module], _unfuse(A, B, r, alpha, out_features[module], use_rslora)):
+        parts = _unfuse(A, B, r, alpha, out_features[module], use_rslora, fused_ranks.get(module))
+        for name, part in zip(modules[module], parts):
             if part is not None:
                 layers[name], weights[name] = part[2:], part[:2]
     _wrap(model, layers, dropout, use_rslora)
@@ -518,6 +539,18 @@ def _read_adapter(path: Path, cfg: dict[str, Any]) -> dict[str, torch.Tensor]:
     if is_classifier_adapter(cfg):  # the head goes on through read_head, not on the body
         tensors.pop(HEAD_KEY, None)
     return tensors
+
+
+def _fused_ranks(path: Path) -> dict[str, list[list[float]]]:
+    """The parts' [r, alpha] `save_peft` recorded for each fused layer ({} for an adapter written elsewhere)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path / "adapter_model.safetensors"), framework="pt") as f:
+        recorded = (f.metadata() or {}).get(FUSED_RANKS_KEY)
+    try:
+        return json.loads(recorded) if recorded else {}
+    except json.JSONDecodeError:
+        return {}
 
 
 def _check_adapter_tensors(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[str, list[int]]],
