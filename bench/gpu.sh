@@ -11,7 +11,8 @@
 #                                  # shakespeare, train-tinyllama: the issues' targets first)
 #
 # Runs from the repository root with the machine's own Python (PYTHON=python3 by default) and lmstack from
-# src/, so nothing needs installing beyond torch and transformers. Logs go to $LOG_DIR (default: $OUT where
+# src/, so nothing is installed: the device image carries torch, transformers, tokenizers, safetensors,
+# pyyaml, tqdm, jinja2, matplotlib and pytest. Logs go to $LOG_DIR (default: $OUT where
 # that is set, as on the device machine, whose $OUT comes back; else bench-logs/). Each part should fit in
 # ten minutes on an H100, most of it compilation (not yet checked: no GPU has run it). Output is line-buffered
 # so that a part cut off at a time limit keeps what it printed. SHAKESPEARE_ARGS adds overrides to the recipe
@@ -96,6 +97,13 @@ for name in "${@:-all}"; do  # every name checked before anything runs
            exit 2 ;;
     esac
 done
+# The machine, and the one thing the engine needs that CPU runs never exercise: a non-blocking copy to
+# pinned host memory (how the decode loop reads tokens back without synchronizing).
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+"$PYTHON" -c "import torch, transformers
+print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())
+x = torch.arange(4, device='cuda').to('cpu', non_blocking=True); torch.cuda.synchronize()
+print('pinned non-blocking copy:', 'ok' if x.tolist() == [0, 1, 2, 3] and x.is_pinned() else 'NOT pinned')" || true
 for name in "${@:-all}"; do
     case "$name" in
         cuda-tests) part cuda_tests ;;
@@ -104,9 +112,7 @@ for name in "${@:-all}"; do
         train-tinyllama) part train_tinyllama ;;
         train) part train_gpt2; part train_tinyllama ;;
         shakespeare) part shakespeare ;;
-        all) nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
-             "$PYTHON" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-             part cuda_tests; part decode; part train_gpt2; part shakespeare; part train_tinyllama ;;
+        all) part cuda_tests; part decode; part train_gpt2; part shakespeare; part train_tinyllama ;;
     esac
 done
 exit "$failed"

@@ -361,7 +361,7 @@ class Engine:
             if constraint is not None:  # before the truncations, so top-k / top-p choose among allowed tokens
                 allowed = constraint.allowed(dev)
                 if constraint.eos is not None:  # a matcher with nothing left to allow may still end
-                    allowed[~allowed.any(dim=-1), constraint.eos] = True
+                    allowed[:, constraint.eos] |= ~allowed.any(dim=-1)  # no boolean indexing: no host sync
                 scores = logits.float().masked_fill(~allowed, float("-inf"))
             processed = process_logits(scores, params, seen, counts, histories, bias)
             if constraint is not None:
@@ -492,11 +492,12 @@ def _copy_to_host(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], Call
     """Start copying `tensors` to the host; returns the copies and a function that waits until they are there.
     From a GPU the copy goes through pinned memory and the wait is on an event recorded after it, so work
     queued since (the next step) keeps running: no stream synchronization."""
-    if tensors[0].device.type != "cuda":
+    device = tensors[0].device
+    if device.type != "cuda":
         return tensors, lambda: None
     copies = [t.to("cpu", non_blocking=True) for t in tensors]
     arrived = torch.cuda.Event()
-    arrived.record()
+    arrived.record(torch.cuda.current_stream(device))  # the copies' stream, also off the current device
     return copies, arrived.synchronize
 
 
