@@ -655,6 +655,17 @@ def test_compiled_decode_step_compiles_once(tiny, pack_weights):
     assert not counters["graph_break"]
 
 
+def test_compiled_mixture_of_experts_decodes_as_eager(tiny):
+    """A mixture of experts routes with data-dependent shapes: its compiled step breaks into pieces, and still
+    gives the eager engine's greedy tokens."""
+    _, tok, _ = tiny
+    torch.manual_seed(0)
+    moe = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-mixtral", vocab_size=len(tok))).eval()
+    eager = Engine(moe, tok).generate(PROMPTS, max_new_tokens=8, temperature=0, ignore_eos=True)
+    compiled = Engine(moe, tok, compile=True).generate(PROMPTS, max_new_tokens=8, temperature=0, ignore_eos=True)
+    assert [c.token_ids for c in compiled] == [c.token_ids for c in eager]
+
+
 LOOKAHEAD_CASES = {
     "greedy-stop-string-logprobs": dict(temperature=0, max_new_tokens=12, stop=["e"], logprobs=2),
     "sampled-penalties-stop-ids": dict(temperature=0.8, top_p=0.9, seed=5, n=2, max_new_tokens=12,
