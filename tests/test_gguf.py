@@ -237,6 +237,44 @@ def test_gguf_export_refuses_what_llama_cpp_would_compute_differently(tmp_path, 
     assert list(tmp_path.iterdir()) == []  # nothing half-written
 
 
+@pytest.mark.parametrize("name,family", [("llama-spm", "llama"), ("phi-3", "phi3")])
+def test_sentencepiece_tokenizers_export_to_gguf(tmp_path, name, family):
+    """A SentencePiece-style vocabulary (Llama 2's, Phi-3's: byte fallback, spaces as U+2581) is written as
+    llama.cpp's "llama" tokenizer, its merge order as piece scores: read back, it still passes llama.cpp's
+    own tokenizer vectors, and transformers reads it as it reads the original file."""
+    from transformers import AutoTokenizer
+
+    from lmstack.checkpoints.gguf import save_gguf
+
+    original = VOCAB_DIR / f"ggml-vocab-{name}.gguf"
+    if not original.exists():
+        pytest.skip("llama.cpp test vectors not fetched (make fetch-test-data)")
+    tok = lmstack.load_tokenizer(original)
+    torch.manual_seed(0)
+    model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", vocab_size=len(tok), family=family,
+                                                            n_layer=1)).eval()
+    path = save_gguf(model, tok, tmp_path / "m.gguf")
+    again = lmstack.load_tokenizer(path)
+    for text, expected in _cases(name):
+        assert again.encode(text, add_special_tokens=False) == expected, text
+    assert (again.bos_token, again.eos_token, again.unk_token) == (tok.bos_token, tok.eos_token, tok.unk_token)
+    assert again.encode("a")[:1] == tok.encode("a")[:1]  # bos added as before
+    theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    reference = AutoTokenizer.from_pretrained(original.parent, gguf_file=original.name)
+    for text in ["Hello world", " leading space", "tabs\tand\nnewlines", "Ünïcödé 🦙 1234"]:
+        assert theirs.encode(text) == reference.encode(text), text
+
+
+def test_gguf_export_refuses_a_character_level_tokenizer(tmp_path):
+    from lmstack.checkpoints.gguf import save_gguf
+
+    tok = lmstack.Tokenizer.train_chars(["plain text"])
+    model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", vocab_size=len(tok)))
+    with pytest.raises(LMStackError, match="supports BPE tokenizers .*not WordLevel"):
+        save_gguf(model, tok, tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
 def test_gguf_phi3_keeps_partial_rotary_and_sliding_window_and_bias_free_gpt2_loads(tmp_path):
     """What llama.cpp's phi3 reads beyond transformers' GGUF loader (rope.dimension_count) comes back; a GPT-2 without biases (nanoGPT's bias=False) is written with zero biases, as llama.cpp needs."""
     from lmstack.checkpoints.gguf import save_gguf

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -422,29 +423,79 @@ def _pre_tokenizer_name(backend: Backend) -> str:
     raise LMStackError(f"GGUF export: no llama.cpp pre-tokenizer has the split rules {splits}")
 
 
+UNKNOWN, UNUSED, BYTE = 2, 5, 6  # llama.cpp token types (with NORMAL 1, CONTROL and USER_DEFINED above)
+_BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
+
+
+def _spaces_as_metaspace(tree: dict[str, Any]) -> tuple[bool, bool]:
+    """(spaces spelled U+2581, a U+2581 prepended) as a SentencePiece-style tokenizer.json does it: in the
+    normalizer (Llama 2's Prepend + Replace) or the pre-tokenizer (Metaspace)."""
+    parts = []
+    for key in ("normalizer", "pre_tokenizer"):
+        node = tree.get(key) or {}
+        parts += node.get("normalizers") or node.get("pretokenizers") or [node]
+    replaced = any(p.get("type") == "Replace" and p.get("content") == "\u2581" for p in parts)
+    prepended = any(p.get("type") == "Prepend" and p.get("prepend") == "\u2581" for p in parts)
+    for p in parts:
+        if p.get("type") == "Metaspace":
+            replaced = True
+            prepended = prepended or p.get("prepend_scheme", "always") in ("always", "first")
+    return replaced, prepended
+
+
 def _tokenizer_metadata(writer: Any, tokenizer: Tokenizer, vocab_size: int) -> None:
+    """The tokenizer as llama.cpp reads it: byte-level BPE ("gpt2": tokens, merges, the pre-tokenizer's name)
+    or SentencePiece-style BPE with byte fallback ("llama": tokens, scores, types)."""
     import json
 
     backend = tokenizer.backend
-    model = json.loads(backend.to_str())["model"]
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise LMStackError("GGUF export supports byte-level BPE tokenizers only")
+    tree = json.loads(backend.to_str())
+    model = tree["model"]
+    if model.get("type") != "BPE":
+        raise LMStackError(f"GGUF export supports BPE tokenizers (byte-level or SentencePiece-style), not "
+                           f"{model.get('type')}")
+    sentencepiece = bool(model.get("byte_fallback"))
+    replaced, prepended = _spaces_as_metaspace(tree)
+    if sentencepiece and not replaced:
+        raise LMStackError("GGUF export: a byte-fallback BPE tokenizer that does not spell spaces as U+2581 is "
+                           "not SentencePiece-style, which llama.cpp's llama tokenizer needs")
     added = backend.get_added_tokens_decoder()
     tokens, types = [], []
     for i in range(vocab_size):
         token = backend.id_to_token(i)
         if token is None:  # the model's vocabulary may be padded past the tokenizer's
             tokens.append(f"[PAD{i}]")
-            types.append(5)  # UNUSED
+            types.append(UNUSED)
+        elif i in added:
+            tokens.append(token)
+            types.append(CONTROL if added[i].special else USER_DEFINED)
         else:
             tokens.append(token)
-            types.append((CONTROL if added[i].special else USER_DEFINED) if i in added else 1)
+            types.append(UNKNOWN if sentencepiece and token == tokenizer.unk_token
+                         else BYTE if sentencepiece and _BYTE_PIECE.fullmatch(token) else 1)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer_name(backend))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
+    if sentencepiece:
+        # llama.cpp merges the adjacent pair whose joined piece scores highest: a piece scores minus the rank
+        # of the first merge that makes it, so pieces merge in the merges' order (what load_gguf_tokenizer
+        # reads back); a piece no merge makes scores lowest.
+        rank: dict[str, int] = {}
+        for k, merge in enumerate(merges):
+            rank.setdefault(merge.replace(" ", "", 1), k)
+        scores = [-float(rank[t]) if t in rank else (0.0 if len(t) == 1 or ty != 1 else -1e9)
+                  for t, ty in zip(tokens, types)]
+        writer.add_tokenizer_model("llama")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+        writer.add_add_space_prefix(prepended)
+        if tokenizer.unk_token is not None and tokenizer.token_to_id(tokenizer.unk_token) is not None:
+            writer.add_unk_token_id(tokenizer.token_to_id(tokenizer.unk_token))
+    else:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(_pre_tokenizer_name(backend))
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges(merges)
     for key, token_id in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
                           ("pad", tokenizer.pad_token_id)):
         if token_id is not None:
@@ -532,8 +583,8 @@ def _check_exportable(config: ModelConfig, tensor_type: str) -> None:
 
 
 def save_gguf(model: Any, tokenizer: Tokenizer, path: str | os.PathLike, tensor_type: str = "f32") -> Path:
-    """Write a Llama-, Mistral-, Qwen2-, Phi-3- or GPT-2-family `DecoderLM` and its byte-level BPE tokenizer as
-    one GGUF file.
+    """Write a Llama-, Mistral-, Qwen2-, Phi-3- or GPT-2-family `DecoderLM` and its BPE tokenizer (byte-level,
+    or SentencePiece-style with byte fallback) as one GGUF file.
 
     `tensor_type` is f32, f16 or q8_0 for the 2-D weights; norms and biases stay f32, as llama.cpp keeps them.
     """
