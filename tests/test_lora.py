@@ -400,7 +400,10 @@ def _peft_adapter(hf_base, path, **settings):
     {"use_rslora": True, "rank_pattern": {"v_proj": 2}},  # alpha / sqrt(r), each layer with its own r
     {"alpha_pattern": {"v_proj": 32}, "rank_pattern": {"layers.1.self_attn.q_proj": 8}},
     {"target_modules": "all-linear", "exclude_modules": ["layers.1.mlp.down_proj"], "use_rslora": True},
-], ids=["rslora+rank_pattern", "alpha+rank_pattern", "all-linear+exclude"])
+    {"target_modules": ["q_proj", "down_proj"], "layers_to_transform": [1]},
+    {"target_modules": ["v_proj", "up_proj"], "layers_to_transform": 0, "layers_pattern": "layers"},
+], ids=["rslora+rank_pattern", "alpha+rank_pattern", "all-linear+exclude", "layers_to_transform",
+        "layers_to_transform+pattern"])
 def test_load_peft_applies_peft_scaling_and_patterns(hf_base, tmp_path, settings):
     from peft import PeftModel
 
@@ -473,8 +476,8 @@ def test_rslora_adapters_of_lmstack_load_in_peft(hf_base, tmp_path):
 
 @pytest.mark.parametrize("settings, message", [
     ({"use_dora": True}, r"PEFT setting use_dora=True \(DoRA's magnitude vectors\)"),
-    ({"bias": "lora_only", "layers_to_transform": [0]},
-     r"PEFT settings layers_to_transform=\[0\] \(adapters on only some layers\), bias='lora_only'"),
+    ({"bias": "lora_only", "use_dora": True},
+     r"PEFT settings use_dora=True \(DoRA's magnitude vectors\), bias='lora_only' \(trained biases\)"),
     ({"modules_to_save": ["lm_head"]}, r"modules_to_save=\['lm_head'\]"),
 ])
 def test_load_peft_refuses_settings_it_cannot_apply(hf_base, tmp_path, settings, message):

@@ -385,6 +385,7 @@ def save_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_path
 # options of features that are refused anyway). Every other key must be off (null, false, empty): PEFT keeps
 # adding options, and one lmstack does not know is refused rather than silently ignored.
 _PEFT_APPLIED = frozenset({"peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules",
+                           "layers_to_transform", "layers_pattern",
                            "use_rslora", "rank_pattern", "alpha_pattern", "bias", "init_lora_weights"})
 _PEFT_NO_EFFECT = frozenset({"task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
                              "peft_version", "megatron_core", "qalora_group_size", "eva_config",
@@ -392,7 +393,6 @@ _PEFT_NO_EFFECT = frozenset({"task_type", "base_model_name_or_path", "revision",
                              "fan_in_fan_out"})  # PEFT sets it from the layer's type (Conv1D or Linear)
 _PEFT_WHY = {"use_dora": "DoRA's magnitude vectors", "bias": "trained biases", "lora_bias": "a bias on lora_B",
              "modules_to_save": "fully trained copies of modules",
-             "layers_to_transform": "adapters on only some layers", "layers_pattern": "adapters on only some layers",
              "init_lora_weights": "an initialisation that changes the base weights; convert the adapter with "
                                   "PEFT's save_pretrained(path_initial_model_for_weight_conversion=...)"}
 _PEFT_INITS = ("gaussian", "orthogonal", "eva")  # initialisations of A and B only: the loaded weights replace them
@@ -436,6 +436,25 @@ def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     return default
 
 
+def _in_transformed_layers(cfg: dict[str, Any], targets: str | list[str], module: str) -> bool:
+    """PEFT's `layers_to_transform` (with `layers_pattern`): a module matched by a name suffix is kept only in
+    the listed layers, its layer the first number after a dotted name (model.layers.3.mlp.up_proj: 3). A regex
+    `target_modules`, or a module named whole, is not restricted, as in PEFT."""
+    indexes = cfg.get("layers_to_transform")
+    if indexes is None or indexes == [] or not isinstance(targets, list) or module in targets:
+        return True
+    patterns = cfg.get("layers_pattern") or None
+    if patterns is None:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+    else:
+        match = next((m for p in ([patterns] if isinstance(patterns, str) else patterns)
+                      if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module))), None)
+    if match is None:
+        return False
+    index = int(match["idx"])
+    return index == indexes if isinstance(indexes, int) else index in indexes
+
+
 def _peft_targets(modules: dict[str, list[str]], cfg: dict[str, Any], where: Path) -> dict[str, tuple[int, float]]:
     """The Hugging Face modules (of `peft_modules`) an adapter config targets, each with its (r, alpha), chosen
     by PEFT's rules."""
@@ -451,7 +470,8 @@ def _peft_targets(modules: dict[str, list[str]], cfg: dict[str, Any], where: Pat
             raise LMStackError(f"{where}: target modules {unknown} are not lmstack layers (LoRA goes on "
                                f"{', '.join(kinds)})")
     exclude = cfg.get("exclude_modules")
-    chosen = [m for m in modules if _peft_matches(targets, m) and not _peft_matches(exclude, m)]
+    chosen = [m for m in modules if _peft_matches(targets, m) and not _peft_matches(exclude, m)
+              and _in_transformed_layers(cfg, targets, m)]
     if not chosen:
         raise LMStackError(f"{where}: target_modules {targets!r} match no layer of the model")
     r, alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)  # PEFT's defaults
