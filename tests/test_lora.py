@@ -267,6 +267,21 @@ def test_mixture_of_experts_takes_adapters_on_attention(tmp_path):
     assert not (tmp_path / "refused").exists()
 
 
+def test_info_describes_an_adapter_directory_and_its_base(tmp_path, capsys):
+    from lmstack.cli import main
+
+    lmstack.save_model(_tiny(), tmp_path / "base")
+    model = apply_lora(lmstack.load_model(tmp_path / "base"), r=4, alpha=8, targets=("q", "v"))
+    save_peft(model, tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "base"))
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "adapter")]) == 0
+    out = capsys.readouterr().out
+    info = json.loads(out[out.index("{"):])
+    assert info["adapter"]["r"] == 4 and info["adapter"]["target_modules"] == ["q_proj", "v_proj"]
+    assert info["adapter_parameters"] == parameter_counts(model)[0]  # A and B of every adapter
+    assert info["base"]["parameters"] == _tiny().num_params()
+
+
 def test_adapter_for_another_base_names_the_shapes(tmp_path):
     model = _tiny()
     apply_lora(model, r=4)

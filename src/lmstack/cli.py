@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from lmstack.errors import LMStackError
 
@@ -668,12 +669,12 @@ def _compare(args: argparse.Namespace) -> None:
     print(f"table: {Path(args.output) / 'compare.md'}; plot: {Path(args.output) / 'compare.png'}")
 
 
-def _info(args: argparse.Namespace) -> None:
+def _checkpoint_info(path: Path) -> dict[str, Any]:
+    """Parameter counts and config of a checkpoint directory or GGUF file, from its config alone."""
     from lmstack.checkpoints.hf import config_from_hf, read_hf_config
     from lmstack.config import ModelConfig
 
-    path = Path(args.model)
-    _check_model(path, "info")
+    raw: dict[str, Any] = {}
     if path.suffix == ".gguf":
         from lmstack.checkpoints.gguf import read_gguf_config
 
@@ -696,11 +697,42 @@ def _info(args: argparse.Namespace) -> None:
     head_change = 0
     if labels is not None:  # a score head over the labels in place of the vocabulary-sized LM head
         head_change = len(labels) * config.n_embd - (0 if config.tie_embeddings else config.vocab_size * config.n_embd)
-    info = {"parameters": model.num_params() + head_change,
-            "non_embedding_parameters": model.num_params(non_embedding=True) + head_change,
-            "config": config.to_dict()}
+    info: dict[str, Any] = {"parameters": model.num_params() + head_change,
+                            "non_embedding_parameters": model.num_params(non_embedding=True) + head_change,
+                            "config": config.to_dict()}
     if labels is not None:
         info["labels"] = labels
+    return info
+
+
+def _adapter_info(path: Path) -> dict[str, Any]:
+    """A PEFT adapter directory: its settings, its own parameter count (from the file's header, no tensor
+    read) and, where the base model is on this machine, the base's info."""
+    from safetensors import safe_open
+
+    from lmstack.train.lora import adapter_config
+
+    cfg = adapter_config(path)
+    keys = ("peft_type", "task_type", "r", "lora_alpha", "target_modules", "use_rslora", "rank_pattern",
+            "alpha_pattern", "layers_to_transform", "modules_to_save", "base_model_name_or_path")
+    file = path / "adapter_model.safetensors"
+    if not file.exists():
+        raise LMStackError(f"{path}: no adapter_model.safetensors")
+    with safe_open(str(file), framework="pt") as f:
+        count = sum(math.prod(f.get_slice(key).get_shape()) for key in list(f.keys()))
+    info: dict[str, Any] = {"adapter": {k: cfg.get(k) for k in keys if k in cfg}, "adapter_parameters": count}
+    base = cfg.get("base_model_name_or_path")
+    info["base"] = _checkpoint_info(Path(base)) if base and Path(base).exists() else None
+    return info
+
+
+def _info(args: argparse.Namespace) -> None:
+    path = Path(args.model)
+    _check_model(path, "info")
+    if path.is_dir() and (path / "adapter_config.json").exists() and not (path / "config.json").exists():
+        info = _adapter_info(path)
+    else:
+        info = _checkpoint_info(path)
     print(json.dumps(info, indent=2))
 
 
