@@ -292,12 +292,13 @@ def test_dpo_under_fsdp_with_two_processes_matches_one(base, tmp_path):
     assert _val(one) == pytest.approx(_val(two), abs=1e-5)
 
 
-def test_lora_sft_on_gpt2_fused_attention_resumes_exactly(gpt2_base, tmp_path):
-    """GPT-2's checkpoints fuse q, k and v into c_attn: the adapters on q and v are saved as one on c_attn and
-    read back apart on resume, so the resumed run logs the same losses, and the adapter loads merged."""
+def test_dora_sft_on_gpt2_fused_attention_resumes_exactly(gpt2_base, tmp_path):
+    """GPT-2's checkpoints fuse q, k and v into c_attn: the DoRA adapters on q and v are saved as one on c_attn
+    and read back apart on resume, magnitudes included, so the resumed run logs the same losses, and the
+    adapter loads merged."""
     data = _write(tmp_path / "chat.jsonl", _chats(100))
-    settings = dict(lora_r=4, lora_alpha=8, lora_targets=["q", "v", "up"], max_steps=6, checkpoint_interval=3,
-                    eval_interval=3)
+    settings = dict(lora_r=4, lora_alpha=8, lora_targets=["q", "v", "up"], lora_dora=True, max_steps=6,
+                    checkpoint_interval=3, eval_interval=3)
     _, straight = _run(gpt2_base, tmp_path / "a", "sft", data, **settings)
     _run(gpt2_base, tmp_path / "b", "sft", data, **{**settings, "max_steps": 3})
     _run(gpt2_base, tmp_path / "b", "sft", data, resume=True, **settings)
@@ -307,7 +308,7 @@ def test_lora_sft_on_gpt2_fused_attention_resumes_exactly(gpt2_base, tmp_path):
     ckpt = tmp_path / "a" / "sft" / "checkpoints" / "step-0000006"
     config = json.loads((ckpt / "adapter_config.json").read_text())
     assert config["target_modules"] == ["c_attn", "c_fc"] and config["rank_pattern"] == {
-        f"h.{i}.attn.c_attn": 8 for i in range(2)}
+        f"h.{i}.attn.c_attn": 8 for i in range(2)} and config["use_dora"] is True
     ids = torch.tensor([[5, 17, 42, 9, 77]])
     with torch.no_grad():
         assert not torch.allclose(load_model(ckpt)(ids), load_model(gpt2_base)(ids), atol=1e-4)

@@ -267,6 +267,51 @@ def test_mixture_of_experts_takes_adapters_on_attention(tmp_path):
     assert not (tmp_path / "refused").exists()
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_dora_matches_peft_both_ways_and_merges(tmp_path, family):
+    """DoRA: lmstack's adapters load in peft with the same logits, peft's load in lmstack, fused GPT-2 layers
+    included; merging gives the same outputs and unmerging restores the base weights."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    torch.manual_seed(0)
+    config = (ModelConfig.from_name("gpt2", n_layer=2, n_embd=64, n_head=4, vocab_size=101, block_size=64)
+              if family == "gpt2" else ModelConfig.from_name("tiny-llama", vocab_size=101))
+    lmstack.save_model(lmstack.DecoderLM(config), tmp_path / "base")
+    ids = torch.randint(0, 101, (2, 12))
+    ours = apply_lora(lmstack.load_model(tmp_path / "base"), r=4, alpha=8, targets=("q", "v", "up"), use_dora=True)
+    with torch.no_grad():
+        assert torch.equal(ours(ids), lmstack.load_model(tmp_path / "base")(ids))  # m = ||W||: the base
+        _random_b(ours)
+        for _, layer in lora_layers(ours):
+            layer.lora_magnitude.mul_(1 + 0.2 * torch.rand_like(layer.lora_magnitude))
+    save_peft(ours, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["use_dora"] is True
+    theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                       tmp_path / "ours").eval()
+    with torch.no_grad():
+        expected = ours(ids)
+        assert (theirs(ids).logits - expected).abs().max() < 1e-4
+        again = load_peft(lmstack.load_model(tmp_path / "base"), tmp_path / "ours")
+        assert (again(ids) - expected).abs().max() < 1e-5
+        merge_lora(ours)
+        assert (ours(ids) - expected).abs().max() < 1e-4
+        unmerge_lora(ours)
+        base = lmstack.load_model(tmp_path / "base")
+        assert (ours.layers[0].attn.q.base.weight - base.layers[0].attn.q.weight).abs().max() < 1e-5
+    # peft's own DoRA adapter, on the fused layers for GPT-2
+    targets = ["c_attn", "c_fc"] if family == "gpt2" else ["q_proj", "v_proj", "up_proj"]
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=True))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name or "lora_magnitude" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    peft_model.save_pretrained(tmp_path / "peft")
+    loaded = load_peft(lmstack.load_model(tmp_path / "base"), tmp_path / "peft")
+    with torch.no_grad():
+        assert (peft_model.eval()(ids).logits - loaded(ids)).abs().max() < 1e-4
+
+
 def test_info_describes_an_adapter_directory_and_its_base(tmp_path, capsys):
     from lmstack.cli import main
 
@@ -296,14 +341,15 @@ def test_adapter_for_another_base_names_the_shapes(tmp_path):
 # --- QLoRA: LoRA on a frozen NF4 base ---
 
 
-def test_qlora_starts_as_the_nf4_base_and_trains_only_adapters():
+@pytest.mark.parametrize("use_dora", [False, True], ids=["qlora", "qdora"])
+def test_qlora_starts_as_the_nf4_base_and_trains_only_adapters(use_dora):
     float_model = _tiny()
     ids = torch.randint(0, 256, (4, 16))
     nf4 = quantize_model(copy.deepcopy(float_model), "nf4", skip=("lm_head",))
     with torch.no_grad():
         base_out = nf4(ids)
     all_linear = ("q", "k", "v", "o", "gate", "up", "down")
-    model = prepare_qlora(copy.deepcopy(float_model), r=4, alpha=8, targets=all_linear)
+    model = prepare_qlora(copy.deepcopy(float_model), r=4, alpha=8, targets=all_linear, use_dora=use_dora)
     q = model.layers[0].attn.q
     assert isinstance(q, LoRALinear) and isinstance(q.base, NF4Linear)
     assert isinstance(model.lm_head, torch.nn.Linear)  # the output head stays float (and frozen)
@@ -313,7 +359,7 @@ def test_qlora_starts_as_the_nf4_base_and_trains_only_adapters():
         assert torch.equal(model(ids), base_out)  # B starts at zero
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
-    assert len(trainable) == 2 * 7 * 2  # A and B on 7 layers in each of 2 blocks
+    assert len(trainable) == (3 if use_dora else 2) * 7 * 2  # A and B (and DoRA's m) on 7 layers in 2 blocks
     assert model_bytes(nf4) < 0.5 * model_bytes(float_model)
 
     model.train()
@@ -490,9 +536,9 @@ def test_rslora_adapters_of_lmstack_load_in_peft(hf_base, tmp_path):
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"use_dora": True}, r"PEFT setting use_dora=True \(DoRA's magnitude vectors\)"),
-    ({"bias": "lora_only", "use_dora": True},
-     r"PEFT settings use_dora=True \(DoRA's magnitude vectors\), bias='lora_only' \(trained biases\)"),
+    ({"lora_bias": True}, r"PEFT setting lora_bias=True \(a bias on lora_B\)"),
+    ({"bias": "lora_only", "lora_bias": True},
+     r"PEFT settings lora_bias=True \(a bias on lora_B\), bias='lora_only' \(trained biases\)"),
     ({"modules_to_save": ["lm_head"]}, r"modules_to_save=\['lm_head'\]"),
 ])
 def test_load_peft_refuses_settings_it_cannot_apply(hf_base, tmp_path, settings, message):

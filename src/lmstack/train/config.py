@@ -73,6 +73,7 @@ class TrainConfig:
     lora_dropout: float = 0.0
     lora_targets: list[str] = field(default_factory=lambda: ["q", "v"])  # q, k, v, o, gate, up, down
     lora_rslora: bool = False  # rank-stabilised LoRA: scale by alpha / sqrt(r), not alpha / r (PEFT's use_rslora)
+    lora_dora: bool = False  # DoRA: a trained magnitude per output row of each adapted layer (PEFT's use_dora)
     qlora: bool = False  # with lora_r: quantize the frozen base to 4-bit NF4
     # preference alignment and GRPO
     beta: float = 0.1  # DPO/IPO/KTO temperature, SimPO beta, ORPO lambda, GRPO KL coefficient
@@ -153,8 +154,8 @@ class TrainConfig:
             raise LMStackError(f"temperature must be > 0 for GRPO (a group's completions must differ), "
                                f"got {self.temperature}")
         if not self.lora_r:  # settings that only mean something for LoRA adapters
-            given = [name for name, unset in (("qlora", False), ("lora_rslora", False), ("lora_dropout", 0.0))
-                     if getattr(self, name) != unset]
+            given = [name for name, unset in (("qlora", False), ("lora_rslora", False), ("lora_dora", False),
+                                              ("lora_dropout", 0.0)) if getattr(self, name) != unset]
             if given:
                 raise LMStackError(f"{', '.join(given)} set without lora_r: they shape LoRA adapters, and "
                                    "lora_r 0 trains the whole model (give lora_r > 0)")

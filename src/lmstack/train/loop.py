@@ -260,7 +260,7 @@ def build_policy(cfg: TrainConfig, task: Task) -> torch.nn.Module:
         check_peft_exportable(decoder_of(model), cfg.lora_targets)
         wrap = prepare_qlora if cfg.qlora else apply_lora
         wrap(decoder_of(model), r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-             targets=cfg.lora_targets, use_rslora=cfg.lora_rslora)
+             targets=cfg.lora_targets, use_rslora=cfg.lora_rslora, use_dora=cfg.lora_dora)
     elif decoder_of(model).config.arch == "transformer":
         from lmstack.checkpoints.hf import config_to_hf
 

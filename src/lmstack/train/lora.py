@@ -9,7 +9,8 @@ to the Hugging Face export of the same base model. Where the Hugging Face family
 apart (GPT-2's c_attn, Phi-3's qkv_proj and gate_up_proj), the adapters on the parts are written as one adapter
 on the fused layer, of the summed rank with a block-diagonal B, and read back apart: the outputs are the same.
 `load_peft` reads adapters written by PEFT, with per-module ranks and alphas (`rank_pattern`, `alpha_pattern`),
-and refuses, naming the setting, any PEFT option it cannot apply (DoRA, trained biases, `modules_to_save`, ...).
+DoRA (`use_dora`) included, and refuses, naming the setting, any PEFT option it cannot apply (trained biases,
+`modules_to_save`, ...).
 
 QLoRA (Dettmers et al. 2023): `prepare_qlora` first quantizes the frozen base to 4-bit NF4 (`NF4Linear`), then
 adds float32 adapters; the base costs ~4.5 bits per weight while gradients still flow through it to the
@@ -42,10 +43,13 @@ class LoRALinear(nn.Module):
     """A frozen nn.Linear (or NF4Linear, for QLoRA) plus a trainable low-rank update.
 
     The adapters are float32 on a bf16, fp16 or NF4 base (PEFT's `autocast_adapter_dtype`: small updates to
-    half-precision adapters would round away), else the base weight's dtype."""
+    half-precision adapters would round away), else the base weight's dtype. With `use_dora` (DoRA, Liu et al.
+    2024) the updated weight W + s B A is also renormalised row by row to a trained magnitude m:
+    y = m / ||W + s B A|| * (W + s B A) x + bias, the norm taken as a constant (detached), as PEFT computes it;
+    m starts at ||W||, so the model starts as the base."""
 
     def __init__(self, base: nn.Linear | NF4Linear, r: int, alpha: float, dropout: float = 0.0,
-                 use_rslora: bool = False) -> None:
+                 use_rslora: bool = False, use_dora: bool = False) -> None:
         super().__init__()
         if r < 1:
             raise LMStackError(f"LoRA rank r={r}: must be >= 1")
@@ -67,6 +71,14 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.merged = False
         self.enabled = True
+        self.use_dora = use_dora
+        self.lora_magnitude = None
+        if use_dora:
+            # in the adapters' dtype, as forward computes the norm, so that the model starts exactly as the base
+            norm = (base.weight.to(dtype).norm(dim=1) if device.type != "meta"
+                    else torch.empty(base.out_features, device=device, dtype=dtype))
+            self.lora_magnitude = nn.Parameter(norm.to(device=device, dtype=dtype))
+        self._merged_norm: torch.Tensor | None = None  # DoRA's norm at merge time, to unmerge exactly
 
     @property
     def weight(self) -> torch.Tensor:  # so code that reads `.weight` (shapes, dtype) keeps working
@@ -80,6 +92,10 @@ class LoRALinear(nn.Module):
     def out_features(self) -> int:
         return self.base.out_features
 
+    def _dora_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """||W + s B A|| of each output row, in the adapters' dtype."""
+        return (weight.to(self.lora_A.dtype) + self.scaling * (self.lora_B @ self.lora_A)).norm(dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged and not self.enabled:  # disabled means the base alone, merged or not (as in PEFT)
             self.unmerge()
@@ -87,7 +103,14 @@ class LoRALinear(nn.Module):
         if self.enabled and not self.merged:
             # The casts are no-ops on a float base; on an NF4 base the update is computed in float32.
             h = self.dropout(x).to(self.lora_A.dtype)
-            y = y + ((h @ self.lora_A.t() @ self.lora_B.t()) * self.scaling).to(y.dtype)
+            update = (h @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
+            if self.use_dora:
+                weight = self.base.weight
+                scale = self.lora_magnitude / self._dora_norm(weight).detach()
+                # As PEFT: the base term rescaled is W x on the same (dropped-out) input as the update
+                plain = h @ weight.to(h.dtype).t()
+                update = (scale - 1) * plain + scale * update
+            y = y + update.to(y.dtype)
         return y
 
     @torch.no_grad()
@@ -98,13 +121,26 @@ class LoRALinear(nn.Module):
             raise LMStackError("cannot merge LoRA into a 4-bit NF4 base (QLoRA): save the adapter with "
                                "save_peft, load it onto the float model with load_peft and merge there")
         if not self.merged:
-            self.base.weight += ((self.lora_B @ self.lora_A) * self.scaling).to(self.base.weight.dtype)
+            weight = self.base.weight
+            if self.use_dora:  # W' = m / ||W + s B A|| * (W + s B A)
+                self._merged_norm = self._dora_norm(weight)
+                scale = (self.lora_magnitude / self._merged_norm)[:, None]
+                weight.copy_((scale * (weight.to(scale.dtype) + self.scaling * (self.lora_B @ self.lora_A)))
+                             .to(weight.dtype))
+            else:
+                weight += ((self.lora_B @ self.lora_A) * self.scaling).to(weight.dtype)
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
-            self.base.weight -= ((self.lora_B @ self.lora_A) * self.scaling).to(self.base.weight.dtype)
+            weight = self.base.weight
+            if self.use_dora:
+                scale = (self.lora_magnitude / self._merged_norm)[:, None]
+                weight.copy_((weight.to(scale.dtype) / scale - self.scaling * (self.lora_B @ self.lora_A))
+                             .to(weight.dtype))
+            else:
+                weight -= ((self.lora_B @ self.lora_A) * self.scaling).to(weight.dtype)
             self.merged = False
 
 
@@ -131,7 +167,8 @@ def _refuse_second_adapter(model: nn.Module) -> None:
                            "model) before applying another")
 
 
-def _wrap(model: nn.Module, layers: dict[str, tuple[int, float]], dropout: float, use_rslora: bool) -> None:
+def _wrap(model: nn.Module, layers: dict[str, tuple[int, float]], dropout: float, use_rslora: bool,
+          use_dora: bool = False) -> None:
     """Freeze `model` and wrap each named layer with its own (r, alpha)."""
     for name, (r, _) in layers.items():  # checked first, so bad input leaves the model as it was
         if r < 1:
@@ -141,28 +178,30 @@ def _wrap(model: nn.Module, layers: dict[str, tuple[int, float]], dropout: float
     for name, (r, alpha) in layers.items():
         parent_name, _, child = name.rpartition(".")
         base = model.get_submodule(name)
-        setattr(model.get_submodule(parent_name), child, LoRALinear(base, r, alpha, dropout, use_rslora))
+        setattr(model.get_submodule(parent_name), child, LoRALinear(base, r, alpha, dropout, use_rslora, use_dora))
 
 
 def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
-               targets: Iterable[str] = ("q", "v"), use_rslora: bool = False) -> nn.Module:
+               targets: Iterable[str] = ("q", "v"), use_rslora: bool = False, use_dora: bool = False) -> nn.Module:
     """Wrap every linear layer whose name ends in one of `targets` (q, k, v, o, gate, up, down) and freeze
     everything else. Targets may be nn.Linear or NF4Linear (see `prepare_qlora`). `use_rslora` scales the
-    update by alpha / sqrt(r) (rank-stabilised LoRA) instead of alpha / r. Returns the model, changed in place."""
+    update by alpha / sqrt(r) (rank-stabilised LoRA) instead of alpha / r; `use_dora` adds DoRA's trained
+    magnitudes (see `LoRALinear`). Returns the model, changed in place."""
     targets = _check_targets(targets)
     _refuse_second_adapter(model)
     chosen = [n for n in _wrappable(model) if _leaf(n) in targets]
     if not chosen:
         raise LMStackError(f"no linear layer named {list(targets)} in the model")
-    _wrap(model, dict.fromkeys(chosen, (r, alpha)), dropout, use_rslora)
-    model.lora = {"r": r, "alpha": alpha, "dropout": dropout, "targets": list(targets), "use_rslora": use_rslora}
+    _wrap(model, dict.fromkeys(chosen, (r, alpha)), dropout, use_rslora, use_dora)
+    model.lora = {"r": r, "alpha": alpha, "dropout": dropout, "targets": list(targets), "use_rslora": use_rslora,
+                  "use_dora": use_dora}
     return model
 
 
 def prepare_qlora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
                   targets: Iterable[str] = ("q", "v"), block_size: int = 64,
                   dtype: torch.dtype = torch.bfloat16, skip: tuple[str, ...] = ("lm_head",),
-                  use_rslora: bool = False) -> nn.Module:
+                  use_rslora: bool = False, use_dora: bool = False) -> nn.Module:
     """QLoRA: quantize every linear layer of `model` to a frozen NF4 base, then `apply_lora` on `targets`.
 
     The base computes in `dtype` (bfloat16, QLoRA's compute dtype) from NF4 blocks of `block_size` weights;
@@ -175,7 +214,7 @@ def prepare_qlora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: floa
         raise LMStackError(f"LoRA rank r={r}: must be >= 1")
     _refuse_second_adapter(model)
     quantize_model(model, "nf4", group_size=block_size, dtype=dtype, skip=tuple(skip))
-    return apply_lora(model, r, alpha, dropout, targets, use_rslora)
+    return apply_lora(model, r, alpha, dropout, targets, use_rslora, use_dora)
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
@@ -288,7 +327,8 @@ def _fuse(parts: list[LoRALinear | None], out_features: list[int]) -> tuple[torc
 
 
 def _unfuse(A: torch.Tensor, B: torch.Tensor, r: int, alpha: float, out_features: list[int], use_rslora: bool,
-            recorded: list[list[float]] | None = None) -> list[tuple[torch.Tensor, torch.Tensor, int, float] | None]:
+            recorded: list[list[float]] | None = None, keep_all: bool = False
+            ) -> list[tuple[torch.Tensor, torch.Tensor, int, float] | None]:
     """The parts of a fused layer's adapter, each (A, B, r, alpha) or None. With `recorded` (each part's
     [r, alpha], r 0 for none, as `save_peft` records them) the block-diagonal adapter `_fuse` made splits back
     exactly. Else each part keeps the columns of B its rows use: a dense adapter (trained by PEFT on the fused
@@ -310,7 +350,7 @@ def _unfuse(A: torch.Tensor, B: torch.Tensor, r: int, alpha: float, out_features
             col += k
         return parts
     used = [block.ne(0).any(0) for block in blocks]
-    if not any(u.any() for u in used):
+    if keep_all or not any(u.any() for u in used):
         used = [torch.ones(r, dtype=torch.bool)] * len(blocks)
     parts = []
     for block, cols in zip(blocks, used):
@@ -322,6 +362,8 @@ def _unfuse(A: torch.Tensor, B: torch.Tensor, r: int, alpha: float, out_features
     return parts
 
 
+MAGNITUDE = "lora_magnitude_vector"  # PEFT's name for DoRA's magnitudes, one per output row
+
 # safetensors metadata key under which save_peft records each fused layer's parts as [r, alpha] (r 0: a part
 # without an adapter), so that they split back exactly, even while B is still zero; PEFT ignores it.
 FUSED_RANKS_KEY = "lmstack.fused_ranks"
@@ -330,7 +372,7 @@ FUSED_RANKS_KEY = "lmstack.fused_ranks"
 def save_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None,
               head: torch.Tensor | None = None) -> Path:
     """Write the adapters in PEFT's format. The config states every setting that changes what PEFT computes
-    (rslora, per-module ranks and alphas; no DoRA, biases or extra modules), so PEFT applies exactly these.
+    (rslora, DoRA, per-module ranks and alphas; no biases or extra modules), so PEFT applies exactly these.
     With `head` (a classifier's score weight) it is a SEQ_CLS adapter, the head a module PEFT saves whole, so
     that PEFT's AutoModelForSequenceClassification adapter loads it."""
     if not getattr(model, "lora", None):
@@ -352,6 +394,11 @@ def save_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_path
             A, B, r, alpha = _fuse(parts, out_features)
             tensors[f"{_key(module)}.lora_A.weight"] = A.contiguous().cpu()
             tensors[f"{_key(module)}.lora_B.weight"] = B.contiguous().cpu()
+            if model.lora.get("use_dora"):  # a part without an adapter keeps its own norm: unchanged
+                tensors[f"{_key(module)}.{MAGNITUDE}"] = torch.cat([
+                    p.lora_magnitude.detach() if p is not None
+                    else model.get_submodule(n).weight.detach().to(A.dtype).norm(dim=1)
+                    for p, n in zip(parts, names)]).contiguous().cpu()
             adapters[module] = (r, alpha)
     if head is not None:
         tensors[HEAD_KEY] = head.detach().contiguous().cpu()
@@ -372,7 +419,7 @@ def save_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_path
               "use_rslora": bool(cfg.get("use_rslora", False)),
               "rank_pattern": {short[m]: mr for m, (mr, _) in adapters.items() if mr != r},
               "alpha_pattern": {short[m]: ma for m, (_, ma) in adapters.items() if ma != alpha},
-              "use_dora": False, "bias": "none", "modules_to_save": ["score"] if head is not None else None,
+              "use_dora": bool(cfg.get("use_dora", False)), "bias": "none", "modules_to_save": ["score"] if head is not None else None,
               "layers_to_transform": None, "layers_pattern": None, "init_lora_weights": True,
               # GPT-2's Conv1D layers keep weights as [in, out]; PEFT sets this for them itself.
               "fan_in_fan_out": family_of(model.config) == "gpt2", "inference_mode": True,
@@ -385,13 +432,13 @@ def save_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_path
 # options of features that are refused anyway). Every other key must be off (null, false, empty): PEFT keeps
 # adding options, and one lmstack does not know is refused rather than silently ignored.
 _PEFT_APPLIED = frozenset({"peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules",
-                           "layers_to_transform", "layers_pattern",
+                           "layers_to_transform", "layers_pattern", "use_dora",
                            "use_rslora", "rank_pattern", "alpha_pattern", "bias", "init_lora_weights"})
 _PEFT_NO_EFFECT = frozenset({"task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
                              "peft_version", "megatron_core", "qalora_group_size", "eva_config",
                              "ensure_weight_tying",
                              "fan_in_fan_out"})  # PEFT sets it from the layer's type (Conv1D or Linear)
-_PEFT_WHY = {"use_dora": "DoRA's magnitude vectors", "bias": "trained biases", "lora_bias": "a bias on lora_B",
+_PEFT_WHY = {"bias": "trained biases", "lora_bias": "a bias on lora_B",
              "modules_to_save": "fully trained copies of modules",
              "init_lora_weights": "an initialisation that changes the base weights; convert the adapter with "
                                   "PEFT's save_pretrained(path_initial_model_for_weight_conversion=...)"}
@@ -488,7 +535,7 @@ def load_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Apply a PEFT LoRA adapter directory to `model` (wrapping the layers it targets) as PEFT does, with its
     rslora scaling and per-module ranks and alphas. An adapter on a fused layer (GPT-2's c_attn, Phi-3's
     qkv_proj and gate_up_proj) becomes adapters on the layers it fuses, with the same outputs. A setting
-    lmstack cannot apply (DoRA, trained biases, modules_to_save, ...) or a tensor in the file it would not use
+    lmstack cannot apply (trained biases, modules_to_save, ...) or a tensor in the file it would not use
     raises LMStackError naming it, with `model` left as it was."""
     path = Path(path)
     config_file = path / "adapter_config.json"
@@ -501,6 +548,7 @@ def load_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     chosen = _peft_targets(modules, cfg, config_file)
     tensors = _read_adapter(path, cfg)
     fused_ranks = _fused_ranks(path)
+    use_dora = bool(cfg.get("use_dora", False))
     shapes, out_features = {}, {}
     for module, (r, _) in chosen.items():
         bases = [model.get_submodule(name) for name in modules[module]]
@@ -508,24 +556,33 @@ def load_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         label = _module_label(module, modules[module])
         shapes[f"{_key(module)}.lora_A.weight"] = (label, [r, bases[0].in_features])
         shapes[f"{_key(module)}.lora_B.weight"] = (label, [sum(out_features[module]), r])
+        if use_dora:
+            shapes[f"{_key(module)}.{MAGNITUDE}"] = (label, [sum(out_features[module])])
     _check_adapter_tensors(tensors, shapes, path)  # before wrapping, so a bad adapter leaves the model alone
     use_rslora, dropout = bool(cfg.get("use_rslora", False)), cfg.get("lora_dropout") or 0.0
     layers, weights = {}, {}
     for module, (r, alpha) in chosen.items():
         A, B = tensors[f"{_key(module)}.lora_A.weight"], tensors[f"{_key(module)}.lora_B.weight"]
-        parts = _unfuse(A, B, r, alpha, out_features[module], use_rslora, fused_ranks.get(module))
-        for name, part in zip(modules[module], parts):
+        # Under DoRA a part with no update of its own may still have a trained magnitude: only the split
+        # save_peft recorded (whose parts without adapters keep their norms) drops parts.
+        parts = _unfuse(A, B, r, alpha, out_features[module], use_rslora, fused_ranks.get(module),
+                        keep_all=use_dora)
+        magnitudes = (tensors[f"{_key(module)}.{MAGNITUDE}"].split(out_features[module]) if use_dora
+                      else [None] * len(parts))
+        for name, part, magnitude in zip(modules[module], parts, magnitudes):
             if part is not None:
-                layers[name], weights[name] = part[2:], part[:2]
-    _wrap(model, layers, dropout, use_rslora)
+                layers[name], weights[name] = part[2:], (*part[:2], magnitude)
+    _wrap(model, layers, dropout, use_rslora, use_dora)
     targets = [k for k in TARGETS if any(_leaf(name) == k for name in layers)]
     model.lora = {"r": cfg.get("r", 8), "alpha": cfg.get("lora_alpha", 8), "dropout": dropout, "targets": targets,
-                  "use_rslora": use_rslora}
+                  "use_rslora": use_rslora, "use_dora": use_dora}
     with torch.no_grad():
-        for name, (A, B) in weights.items():
+        for name, (A, B, magnitude) in weights.items():
             layer = model.get_submodule(name)
             layer.lora_A.copy_(A)
             layer.lora_B.copy_(B)
+            if magnitude is not None:
+                layer.lora_magnitude.copy_(magnitude)
     return model
 
 
@@ -576,7 +633,7 @@ def _fused_ranks(path: Path) -> dict[str, list[list[float]]]:
 def _check_adapter_tensors(tensors: dict[str, torch.Tensor], shapes: dict[str, tuple[str, list[int]]],
                            path: Path) -> None:
     """The file must hold each expected tensor (name -> (lmstack layer, shape)) and nothing else: a tensor left
-    unused (DoRA magnitudes, biases, modules_to_save) would silently change the outputs."""
+    unused (biases, modules_to_save) would silently change the outputs."""
     where = f"{path}/adapter_model.safetensors"
     for key, (name, shape) in shapes.items():
         t = tensors.get(key)
@@ -610,6 +667,8 @@ def load_adapter_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module
             label = _module_label(module, names)
             shapes[f"{_key(module)}.lora_A.weight"] = (label, list(A.shape))
             shapes[f"{_key(module)}.lora_B.weight"] = (label, list(B.shape))
+            if any(p is not None and p.use_dora for p in parts):
+                shapes[f"{_key(module)}.{MAGNITUDE}"] = (label, [sum(out_features)])
             fused[module] = (parts, out_features)
     _check_adapter_tensors(tensors, shapes, path)
     with torch.no_grad():
@@ -621,6 +680,8 @@ def load_adapter_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module
                 if part is not None:
                     part.lora_A.copy_(A[col:col + part.r])
                     part.lora_B.copy_(B[row:row + out, col:col + part.r] / (part.scaling / present[0].scaling))
+                    if part.use_dora:
+                        part.lora_magnitude.copy_(tensors[f"{_key(module)}.{MAGNITUDE}"][row:row + out])
                     col += part.r
                 row += out
     return model
