@@ -69,6 +69,18 @@ def _run(base, tmp_path, task, data, resume=False, **settings):
     return train(load_config(None, overrides), resume=resume), read_metrics(values["out_dir"])
 
 
+def _resumes_exactly(base, tmp_path, data, settings):
+    """Run `settings` straight, and again stopped after step 3 and resumed: the losses of steps 3-5 must be
+    the same. Returns the straight run's metrics."""
+    _, straight = _run(base, tmp_path / "a", "sft", data, **settings)
+    _run(base, tmp_path / "b", "sft", data, **{**settings, "max_steps": 3})
+    _run(base, tmp_path / "b", "sft", data, resume=True, **settings)
+    losses = {r["step"]: r["loss"] for r in straight if "loss" in r}
+    again = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "b" / "sft") if "loss" in r}
+    assert [again[s] for s in (3, 4, 5)] == [losses[s] for s in (3, 4, 5)]
+    return straight
+
+
 def _val(metrics, key="val_loss"):
     return [r[key] for r in metrics if key in r]
 
@@ -100,13 +112,7 @@ def test_lora_sft_resumes_exactly_and_its_adapter_loads_merged(base, tmp_path):
     data = _write(tmp_path / "chat.jsonl", _chats(100))
     settings = dict(lora_r=4, lora_alpha=8, lora_targets=["q", "v", "down"], lora_rslora=True, max_steps=6,
                     checkpoint_interval=3, eval_interval=3)
-    _, straight = _run(base, tmp_path / "a", "sft", data, **settings)
-    _run(base, tmp_path / "b", "sft", data, **{**settings, "max_steps": 3})
-    _run(base, tmp_path / "b", "sft", data, resume=True, **settings)
-    resumed = read_metrics(tmp_path / "b" / "sft")
-    losses = {r["step"]: r["loss"] for r in straight if "loss" in r}
-    again = {r["step"]: r["loss"] for r in resumed if "loss" in r}
-    assert [again[s] for s in (3, 4, 5)] == [losses[s] for s in (3, 4, 5)]
+    straight = _resumes_exactly(base, tmp_path, data, settings)
 
     # Trainable parameters: r * (in + out) for q [64->64], v [64->32] and down [160->64] in each of 2 layers.
     counts = next(r for r in straight if "trainable_params" in r)
@@ -299,12 +305,7 @@ def test_dora_sft_on_gpt2_fused_attention_resumes_exactly(gpt2_base, tmp_path):
     data = _write(tmp_path / "chat.jsonl", _chats(100))
     settings = dict(lora_r=4, lora_alpha=8, lora_targets=["q", "v", "up"], lora_dora=True, max_steps=6,
                     checkpoint_interval=3, eval_interval=3)
-    _, straight = _run(gpt2_base, tmp_path / "a", "sft", data, **settings)
-    _run(gpt2_base, tmp_path / "b", "sft", data, **{**settings, "max_steps": 3})
-    _run(gpt2_base, tmp_path / "b", "sft", data, resume=True, **settings)
-    losses = {r["step"]: r["loss"] for r in straight if "loss" in r}
-    again = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "b" / "sft") if "loss" in r}
-    assert [again[s] for s in (3, 4, 5)] == [losses[s] for s in (3, 4, 5)]
+    _resumes_exactly(gpt2_base, tmp_path, data, settings)
     ckpt = tmp_path / "a" / "sft" / "checkpoints" / "step-0000006"
     config = json.loads((ckpt / "adapter_config.json").read_text())
     assert config["target_modules"] == ["c_attn", "c_fc"] and config["rank_pattern"] == {
