@@ -917,6 +917,7 @@ def test_prepare_from_a_script_on_standard_input(tmp_path):
     (["--warmup_steps", "5", "--lr_decay_steps", "3"], "lr_decay_steps 3 must be after warmup_steps 5"),
     (["--qlora", "true"], "qlora set without lora_r"),
     (["--lora_rslora", "true", "--lora_dropout", "0.1"], "lora_rslora, lora_dropout set without lora_r"),
+    (["--lora_dora", "true"], "lora_dora set without lora_r"),
     (["--lora_r", "4"], "lora_r on a model built from scratch would train adapters on a frozen random base"),
     (["--task", "kto", "--batch_size", "1"], "batch_size must be >= 2 for KTO"),
 ])
