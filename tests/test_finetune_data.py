@@ -114,6 +114,17 @@ def test_chat_turns_are_found_under_templates_that_rewrite_earlier_turns(templat
     assert "Hello there" not in untrained and "Two plus two?" in untrained
 
 
+def test_a_template_that_refuses_part_of_the_conversation_still_marks_the_answers(tok):
+    """A template that raises on a shorter conversation (raise_exception) leaves the markers, which render the
+    whole one."""
+    body = CHATML_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    template = "{% if messages|length < 4 %}{{ raise_exception('four messages, please') }}{% endif %}" + body
+    messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hello there!"},
+                {"role": "user", "content": "Two?"}, {"role": "assistant", "content": "It is four."}]
+    ids, trained = render_record({"messages": messages}, tok, chat_template=template)
+    assert trained_text(tok, ids, trained) == "Hello there!<|im_end|>It is four.<|im_end|>"
+
+
 def test_whitespace_tokens_of_an_answer_are_trained_under_trimmed_offsets():
     """A ByteLevel post-processor with trim_offsets (GPT-NeoX-style tokenizer.json files) reports a run of
     spaces as covering no character; the indentation of a code answer is trained all the same."""

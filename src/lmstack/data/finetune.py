@@ -99,22 +99,34 @@ def _render(tokenizer: Tokenizer, messages: list[dict[str, Any]], template: str 
     return tokenizer.apply_chat_template(messages, tokenize=False, chat_template=template, **kwargs)
 
 
+def _render_part(tokenizer: Tokenizer, messages: list[dict[str, Any]], template: str | None,
+                 **kwargs: Any) -> str | None:
+    """The rendering of part of a conversation, or None where the template refuses it (raise_exception: a
+    template that wants a user turn last, or roles alternating from the first)."""
+    try:
+        return _render(tokenizer, messages, template, **kwargs)
+    except LMStackError:
+        return None
+
+
 def _spans_by_prefix(tokenizer: Tokenizer, messages: list[dict[str, Any]], template: str | None,
                      text: str) -> list[tuple[int, int]] | None:
     """Each assistant turn found by rendering the conversation up to it: from the end of the prompt before it
     to the end of its own turn (the template's end-of-turn text included). None where the template renders a
-    turn differently once more turns follow."""
+    turn differently once more turns follow, or will not render a part of the conversation."""
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        upto = _render(tokenizer, messages[:i + 1], template)
+        upto = _render_part(tokenizer, messages[:i + 1], template)
+        if upto is None:
+            return None
         if i:
-            before = _render(tokenizer, messages[:i], template, add_generation_prompt=True)
-            start = len(before) if upto.startswith(before) else -1
+            before = _render_part(tokenizer, messages[:i], template, add_generation_prompt=True)
+            start = len(before) if before is not None and upto.startswith(before) else -1
         else:  # an opening answer: no prompt to render before it (a default system prompt may be), so the
             # answer starts where a placeholder put in its place does
-            probe = _render(tokenizer, [{**m, "content": _ANSWER_PLACEHOLDER}], template)
+            probe = _render_part(tokenizer, [{**m, "content": _ANSWER_PLACEHOLDER}], template) or ""
             start = probe.find(_ANSWER_PLACEHOLDER)
             start = start if start >= 0 and upto.startswith(probe[:start] + m["content"]) else -1
         if not text.startswith(upto) or start < 0:
@@ -144,7 +156,7 @@ def _spans_by_marker(tokenizer: Tokenizer, messages: list[dict[str, Any]], templ
         rebuilt += probe[pos:at]
         start = len(rebuilt)
         if i:
-            before = _render(tokenizer, messages[:i], template, add_generation_prompt=True)
+            before = _render_part(tokenizer, messages[:i], template, add_generation_prompt=True) or ""
             if spans[-1:] and len(before) < spans[-1][1]:
                 before = ""  # it reaches into the answer before: not this turn's prompt
             if before and len(before) <= start and text.startswith(before):
