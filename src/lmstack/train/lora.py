@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -37,6 +38,16 @@ from lmstack.quantize import NF4Linear, quantize_model
 
 # The names of lmstack's linear layers LoRA can wrap (Hugging Face's names are mapped in `peft_modules`).
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
+    """The factor on B A: alpha / r, or alpha / sqrt(r) under rank-stabilised LoRA (PEFT's update_layer)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def _plain(number: float) -> float:
+    """A derived alpha as an int where it is one (16, not 16.0), as configs write it."""
+    return int(number) if float(number).is_integer() else number
 
 
 class LoRALinear(nn.Module):
@@ -57,7 +68,7 @@ class LoRALinear(nn.Module):
         for p in base.parameters():  # weight and bias (an NF4Linear has only buffers)
             p.requires_grad_(False)
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r  # as PEFT's LoraLayer.update_layer
+        self.scaling = lora_scaling(r, alpha, use_rslora)
         if isinstance(base, NF4Linear):
             device, dtype = base.absmax.device, torch.float32
         else:
@@ -75,9 +86,8 @@ class LoRALinear(nn.Module):
         self.lora_magnitude = None
         if use_dora:
             # in the adapters' dtype, as forward computes the norm, so that the model starts exactly as the base
-            norm = (base.weight.to(dtype).norm(dim=1) if device.type != "meta"
-                    else torch.empty(base.out_features, device=device, dtype=dtype))
-            self.lora_magnitude = nn.Parameter(norm.to(device=device, dtype=dtype))
+            self.lora_magnitude = nn.Parameter(base.weight.to(dtype).norm(dim=1) if device.type != "meta"
+                                               else torch.empty(base.out_features, device=device, dtype=dtype))
         self._merged_norm: torch.Tensor | None = None  # DoRA's norm at merge time, to unmerge exactly
 
     @property
@@ -99,13 +109,17 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged and not self.enabled:  # disabled means the base alone, merged or not (as in PEFT)
             self.unmerge()
-        y = self.base(x)
-        if self.enabled and not self.merged:
+        active = self.enabled and not self.merged
+        if active and self.use_dora:  # the base's output from the weight DoRA needs too: an NF4 base dequantizes once
+            weight = self.base.weight
+            y = F.linear(x.to(weight.dtype), weight, self.base.bias).to(x.dtype)
+        else:
+            y = self.base(x)
+        if active:
             # The casts are no-ops on a float base; on an NF4 base the update is computed in float32.
             h = self.dropout(x).to(self.lora_A.dtype)
             update = (h @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
             if self.use_dora:
-                weight = self.base.weight
                 scale = self.lora_magnitude / self._dora_norm(weight).detach()
                 # As PEFT: the base term rescaled is W x on the same (dropped-out) input as the update
                 plain = h @ weight.to(h.dtype).t()
@@ -323,7 +337,7 @@ def _fuse(parts: list[LoRALinear | None], out_features: list[int]) -> tuple[torc
             B[row:row + out, col:col + part.r] = part.lora_B.detach() * (part.scaling / first.scaling)
             col += part.r
         row += out
-    return A, B, r, int(alpha) if float(alpha).is_integer() else alpha
+    return A, B, r, _plain(alpha)
 
 
 def _unfuse(A: torch.Tensor, B: torch.Tensor, r: int, alpha: float, out_features: list[int], use_rslora: bool,
@@ -338,17 +352,11 @@ def _unfuse(A: torch.Tensor, B: torch.Tensor, r: int, alpha: float, out_features
         return [(A, B, r, alpha)]
     blocks = B.split(out_features)
     if recorded is not None and len(recorded) == len(blocks) and sum(int(k) for k, _ in recorded) == r:
-        scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        parts, col = [], 0
-        for block, (k, alpha_k) in zip(blocks, recorded):
-            k = int(k)
-            if k:  # _fuse scaled the block to the fused scaling: undo it
-                own = alpha_k / math.sqrt(k) if use_rslora else alpha_k / k
-                parts.append((A[col:col + k], block[:, col:col + k] * (scaling / own), k, alpha_k))
-            else:
-                parts.append(None)
-            col += k
-        return parts
+        scaling = lora_scaling(r, alpha, use_rslora)
+        # _fuse scaled each block to the fused scaling: undo it
+        return [None if piece is None else (piece[0], piece[1] * (scaling / lora_scaling(int(k), a, use_rslora)),
+                                            int(k), a)
+                for piece, (k, a) in zip(_blocks(A, B, out_features, [int(k) for k, _ in recorded]), recorded)]
     used = [block.ne(0).any(0) for block in blocks]
     if keep_all or not any(u.any() for u in used):
         used = [torch.ones(r, dtype=torch.bool)] * len(blocks)
@@ -357,9 +365,18 @@ def _unfuse(A: torch.Tensor, B: torch.Tensor, r: int, alpha: float, out_features
         k = int(cols.sum())
         # The same scaling at rank k: alpha / r = alpha_k / k (alpha / sqrt(r) under rslora).
         alpha_k = alpha * (math.sqrt(k / r) if use_rslora else k / r)
-        parts.append((A[cols], block[:, cols], k, int(alpha_k) if float(alpha_k).is_integer() else alpha_k)
-                     if k else None)
+        parts.append((A[cols], block[:, cols], k, _plain(alpha_k)) if k else None)
     return parts
+
+
+def _blocks(A: torch.Tensor, B: torch.Tensor, out_features: list[int], ranks: list[int]
+            ) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """Each part's (A, B) of a block-diagonal fused adapter, the parts' ranks given in order (0: none)."""
+    pieces, row, col = [], 0, 0
+    for out, k in zip(out_features, ranks):
+        pieces.append((A[col:col + k], B[row:row + out, col:col + k]) if k else None)
+        row, col = row + out, col + k
+    return pieces
 
 
 MAGNITUDE = "lora_magnitude_vector"  # PEFT's name for DoRA's magnitudes, one per output row
@@ -387,9 +404,9 @@ def save_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_path
     tensors, adapters, fused_ranks = {}, {}, {}  # adapters: HF module -> (r, alpha)
     for module, names in modules.items():
         parts = [wrapped.get(name) for name in names]
-        if len(parts) > 1 and any(parts):
-            fused_ranks[module] = [[p.r, p.alpha] if p is not None else [0, 0] for p in parts]
         if any(parts):
+            if len(parts) > 1:
+                fused_ranks[module] = [[p.r, p.alpha] if p is not None else [0, 0] for p in parts]
             out_features = [model.get_submodule(name).out_features for name in names]
             A, B, r, alpha = _fuse(parts, out_features)
             tensors[f"{_key(module)}.lora_A.weight"] = A.contiguous().cpu()
@@ -663,10 +680,10 @@ def load_adapter_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module
         parts = [wrapped.get(name) for name in names]
         if any(parts):
             out_features = [model.get_submodule(name).out_features for name in names]
-            A, B, _, _ = _fuse(parts, out_features)  # for the shapes and the blocks' scales
+            r = sum(p.r for p in parts if p is not None)
             label = _module_label(module, names)
-            shapes[f"{_key(module)}.lora_A.weight"] = (label, list(A.shape))
-            shapes[f"{_key(module)}.lora_B.weight"] = (label, list(B.shape))
+            shapes[f"{_key(module)}.lora_A.weight"] = (label, [r, model.get_submodule(names[0]).in_features])
+            shapes[f"{_key(module)}.lora_B.weight"] = (label, [sum(out_features), r])
             if any(p is not None and p.use_dora for p in parts):
                 shapes[f"{_key(module)}.{MAGNITUDE}"] = (label, [sum(out_features)])
             fused[module] = (parts, out_features)
@@ -674,14 +691,14 @@ def load_adapter_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module
     with torch.no_grad():
         for module, (parts, out_features) in fused.items():
             A, B = tensors[f"{_key(module)}.lora_A.weight"], tensors[f"{_key(module)}.lora_B.weight"]
-            present = [p for p in parts if p is not None]
-            row = col = 0
-            for part, out in zip(parts, out_features):
+            first = next(p for p in parts if p is not None)  # _fuse scaled every block to its scaling
+            pieces = _blocks(A, B, out_features, [p.r if p is not None else 0 for p in parts])
+            magnitudes = (tensors[f"{_key(module)}.{MAGNITUDE}"].split(out_features) if first.use_dora
+                          else [None] * len(parts))
+            for part, piece, magnitude in zip(parts, pieces, magnitudes):
                 if part is not None:
-                    part.lora_A.copy_(A[col:col + part.r])
-                    part.lora_B.copy_(B[row:row + out, col:col + part.r] / (part.scaling / present[0].scaling))
-                    if part.use_dora:
-                        part.lora_magnitude.copy_(tensors[f"{_key(module)}.{MAGNITUDE}"][row:row + out])
-                    col += part.r
-                row += out
+                    part.lora_A.copy_(piece[0])
+                    part.lora_B.copy_(piece[1] / (part.scaling / first.scaling))
+                    if magnitude is not None:
+                        part.lora_magnitude.copy_(magnitude)
     return model
