@@ -45,6 +45,23 @@ def test_packed_linears_compute_the_same_and_leave_the_model_alone():
 
 
 @needs_onednn
+def test_dora_adapters_generate_through_packed_bases():
+    """A packed layer stands in for the nn.Linear under a DoRA adapter, which reads its weight for the norms:
+    the packed engine gives the unpacked one's tokens."""
+    tok = lmstack.Tokenizer.train(["hello world the cat sat on the mat " * 50], 300)
+    torch.manual_seed(0)
+    model = apply_lora(lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", vocab_size=len(tok))).eval(),
+                       r=4, targets=("q", "v"), use_dora=True)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.3)
+    runs = [lmstack.Engine(model, tok, pack_weights=pack).generate(["the cat"], max_new_tokens=8, temperature=0)
+            for pack in (False, True)]
+    assert runs[0][0].token_ids == runs[1][0].token_ids
+
+
+@needs_onednn
 def test_a_model_made_under_inference_mode_generates_through_packed_weights():
     """Inference tensors have no version counter; the packed copies then go by the storage alone."""
     with torch.inference_mode():

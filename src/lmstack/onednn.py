@@ -167,6 +167,15 @@ class PackedLinear(nn.Module):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
         self.version = _version_of(linear.weight)
 
+    # Code that reads a linear layer's weight (shapes, DoRA's norms) finds the float32 one it stands for.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.linear.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.linear.bias is None else self.linear.bias.detach()
         if torch.compiler.is_compiling():  # inductor only lowers packed weights it froze itself
