@@ -203,7 +203,10 @@ def test_adapters_on_fused_layers_round_trip_through_peft(tmp_path, family, use_
     lmstack.save_model(lmstack.DecoderLM(ModelConfig.from_name("gpt2" if family == "gpt2" else "tiny-llama",
                                                                 n_layer=2, **changes)), tmp_path / "base")
     ours = apply_lora(lmstack.load_model(tmp_path / "base"), r=4, alpha=8, targets=targets, use_rslora=use_rslora)
-    ranks_of = lambda model: {n: (m.r, m.scaling) for n, m in lora_layers(model)}  # noqa: E731
+
+    def ranks_of(model):
+        return {n: (m.r, m.scaling) for n, m in lora_layers(model)}
+
     # Saved untrained (B zero), the adapters still split back into their own layers and ranks.
     save_peft(ours, tmp_path / "untrained")
     assert ranks_of(load_peft(lmstack.load_model(tmp_path / "base"), tmp_path / "untrained")) == ranks_of(ours)

@@ -488,8 +488,9 @@ def _tokenizer_metadata(writer: Any, tokenizer: Tokenizer, vocab_size: int) -> N
         writer.add_token_scores(scores)
         writer.add_token_types(types)
         writer.add_add_space_prefix(prepended)
-        if tokenizer.unk_token is not None and tokenizer.token_to_id(tokenizer.unk_token) is not None:
-            writer.add_unk_token_id(tokenizer.token_to_id(tokenizer.unk_token))
+        unk = tokenizer.token_to_id(tokenizer.unk_token) if tokenizer.unk_token is not None else None
+        if unk is not None:
+            writer.add_unk_token_id(unk)
     else:
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(_pre_tokenizer_name(backend))
