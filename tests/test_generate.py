@@ -655,15 +655,32 @@ def test_compiled_decode_step_compiles_once(tiny, pack_weights):
     assert not counters["graph_break"]
 
 
-def test_compiled_mixture_of_experts_decodes_as_eager(tiny):
-    """A mixture of experts routes with data-dependent shapes: its compiled step breaks into pieces, and still
-    gives the eager engine's greedy tokens."""
+@pytest.mark.parametrize("batch, bits", [(1, None), (3, None), (1, 8)], ids=["batch1", "batch3", "batch1-int8"])
+def test_compiled_mixture_of_experts_is_one_graph(tiny, batch, bits):
+    """A mixture of experts' eager routing picks each expert's tokens with data-dependent shapes; compiled, it
+    mixes with static ones (batch 1 gathers its 2 of 4 experts' weights, batch 3 weights all 4), so the decode
+    step is one graph traced once (a CUDA graph on a GPU), and its greedy tokens and logits are the eager
+    engine's."""
+    from torch._dynamo.utils import counters
+
+    from lmstack.quantize import quantize_model
+
     _, tok, _ = tiny
     torch.manual_seed(0)
     moe = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-mixtral", vocab_size=len(tok))).eval()
-    eager = Engine(moe, tok).generate(PROMPTS, max_new_tokens=8, temperature=0, ignore_eos=True)
-    compiled = Engine(moe, tok, compile=True).generate(PROMPTS, max_new_tokens=8, temperature=0, ignore_eos=True)
+    if bits:
+        quantize_model(moe, bits, dtype=torch.float32)
+    prompts = (PROMPTS * 2)[:batch]
+    kw = dict(max_new_tokens=8, temperature=0, ignore_eos=True, logprobs=0)
+    eager = Engine(moe, tok).generate(prompts, **kw)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = Engine(moe, tok, compile=True).generate(prompts, **kw)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    assert all(layer.mlp.stacked for layer in moe.layers)
     assert [c.token_ids for c in compiled] == [c.token_ids for c in eager]
+    for c, e in zip(compiled, eager):
+        assert [t.logprob for t in c.logprobs] == pytest.approx([t.logprob for t in e.logprobs], abs=1e-5)
 
 
 LOOKAHEAD_CASES = {

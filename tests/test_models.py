@@ -199,6 +199,48 @@ def test_moe_routes_to_top_k_experts():
     assert torch.allclose(out, expected, atol=1e-6)
 
 
+def _route(moe: MoE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    w, idx = moe.router(x).softmax(-1).topk(moe.top_k, dim=-1)
+    return idx, (w / w.sum(-1, keepdim=True)).to(x.dtype)
+
+
+@pytest.mark.parametrize("bits", [None, 8], ids=["float", "int8"])
+def test_moe_static_mixtures_equal_the_routing_loop(bits, tmp_path):
+    """Compiled inference mixes without data-dependent shapes: every expert weighted (zero where not chosen),
+    or the chosen experts' weights gathered from stacked tensors. Both give the loop's output; the stacked
+    tensors are the experts' own storage (no copy), a model saves as before, and a cast is noticed."""
+    from lmstack import load_model, save_model
+    from lmstack.models.layers import static_routing
+    from lmstack.quantize import quantize_model
+
+    torch.manual_seed(0)
+    model = DecoderLM(ModelConfig.from_name("tiny-mixtral")).eval()
+    if bits:
+        quantize_model(model, bits, dtype=torch.float32)
+    moe = model.layers[0].mlp
+    x = torch.randn(5, model.config.n_embd)
+    loop = moe(x)[0]
+    idx, w = _route(moe, x)
+    assert torch.allclose(moe._mix_static(x, idx, w), loop, atol=1e-6)
+    static_routing(model)
+    assert moe.stacked_current() and set(moe.stacked) == {"gate", "up", "down"}
+    stored = moe.stacked["up"][0]
+    assert stored.shape == (4, model.config.intermediate_size, model.config.n_embd)
+    first = moe.experts[1].up.qweight if bits else moe.experts[1].up.weight
+    assert first.data_ptr() == stored[1].data_ptr()
+    for n in range(5):  # one token routes to 2 of the 4 experts: gathered
+        assert torch.allclose(moe._mix_static(x[n:n + 1], idx[n:n + 1], w[n:n + 1]), loop[n:n + 1], atol=1e-6)
+    assert torch.equal(moe(x)[0], loop)  # eager keeps the loop
+    if not bits:
+        save_model(model, tmp_path / "m")
+        again = load_model(tmp_path / "m")
+        assert torch.equal(again.layers[0].mlp.experts[3].down.weight, moe.experts[3].down.weight)
+        model.double()
+        assert not moe.stacked_current()
+        static_routing(model)
+        assert moe.stacked_current() and moe.stacked["down"][0].dtype == torch.float64
+
+
 def test_load_balancing_loss_hand_values():
     # Uniform router: every expert gets probability 1/E and (top-k ties aside) the loss is top_k.
     logits = torch.zeros(8, 4)

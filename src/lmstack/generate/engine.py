@@ -28,6 +28,7 @@ from lmstack.generate.sampling import (
     stop_token_set,
 )
 from lmstack.models.decoder import DecoderLM
+from lmstack.models.layers import static_routing
 from lmstack.onednn import PackedLinears
 from lmstack.tokenizer import Tokenizer
 
@@ -268,6 +269,8 @@ class Engine:
     def _run(self, rows: list[_Row], params: SamplingParams, stream: bool = False) -> Iterator[None]:
         """Decode `rows` together; yields after every step (with each row's text up to date if `stream`)."""
         with self._exclusive():
+            if self._compiled is not None:  # its mixtures of experts route with static shapes there
+                static_routing(self.model)
             yield from self._run_rows(rows, params, stream)
 
     @contextlib.contextmanager

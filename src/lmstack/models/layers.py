@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmstack.config import ModelConfig
+from lmstack.quantize import QuantizedLinear
 
 
 class RMSNorm(nn.Module):
@@ -45,11 +46,15 @@ class MLP(nn.Module):
         self.down = nn.Linear(config.intermediate_size, config.n_embd, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.hidden(self.gate(x) if self.gated else None, self.up(x)))
+
+    def hidden(self, gate: torch.Tensor | None, up: torch.Tensor) -> torch.Tensor:
+        """The activation between the projections, from the gate's output (None when ungated) and up's."""
         if self.act == "swiglu":
-            return self.down(F.silu(self.gate(x)) * self.up(x))
+            return F.silu(gate) * up
         if self.act == "geglu":
-            return self.down(F.gelu(self.gate(x), approximate=self.gelu_approximate) * self.up(x))
-        return self.down(F.gelu(self.up(x), approximate=self.gelu_approximate))
+            return F.gelu(gate, approximate=self.gelu_approximate) * up
+        return F.gelu(up, approximate=self.gelu_approximate)
 
 
 class MoE(nn.Module):
@@ -66,6 +71,9 @@ class MoE(nn.Module):
         self.renormalize = config.moe_renormalize
         self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
         self.experts = nn.ModuleList(MLP(config, bias=False) for _ in range(config.n_expert))
+        self.static = False  # compiled inference mixes with static shapes: see `static_routing`
+        self.stacked: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None  # see stack_experts
+        self._views: list[tuple[nn.Module, str, nn.Module, str, int]] = []
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = x.shape
@@ -76,6 +84,8 @@ class MoE(nn.Module):
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         weights = weights.to(x.dtype)
+        if self.static and not self.training and torch.compiler.is_compiling():
+            return self._mix_static(x, chosen, weights).reshape(shape), router_logits
         out = torch.zeros_like(x)
         # Loop over experts, not tokens: each expert runs once on the tokens routed to it.
         for e, expert in enumerate(self.experts):
@@ -85,6 +95,82 @@ class MoE(nn.Module):
             y = expert(x[token_idx]) * weights[token_idx, slot, None]
             out.index_add_(0, token_idx, y)
         return out.reshape(shape), router_logits
+
+    def _mix_static(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The same mixture with no data-dependent shapes, for compiled decoding: the loop above picks each
+        expert's tokens with `torch.where`, which waits on the host and splits a compiled decode step into
+        pieces (no CUDA graph). Here every expert runs on every token, weighted zero where it was not chosen:
+        each expert's weights are read once per step, as the loop reads them once a batch routes to all (the
+        arithmetic is n_expert / top_k times the loop's, which a memory-bound decode step does not notice but
+        a long prefill would: hence decoding only).
+        A step that routes to fewer experts than there are (batch 1) gathers just the chosen experts' weights
+        instead, when `stack_experts` has stacked them."""
+        if self.stacked is not None and chosen.numel() < len(self.experts):
+            return self._mix_gathered(x, chosen, weights)
+        dense = x.new_zeros(x.shape[0], len(self.experts)).scatter(1, chosen, weights)  # [N, E]
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            out = out + expert(x) * dense[:, e, None]
+        return out
+
+    def _mix_gathered(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Each token through its k chosen experts, their weights gathered from the stacked tensors (gpt-fast's
+        Mixtral form): a decode step reads k experts per token, not all of them."""
+        def project(name: str, h: torch.Tensor) -> torch.Tensor:  # h [N, k, in] -> [N, k, out]
+            w, scale = self.stacked[name]
+            dtype = w.dtype if scale is None else scale.dtype  # int8 codes are converted as they are read
+            y = torch.einsum("nki,nkoi->nko", h.to(dtype), w[chosen].to(dtype))
+            return (y if scale is None else y * scale[chosen]).to(h.dtype)
+
+        xk = x[:, None].expand(-1, self.top_k, -1)  # [N, k, C]
+        mlp = self.experts[0]
+        h = mlp.hidden(project("gate", xk) if mlp.gated else None, project("up", xk))
+        return torch.einsum("nkc,nk->nc", project("down", h), weights)
+
+    def stack_experts(self) -> None:
+        """Hold each projection's expert weights in one [E, out, in] tensor, the experts' own weights becoming
+        views of it (no second copy), for compiled decoding to gather from. For float and int8 experts;
+        others (int4, NF4, LoRA-wrapped) keep to reading every expert. `stacked_current` tells whether a
+        later change to the model (moved, cast, quantized) has replaced the views."""
+        self.stacked, self._views = None, []
+        plan = {}
+        for name in ("gate", "up", "down") if self.experts[0].gated else ("up", "down"):
+            layers = [getattr(e, name) for e in self.experts]
+            if all(type(m) is nn.Linear and m.bias is None for m in layers):
+                plan[name] = layers, ("weight",)
+            elif all(type(m) is QuantizedLinear and m.bits == 8 and m.bias is None for m in layers):
+                plan[name] = layers, ("qweight", "scale")
+            else:
+                return
+        stacked, views = {}, []
+        for name, (layers, attrs) in plan.items():
+            tensors = []
+            for attr in attrs:
+                full = torch.stack([getattr(m, attr).detach() for m in layers])
+                for expert, m, view in zip(self.experts, layers, full):
+                    old = getattr(m, attr)
+                    setattr(m, attr, nn.Parameter(view, old.requires_grad) if isinstance(old, nn.Parameter) else view)
+                    views.append((expert, name, m, attr, view.data_ptr()))
+                tensors.append(full)
+            stacked[name] = (tensors[0], tensors[1] if len(tensors) > 1 else None)
+        self.stacked, self._views = stacked, views
+
+    def stacked_current(self) -> bool:
+        """Whether the experts' weights are still the views of `stacked` (False when never stacked)."""
+        return self.stacked is not None and all(
+            getattr(expert, name) is m and getattr(m, attr).data_ptr() == ptr
+            for expert, name, m, attr, ptr in self._views)
+
+
+def static_routing(model: nn.Module) -> None:
+    """Ready every mixture of experts in `model` for a compiled decode step: there it mixes with static shapes
+    (one graph; a CUDA graph on a GPU), from stacked expert weights where it can (stacked again where a change
+    to the model has replaced them). Eager passes and compiled training keep the routing loop."""
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.static = True
+            if not m.stacked_current():
+                m.stack_experts()
 
 
 def load_balancing_loss(router_logits: list[torch.Tensor], n_expert: int, top_k: int,
