@@ -116,15 +116,15 @@ def speculative_generate(
     tokens = list(ids)
     try:
         # Prefill: the target holds every token but the last; so does the draft.
-        def run(model: DecoderLM, new: list[int], start: int) -> torch.Tensor:
+        def run(model: DecoderLM, new: list[int], start: int, last_only: bool = False) -> torch.Tensor:
             x = torch.tensor([new], device=device)
             with packed[id(model)].swapped_in():
                 return model(x, input_pos=torch.arange(start, start + len(new), device=device),
-                             kv_len=start + len(new))[0]
+                             kv_len=start + len(new), last_only=last_only)[0]
 
-        if len(tokens) > 1:
+        if len(tokens) > 1:  # (no output head over the prompt: only its cache entries are wanted)
             for m in models:
-                run(m, tokens[:-1], 0)
+                run(m, tokens[:-1], 0, last_only=True)
         draft_len = len(tokens) - 1
         generated: list[int] = []
         finish, stop_token_id = None, None
@@ -136,7 +136,7 @@ def speculative_generate(
                 if lookup:
                     proposals = prompt_lookup(tokens, room)
                 else:
-                    logits = run(draft, tokens[draft_len:], draft_len)[-1]
+                    logits = run(draft, tokens[draft_len:], draft_len, last_only=True)[-1]
                     draft_len = cur
                     for i in range(room):
                         q = _probs(logits[None], params)[0]
@@ -144,7 +144,7 @@ def speculative_generate(
                         proposals.append(d)
                         q_rows.append(q)
                         if i < room - 1:
-                            logits = run(draft, [d], draft_len)[-1]
+                            logits = run(draft, [d], draft_len, last_only=True)[-1]
                             draft_len += 1
             # One target pass scores the last token and every proposal.
             logits = run(target, [tokens[-1], *proposals], cur - 1)
