@@ -76,6 +76,25 @@ def test_int8_bf16_any_input_width(in_features, rows):
     assert ((q(x).float() - expected).abs().max() / expected.abs().max()).item() < 0.02
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("rows", [1, 5, 64, 65])
+def test_int4_cpu_kernel_matches_the_dequantized_weights(dtype, rows):
+    """Up to 64 rows, a 16-bit int4 layer on the CPU multiplies through PyTorch's int4 kernel on a packed copy
+    of its codes (zero = low + 8 * scale, for the kernel's (code - 8) * scale + zero); more rows dequantize.
+    Both match the weights the codes stand for, and the packed copy follows the codes when they change."""
+    torch.manual_seed(0)
+    q = QuantizedLinear.from_linear(nn.Linear(96, 48), 4, 32, dtype=dtype)
+    x = torch.randn(rows, 96, dtype=dtype)
+
+    def expected():
+        return x.float() @ q.dequantized().float().t() + q.bias.float()
+
+    assert ((q(x).float() - expected()).abs().max() / expected().abs().max()).item() < 0.01
+    assert (q._cpu_int4 is not None) == (rows <= 64)
+    q.qweight.copy_(q.qweight.flip(0))  # in place: the next call repacks
+    assert ((q(x).float() - expected()).abs().max() / expected().abs().max()).item() < 0.01
+
+
 def test_int4_codes_are_exact_for_representable_weights():
     linear = nn.Linear(32, 2, bias=False)
     with torch.no_grad():  # 16 evenly spaced values per group: exactly the 16 levels of a 4-bit code

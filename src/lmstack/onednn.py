@@ -165,7 +165,7 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.linear = linear
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
-        self.version = _version_of(linear.weight)
+        self.version = tensor_version(linear.weight)
 
     # Code that reads a linear layer's weight (shapes, DoRA's norms) finds the float32 one it stands for.
     @property
@@ -183,7 +183,8 @@ class PackedLinear(nn.Module):
         return _linear(x, self.packed, bias)  # the custom op's dispatch costs ~10 us a call in eager
 
 
-def _version_of(weight: torch.Tensor) -> tuple[int, int]:
+def tensor_version(weight: torch.Tensor) -> tuple[int, int]:
+    """What changes when a tensor does: its version counter and its storage (to tell when to repack)."""
     # In-place updates bump `_version`; assigning `.data` changes the storage. A tensor made under
     # inference_mode has no version counter, and cannot be changed in place outside it: its storage will do.
     if weight.is_inference():
@@ -243,7 +244,7 @@ class PackedLinears:
         """Repack the layers whose weights changed (`_version` or storage) since they were last packed."""
         for i, (_, _, linear) in enumerate(self.slots):
             current = self.packed[i]
-            if current is None or current.version != _version_of(linear.weight):
+            if current is None or current.version != tensor_version(linear.weight):
                 self.packed[i] = PackedLinear(linear)
 
     @contextmanager
