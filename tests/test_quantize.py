@@ -65,10 +65,11 @@ def test_quantized_linear_takes_inputs_that_are_not_contiguous(bits, group):
 
 
 @pytest.mark.parametrize("in_features", [8, 24, 33, 40, 64])
-@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("rows", [1, 5, 17])
 def test_int8_bf16_any_input_width(in_features, rows):
     """bf16 int8 layers of any width match their dequantized weights (PyTorch's CPU int8 kernel is wrong
-    or crashes below widths that are multiples of 16; those layers must not reach it)."""
+    or crashes below widths that are multiples of 16; those layers must not reach it), through the kernel
+    (up to 16 rows) and past it."""
     torch.manual_seed(0)
     q = QuantizedLinear.from_linear(nn.Linear(in_features, 16), 8, dtype=torch.bfloat16)
     x = torch.randn(rows, in_features, dtype=torch.bfloat16)

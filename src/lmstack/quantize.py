@@ -93,7 +93,10 @@ class QuantizedLinear(nn.Module):
         x = x.to(self.scale.dtype)
         # PyTorch's CPU int8 kernel returns garbage or crashes in bf16 when the inputs are not a multiple of
         # 16 (AVX-512 builds): such layers take the general form below.
-        if self.bits == 8 and x.device.type == "cpu" and self.in_features % 16 == 0:
+        # The kernel's time grows with the rows (about 13 us a row on SmolLM2's MLP, where converting the codes
+        # and one matmul take about 200 us): past 16 rows (prefill, batched decoding) the general form wins.
+        if self.bits == 8 and x.device.type == "cpu" and self.in_features % 16 == 0 \
+                and x.numel() <= 16 * self.in_features:
             shape = x.shape
             # The kernel takes rows that are contiguous (a transposed or sliced input is not)
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).contiguous(), self.qweight, self.scale)
