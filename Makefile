@@ -11,7 +11,15 @@ PIP := $(VENV)/bin/pip
 
 .PHONY: install test demo demo-align finetune-smollm2 lint fetch-test-data clean
 
-$(VENV)/.installed: pyproject.toml Makefile
+# The torch build asked for is recorded: asking for another one (TORCH, TORCH_INDEX) installs again.
+TORCH_STAMP := $(VENV)/.torch-$(shell printf '%s' '$(TORCH) $(TORCH_INDEX)' | cksum | cut -d' ' -f1)
+
+$(TORCH_STAMP):
+	mkdir -p $(VENV)
+	rm -f $(VENV)/.torch-*
+	touch $@
+
+$(VENV)/.installed: pyproject.toml Makefile $(TORCH_STAMP)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)" $(TORCH_INDEX)

@@ -154,6 +154,9 @@ def test_inputs_and_models_are_never_overwritten_and_unused_flags_refused(model_
          "--group-size applies to --bits 4 and nf4"),
         (["convert", model_dir, tmp_path / "c", "--gguf-type", "q8_0"], "--gguf-type applies to a .gguf destination"),
         (["convert", model_dir, tmp_path / "c.gguf", "--max-shard-size", "1KB"], "a GGUF file is one file"),
+        # Given at their defaults they are refused too: the flag was meant for the other kind of destination.
+        (["convert", model_dir, tmp_path / "c", "--gguf-type", "f32"], "--gguf-type applies to a .gguf destination"),
+        (["convert", model_dir, tmp_path / "c.gguf", "--max-shard-size", "5GB"], "a GGUF file is one file"),
         (["chat", "--model", model_dir, "--n", "2"], "--n 2: a chat streams one reply per turn"),
         (["data", "prepare", "--input", data, "--tokenizer", "char", "--output", tmp_path / "s", "--workers", "0"],
          "--workers 0: must be >= 1"),

@@ -208,7 +208,8 @@ def _route(moe: MoE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def test_moe_static_mixtures_equal_the_routing_loop(bits, tmp_path):
     """Compiled inference mixes without data-dependent shapes: every expert weighted (zero where not chosen),
     or the chosen experts' weights gathered from stacked tensors. Both give the loop's output; the stacked
-    tensors are the experts' own storage (no copy), a model saves as before, and a cast is noticed."""
+    tensors are the experts' own storage (no copy, the same Parameters), a model saves as before, and a cast
+    or quantization lets go of them."""
     from lmstack import load_model, save_model
     from lmstack.models.layers import static_routing
     from lmstack.quantize import quantize_model
@@ -222,8 +223,12 @@ def test_moe_static_mixtures_equal_the_routing_loop(bits, tmp_path):
     loop = moe(x)[0]
     idx, w = _route(moe, x)
     assert torch.allclose(moe._mix_static(x, idx, w), loop, atol=1e-6)
-    static_routing(model)
-    assert moe.stacked_current() and set(moe.stacked) == {"gate", "up", "down"}
+    params = list(model.parameters())
+    with torch.inference_mode(), static_routing(model):  # stacking in inference mode makes no inference tensors
+        assert moe.static and moe.stacked_current() and set(moe.stacked) == {"gate", "up", "down"}
+    assert not moe.static and moe.stacked_current()
+    assert [id(p) for p in model.parameters()] == [id(p) for p in params]  # an optimizer keeps its parameters
+    assert not any(p.is_inference() for p in model.parameters())
     stored = moe.stacked["up"][0]
     assert stored.shape == (4, model.config.intermediate_size, model.config.n_embd)
     first = moe.experts[1].up.qweight if bits else moe.experts[1].up.weight
@@ -231,14 +236,25 @@ def test_moe_static_mixtures_equal_the_routing_loop(bits, tmp_path):
     for n in range(5):  # one token routes to 2 of the 4 experts: gathered
         assert torch.allclose(moe._mix_static(x[n:n + 1], idx[n:n + 1], w[n:n + 1]), loop[n:n + 1], atol=1e-6)
     assert torch.equal(moe(x)[0], loop)  # eager keeps the loop
-    if not bits:
-        save_model(model, tmp_path / "m")
-        again = load_model(tmp_path / "m")
-        assert torch.equal(again.layers[0].mlp.experts[3].down.weight, moe.experts[3].down.weight)
-        model.double()
-        assert not moe.stacked_current()
-        static_routing(model)
+    if bits:
+        return
+    save_model(model, tmp_path / "m")
+    again = load_model(tmp_path / "m")
+    assert torch.equal(again.layers[0].mlp.experts[3].down.weight, moe.experts[3].down.weight)
+    model.double()
+    assert moe.stacked is None and not moe.stacked_current()
+    with static_routing(model):
         assert moe.stacked_current() and moe.stacked["down"][0].dtype == torch.float64
+    quantize_model(model, 8)
+    assert moe.stacked is None
+    # An expert that is not chosen may overflow: weighted zero, it must not turn the output into NaN.
+    model = DecoderLM(ModelConfig.from_name("tiny-mixtral")).eval()
+    moe = model.layers[0].mlp
+    idx, w = _route(moe, x[:1])
+    unchosen = next(e for e in range(4) if e not in idx[0].tolist())
+    with torch.no_grad():
+        moe.experts[unchosen].up.weight.fill_(float("inf"))
+    assert torch.allclose(moe._mix_static(x[:1], idx, w), moe(x[:1])[0], atol=1e-6)
 
 
 def test_load_balancing_loss_hand_values():

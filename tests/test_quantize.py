@@ -94,6 +94,14 @@ def test_int4_cpu_kernel_matches_the_dequantized_weights(dtype, rows):
     assert (q._cpu_int4 is not None) == (rows <= 64)
     q.qweight.copy_(q.qweight.flip(0))  # in place: the next call repacks
     assert ((q(x).float() - expected()).abs().max() / expected().abs().max()).item() < 0.01
+    other = QuantizedLinear.from_linear(nn.Linear(96, 48), 4, 32, dtype=dtype)
+    with torch.inference_mode():  # no version counter there: loading new codes drops the packed copy
+        q.load_state_dict(other.state_dict())
+        assert ((q(x).float() - expected()).abs().max() / expected().abs().max()).item() < 0.01
+    # The kernel has no backward: an input that wants a gradient (LoRA on earlier layers) takes the other form.
+    xg = x.clone().requires_grad_()
+    q(xg).sum().backward()
+    assert torch.allclose(xg.grad.float(), q.dequantized().float().sum(0).expand(rows, -1), rtol=0.02, atol=0.05)
 
 
 def test_int4_codes_are_exact_for_representable_weights():

@@ -166,9 +166,9 @@ def _convert(args: argparse.Namespace) -> None:
     from lmstack.checkpoints import load_model, load_tokenizer, save_model
 
     src, dst = Path(args.source), Path(args.destination)
-    if dst.suffix == ".gguf" and args.max_shard_size != "5GB":
+    if dst.suffix == ".gguf" and args.max_shard_size is not None:
         raise LMStackError("--max-shard-size shards a Hugging Face directory; a GGUF file is one file")
-    if dst.suffix != ".gguf" and args.gguf_type != "f32":
+    if dst.suffix != ".gguf" and args.gguf_type is not None:
         raise LMStackError(f"--gguf-type applies to a .gguf destination, not the directory {dst} (--dtype sets a "
                            "directory's precision)")
     _check_model(src, "convert source")
@@ -188,9 +188,9 @@ def _convert(args: argparse.Namespace) -> None:
             raise LMStackError(f"convert source {src}: a classification model; GGUF holds language models only")
         if tokenizer is None:
             raise LMStackError(f"{src}: a GGUF file carries the tokenizer, and none could be loaded")
-        save_gguf(model, tokenizer, dst, tensor_type=args.gguf_type)
+        save_gguf(model, tokenizer, dst, tensor_type=args.gguf_type or "f32")
     else:
-        save_model(model, dst, tokenizer=tokenizer, max_shard_size=args.max_shard_size)
+        save_model(model, dst, tokenizer=tokenizer, max_shard_size=args.max_shard_size or "5GB")
     weights = next(model.parameters())
     print(f"wrote {dst} ({sum(p.numel() for p in model.parameters()):,} parameters, {weights.dtype})")
 
@@ -776,9 +776,10 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("source", help="a Hugging Face checkpoint directory or a .gguf file")
     conv.add_argument("destination", help="output directory (Hugging Face format), or a path ending in .gguf")
     conv.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
-    conv.add_argument("--max-shard-size", default="5GB")
-    conv.add_argument("--gguf-type", default="f32", choices=["f32", "f16", "q8_0"],
-                      help="tensor type of the 2-D weights when writing a .gguf file")
+    # No defaults here: either flag given with the other kind of destination is refused, even at its default.
+    conv.add_argument("--max-shard-size", default=None, help="largest shard of a Hugging Face directory (default 5GB)")
+    conv.add_argument("--gguf-type", default=None, choices=["f32", "f16", "q8_0"],
+                      help="tensor type of the 2-D weights when writing a .gguf file (default f32)")
     conv.set_defaults(func=_convert)
 
     data = verbs.add_parser("data", help="prepare corpora")
@@ -877,7 +878,8 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--output", required=True)
     quant.add_argument("--bits", default="8", choices=["8", "4", "nf4"], help="int8, int4, or 4-bit NormalFloat")
     quant.add_argument("--group-size", type=int, default=None,
-                       help="weights per scale for int4 (default 128) and nf4 (default 64)")
+                       help="weights per scale for int4 (default: the largest power of two up to 128 that "
+                            "divides every layer's inputs) and nf4 (default 64)")
     quant.add_argument("--compute-dtype", default="bfloat16", help="dtype of scales and activations")
     quant.add_argument("--eval-data", nargs="*", default=None, help="text to report the perplexity change on")
     quant.add_argument("--eval-chars", type=int, default=100_000)

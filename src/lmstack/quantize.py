@@ -96,7 +96,7 @@ class QuantizedLinear(nn.Module):
         # The kernel's time grows with the rows (about 13 us a row on SmolLM2's MLP, where converting the codes
         # and one matmul take about 200 us): past 16 rows (prefill, batched decoding) the general form wins.
         if self.bits == 8 and x.device.type == "cpu" and self.in_features % 16 == 0 \
-                and x.numel() <= 16 * self.in_features:
+                and x.numel() <= 16 * self.in_features and not _needs_grad(x):
             shape = x.shape
             # The kernel takes rows that are contiguous (a transposed or sliced input is not)
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).contiguous(), self.qweight, self.scale)
@@ -123,12 +123,22 @@ class QuantizedLinear(nn.Module):
 
     def _cpu_int4_kernel(self, x: torch.Tensor) -> bool:
         """Whether PyTorch's CPU int4 kernel takes this product: eager, 16-bit activations (its float32 path is
-        slower than dequantizing), the shapes it accepts, and at most 64 rows. It reads the packed codes as
+        slower than dequantizing), the shapes it accepts, at most 64 rows, and no gradient wanted through it
+        (it has no backward; LoRA on other layers may want one). It reads the packed codes as
         they are instead of materializing the 16-bit weight each call: 15-60x faster at one row (decoding),
         on a par at 64, and slower beyond (its time grows with the rows: a long prefill dequantizes)."""
         return (self.bits == 4 and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
                 and x.numel() <= 64 * self.in_features and self.out_features % 16 == 0
-                and self.group_size in (32, 64, 128, 256) and not torch.compiler.is_compiling())
+                and self.group_size in (32, 64, 128, 256) and not torch.compiler.is_compiling()
+                and not _needs_grad(x))
+
+    def _apply(self, fn, recurse: bool = True):
+        self._cpu_int4 = None  # moved or cast: the packed copy is of the old codes
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._cpu_int4 = None  # new codes (under inference mode, a write in place changes no version counter)
+        super()._load_from_state_dict(*args, **kwargs)
 
     def _cpu_int4_packed(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The codes in the CPU int4 kernel's layout and its [groups, out, 2] scales and zeros: packed on first
@@ -142,6 +152,10 @@ class QuantizedLinear(nn.Module):
             scales_and_zeros = torch.stack((self.scale.float(), zeros), dim=-1).transpose(0, 1).contiguous()
             self._cpu_int4 = key, weight, scales_and_zeros.to(self.scale.dtype)
         return self._cpu_int4[1], self._cpu_int4[2]
+
+
+def _needs_grad(x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad
 
 
 # The 16 NormalFloat-4 levels exactly as bitsandbytes defines them (create_normal_map(0.9677083)): 8 normal
@@ -292,6 +306,9 @@ def quantize_model(model: nn.Module, bits: int | str = 8, group_size: int | None
     for (name, _), layer in zip(targets, quantized):
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    for m in model.modules():  # a mixture's stacked float experts would keep their memory
+        if hasattr(m, "forget_stacked"):
+            m.forget_stacked()
     model.quantization = {"quant_method": METHOD, "bits": bits, "group_size": group_size,
                           "dtype": str(dtype).removeprefix("torch."),
                           "modules": [name for name, _ in targets]}

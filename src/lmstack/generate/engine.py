@@ -268,9 +268,8 @@ class Engine:
     @torch.no_grad()
     def _run(self, rows: list[_Row], params: SamplingParams, stream: bool = False) -> Iterator[None]:
         """Decode `rows` together; yields after every step (with each row's text up to date if `stream`)."""
-        with self._exclusive():
-            if self._compiled is not None:  # its mixtures of experts route with static shapes there
-                static_routing(self.model)
+        # A compiled step's mixtures of experts route with static shapes.
+        with self._exclusive(), static_routing(self.model) if self._compiled else contextlib.nullcontext():
             yield from self._run_rows(rows, params, stream)
 
     @contextlib.contextmanager

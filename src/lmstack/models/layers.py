@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -73,7 +77,7 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList(MLP(config, bias=False) for _ in range(config.n_expert))
         self.static = False  # compiled inference mixes with static shapes: see `static_routing`
         self.stacked: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None  # see stack_experts
-        self._views: list[tuple[nn.Module, str, nn.Module, str, int]] = []
+        self._views: list[tuple[int, str, weakref.ref, str, int]] = []  # (expert, layer, its module, tensor, address)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = x.shape
@@ -110,7 +114,9 @@ class MoE(nn.Module):
         dense = x.new_zeros(x.shape[0], len(self.experts)).scatter(1, chosen, weights)  # [N, E]
         out = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
-            out = out + expert(x) * dense[:, e, None]
+            w = dense[:, e, None]
+            # where, not a product alone: an expert not chosen may overflow (fp16), and inf * 0 is NaN
+            out = out + torch.where(w != 0, expert(x) * w, 0)
         return out
 
     def _mix_gathered(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -143,34 +149,56 @@ class MoE(nn.Module):
             else:
                 return
         stacked, views = {}, []
-        for name, (layers, attrs) in plan.items():
-            tensors = []
-            for attr in attrs:
-                full = torch.stack([getattr(m, attr).detach() for m in layers])
-                for expert, m, view in zip(self.experts, layers, full):
-                    old = getattr(m, attr)
-                    setattr(m, attr, nn.Parameter(view, old.requires_grad) if isinstance(old, nn.Parameter) else view)
-                    views.append((expert, name, m, attr, view.data_ptr()))
-                tensors.append(full)
-            stacked[name] = (tensors[0], tensors[1] if len(tensors) > 1 else None)
+        # Out of inference mode (a generation may run in it): the weights must stay trainable tensors.
+        with torch.inference_mode(False), torch.no_grad():
+            for name, (layers, attrs) in plan.items():
+                tensors = []
+                for attr in attrs:
+                    full = torch.stack([getattr(m, attr).detach() for m in layers])
+                    for e, (m, view) in enumerate(zip(layers, full)):
+                        old = getattr(m, attr)
+                        if isinstance(old, nn.Parameter):
+                            old.data = view  # the same Parameter: an optimizer or a DDP wrapper still holds it
+                        else:
+                            setattr(m, attr, view)
+                        views.append((e, name, weakref.ref(m), attr, view.data_ptr()))
+                    tensors.append(full)
+                stacked[name] = (tensors[0], tensors[1] if len(tensors) > 1 else None)
         self.stacked, self._views = stacked, views
+
+    def forget_stacked(self) -> None:
+        """Drop the stacked tensors (the experts keep their weights): the model is changing under them."""
+        self.stacked, self._views = None, []
 
     def stacked_current(self) -> bool:
         """Whether the experts' weights are still the views of `stacked` (False when never stacked)."""
         return self.stacked is not None and all(
-            getattr(expert, name) is m and getattr(m, attr).data_ptr() == ptr
-            for expert, name, m, attr, ptr in self._views)
+            getattr(self.experts[e], name) is ref() and getattr(ref(), attr).data_ptr() == ptr
+            for e, name, ref, attr, ptr in self._views)
+
+    def _apply(self, fn, recurse: bool = True):
+        # Moved or cast (.to, .half, .cuda): the stacked tensors would hold the old weights' memory.
+        self.forget_stacked()
+        return super()._apply(fn, recurse)
 
 
-def static_routing(model: nn.Module) -> None:
-    """Ready every mixture of experts in `model` for a compiled decode step: there it mixes with static shapes
-    (one graph; a CUDA graph on a GPU), from stacked expert weights where it can (stacked again where a change
-    to the model has replaced them). Eager passes and compiled training keep the routing loop."""
-    for m in model.modules():
-        if isinstance(m, MoE):
-            m.static = True
-            if not m.stacked_current():
-                m.stack_experts()
+@contextmanager
+def static_routing(model: nn.Module) -> Iterator[None]:
+    """Inside the block, every mixture of experts in `model` mixes with static shapes when compiled (one graph;
+    a CUDA graph on a GPU), from stacked expert weights where it can (stacked again where a change to the model
+    has replaced them). The compiled decode step runs in it; eager passes, and compiled training or
+    evaluation outside it, keep the routing loop."""
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    before = [m.static for m in moes]
+    for m in moes:
+        if not m.stacked_current():
+            m.stack_experts()
+        m.static = True
+    try:
+        yield
+    finally:
+        for m, static in zip(moes, before):
+            m.static = static
 
 
 def load_balancing_loss(router_logits: list[torch.Tensor], n_expert: int, top_k: int,
