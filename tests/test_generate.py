@@ -598,6 +598,8 @@ def test_cli_generate_and_chat(tmp_path, monkeypatch, capsys):
     assert streamed == expected
     assert main(["generate", "ROMEO:", *common, "--n", "2", "--seed", "1", "--temperature", "1"]) == 0
     assert capsys.readouterr().out.count("--- sample") == 2
+    assert main(["generate", "ROMEO:", *common, "--compile"]) == 0  # the compiled decode step: the same text
+    assert capsys.readouterr().out.rstrip("\n") == expected
 
     monkeypatch.setattr("sys.stdin", io.StringIO("Hello\nHello again\n/reset\nHello\n/system Be terse.\nHi\n"))
     assert main(["chat", *common]) == 0
@@ -619,7 +621,8 @@ def test_cli_generate_and_chat(tmp_path, monkeypatch, capsys):
             (["--logit-bias", "99999=1"], "token id 99999 is outside the vocabulary of 400"),
             (["--stop-token-ids", "-5"], "stop_token_ids=[-5]"),
             (["--device", "tpu9"], "unknown device 'tpu9'"),
-            (["--logprobs", "2", "--num-beams", "2"], "--logprobs works with sampling and greedy decoding")):
+            (["--logprobs", "2", "--num-beams", "2"], "--logprobs works with sampling and greedy decoding"),
+            (["--compile", "--speculative", "prompt_lookup"], "beam search and --speculative do not use")):
         assert main(["generate", "x", *common, *args]) == 1
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1

@@ -412,7 +412,8 @@ def _load_engine(args: argparse.Namespace):
 
     _check_model(args.model)
     model = _load_lm(args.model, "--model", "generation", dtype=args.dtype, device=args.device)
-    return Engine(model, load_tokenizer(args.tokenizer or args.model), max_batch_size=max(1, args.n))
+    return Engine(model, load_tokenizer(args.tokenizer or args.model), max_batch_size=max(1, args.n),
+                  compile=args.compile)
 
 
 def _stop_at_end_of_turn(params, tokenizer):
@@ -437,6 +438,9 @@ def _generate(args: argparse.Namespace) -> None:
         raise LMStackError("--draft-k is the number of tokens drafted per target pass: it needs --speculative")
     if args.draft_k is not None and args.draft_k < 1:
         raise LMStackError(f"--draft-k {args.draft_k}: must be >= 1")
+    if args.compile and (args.num_beams > 1 or args.speculative):
+        raise LMStackError("--compile compiles the engine's decode step, which beam search and --speculative "
+                           "do not use")
     if args.length_penalty is not None and args.num_beams == 1:
         raise LMStackError("--length-penalty scores finished beams: it needs --num-beams > 1")
     if args.num_beams > 1:
@@ -581,6 +585,8 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="default: the model's own")
     p.add_argument("--dtype", default=None)
     p.add_argument("--device", default=None)
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step (with a CUDA graph on a GPU); the first reply waits for it")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.7, help="0 means greedy")
     p.add_argument("--top-k", type=int, default=None)
