@@ -168,8 +168,7 @@ def speculative_generate(
                     break
                 tokens.append(token)
                 generated.append(token)
-                text = tokenizer.decode(generated)
-                if any(s in text for s in params.stop):
+                if params.stop and any(s in tokenizer.decode(generated) for s in params.stop):
                     finish = "stop"
                     break
                 if len(generated) >= params.max_new_tokens or len(tokens) >= total:  # the context is full
