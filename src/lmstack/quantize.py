@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -91,35 +92,30 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.to(self.scale.dtype)
-        # PyTorch's CPU int8 kernel returns garbage or crashes in bf16 when the inputs are not a multiple of
-        # 16 (AVX-512 builds): such layers take the general form below.
-        # The kernel's time grows with the rows (about 13 us a row on SmolLM2's MLP, where converting the codes
-        # and one matmul take about 200 us): past 16 rows (prefill, batched decoding) the general form wins.
-        if self.bits == 8 and x.device.type == "cpu" and self.in_features % 16 == 0 \
-                and x.numel() <= 16 * self.in_features and not _needs_grad(x):
-            shape = x.shape
-            # The kernel takes rows that are contiguous (a transposed or sliced input is not)
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).contiguous(), self.qweight, self.scale)
-            y = y.view(*shape[:-1], self.out_features)
-            if self.bias is not None:
-                y = y + self.bias
+        if self._cpu_int8_kernel(x):
+            y = _on_rows(x, lambda rows: torch.ops.aten._weight_int8pack_mm(rows, self.qweight, self.scale))
         elif self.bits == 8:
             # gpt-fast's form: under torch.compile the int8-to-float conversion fuses into the matmul's
             # reads, so a decode step reads one byte per weight (eager, it materializes the float weight).
             y = F.linear(x, self.qweight.to(x.dtype)) * self.scale
-            if self.bias is not None:
-                y = y + self.bias
         elif self._cpu_int4_kernel(x):
             weight, scales_and_zeros = self._cpu_int4_packed()
-            shape = x.shape
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).contiguous(), weight,
-                                                           self.group_size, scales_and_zeros)
-            y = y.view(*shape[:-1], self.out_features)
-            if self.bias is not None:
-                y = y + self.bias
+            y = _on_rows(x, lambda rows: torch.ops.aten._weight_int4pack_mm_for_cpu(
+                rows, weight, self.group_size, scales_and_zeros))
         else:
-            y = F.linear(x, self.dequantized(), self.bias)
+            return F.linear(x, self.dequantized(), self.bias).to(dtype)
+        if self.bias is not None:
+            y = y + self.bias
         return y.to(dtype)
+
+    def _cpu_int8_kernel(self, x: torch.Tensor) -> bool:
+        """Whether PyTorch's CPU int8 kernel takes this product. Not for inputs whose width is not a multiple of
+        16 (in bf16 on AVX-512 builds it returns garbage or crashes there), not past 16 rows (its time grows
+        with the rows, about 13 us a row on SmolLM2's MLP, where converting the codes and one matmul take
+        about 200 us: prefill and batched decoding take the general form), and not where a gradient is
+        wanted (it has no backward)."""
+        return (self.bits == 8 and x.device.type == "cpu" and self.in_features % 16 == 0
+                and x.numel() <= 16 * self.in_features and not _needs_grad(x))
 
     def _cpu_int4_kernel(self, x: torch.Tensor) -> bool:
         """Whether PyTorch's CPU int4 kernel takes this product: eager, 16-bit activations (its float32 path is
@@ -156,6 +152,14 @@ class QuantizedLinear(nn.Module):
 
 def _needs_grad(x: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and x.requires_grad
+
+
+def _on_rows(x: torch.Tensor, product: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`product` of a kernel that takes a 2-D input of contiguous rows (a transposed or sliced input is not),
+    applied to `x` of any leading shape."""
+    shape = x.shape
+    y = product(x.reshape(-1, shape[-1]).contiguous())
+    return y.view(*shape[:-1], y.shape[-1])
 
 
 # The 16 NormalFloat-4 levels exactly as bitsandbytes defines them (create_normal_map(0.9677083)): 8 normal
@@ -306,8 +310,10 @@ def quantize_model(model: nn.Module, bits: int | str = 8, group_size: int | None
     for (name, _), layer in zip(targets, quantized):
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    from lmstack.models.layers import MoE  # (the models import this module)
+
     for m in model.modules():  # a mixture's stacked float experts would keep their memory
-        if hasattr(m, "forget_stacked"):
+        if isinstance(m, MoE):
             m.forget_stacked()
     model.quantization = {"quant_method": METHOD, "bits": bits, "group_size": group_size,
                           "dtype": str(dtype).removeprefix("torch."),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -77,7 +76,6 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList(MLP(config, bias=False) for _ in range(config.n_expert))
         self.static = False  # compiled inference mixes with static shapes: see `static_routing`
         self.stacked: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None  # see stack_experts
-        self._views: list[tuple[int, str, weakref.ref, str, int]] = []  # (expert, layer, its module, tensor, address)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         shape = x.shape
@@ -138,7 +136,7 @@ class MoE(nn.Module):
         views of it (no second copy), for compiled decoding to gather from. For float and int8 experts;
         others (int4, NF4, LoRA-wrapped) keep to reading every expert. `stacked_current` tells whether a
         later change to the model (moved, cast, quantized) has replaced the views."""
-        self.stacked, self._views = None, []
+        self.stacked = None
         plan = {}
         for name in ("gate", "up", "down") if self.experts[0].gated else ("up", "down"):
             layers = [getattr(e, name) for e in self.experts]
@@ -148,33 +146,41 @@ class MoE(nn.Module):
                 plan[name] = layers, ("qweight", "scale")
             else:
                 return
-        stacked, views = {}, []
+        stacked = {}
         # Out of inference mode (a generation may run in it): the weights must stay trainable tensors.
         with torch.inference_mode(False), torch.no_grad():
             for name, (layers, attrs) in plan.items():
                 tensors = []
                 for attr in attrs:
                     full = torch.stack([getattr(m, attr).detach() for m in layers])
-                    for e, (m, view) in enumerate(zip(layers, full)):
+                    for m, view in zip(layers, full):
                         old = getattr(m, attr)
                         if isinstance(old, nn.Parameter):
                             old.data = view  # the same Parameter: an optimizer or a DDP wrapper still holds it
                         else:
                             setattr(m, attr, view)
-                        views.append((e, name, weakref.ref(m), attr, view.data_ptr()))
                     tensors.append(full)
                 stacked[name] = (tensors[0], tensors[1] if len(tensors) > 1 else None)
-        self.stacked, self._views = stacked, views
+        self.stacked = stacked
 
     def forget_stacked(self) -> None:
         """Drop the stacked tensors (the experts keep their weights): the model is changing under them."""
-        self.stacked, self._views = None, []
+        self.stacked = None
 
     def stacked_current(self) -> bool:
-        """Whether the experts' weights are still the views of `stacked` (False when never stacked)."""
-        return self.stacked is not None and all(
-            getattr(self.experts[e], name) is ref() and getattr(ref(), attr).data_ptr() == ptr
-            for e, name, ref, attr, ptr in self._views)
+        """Whether every expert's weights (and int8 scales) are still views of `stacked`: a layer replaced
+        (quantized) or a weight reassigned holds other memory. False when never stacked."""
+        if self.stacked is None:
+            return False
+        for name, (weights, scales) in self.stacked.items():
+            attrs = ("weight",) if scales is None else ("qweight", "scale")
+            for e, expert in enumerate(self.experts):
+                layer = getattr(expert, name)
+                for attr, full in zip(attrs, (weights, scales)):
+                    t = getattr(layer, attr, None)
+                    if not isinstance(t, torch.Tensor) or t.data_ptr() != full[e].data_ptr():
+                        return False
+        return True
 
     def _apply(self, fn, recurse: bool = True):
         # Moved or cast (.to, .half, .cuda): the stacked tensors would hold the old weights' memory.
