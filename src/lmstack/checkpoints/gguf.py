@@ -556,7 +556,7 @@ def _check_exportable(config: ModelConfig, tensor_type: str) -> None:
         raise LMStackError("GGUF export of a mixture of experts is not supported")
     if family not in ("llama", "mistral", "qwen2", "phi3", "gpt2"):
         raise LMStackError(f"GGUF export supports the llama, mistral, qwen2, phi3 and gpt2 families, not {family!r}")
-    config_to_hf(config)  # the family's own constraints (GPT-2: learned positions, LayerNorm, ...)
+    config_to_hf(config)  # the family's own constraints (GPT-2: learned positions, LayerNorm; partial rotary)
     if tensor_type not in GGUF_TYPES:
         raise LMStackError(f"GGUF tensor type {tensor_type!r} is not one of {list(GGUF_TYPES)}")
     if family == "gpt2":
@@ -567,9 +567,6 @@ def _check_exportable(config: ModelConfig, tensor_type: str) -> None:
         # llama.cpp's phi3 reads the key but turns Phi-3's window off (full attention), its llama has none
         raise LMStackError(f"GGUF export: a sliding window ({config.sliding_window} of {config.block_size} "
                            f"positions) is not computed by llama.cpp's {gguf_arch(config)} architecture")
-    if config.rotary_fraction != 1.0 and family != "phi3":  # llama.cpp's llama and qwen2 rotate whole heads
-        raise LMStackError(f"GGUF export: rotary_fraction={config.rotary_fraction} (a partial rotary) is not "
-                           "supported")
     if config.rope_type not in ("default", "linear", "llama3") or (family == "phi3" and config.rope_scaling):
         raise LMStackError(f"GGUF export: rope scaling {config.rope_type!r} is not supported "
                            f"({'none for phi3' if family == 'phi3' else 'default, linear, llama3'})")

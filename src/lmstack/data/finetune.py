@@ -17,6 +17,7 @@ so the prompt's tokens end exactly where they end at inference, when the model c
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -69,13 +70,10 @@ def _encode_segments(tokenizer: Tokenizer, segments: Sequence[tuple[str, bool]])
     that covers a character of a trained segment. (Tokenized one by one, the segments would come out
     differently: a SentencePiece tokenizer puts its "▁" prefix before each.)"""
     text = "".join(piece for piece, _ in segments)
-    spans, pos = [], 0
-    for piece, flag in segments:
-        if flag and piece:
-            spans.append((pos, pos + len(piece)))
-        pos += len(piece)
+    # trained[i]: how many trained characters come before character i; a token [a, b) covers one if that grows
+    trained = [0, *itertools.accumulate(flag for piece, flag in segments for _ in piece)]
     ids, offsets = tokenizer.encode_with_offsets(text)
-    return ids, [any(max(a, s) < min(b, e) for s, e in spans) for a, b in offsets]
+    return ids, [trained[b] > trained[a] for a, b in offsets]
 
 
 def _check_messages(messages: Any, where: str) -> None:
@@ -180,8 +178,9 @@ def chat_segments(tokenizer: Tokenizer, messages: list[dict[str, Any]], where: s
         text, spans = tokenizer.apply_chat_template(messages, tokenize=False, chat_template=template,
                                                     return_assistant_spans=True)
         if not spans:
-            spans = (_spans_by_prefix(tokenizer, messages, template, text)
-                     or _spans_by_marker(tokenizer, messages, template, text))
+            spans = _spans_by_prefix(tokenizer, messages, template, text)
+            if spans is None:
+                spans = _spans_by_marker(tokenizer, messages, template, text)
             if spans is None:
                 raise LMStackError(f"{where}: the chat template renders turns differently in a longer "
                                    "conversation; add {% generation %} blocks to it to mark assistant turns")

@@ -23,7 +23,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,9 +102,9 @@ class LoRALinear(nn.Module):
     def out_features(self) -> int:
         return self.base.out_features
 
-    def _dora_norm(self, weight: torch.Tensor) -> torch.Tensor:
-        """||W + s B A|| of each output row, in the adapters' dtype."""
-        return (weight.to(self.lora_A.dtype) + self.scaling * (self.lora_B @ self.lora_A)).norm(dim=1)
+    def _dora_updated(self, weight: torch.Tensor) -> torch.Tensor:
+        """W + s B A, in the adapters' dtype: DoRA's direction, before each row is scaled to its magnitude."""
+        return weight.to(self.lora_A.dtype) + self.scaling * (self.lora_B @ self.lora_A)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged and not self.enabled:  # disabled means the base alone, merged or not (as in PEFT)
@@ -120,9 +120,12 @@ class LoRALinear(nn.Module):
             h = self.dropout(x).to(self.lora_A.dtype)
             update = (h @ self.lora_A.t() @ self.lora_B.t()) * self.scaling
             if self.use_dora:
-                scale = self.lora_magnitude / self._dora_norm(weight).detach()
+                weight = weight.to(h.dtype)  # once: an NF4 or 16-bit base in the adapters' dtype
+                with torch.no_grad():  # the norm is a constant to the gradient, as PEFT computes it
+                    norm = self._dora_updated(weight).norm(dim=1)
+                scale = self.lora_magnitude / norm
                 # As PEFT: the base term rescaled is W x on the same (dropped-out) input as the update
-                plain = h @ weight.to(h.dtype).t()
+                plain = h @ weight.t()
                 update = (scale - 1) * plain + scale * update
             y = y + update.to(y.dtype)
         return y
@@ -137,10 +140,10 @@ class LoRALinear(nn.Module):
         if not self.merged:
             weight = self.base.weight
             if self.use_dora:  # W' = m / ||W + s B A|| * (W + s B A)
-                self._merged_norm = self._dora_norm(weight)
+                updated = self._dora_updated(weight)
+                self._merged_norm = updated.norm(dim=1)
                 scale = (self.lora_magnitude / self._merged_norm)[:, None]
-                weight.copy_((scale * (weight.to(scale.dtype) + self.scaling * (self.lora_B @ self.lora_A)))
-                             .to(weight.dtype))
+                weight.copy_((scale * updated).to(weight.dtype))
             else:
                 weight += ((self.lora_B @ self.lora_A) * self.scaling).to(weight.dtype)
             self.merged = True
@@ -570,11 +573,8 @@ def load_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     for module, (r, _) in chosen.items():
         bases = [model.get_submodule(name) for name in modules[module]]
         out_features[module] = [base.out_features for base in bases]
-        label = _module_label(module, modules[module])
-        shapes[f"{_key(module)}.lora_A.weight"] = (label, [r, bases[0].in_features])
-        shapes[f"{_key(module)}.lora_B.weight"] = (label, [sum(out_features[module]), r])
-        if use_dora:
-            shapes[f"{_key(module)}.{MAGNITUDE}"] = (label, [sum(out_features[module])])
+        shapes.update(_adapter_shapes(module, modules[module], r, bases[0].in_features, out_features[module],
+                                      use_dora))
     _check_adapter_tensors(tensors, shapes, path)  # before wrapping, so a bad adapter leaves the model alone
     use_rslora, dropout = bool(cfg.get("use_rslora", False)), cfg.get("lora_dropout") or 0.0
     layers, weights = {}, {}
@@ -665,6 +665,18 @@ def _check_adapter_tensors(tensors: dict[str, torch.Tensor], shapes: dict[str, t
                            f"lmstack cannot apply: {', '.join(extra[:5])}{more}")
 
 
+def _adapter_shapes(module: str, names: Sequence[str], r: int, in_features: int, out_features: Sequence[int],
+                    dora: bool) -> dict[str, tuple[str, list[int]]]:
+    """The tensors a PEFT adapter of rank `r` on HF `module` (our layers `names`) holds, each with the label its
+    errors name and its shape, for `_check_adapter_tensors`."""
+    label, key = _module_label(module, names), _key(module)
+    shapes = {f"{key}.lora_A.weight": (label, [r, in_features]),
+              f"{key}.lora_B.weight": (label, [sum(out_features), r])}
+    if dora:
+        shapes[f"{key}.{MAGNITUDE}"] = (label, [sum(out_features)])
+    return shapes
+
+
 def load_adapter_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Copy a PEFT adapter directory's A and B into a model that already has its LoRA layers (e.g. to resume
     training), checking every name and shape, and that the file holds nothing else; a fused layer's adapter
@@ -681,11 +693,8 @@ def load_adapter_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module
         if any(parts):
             out_features = [model.get_submodule(name).out_features for name in names]
             r = sum(p.r for p in parts if p is not None)
-            label = _module_label(module, names)
-            shapes[f"{_key(module)}.lora_A.weight"] = (label, [r, model.get_submodule(names[0]).in_features])
-            shapes[f"{_key(module)}.lora_B.weight"] = (label, [sum(out_features), r])
-            if any(p is not None and p.use_dora for p in parts):
-                shapes[f"{_key(module)}.{MAGNITUDE}"] = (label, [sum(out_features)])
+            shapes.update(_adapter_shapes(module, names, r, model.get_submodule(names[0]).in_features, out_features,
+                                          any(p is not None and p.use_dora for p in parts)))
             fused[module] = (parts, out_features)
     _check_adapter_tensors(tensors, shapes, path)
     with torch.no_grad():
