@@ -104,7 +104,7 @@ def main() -> None:
     if args.compile:
         variants.append(("compiled", torch.compile))
     for label, wrap in variants:
-        seconds = time_steps({"lmstack": trainer(wrap(ours), lambda m: m(ids, ids)[1], ours_context),
+        seconds = time_steps({"lmstack": trainer(wrap(ours), lambda m: m(ids, ids, return_logits=False)[1], ours_context),
                               "transformers": trainer(wrap(theirs), lambda m: m(ids, labels=ids).loss, autocast)},
                              device, args.warmup, args.repeat)
         results = {}

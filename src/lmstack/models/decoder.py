@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from lmstack.config import ModelConfig
 from lmstack.models.attention import Attention, KVCache, attention_mask, rope_cos_sin, rope_inv_freq
 from lmstack.models.layers import MLP, MoE, load_balancing_loss, make_norm
+from lmstack.models.loss import linear_cross_entropy
 from lmstack.onednn import checkpoint_contexts
 
 
@@ -58,6 +59,8 @@ class DecoderLM(nn.Module):
     within an example (pass `position_ids` that restart with each one too). `return_hidden` returns the
     final-norm hidden states [B, T, C] instead of logits (for classification and reward heads).
     `token_mask` ([B, T], True for real tokens; default `key_padding`) keeps padding out of the router loss.
+    With targets, `return_logits=False` returns `(None, loss)`, which training uses: in eager float32 the loss
+    goes through the output head a chunk at a time, never holding all the logits (`linear_cross_entropy`).
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -154,7 +157,8 @@ class DecoderLM(nn.Module):
         document_ids: torch.Tensor | None = None,
         return_hidden: bool = False,
         token_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return_logits: bool = True,
+    ) -> torch.Tensor | tuple[torch.Tensor | None, torch.Tensor]:
         cfg = self.config
         B, T = input_ids.shape
         cache = self.layers[0].attn.kv_cache if input_pos is not None else None
@@ -197,13 +201,19 @@ class DecoderLM(nn.Module):
                 router_logits.append(logits)
         if last_only:  # generation needs only the next-token distribution: skip the head on the prompt
             x = x[:, -1:]
+        x = self.norm(x)
         if return_hidden:
-            return self.norm(x)
-        logits = self.lm_head(self.norm(x))
+            return x
         if targets is None:
-            return logits
+            return self.lm_head(x)
 
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        if return_logits or type(self.lm_head) is not nn.Linear:  # a quantized head keeps its own product
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        else:
+            logits = None
+            loss = linear_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, self.lm_head.bias,
+                                        targets.reshape(-1))
         if router_logits and cfg.moe_aux_loss_coef and self.training:  # an objective term, not a score
             if token_mask is None and key_padding is not None and cache is None:
                 token_mask = key_padding[:, :T]

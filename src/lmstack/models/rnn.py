@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmstack.config import ModelConfig
+from lmstack.models.loss import linear_cross_entropy
 
 State = list[torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None]
 
@@ -74,8 +75,9 @@ class RNNLM(nn.Module):
         """Nothing to rebuild (the same interface as `DecoderLM`)."""
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *,
-                state: State | None = None, return_state: bool = False):
-        """Logits [B, T, V] (and the loss with targets); `state` carries the recurrence across calls."""
+                state: State | None = None, return_state: bool = False, return_logits: bool = True):
+        """Logits [B, T, V] (and the loss with targets); `state` carries the recurrence across calls.
+        `return_logits=False` returns `(None, loss)` by `linear_cross_entropy`, as `DecoderLM` does."""
         x = self.drop(self.embed(input_ids))
         state = state or [None] * len(self.layers)
         new_state: State = []
@@ -83,11 +85,15 @@ class RNNLM(nn.Module):
             x, s = layer(x, s)
             new_state.append(s)
             x = self.drop(x)
-        logits = self.lm_head(x)
-        out = logits
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-            out = (logits, loss)
+        if targets is not None and not return_logits and type(self.lm_head) is nn.Linear:
+            out = (None, linear_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, self.lm_head.bias,
+                                              targets.reshape(-1)))
+        else:
+            out = logits = self.lm_head(x)
+            if targets is not None:
+                loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                       ignore_index=-100)
+                out = (logits, loss)
         if return_state:
             return out, new_state
         return out

@@ -176,7 +176,7 @@ class PretrainTask(Task):
         return batch["labels"].numel()
 
     def loss(self, model, batch):
-        _, loss = model(batch["input_ids"], batch["labels"])
+        _, loss = model(batch["input_ids"], batch["labels"], return_logits=False)
         return loss, {}
 
 
@@ -211,7 +211,7 @@ class SFTTask(Task):
         extra = {k: batch[k] for k in ("position_ids", "document_ids") if k in batch}
         if getattr(getattr(self.policy, "config", None), "n_expert", 0):  # padding out of the router loss
             extra["token_mask"] = batch["token_mask"]
-        _, loss = model(batch["input_ids"], batch["labels"], **extra)
+        _, loss = model(batch["input_ids"], batch["labels"], return_logits=False, **extra)
         return loss, {}
 
 
