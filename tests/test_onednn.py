@@ -78,11 +78,42 @@ def test_a_model_made_under_inference_mode_generates_through_packed_weights():
 def test_packed_linears_skip_layers_they_cannot_run():
     model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama"))
     apply_lora(model, r=2, targets=("q", "v"))
-    model.layers[1].mlp.up.to(torch.bfloat16)
+    model.layers[1].mlp.up.to(torch.float16)
     names = {name for _, name, _ in PackedLinears(model, enabled=True).slots}
     assert "q" not in names and "v" not in names and "k" in names  # LoRA layers keep their forward
     assert sum(linear is model.layers[1].mlp.up for _, _, linear in PackedLinears(model, enabled=True).slots) == 0
     assert PackedLinears(model, enabled=False).slots == []
+
+
+@needs_onednn
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="oneDNN runs no bf16 on this CPU")
+def test_bf16_layers_are_packed_by_default_and_compute_the_same(monkeypatch):
+    """On an Intel CPU float32 layers stay on MKL by default, bf16 ones are packed; the packed bf16 model
+    gives the unpacked one's logits (the same oneDNN product, without the per-call reorder)."""
+    monkeypatch.setattr(onednn, "cpu_vendor", lambda: "GenuineIntel")
+    monkeypatch.delenv("LMSTACK_ONEDNN", raising=False)
+    onednn.onednn_preferred.cache_clear()
+    try:
+        torch.manual_seed(0)
+        model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", bias="all")).eval()
+        assert PackedLinears(model).slots == []  # float32 on Intel: MKL
+        model.to(torch.bfloat16)
+        packed = PackedLinears(model)
+        assert len(packed.slots) == 7 * model.config.n_layer + 1
+        assert PackedLinears(model, enabled=False).slots == []
+        ids = torch.randint(0, 256, (2, 9))
+        with torch.no_grad():
+            before = model(ids)
+            with packed.swapped_in():
+                inside = model(ids)
+                # A float32 input to a bf16 packed layer keeps PyTorch's own rule (an error), not oneDNN's.
+                layer = model.layers[0].attn.q
+                with pytest.raises(RuntimeError):
+                    layer(torch.randn(1, model.config.n_embd))
+        assert inside.dtype == torch.bfloat16
+        assert torch.allclose(before.float(), inside.float(), atol=2e-2)
+    finally:
+        onednn.onednn_preferred.cache_clear()
 
 
 @needs_onednn

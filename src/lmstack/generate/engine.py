@@ -73,10 +73,11 @@ class _Row:
 class Engine:
     """Generates with one model and tokenizer; the KV cache is allocated once and reused across calls.
 
-    The engine puts the model in eval mode. On the CPU it runs float32 linear layers through oneDNN-packed
-    copies of their weights where oneDNN is the faster (`PackedLinears`: faster than MKL's generic code on
-    non-Intel x86 CPUs, at the cost of a second copy of those weights where memory allows; `pack_weights`
-    True or False decides instead of `lmstack.onednn.onednn_preferred()`). On a GPU
+    The engine puts the model in eval mode. On the CPU it runs linear layers through oneDNN-packed copies of
+    their weights where oneDNN is the faster (`PackedLinears`: float32 ones on non-Intel x86 CPUs, faster than
+    MKL's generic code there; bf16 ones wherever oneDNN runs bf16), at the cost of a second copy of those
+    weights where memory allows; `pack_weights` True or False decides instead of
+    `lmstack.onednn.onednn_preferred()`. On a GPU
     it queues each decode step before the host has read the previous step's tokens (`lookahead`, on by
     default there), so the device never waits for Python; `compile=True` adds a CUDA graph of the step."""
 
