@@ -7,8 +7,9 @@
 #   bench/gpu.sh train-gpt2        # GPT-2 124M at 12 x 1024, bf16, compiled: MFU against transformers
 #   bench/gpu.sh train-tinyllama   # TinyLlama-1.1B at 4 x 2048, bf16, compiled
 #   bench/gpu.sh shakespeare       # recipes/shakespeare-char.yaml end to end: best validation loss, step, time
+#   bench/gpu.sh loss              # the chunked output-head loss against the plain one, Llama 3's head, bf16
 #   bench/gpu.sh train | all       # both training parts | everything (cuda-tests, decode, train-gpt2,
-#                                  # shakespeare, train-tinyllama: the issues' targets first)
+#                                  # shakespeare, train-tinyllama: the issues' targets first; then loss)
 #
 # Runs from the repository root with the machine's own Python (PYTHON=python3 by default) and lmstack from
 # src/, so nothing is installed: the device image carries torch, transformers, tokenizers, safetensors,
@@ -57,6 +58,10 @@ train_tinyllama() {
         --precision bf16 --compile --repeat 3
 }
 
+loss() {  # eager bf16 autocast, as an uncompiled training run computes it
+    run loss-llama3-head "$PYTHON" bench/loss.py --device cuda --tokens 8192 --dim 2048 --vocab 128256 --precision bf16
+}
+
 shakespeare() {
     # Data and checkpoints go to scratch space; the log, metrics.jsonl and loss.png to $LOG_DIR.
     local scratch=${SCRATCH:-${TMPDIR:-/tmp}/lmstack-bench}
@@ -91,9 +96,9 @@ failed=0
 part() { "$@" || failed=$((failed + 1)); }
 for name in "${@:-all}"; do  # every name checked before anything runs
     case "$name" in
-        cuda-tests | decode | int8 | train-gpt2 | train-tinyllama | train | shakespeare | all) ;;
+        cuda-tests | decode | int8 | train-gpt2 | train-tinyllama | train | shakespeare | loss | all) ;;
         *) echo "bench/gpu.sh: unknown part $name (cuda-tests decode train-gpt2 train-tinyllama train" \
-               "shakespeare all)" >&2
+               "shakespeare loss all)" >&2
            exit 2 ;;
     esac
 done
@@ -112,7 +117,8 @@ for name in "${@:-all}"; do
         train-tinyllama) part train_tinyllama ;;
         train) part train_gpt2; part train_tinyllama ;;
         shakespeare) part shakespeare ;;
-        all) part cuda_tests; part decode; part train_gpt2; part shakespeare; part train_tinyllama ;;
+        loss) part loss ;;
+        all) part cuda_tests; part decode; part train_gpt2; part shakespeare; part train_tinyllama; part loss ;;
     esac
 done
 exit "$failed"

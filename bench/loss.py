@@ -5,8 +5,8 @@
     python bench/loss.py --dim 384 --vocab 8192           # bench/train_throughput.py's small Llama
     python bench/loss.py --tokens 8192 --dim 2048 --vocab 128256 --device cuda   # Llama 3's head, on a GPU
 
-In float32 (TF32 products on a GPU, as the training loop runs them): under autocast lmstack computes the
-plain loss itself.
+`--precision bf16` runs both under bf16 autocast, as the training loop does; float32 runs TF32 products on a
+GPU, as the loop does too.
 
 Each variant runs in its own process so that its peak memory is its own: on the CPU the peak resident set
 above what the process held before the step, on a GPU torch's peak allocation above the inputs. Prints
@@ -44,7 +44,7 @@ def measure(variant: str, args: argparse.Namespace) -> tuple[float, float]:
     hidden = torch.randn(args.tokens, args.dim, device=device, requires_grad=True)
     weight = (0.02 * torch.randn(args.vocab, args.dim, device=device)).requires_grad_()
     targets = torch.randint(0, args.vocab, (args.tokens,), device=device)
-    context = compute_context(device, "fp32")  # the training loop's, for both: the same products
+    context = compute_context(device, args.precision)  # the training loop's, for both: the same products
     torch.backends.cuda.matmul.allow_tf32 = True
 
     def step():
@@ -85,11 +85,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--dim", type=int, default=576)
     parser.add_argument("--vocab", type=int, default=49152)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--chunk-rows", type=int, help="lmstack's rows per chunk (default: its own choice)")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    print(f"{args.tokens} tokens, head {args.dim} -> {args.vocab}, float32, {args.device}, "
+    print(f"{args.tokens} tokens, head {args.dim} -> {args.vocab}, {args.precision}, {args.device}, "
           f"torch {torch.__version__}")
     spawn = multiprocessing.get_context("spawn")
     results = {}

@@ -152,3 +152,38 @@ def test_bf16_compiled_training_follows_the_cpu_run(tmp_path):
     assert len(losses["cuda"]) == len(losses["cpu"]) == 8
     assert max(abs(a - b) for a, b in zip(losses["cuda"], losses["cpu"])) < 0.05
     assert losses["cuda"][-1] < losses["cuda"][0]
+
+
+@pytest.fixture
+def no_tf32():
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = before
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_chunked_loss_on_the_gpu_equals_the_plain_loss(autocast, no_tf32):
+    """`linear_cross_entropy` on CUDA (in-place log-softmax, addmm_ or a bf16 product summed in float32),
+    several chunks, against the plain loss: float32 (TF32 off) and under bf16 autocast."""
+    from lmstack.models.loss import linear_cross_entropy
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(300, 64, device="cuda", generator=g).requires_grad_()
+    weight = (0.3 * torch.randn(1000, 64, device="cuda", generator=g)).requires_grad_()
+    targets = torch.randint(0, 1000, (300,), device="cuda", generator=g)
+    targets[::7] = -100
+    results = []
+    for fn in (lambda: torch.nn.functional.cross_entropy(torch.nn.functional.linear(hidden, weight).float(),
+                                                         targets, ignore_index=-100),
+               lambda: linear_cross_entropy(hidden, weight, None, targets, chunk_rows=64)):
+        hidden.grad = weight.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = fn()
+        loss.backward()
+        results.append((loss.detach(), hidden.grad.clone(), weight.grad.clone()))
+    (want, *want_grads), (got, *got_grads) = results
+    tol = 2e-2 if autocast else 1e-5
+    assert abs(got.item() - want.item()) < tol
+    for g_, w in zip(got_grads, want_grads):
+        assert g_.dtype == torch.float32 and ((g_ - w).norm() / w.norm()).item() < tol

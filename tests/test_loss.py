@@ -102,8 +102,15 @@ def test_linear_cross_entropy_through_onednn_and_under_autocast():
     # An fp16 model, whose unscaled chunk gradients could underflow, takes the plain loss.
     fp16 = [t.detach().half().requires_grad_() for t in case[:2]]
     assert torch.equal(linear_cross_entropy(*fp16, None, case[3], chunk_rows=8), plain(*fp16, None, case[3]))
-    # Under autocast it is the plain loss, bit for bit.
+    # Under bf16 autocast: bf16 products, as autocast's plain loss, with float32 gradients.
     with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, want_grads = _loss_and_grads(plain, *case)
+        got, got_grads = _loss_and_grads(lambda *a: linear_cross_entropy(*a, chunk_rows=8), *case)
+    assert abs(got.item() - want.item()) < 1e-2
+    for g, w in zip(got_grads, want_grads):
+        assert g.dtype == torch.float32 and (g - w).norm() / w.norm() < 2e-2
+    # fp16 autocast takes the plain loss.
+    with torch.autocast("cpu", dtype=torch.float16):
         want, want_grads = _loss_and_grads(plain, *case)
         got, got_grads = _loss_and_grads(lambda *a: linear_cross_entropy(*a, chunk_rows=8), *case)
     assert torch.equal(got, want) and all(torch.equal(g, w) for g, w in zip(got_grads, want_grads))

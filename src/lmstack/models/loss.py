@@ -8,9 +8,10 @@ states and the head's weights at once, inside forward, and its logits are freed 
 a CPU it also saves time: the plain loss's log-softmax, its backward and the zero-filled gradient it scatters
 into were 8-10% of the training step of BENCHMARKS.md's small Llama.
 
-It is used in eager float32 (and bf16 or fp32 models without autocast). Under autocast, and under
-torch.compile (which fuses the plain loss itself, and would recompile for every new number of chunks), the
-loss is the plain one.
+It is used in eager float32 and bf16 (a bf16 model, or bf16 autocast: products in bf16, the loss, its
+softmax and the weight gradient's sum in float32, as autocast computes the plain loss). In fp16, whose
+unscaled chunk gradients could underflow before the loss scale reaches them, and under torch.compile, which
+fuses the plain loss itself (and would recompile for every new number of chunks), the loss is the plain one.
 """
 
 from __future__ import annotations
@@ -22,20 +23,19 @@ import torch.nn.functional as F
 # efficient. At least MIN_ROWS rows, since every chunk also reads and writes the whole weight gradient.
 CHUNK_ELEMENTS = {"cpu": 2**22}
 DEFAULT_CHUNK_ELEMENTS = 2**26
-MIN_ROWS = 256
+MIN_ROWS = 512
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                          targets: torch.Tensor, chunk_rows: int | None = None) -> torch.Tensor:
     """`F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, ignore_index=-100)` (the mean over
     targets that are not -100) without holding all the logits: `hidden` [N, C], `weight` [V, C], `targets`
-    [N]. Under autocast, in fp16 and when compiling, it is the plain loss: fp16's unscaled gradients could
-    underflow in the chunks; under bf16 autocast the chunks' weight gradients, added up in float32, made the
-    step 0.53x the plain one on a CPU (a GPU is not measured yet)."""
-    if (torch.is_autocast_enabled(hidden.device.type) or hidden.dtype == torch.float16
-            or torch.compiler.is_compiling()):
+    [N]. In fp16 (a model or autocast) and when compiling it is the plain loss."""
+    device = hidden.device.type
+    if (hidden.dtype == torch.float16 or torch.compiler.is_compiling() or torch.is_autocast_enabled(device)
+            and torch.get_autocast_dtype(device) != torch.bfloat16):
         return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, ignore_index=-100)
-    rows = chunk_rows or max(MIN_ROWS, CHUNK_ELEMENTS.get(hidden.device.type, DEFAULT_CHUNK_ELEMENTS) // weight.shape[0])
+    rows = chunk_rows or max(MIN_ROWS, CHUNK_ELEMENTS.get(device, DEFAULT_CHUNK_ELEMENTS) // weight.shape[0])
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     if not wants_grad:
@@ -52,12 +52,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, rows):
         want_h, want_w, want_b = ctx.needs_input_grad[:3]
-        dtype = hidden.dtype
-        w = weight.to(dtype)  # no-ops unless a bf16 model has a float32 head
+        # The products' dtype: autocast's bf16, else the hidden states'. Cast once, not per chunk.
+        dtype = torch.bfloat16 if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
+        w = weight.to(dtype)
         b = bias.to(dtype) if bias is not None else None
-        # The weight gradient accumulates inside the product (addmm_) where nothing reroutes F.linear (oneDNN's
-        # mode, `lmstack.onednn`); elsewhere a product and an add.
-        in_place = dtype == torch.float32 and not torch._C._is_torch_function_mode_enabled()
         valid = targets != -100
         n = valid.sum()
         n_or_1 = n.clamp(min=1)  # no target at all: zero gradients, as the plain loss's
@@ -71,7 +69,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # scale the small [rows, C] factors of the products, not the [rows, V] logits.
             scale = (valid[start:start + rows] / n_or_1).unsqueeze(1)
             t = targets[start:start + rows].clamp(min=0).unsqueeze(1)  # ignored rows pick class 0, weight 0
-            logits = F.linear(h, w, b).float()
+            logits = F.linear(h.to(dtype), w, b).float()
             log_probs = torch.log_softmax(logits, dim=-1, out=logits)  # in place: one [rows, V] buffer a chunk
             total -= (log_probs.gather(1, t) * scale).sum()
             probs = log_probs.exp_()
@@ -81,12 +79,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             probs = probs.to(dtype)
             if want_h:
                 grad_h[start:start + rows] = F.linear(probs, w.t()) * scale
-            if want_w:
+            if want_w:  # summed in float32: in the product itself (addmm_), or a bf16 product added
                 h_scaled = (h * scale).to(dtype)
-                if in_place:
+                if dtype == torch.float32:
                     grad_w.addmm_(probs.t(), h_scaled)
-                else:  # computed as [C, V]: C rows make the faster product for oneDNN (`lmstack.onednn`)
-                    grad_w += F.linear(h_scaled.t(), probs.t()).t()
+                else:
+                    grad_w += torch.mm(probs.t(), h_scaled)
         ctx.save_for_backward(*(g for g in (grad_h, grad_w, grad_b) if g is not None))
         ctx.wanted = (want_h, want_w, want_b)
         ctx.weight_dtype = weight.dtype
