@@ -171,3 +171,48 @@ def test_generative_classification_keeps_the_end_of_a_text_longer_than_the_conte
     model, tok = lmstack.load_model(model_dir), lmstack.load_tokenizer(model_dir)
     long = "word " * (2 * model.config.block_size)
     assert predict_labels(model, tok, [long, "short"], ["yes", "no"]) [0] in ("yes", "no")
+
+
+def test_a_recurrent_lm_is_scored_by_perplexity_and_refused_by_generate(tmp_path, capsys):
+    """An LSTM is a language model: `eval perplexity` scores it (as the Python function does); `generate`,
+    whose engine runs Transformers, says so and names the function that continues one."""
+    from lmstack.evaluate import perplexity
+    from lmstack.models import build_model
+
+    text = "To be, or not to be, that is the question.\n" * 20
+    tok = lmstack.Tokenizer.train([text], vocab_size=300)
+    torch.manual_seed(0)
+    model = build_model(lmstack.ModelConfig(arch="lstm", vocab_size=300, n_embd=16, n_head=1, n_layer=1,
+                                            block_size=64)).eval()
+    lmstack.save_model(model, tmp_path / "lstm", tokenizer=tok)
+    data = tmp_path / "held-out.txt"
+    data.write_text(text)
+    assert main(["eval", "perplexity", "--model", str(tmp_path / "lstm"), "--data", str(data)]) in (0, None)
+    reported = json.loads(capsys.readouterr().out)
+    assert reported["perplexity"] == pytest.approx(perplexity(model, tok, text).perplexity, rel=1e-5)
+    err = one_error_line(capsys, "generate", "--model", tmp_path / "lstm", "ROMEO:")
+    assert "a recurrent LM (arch 'lstm'); generation runs Transformer models" in err and "generate_ids" in err
+
+
+def test_a_missing_chat_template_says_how_to_get_one(model_dir, capsys):
+    for argv in (["generate", "--model", model_dir, "--chat", "hi"], ["chat", "--model", model_dir]):
+        assert "lmstack tokenizer train --chat-template chatml" in one_error_line(capsys, *argv)
+
+
+@pytest.mark.parametrize("argv", [["pretrain"], ["pretrain", "--config", "recipes/demo.yaml", "--max_steps"],
+                                  ["pretrain", "--config", "recipes/demo.yaml", "max_steps", "10"]])
+def test_a_malformed_command_line_exits_2(argv, capsys, monkeypatch):
+    from tests.conftest import REPO
+
+    monkeypatch.chdir(REPO)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0]
+
+
+def test_an_unknown_flag_names_its_verbs_help(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--model", "m", "hi", "--temprature", "0.5"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.strip() == (
+        "error: lmstack generate: unrecognized arguments: --temprature 0.5 (see lmstack generate --help)")

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from lmstack.errors import LMStackError
+from lmstack.errors import LMStackError, UsageError
 
 
 def _at_least(value: int | None, minimum: int, flag: str) -> None:
@@ -83,14 +83,21 @@ def _check_result_file(output: str | None, inputs: list[str], flag: str = "--out
         raise LMStackError(f"{flag} {output}: no directory {out.parent} to write it in")
 
 
-def _load_lm(path: str | os.PathLike, flag: str, purpose: str, **kwargs):
+def _load_lm(path: str | os.PathLike, flag: str, purpose: str, recurrent_ok: bool = False, **kwargs):
     """`load_model(path)`, refused with the verb that takes it when it is a classification or reward model
-    (a score head in place of the language-model head), which cannot be used for `purpose`."""
+    (a score head in place of the language-model head), which cannot be used for `purpose`; a recurrent LM
+    only where `recurrent_ok`."""
     from lmstack.checkpoints import load_model
     from lmstack.models.decoder import DecoderLM
+    from lmstack.models.rnn import RNNLM
 
     model = load_model(path, **kwargs)
-    if not isinstance(model, DecoderLM):
+    if isinstance(model, RNNLM) and not recurrent_ok:
+        hint = (" (in Python, lmstack.generate.generate_ids(model, prompt_ids, n) continues a recurrent LM)"
+                if purpose == "generation" else "")
+        raise LMStackError(f"{flag} {path}: a recurrent LM (arch {model.config.arch!r}); {purpose} runs "
+                           f"Transformer models{hint}")
+    if not isinstance(model, (DecoderLM, RNNLM)):
         labels = getattr(model, "labels", None)
         what = f"a classification model (a score head over {len(labels)} labels)" if labels else type(model).__name__
         raise LMStackError(f"{flag} {path}: {what}, with no language-model head for {purpose}; it scores texts "
@@ -191,8 +198,8 @@ def _convert(args: argparse.Namespace) -> None:
         save_gguf(model, tokenizer, dst, tensor_type=args.gguf_type or "f32")
     else:
         save_model(model, dst, tokenizer=tokenizer, max_shard_size=args.max_shard_size or "5GB")
-    weights = next(model.parameters())
-    print(f"wrote {dst} ({sum(p.numel() for p in model.parameters()):,} parameters, {weights.dtype})")
+    stored = f"{args.gguf_type or 'f32'} GGUF" if dst.suffix == ".gguf" else str(next(model.parameters()).dtype)
+    print(f"wrote {dst} ({sum(p.numel() for p in model.parameters()):,} parameters, {stored})")
 
 
 def _note_not_utf8(files: list[str], replaced: int) -> None:
@@ -259,7 +266,7 @@ def _pretrain(args: argparse.Namespace, overrides: list[str]) -> None:
         overrides = [*overrides, "--out_dir", str(run)]
     else:
         if not args.config and not overrides:
-            raise LMStackError("give a recipe with --config, or --key value settings")
+            raise UsageError("give a recipe with --config, or --key value settings")
         config_path = args.config
     if args.config and Path(args.config).is_file():
         _read_text_file(args.config, "--config", "a YAML recipe")
@@ -339,7 +346,7 @@ def _eval_perplexity(args: argparse.Namespace) -> None:
 
     _at_least(args.max_chars, 1, "--max-chars")
     _check_model(args.model)
-    model = _load_lm(args.model, "--model", "perplexity", dtype="float32", device=args.device)
+    model = _load_lm(args.model, "--model", "perplexity", recurrent_ok=True, dtype="float32", device=args.device)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     stats = ReadStats()
     text = "\n\n".join(iter_texts(args.data, args.text_field, args.on_bad_record, stats=stats, hint=SKIP_HINT))
@@ -523,7 +530,8 @@ def _chat(args: argparse.Namespace) -> None:
                            "oldest turns")
     engine = _load_engine(args)
     if engine.tokenizer.chat_template is None:
-        raise LMStackError(f"{args.tokenizer or args.model}: the tokenizer has no chat template")
+        raise LMStackError(f"{args.tokenizer or args.model}: the tokenizer has no chat template (train one with "
+                           "`lmstack tokenizer train --chat-template chatml`)")
     from lmstack.generate.sampling import reply_room
 
     params = _stop_at_end_of_turn(params, engine.tokenizer)
@@ -906,10 +914,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parser_of(parser: argparse.ArgumentParser, func) -> argparse.ArgumentParser | None:
+    """The (sub)parser whose verb runs `func`, so a usage error names that verb's own help."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found = _parser_of(sub, func)
+                if found is not None:
+                    return found
+    return parser if parser.get_default("func") is func else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args, extra = build_parser().parse_known_args(argv)
-    if extra and not getattr(args, "takes_overrides", False):
-        build_parser().parse_args(argv)  # reports the unknown arguments and exits
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "takes_overrides", False):  # exits 2, naming the verb's help
+        (_parser_of(parser, args.func) or parser).error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         if getattr(args, "takes_overrides", False):
             args.func(args, extra)
@@ -919,7 +939,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, UsageError) else 1
     except UnicodeDecodeError as e:  # a last resort: a file read as text that is not UTF-8
         if args.debug:
             raise

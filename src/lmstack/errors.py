@@ -7,3 +7,8 @@ traceback.
 
 class LMStackError(Exception):
     """Bad input: a file, key, shape or option that lmstack cannot use. The message says which and why."""
+
+
+class UsageError(LMStackError):
+    """A malformed command line (a flag without its value, no settings at all): the CLI exits 2, as argparse
+    does for its own usage errors."""

@@ -573,8 +573,9 @@ class Tokenizer:
             return self.chat_templates["tool_use"]
         if self.chat_template is None:
             names = f" (named ones: {sorted(self.chat_templates)}; pass chat_template=NAME)" if self.chat_templates else ""
-            raise LMStackError(f"this tokenizer has no default chat template{names} (pass chat_template=..., or "
-                               "train with chat_template='chatml')")
+            raise LMStackError(f"this tokenizer has no default chat template{names}: train it with one "
+                               "(`lmstack tokenizer train --chat-template chatml`, or Tokenizer.train(..., "
+                               "chat_template='chatml')), or pass chat_template=... in Python")
         return self.chat_template
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from lmstack.config import ModelConfig
-from lmstack.errors import LMStackError
+from lmstack.errors import LMStackError, UsageError
 
 TASKS = ("pretrain", "sft", "classify", "reward", "dpo", "ipo", "kto", "orpo", "simpo", "grpo")
 
@@ -269,14 +269,14 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     while i < len(pairs):
         key = pairs[i]
         if not key.startswith("--"):
-            raise LMStackError(f"expected --key value, got {key!r}")
+            raise UsageError(f"expected --key value, got {key!r}")
         key = key[2:]
         if "=" in key:
             key, value = key.split("=", 1)
             i += 1
         else:
             if i + 1 >= len(pairs):
-                raise LMStackError(f"--{key} needs a value")
+                raise UsageError(f"--{key} needs a value")
             value = pairs[i + 1]
             i += 2
         key = key.replace("-", "_")
