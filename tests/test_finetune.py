@@ -365,8 +365,8 @@ def test_grpo_scores_at_its_sampling_temperature_and_passes_chat_prompts_as_mess
     assert token_logprobs(model, torch.zeros(1, 1, dtype=torch.long), torch.tensor([[1]]), 0.5).item() == \
         pytest.approx((logits / 0.5).log_softmax(-1)[0, 0, 1].item())
     temperatures = []
-    monkeypatch.setattr(tasks, "token_logprobs", lambda m, i, la, t=1.0: (temperatures.append(t),
-                                                                          token_logprobs(m, i, la, t))[1])
+    monkeypatch.setattr(tasks, "token_logprobs", lambda m, i, la, t=1.0, head=None: (
+        temperatures.append(t), token_logprobs(m, i, la, t, head=head))[1])
     reward = tmp_path / "reward.py"
     reward.write_text("def reward(prompt, completion, record):\n"
                       "    assert prompt == record['prompt'] and prompt[0]['role'] == 'user', prompt\n"

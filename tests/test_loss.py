@@ -138,3 +138,54 @@ def test_decoder_loss_without_logits_equals_the_plain_loss(preset):
         assert logits is not None and none is None
         assert torch.allclose(got, want, atol=1e-6)
         assert all(torch.allclose(got_grads[n], g, atol=1e-6) for n, g in want_grads.items())
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_token_logprobs_equal_the_plain_ones_and_their_gradients(temperature, bias):
+    """Per-token log-probabilities (preference training's) with a per-token upstream gradient, which the
+    recomputing backward must follow; ignored tokens are 0 and get no gradient."""
+    from lmstack.models.loss import linear_token_logprobs
+
+    case = _case(bias)
+    upstream = torch.randn(37, generator=torch.Generator().manual_seed(1))
+
+    def plain_logprobs(hidden, weight, b, targets):
+        logp = (F.linear(hidden, weight, b).float() / temperature).log_softmax(-1)
+        return logp.gather(-1, targets.clamp(min=0)[:, None]).squeeze(-1) * (targets != -100)
+
+    want, want_grads = _loss_and_grads(lambda *a: (plain_logprobs(*a) * upstream).sum(), *case)
+    got, got_grads = _loss_and_grads(
+        lambda *a: (linear_token_logprobs(*a, temperature=temperature, chunk_rows=10) * upstream).sum(), *case)
+    assert torch.allclose(got, want, atol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+        assert torch.allclose(g, w, atol=1e-6)
+    values = linear_token_logprobs(*case, temperature=temperature, chunk_rows=10)
+    assert torch.allclose(values, plain_logprobs(*case), atol=1e-6) and (values[case[3] == -100] == 0).all()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 products, float32 gradients
+        got, got_grads = _loss_and_grads(
+            lambda *a: (linear_token_logprobs(*a, temperature=temperature, chunk_rows=10) * upstream).sum(), *case)
+    assert abs(got.item() - want.item()) < 0.1
+    for g, w in zip(got_grads, want_grads):
+        assert g.dtype == torch.float32 and (g - w).norm() / w.norm() < 3e-2
+
+
+def test_token_logprobs_through_the_head_equal_the_full_logits():
+    """`token_logprobs(..., head=model.lm_head)` (DPO's and GRPO's) against the full-logits path, gradients
+    of every parameter included (the tied head too)."""
+    from lmstack.train.preference import token_logprobs
+
+    torch.manual_seed(0)
+    model = DecoderLM(ModelConfig.from_name("tiny-llama"))
+    ids = torch.randint(0, 256, (3, 10))
+    labels = ids.roll(-1, 1)
+    labels[:, :4] = -100
+    results = []
+    for head in (None, model.lm_head):
+        model.zero_grad(set_to_none=True)
+        logp = token_logprobs(model, ids, labels, 0.9, head=head)
+        (logp.sum(-1) * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
+        results.append((logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (want, want_grads), (got, got_grads) = results
+    assert torch.allclose(got, want, atol=1e-5)
+    assert all(torch.allclose(got_grads[n], g, atol=1e-6) for n, g in want_grads.items())

@@ -46,27 +46,73 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     return _LinearCrossEntropy.apply(hidden, weight, bias, targets, rows)
 
 
+def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                          targets: torch.Tensor, temperature: float = 1.0,
+                          chunk_rows: int | None = None) -> torch.Tensor:
+    """`log_softmax(F.linear(hidden, weight, bias).float() / temperature)` at each target [N] (0 where the
+    target is -100), what preference training scores sequences by, without holding all the logits. Its
+    upstream gradient is per token, so backward recomputes each chunk's logits (one more product than the
+    plain way). For bf16 and float32 with gradients; elsewhere the plain computation."""
+    device = hidden.device.type
+    rows = chunk_rows or max(MIN_ROWS, CHUNK_ELEMENTS.get(device, DEFAULT_CHUNK_ELEMENTS) // weight.shape[0])
+    wants_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if (not wants_grad or hidden.dtype == torch.float16 or torch.compiler.is_compiling()
+            or torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != torch.bfloat16):
+        logits = F.linear(hidden, weight, bias).float()
+        logp = (logits / temperature if temperature != 1.0 else logits).log_softmax(dim=-1)
+        return logp.gather(-1, targets.clamp(min=0)[:, None]).squeeze(-1) * (targets != -100)
+    return _LinearTokenLogprobs.apply(hidden, weight, bias, targets, float(temperature), rows)
+
+
+def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The products' dtype: autocast's bf16 (the only autocast these functions take), else the hidden states'."""
+    return torch.bfloat16 if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
+
+
+def _add_chunk_grads(grad_logits: torch.Tensor, scale: torch.Tensor, h: torch.Tensor, w: torch.Tensor,
+                     start: int, grads: tuple) -> None:
+    """Add one chunk's share to (grad_h, grad_w, grad_b) (None where not wanted), given the gradient of the
+    chunk's logits as `grad_logits * scale`: the [rows, V] float32 part and a [rows, 1] factor applied to the
+    small [rows, C] sides of the products instead. The weight gradient sums in float32: inside the product
+    (addmm_) in float32, a bf16 product added otherwise."""
+    grad_h, grad_w, grad_b = grads
+    if grad_b is not None:
+        grad_b += scale.squeeze(1) @ grad_logits
+    g = grad_logits.to(w.dtype)
+    if grad_h is not None:
+        grad_h[start:start + len(h)] = F.linear(g, w.t()) * scale
+    if grad_w is not None:
+        h_scaled = (h * scale).to(w.dtype)
+        if w.dtype == torch.float32:
+            grad_w.addmm_(g.t(), h_scaled)
+        else:
+            grad_w += torch.mm(g.t(), h_scaled)
+
+
+def _grad_buffers(hidden, weight, wanted) -> tuple:
+    want_h, want_w, want_b = wanted
+    return (torch.empty_like(hidden) if want_h else None,
+            torch.zeros_like(weight, dtype=torch.float32) if want_w else None,
+            hidden.new_zeros(weight.shape[0], dtype=torch.float32) if want_b else None)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Forward computes the loss and, chunk by chunk, the gradients it will return; backward scales them."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, rows):
-        want_h, want_w, want_b = ctx.needs_input_grad[:3]
-        # The products' dtype: autocast's bf16, else the hidden states'. Cast once, not per chunk.
-        dtype = torch.bfloat16 if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
-        w = weight.to(dtype)
+        dtype = _compute_dtype(hidden)
+        w = weight.to(dtype)  # cast once, not per chunk
         b = bias.to(dtype) if bias is not None else None
         valid = targets != -100
         n = valid.sum()
         n_or_1 = n.clamp(min=1)  # no target at all: zero gradients, as the plain loss's
-        grad_h = torch.empty_like(hidden) if want_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if want_w else None
-        grad_b = hidden.new_zeros(weight.shape[0], dtype=torch.float32) if want_b else None
+        grads = _grad_buffers(hidden, weight, ctx.needs_input_grad[:3])
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, hidden.shape[0], rows):
             h = hidden[start:start + rows]
-            # d loss / d logits is (softmax - one_hot) / n on valid rows and 0 on ignored ones: the mask and 1/n
-            # scale the small [rows, C] factors of the products, not the [rows, V] logits.
+            # d loss / d logits is (softmax - one_hot) / n on valid rows and 0 on ignored ones
             scale = (valid[start:start + rows] / n_or_1).unsqueeze(1)
             t = targets[start:start + rows].clamp(min=0).unsqueeze(1)  # ignored rows pick class 0, weight 0
             logits = F.linear(h.to(dtype), w, b).float()
@@ -74,19 +120,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total -= (log_probs.gather(1, t) * scale).sum()
             probs = log_probs.exp_()
             probs.scatter_add_(1, t, torch.full_like(t, -1, dtype=probs.dtype))
-            if want_b:
-                grad_b += scale.squeeze(1) @ probs
-            probs = probs.to(dtype)
-            if want_h:
-                grad_h[start:start + rows] = F.linear(probs, w.t()) * scale
-            if want_w:  # summed in float32: in the product itself (addmm_), or a bf16 product added
-                h_scaled = (h * scale).to(dtype)
-                if dtype == torch.float32:
-                    grad_w.addmm_(probs.t(), h_scaled)
-                else:
-                    grad_w += torch.mm(probs.t(), h_scaled)
-        ctx.save_for_backward(*(g for g in (grad_h, grad_w, grad_b) if g is not None))
-        ctx.wanted = (want_h, want_w, want_b)
+            _add_chunk_grads(probs, scale, h, w, start, grads)
+        ctx.save_for_backward(*(g for g in grads if g is not None))
+        ctx.wanted = [g is not None for g in grads]
         ctx.weight_dtype = weight.dtype
         return total / n.clamp(max=1)  # the plain mean's NaN when no target counts (0 / 0), else total
 
@@ -100,3 +136,44 @@ class _LinearCrossEntropy(torch.autograd.Function):
             return None if grad is None else (grad * grad_loss).to(ctx.weight_dtype)
         return (grad_h * grad_loss if grad_h is not None else None,
                 scaled(grad_w), scaled(grad_b), None, None)
+
+
+class _LinearTokenLogprobs(torch.autograd.Function):
+    """Forward keeps each row's log-normaliser; backward recomputes the chunks' logits from it."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, rows):
+        dtype = _compute_dtype(hidden)
+        w = weight.to(dtype)
+        b = bias.to(dtype) if bias is not None else None
+        picked = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+        lse = torch.empty_like(picked)
+        for start in range(0, hidden.shape[0], rows):
+            t = targets[start:start + rows].clamp(min=0).unsqueeze(1)
+            z = F.linear(hidden[start:start + rows].to(dtype), w, b).float().div_(temperature)
+            z_t = z.gather(1, t).squeeze(1)
+            log_p_t = torch.log_softmax(z, dim=-1, out=z).gather(1, t).squeeze(1)
+            picked[start:start + rows], lse[start:start + rows] = log_p_t, z_t - log_p_t
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.temperature, ctx.rows, ctx.dtype = temperature, rows, dtype
+        return picked * (targets != -100)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        w = weight.to(ctx.dtype)
+        b = bias.to(ctx.dtype) if bias is not None else None
+        # d log p_t / d logits = (one_hot - softmax) / temperature, times the token's upstream gradient
+        factor = (grad_out * (targets != -100) / ctx.temperature).float()
+        grads = _grad_buffers(hidden, weight, ctx.needs_input_grad[:3])
+        for start in range(0, hidden.shape[0], ctx.rows):
+            h = hidden[start:start + ctx.rows]
+            t = targets[start:start + ctx.rows].clamp(min=0).unsqueeze(1)
+            z = F.linear(h.to(ctx.dtype), w, b).float().div_(ctx.temperature)
+            grad_logits = z.sub_(lse[start:start + ctx.rows, None]).exp_().neg_()  # -softmax, in place
+            grad_logits.scatter_add_(1, t, torch.ones_like(t, dtype=grad_logits.dtype))
+            _add_chunk_grads(grad_logits, factor[start:start + ctx.rows, None], h, w, start, grads)
+        grad_h, grad_w, grad_b = grads
+        return (grad_h, grad_w.to(weight.dtype) if grad_w is not None else None,
+                grad_b.to(weight.dtype) if grad_b is not None else None, None, None, None)

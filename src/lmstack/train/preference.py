@@ -9,20 +9,28 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lmstack.models.loss import linear_token_logprobs
+
 
 def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
-                   temperature: float = 1.0) -> torch.Tensor:
+                   temperature: float = 1.0, head: torch.nn.Module | None = None) -> torch.Tensor:
     """Log-probability of each label token [B, T] (0 where the label is -100); label[t] is the token after
-    input_ids[t]. `temperature` scores under the distribution tokens were sampled from (GRPO's, as TRL's)."""
+    input_ids[t]. `temperature` scores under the distribution tokens were sampled from (GRPO's, as TRL's).
+    Given the model's output `head` (an `nn.Linear`) and a gradient to compute, the hidden states go through
+    it a chunk at a time (`linear_token_logprobs`), never holding all the logits."""
+    if head is not None and type(head) is torch.nn.Linear and torch.is_grad_enabled():
+        hidden = model(input_ids, return_hidden=True)
+        logp = linear_token_logprobs(hidden.flatten(0, 1), head.weight, head.bias, labels.flatten(), temperature)
+        return logp.view_as(labels)
     logits = model(input_ids).float()
     logp = (logits / temperature if temperature != 1.0 else logits).log_softmax(dim=-1)
     return logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) * (labels != -100)
 
 
-def sequence_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum, mean) log-probability of the labelled tokens of each sequence."""
-    total = token_logprobs(model, input_ids, labels).sum(-1)
+def sequence_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
+                      head: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum, mean) log-probability of the labelled tokens of each sequence (`head` as in `token_logprobs`)."""
+    total = token_logprobs(model, input_ids, labels, head=head).sum(-1)
     return total, total / (labels != -100).sum(-1).clamp(min=1)
 
 

@@ -352,7 +352,7 @@ class PreferenceTask(Task):
             chosen, rejected = scores.chunk(2)
             return preference.bradley_terry_loss(chosen, rejected), {"accuracy": (chosen > rejected).float().mean()}
         ids, labels = batch["input_ids"], batch["labels"]
-        total, mean = preference.sequence_logprobs(model, ids, labels)
+        total, mean = preference.sequence_logprobs(model, ids, labels, head=getattr(self.policy, "lm_head", None))
         if self.name == "kto":
             n = len(batch["desirable"])
             ref = self._reference_logprobs(batch)
@@ -526,7 +526,7 @@ class GRPOTask(Task):
         mask = labels != -100
         # Scored at the sampling temperature, as TRL does: the policy gradient is that of the distribution the
         # completions came from, and the KL is measured between those distributions.
-        logp = token_logprobs(model, ids, labels, self.temperature)
+        logp = token_logprobs(model, ids, labels, self.temperature, head=getattr(self.policy, "lm_head", None))
         ratio = torch.exp(logp - logp.detach())
         per_token = -ratio * advantages[:, None]
         metrics = {"reward": rewards.mean()}
