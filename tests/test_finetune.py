@@ -272,9 +272,11 @@ def test_mean_over_processes_on_two_gloo_processes(tmp_path):
     assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)] == [[3.0, 1.0]] * 2
 
 
-def test_dpo_under_fsdp_with_two_processes_matches_one(base, tmp_path):
-    """Policy and frozen reference both sharded over two gloo processes: the losses of one process with the
-    same global batch, within 1e-5."""
+@pytest.mark.parametrize("distributed", ["fsdp", "ddp"])
+def test_dpo_with_two_processes_matches_one(base, tmp_path, distributed):
+    """Over two gloo processes, DDP, or FSDP with policy and frozen reference both sharded: the losses of one
+    process with the same global batch, within 1e-5 (the policy's tokens are scored through its output head
+    outside the wrapped forward, which both wrappers must see)."""
     import os
     import subprocess
     import sys
@@ -283,7 +285,7 @@ def test_dpo_under_fsdp_with_two_processes_matches_one(base, tmp_path):
     settings = dict(max_steps=4, eval_interval=2, learning_rate=1e-3)
     _, one = _run(base, tmp_path / "one", "dpo", data, batch_size=4, **settings)
     args = ["finetune", "dpo", "--model", str(base), "--data", str(data), "--out_dir", str(tmp_path / "two"),
-            "--batch_size", "2", "--distributed", "fsdp", "--block_size", "64", "--learning_rate", "1e-3",
+            "--batch_size", "2", "--distributed", distributed, "--block_size", "64", "--learning_rate", "1e-3",
             "--min_lr", "3e-4", "--warmup_steps", "2", "--max_steps", "4", "--eval_interval", "2",
             "--eval_batches", "4", "--log_interval", "1", "--checkpoint_interval", "100", "--progress", "false",
             "--weight_decay", "0.0", "--val_fraction", "0.1", "--precision", "fp32", "--device", "cpu"]
