@@ -162,6 +162,9 @@ def test_linear_token_logprobs_equal_the_plain_ones_and_their_gradients(temperat
         assert torch.allclose(g, w, atol=1e-6)
     values = linear_token_logprobs(*case, temperature=temperature, chunk_rows=10)
     assert torch.allclose(values, plain_logprobs(*case), atol=1e-6) and (values[case[3] == -100] == 0).all()
+    with torch.no_grad():  # a reference model's: chunk by chunk, no graph
+        scored = linear_token_logprobs(*case, temperature=temperature, chunk_rows=10)
+    assert torch.allclose(scored, plain_logprobs(*case), atol=1e-6) and not scored.requires_grad
     with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 products, float32 gradients
         got, got_grads = _loss_and_grads(
             lambda *a: (linear_token_logprobs(*a, temperature=temperature, chunk_rows=10) * upstream).sum(), *case)

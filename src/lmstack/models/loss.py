@@ -52,17 +52,23 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
     """`log_softmax(F.linear(hidden, weight, bias).float() / temperature)` at each target [N] (0 where the
     target is -100), what preference training scores sequences by, without holding all the logits. Its
     upstream gradient is per token, so backward recomputes each chunk's logits (one more product than the
-    plain way). For bf16 and float32 with gradients; elsewhere the plain computation."""
+    plain way). Without a gradient (a reference model) the chunks are scored and freed one by one. fp16 and
+    compiled runs get the plain computation."""
     device = hidden.device.type
     rows = chunk_rows or max(MIN_ROWS, CHUNK_ELEMENTS.get(device, DEFAULT_CHUNK_ELEMENTS) // weight.shape[0])
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if (not wants_grad or hidden.dtype == torch.float16 or torch.compiler.is_compiling()
+    if (hidden.dtype == torch.float16 or torch.compiler.is_compiling()
             or torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != torch.bfloat16):
-        logits = F.linear(hidden, weight, bias).float()
-        logp = (logits / temperature if temperature != 1.0 else logits).log_softmax(dim=-1)
-        return logp.gather(-1, targets.clamp(min=0)[:, None]).squeeze(-1) * (targets != -100)
-    return _LinearTokenLogprobs.apply(hidden, weight, bias, targets, float(temperature), rows)
+        rows = hidden.shape[0] or 1  # the plain computation: one chunk
+    elif wants_grad:
+        return _LinearTokenLogprobs.apply(hidden, weight, bias, targets, float(temperature), rows)
+    picked = []
+    for h, t in zip(hidden.split(rows), targets.split(rows)):
+        z = F.linear(h, weight, bias).float()
+        log_p = (z / temperature if temperature != 1.0 else z).log_softmax(dim=-1)
+        picked.append(log_p.gather(-1, t.clamp(min=0)[:, None]).squeeze(-1) * (t != -100))
+    return torch.cat(picked)
 
 
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:

@@ -16,9 +16,9 @@ def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, labels: torc
                    temperature: float = 1.0, head: torch.nn.Module | None = None) -> torch.Tensor:
     """Log-probability of each label token [B, T] (0 where the label is -100); label[t] is the token after
     input_ids[t]. `temperature` scores under the distribution tokens were sampled from (GRPO's, as TRL's).
-    Given the model's output `head` (an `nn.Linear`) and a gradient to compute, the hidden states go through
-    it a chunk at a time (`linear_token_logprobs`), never holding all the logits."""
-    if head is not None and type(head) is torch.nn.Linear and torch.is_grad_enabled():
+    Given the model's output `head` (an `nn.Linear`), the hidden states go through it a chunk at a time
+    (`linear_token_logprobs`), never holding all the logits."""
+    if head is not None and type(head) is torch.nn.Linear:
         hidden = model(input_ids, return_hidden=True)
         logp = linear_token_logprobs(hidden.flatten(0, 1), head.weight, head.bias, labels.flatten(), temperature)
         return logp.view_as(labels)

@@ -405,13 +405,14 @@ def reference_token_logprobs(task: Task, ids: torch.Tensor, labels: torch.Tensor
         raise LMStackError(f"{task.name} needs a reference model")
     with torch.no_grad():
         if task.reference is not task.policy:
-            return token_logprobs(task.reference, ids, labels, temperature)
+            return token_logprobs(task.reference, ids, labels, temperature,
+                                  head=getattr(task.reference, "lm_head", None))
         # The base is the policy with its adapters off, and in eval mode: a reference is deterministic.
         was_training = task.policy.training
         set_adapters_enabled(task.policy, False)
         task.policy.eval()
         try:
-            return token_logprobs(task.policy, ids, labels, temperature)
+            return token_logprobs(task.policy, ids, labels, temperature, head=getattr(task.policy, "lm_head", None))
         finally:
             set_adapters_enabled(task.policy, True)
             task.policy.train(was_training)
