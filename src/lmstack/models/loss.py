@@ -31,13 +31,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     """`F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, ignore_index=-100)` (the mean over
     targets that are not -100) without holding all the logits: `hidden` [N, C], `weight` [V, C], `targets`
     [N]. In fp16 (a model or autocast) and when compiling it is the plain loss."""
-    device = hidden.device.type
-    if (hidden.dtype == torch.float16 or torch.compiler.is_compiling() or torch.is_autocast_enabled(device)
-            and torch.get_autocast_dtype(device) != torch.bfloat16):
+    rows, wants_grad = _plan(hidden, weight, bias, chunk_rows)
+    if rows is None:
         return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, ignore_index=-100)
-    rows = chunk_rows or max(MIN_ROWS, CHUNK_ELEMENTS.get(device, DEFAULT_CHUNK_ELEMENTS) // weight.shape[0])
-    wants_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias))
     if not wants_grad:
         n = (targets != -100).sum()
         total = sum(F.cross_entropy(F.linear(h, weight, bias).float(), t, ignore_index=-100, reduction="sum")
@@ -54,12 +50,8 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
     upstream gradient is per token, so backward recomputes each chunk's logits (one more product than the
     plain way). Without a gradient (a reference model) the chunks are scored and freed one by one. fp16 and
     compiled runs get the plain computation."""
-    device = hidden.device.type
-    rows = chunk_rows or max(MIN_ROWS, CHUNK_ELEMENTS.get(device, DEFAULT_CHUNK_ELEMENTS) // weight.shape[0])
-    wants_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias))
-    if (hidden.dtype == torch.float16 or torch.compiler.is_compiling()
-            or torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != torch.bfloat16):
+    rows, wants_grad = _plan(hidden, weight, bias, chunk_rows)
+    if rows is None:
         rows = hidden.shape[0] or 1  # the plain computation: one chunk
     elif wants_grad:
         return _LinearTokenLogprobs.apply(hidden, weight, bias, targets, float(temperature), rows)
@@ -69,6 +61,18 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
         log_p = (z / temperature if temperature != 1.0 else z).log_softmax(dim=-1)
         picked.append(log_p.gather(-1, t.clamp(min=0)[:, None]).squeeze(-1) * (t != -100))
     return torch.cat(picked)
+
+
+def _plan(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+          chunk_rows: int | None) -> tuple[int | None, bool]:
+    """(rows per chunk, or None where the plain computation runs: fp16, non-bf16 autocast, compiling; whether
+    a gradient is wanted)."""
+    device = hidden.device.type
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if (hidden.dtype == torch.float16 or torch.compiler.is_compiling()
+            or torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != torch.bfloat16):
+        return None, wants_grad
+    return chunk_rows or max(MIN_ROWS, CHUNK_ELEMENTS.get(device, DEFAULT_CHUNK_ELEMENTS) // weight.shape[0]), wants_grad
 
 
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:
