@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import lmstack
@@ -19,6 +19,7 @@ from lmstack.train.lora import (
     load_adapter_weights,
     load_peft,
     lora_layers,
+    merge_and_unload,
     merge_lora,
     parameter_counts,
     prepare_qlora,
@@ -542,7 +543,6 @@ def test_rslora_adapters_of_lmstack_load_in_peft(hf_base, tmp_path):
     ({"lora_bias": True}, r"PEFT setting lora_bias=True \(a bias on lora_B\)"),
     ({"bias": "lora_only", "lora_bias": True},
      r"PEFT settings lora_bias=True \(a bias on lora_B\), bias='lora_only' \(trained biases\)"),
-    ({"modules_to_save": ["lm_head"]}, r"modules_to_save=\['lm_head'\]"),
 ])
 def test_load_peft_refuses_settings_it_cannot_apply(hf_base, tmp_path, settings, message):
     _peft_adapter(hf_base, tmp_path, **settings)
@@ -563,13 +563,137 @@ def test_load_peft_refuses_unknown_settings_and_unused_tensors(hf_base, tmp_path
     with pytest.raises(LMStackError, match="PEFT setting use_some_new_variant=True"):
         load_peft(model, tmp_path)
     config_file.write_text(json.dumps(config))
-    # A tensor the file holds but lmstack would not use (here a trained output head) is named, not dropped.
+    # A tensor the file holds but lmstack would not use (here a bias on B) is named, not dropped.
     tensors = load_file(tmp_path / "adapter_model.safetensors")
-    tensors["base_model.model.lm_head.weight"] = torch.zeros(101, 64)
+    bias = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias"
+    tensors[bias] = torch.zeros(64)
     save_file(tensors, tmp_path / "adapter_model.safetensors")
-    with pytest.raises(LMStackError, match=r"lmstack cannot apply: base_model.model.lm_head.weight$"):
+    with pytest.raises(LMStackError, match=rf"lmstack cannot apply: {bias}$"):
         load_peft(model, tmp_path)
     assert not lora_layers(model)
     apply_lora(model, r=4, alpha=8, targets=("q", "v"))
-    with pytest.raises(LMStackError, match="base_model.model.lm_head.weight"):
+    with pytest.raises(LMStackError, match=bias):
         load_adapter_weights(model, tmp_path)
+
+
+def _hf_llama(path, tie=False, vocab=101):
+    hf_config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(hf_config).save_pretrained(path)
+    return path
+
+
+def _trained_peft(base, path, resize=0, **settings):
+    """A peft adapter on `base` (its vocabulary first grown by `resize` rows) with non-zero B and every module
+    it saves whole changed, saved to `path`; returns the peft model."""
+    from peft import LoraConfig, get_peft_model
+
+    hf = AutoModelForCausalLM.from_pretrained(base)
+    if resize:
+        hf.resize_token_embeddings(hf.config.vocab_size + resize)
+    torch.manual_seed(3)
+    theirs = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], **settings))
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    theirs.save_pretrained(path)
+    return theirs.eval()
+
+
+@pytest.mark.parametrize("tie, settings", [
+    (False, {"modules_to_save": ["lm_head", "embed_tokens", "norm"]}),  # "norm" also ends every layer's norms
+    (True, {"modules_to_save": ["embed_tokens"]}),  # PEFT trains a copy of the embedding: the head is untied
+    (True, {"modules_to_save": ["embed_tokens"], "ensure_weight_tying": True}),  # the copy is both
+], ids=["untied", "tied", "ensure_weight_tying"])
+def test_modules_peft_saved_whole_replace_the_base(tmp_path, tie, settings):
+    import warnings
+
+    base = _hf_llama(tmp_path / "base", tie=tie)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft warns about tied modules
+        theirs = _trained_peft(base, tmp_path / "peft", **settings)
+    ours = load_peft(lmstack.load_model(base), tmp_path / "peft").eval()
+    assert ours.config.tie_embeddings == (tie and settings.get("ensure_weight_tying", False))
+    assert (ours.lm_head.weight is ours.embed.weight) == ours.config.tie_embeddings
+    ids = torch.randint(0, 101, (2, 12))
+    with torch.no_grad():
+        expected = theirs(ids).logits
+        assert (expected - ours(ids)).abs().max() < 1e-4
+    # Saved again by lmstack, the adapter holds the same modules whole: peft and lmstack read the same model.
+    _same_after_save_peft(ours, base, tmp_path / "ours", ids, expected)
+    # Merged and saved as a checkpoint, the whole modules stay: transformers reads the same model.
+    lmstack.save_model(merge_and_unload(ours), tmp_path / "merged")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        assert (again(ids).logits - expected).abs().max() < 1e-4
+
+
+def _same_after_save_peft(model, base, path, ids, expected, resize=0):
+    from peft import PeftModel
+
+    save_peft(model, path)
+    hf = AutoModelForCausalLM.from_pretrained(base)
+    if resize:
+        hf.resize_token_embeddings(hf.config.vocab_size + resize)
+    again = PeftModel.from_pretrained(hf, path).eval()
+    reloaded = load_peft(lmstack.load_model(base), path).eval()
+    with torch.no_grad():
+        assert (again(ids).logits - expected).abs().max() < 1e-4
+        assert (reloaded(ids) - expected).abs().max() < 1e-4
+
+
+def test_an_adapter_with_a_resized_vocabulary_grows_the_model(tmp_path):
+    """Tokens added in finetuning: PEFT saves the grown embedding and head, and lmstack resizes the base to them
+    (transformers would need resize_token_embeddings first)."""
+    base = _hf_llama(tmp_path / "base")
+    theirs = _trained_peft(base, tmp_path / "peft", resize=3, modules_to_save=["embed_tokens", "lm_head"])
+    ours = load_peft(lmstack.load_model(base), tmp_path / "peft").eval()
+    assert ours.config.vocab_size == ours.embed.num_embeddings == ours.lm_head.out_features == 104
+    ids = torch.tensor([[1, 102, 5, 103, 101, 7]])  # the new tokens in and out
+    with torch.no_grad():
+        expected = theirs(ids).logits
+        assert expected.shape[-1] == 104 and (expected - ours(ids)).abs().max() < 1e-4
+    _same_after_save_peft(ours, base, tmp_path / "ours", ids, expected, resize=3)
+
+
+def test_the_embedding_and_head_peft_saves_by_themselves_are_applied(tmp_path):
+    """After a vocabulary resize PEFT saves the embedding and the head even without modules_to_save
+    (save_embedding_layers) and loads them into the base: so does lmstack."""
+    from peft import PeftModel
+
+    base = _hf_llama(tmp_path / "base")
+    _trained_peft(base, tmp_path / "peft")
+    tensors = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    torch.manual_seed(4)
+    tensors["base_model.model.lm_head.weight"] = torch.randn(101, 64)
+    save_file(tensors, tmp_path / "peft" / "adapter_model.safetensors")
+    theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "peft").eval()
+    ours = load_peft(lmstack.load_model(base), tmp_path / "peft").eval()
+    assert torch.equal(ours.lm_head.weight, tensors["base_model.model.lm_head.weight"])
+    ids = torch.randint(0, 101, (2, 12))
+    with torch.no_grad():
+        assert (theirs(ids).logits - ours(ids)).abs().max() < 1e-4
+
+
+def test_whole_modules_that_do_not_fit_are_named(tmp_path):
+    base = _hf_llama(tmp_path / "base")
+    model = lmstack.load_model(base)
+    _trained_peft(base, tmp_path / "a", modules_to_save=["embed_tokens", "no_such_module"])
+    with pytest.raises(LMStackError, match=r"modules_to_save \['no_such_module'\] match no module"):
+        load_peft(model, tmp_path / "a")
+    # The embedding grew but the (untied) head did not come along: the vocabulary sizes cannot agree.
+    _trained_peft(base, tmp_path / "b", resize=3, modules_to_save=["embed_tokens"])
+    tensors = load_file(tmp_path / "b" / "adapter_model.safetensors")
+    tensors.pop("base_model.model.lm_head.weight", None)  # PEFT's save_embedding_layers may have kept it
+    save_file(tensors, tmp_path / "b" / "adapter_model.safetensors")
+    with pytest.raises(LMStackError, match=r"embed_tokens.weight has 104 rows, resized from the base model's 101, "
+                                           r"but the adapter holds no lm_head.weight"):
+        load_peft(model, tmp_path / "b")
+    config = json.loads((tmp_path / "b" / "adapter_config.json").read_text())
+    config["modules_to_save"] = ["q_proj"]
+    (tmp_path / "b" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(LMStackError, match="q_proj is both a LoRA target and in modules_to_save"):
+        load_peft(model, tmp_path / "b")
+    assert not lora_layers(model) and model.config.vocab_size == 101  # left as it was

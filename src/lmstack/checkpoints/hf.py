@@ -600,6 +600,11 @@ def parse_size(size: int | str) -> int:
 def hf_state_dict(model: DecoderLM, lm_head: bool = True) -> dict[str, torch.Tensor]:
     """`model`'s weights under Hugging Face names (fused and transposed where the family wants it);
     `lm_head=False` leaves out the output head."""
+    return hf_tensors(model, weight_rules(model.config, lm_head=lm_head))
+
+
+def hf_tensors(model: torch.nn.Module, rules: Iterable[Rule]) -> dict[str, torch.Tensor]:
+    """The Hugging Face tensors `rules` name, from `model`'s weights (on the CPU)."""
     ours = model.state_dict()
 
     def tensor(name: str) -> torch.Tensor:
@@ -609,7 +614,7 @@ def hf_state_dict(model: DecoderLM, lm_head: bool = True) -> dict[str, torch.Ten
         return ours[name]
 
     out = {}
-    for rule in weight_rules(model.config, lm_head=lm_head):
+    for rule in rules:
         t = torch.cat([tensor(n) for n in rule.ours], dim=0) if len(rule.ours) > 1 else tensor(rule.ours[0])
         out[rule.hf] = (t.t() if rule.transpose else t).detach().contiguous().cpu()
     return out

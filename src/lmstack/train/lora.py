@@ -9,8 +9,9 @@ to the Hugging Face export of the same base model. Where the Hugging Face family
 apart (GPT-2's c_attn, Phi-3's qkv_proj and gate_up_proj), the adapters on the parts are written as one adapter
 on the fused layer, of the summed rank with a block-diagonal B, and read back apart: the outputs are the same.
 `load_peft` reads adapters written by PEFT, with per-module ranks and alphas (`rank_pattern`, `alpha_pattern`),
-DoRA (`use_dora`) included, and refuses, naming the setting, any PEFT option it cannot apply (trained biases,
-`modules_to_save`, ...).
+DoRA (`use_dora`) included, and modules PEFT saved whole (`modules_to_save`, or the token embedding and output
+head after a vocabulary resize), and refuses, naming the setting, any PEFT option it cannot apply (trained
+biases, a bias on B, ...).
 
 QLoRA (Dettmers et al. 2023): `prepare_qlora` first quantizes the frozen base to 4-bit NF4 (`NF4Linear`), then
 adds float32 adapters; the base costs ~4.5 bits per weight while gradients still flow through it to the
@@ -19,6 +20,7 @@ adapters. The adapter files are the same as for a float base, so a QLoRA adapter
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -392,7 +394,8 @@ FUSED_RANKS_KEY = "lmstack.fused_ranks"
 def save_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None,
               head: torch.Tensor | None = None) -> Path:
     """Write the adapters in PEFT's format. The config states every setting that changes what PEFT computes
-    (rslora, DoRA, per-module ranks and alphas; no biases or extra modules), so PEFT applies exactly these.
+    (rslora, DoRA, per-module ranks and alphas; no biases), so PEFT applies exactly these. Modules a loaded
+    adapter held whole (`load_peft`: PEFT's modules_to_save) are written whole again.
     With `head` (a classifier's score weight) it is a SEQ_CLS adapter, the head a module PEFT saves whole, so
     that PEFT's AutoModelForSequenceClassification adapter loads it."""
     if not getattr(model, "lora", None):
@@ -422,6 +425,14 @@ def save_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_path
             adapters[module] = (r, alpha)
     if head is not None:
         tensors[HEAD_KEY] = head.detach().contiguous().cpu()
+    # Modules a loaded adapter held whole (load_peft) are written whole again; a tied head as a copy of its own,
+    # as PEFT writes it.
+    whole_names = list(model.lora.get("modules_to_save") or ())
+    whole_rules = _under(_module_rules(model), whole_names)
+    if whole_rules:
+        from lmstack.checkpoints.hf import hf_tensors
+
+        tensors.update({_key(k): t.clone() for k, t in hf_tensors(model, whole_rules).items()})
     save_file(tensors, str(path / "adapter_model.safetensors"),
               metadata={"format": "pt", FUSED_RANKS_KEY: json.dumps(fused_ranks)})
     cfg = model.lora
@@ -439,7 +450,11 @@ def save_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_path
               "use_rslora": bool(cfg.get("use_rslora", False)),
               "rank_pattern": {short[m]: mr for m, (mr, _) in adapters.items() if mr != r},
               "alpha_pattern": {short[m]: ma for m, (_, ma) in adapters.items() if ma != alpha},
-              "use_dora": bool(cfg.get("use_dora", False)), "bias": "none", "modules_to_save": ["score"] if head is not None else None,
+              "use_dora": bool(cfg.get("use_dora", False)), "bias": "none",
+              "modules_to_save": [*whole_names, *(["score"] if head is not None else [])] or None,
+              # A tied embedding saved whole stays tied (PEFT unties its copy otherwise).
+              "ensure_weight_tying": model.config.tie_embeddings and any(r.ours[0] == "embed.weight"
+                                                                        for r in whole_rules),
               "layers_to_transform": None, "layers_pattern": None, "init_lora_weights": True,
               # GPT-2's Conv1D layers keep weights as [in, out]; PEFT sets this for them itself.
               "fan_in_fan_out": family_of(model.config) == "gpt2", "inference_mode": True,
@@ -452,14 +467,13 @@ def save_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_path
 # options of features that are refused anyway). Every other key must be off (null, false, empty): PEFT keeps
 # adding options, and one lmstack does not know is refused rather than silently ignored.
 _PEFT_APPLIED = frozenset({"peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules",
-                           "layers_to_transform", "layers_pattern", "use_dora",
-                           "use_rslora", "rank_pattern", "alpha_pattern", "bias", "init_lora_weights"})
+                           "layers_to_transform", "layers_pattern", "use_dora", "modules_to_save",
+                           "ensure_weight_tying", "use_rslora", "rank_pattern", "alpha_pattern", "bias",
+                           "init_lora_weights"})
 _PEFT_NO_EFFECT = frozenset({"task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
                              "peft_version", "megatron_core", "qalora_group_size", "eva_config",
-                             "ensure_weight_tying",
                              "fan_in_fan_out"})  # PEFT sets it from the layer's type (Conv1D or Linear)
 _PEFT_WHY = {"bias": "trained biases", "lora_bias": "a bias on lora_B",
-             "modules_to_save": "fully trained copies of modules",
              "init_lora_weights": "an initialisation that changes the base weights; convert the adapter with "
                                   "PEFT's save_pretrained(path_initial_model_for_weight_conversion=...)"}
 _PEFT_INITS = ("gaussian", "orthogonal", "eva")  # initialisations of A and B only: the loaded weights replace them
@@ -471,8 +485,7 @@ def _is_off(value: Any) -> bool:
 
 def _check_peft_settings(cfg: dict[str, Any], where: Path) -> None:
     """Raise naming every setting of a PEFT adapter config that lmstack cannot apply."""
-    refused = [k for k, v in cfg.items() if k not in _PEFT_APPLIED | _PEFT_NO_EFFECT and not _is_off(v)
-               and not (k == "modules_to_save" and is_classifier_adapter(cfg))]
+    refused = [k for k, v in cfg.items() if k not in _PEFT_APPLIED | _PEFT_NO_EFFECT and not _is_off(v)]
     if cfg.get("bias", "none") != "none":
         refused.append("bias")
     init = cfg.get("init_lora_weights", True)
@@ -554,9 +567,10 @@ def _module_label(module: str, names: list[str]) -> str:
 def load_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Apply a PEFT LoRA adapter directory to `model` (wrapping the layers it targets) as PEFT does, with its
     rslora scaling and per-module ranks and alphas. An adapter on a fused layer (GPT-2's c_attn, Phi-3's
-    qkv_proj and gate_up_proj) becomes adapters on the layers it fuses, with the same outputs. A setting
-    lmstack cannot apply (trained biases, modules_to_save, ...) or a tensor in the file it would not use
-    raises LMStackError naming it, with `model` left as it was."""
+    qkv_proj and gate_up_proj) becomes adapters on the layers it fuses, with the same outputs. Modules the
+    adapter holds whole (`whole_modules`) replace the model's, a resized vocabulary included. A setting lmstack
+    cannot apply (trained biases, a bias on B, ...) or a tensor in the file it would not use raises
+    LMStackError naming it, with `model` left as it was."""
     path = Path(path)
     config_file = path / "adapter_config.json"
     cfg = adapter_config(path)
@@ -567,6 +581,7 @@ def load_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     modules = peft_modules(model)
     chosen = _peft_targets(modules, cfg, config_file)
     tensors = _read_adapter(path, cfg)
+    whole, whole_names = whole_modules(model, cfg, tensors, config_file, chosen)
     fused_ranks = _fused_ranks(path)
     use_dora = bool(cfg.get("use_dora", False))
     shapes, out_features = {}, {}
@@ -592,7 +607,7 @@ def load_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     _wrap(model, layers, dropout, use_rslora, use_dora)
     targets = [k for k in TARGETS if any(_leaf(name) == k for name in layers)]
     model.lora = {"r": cfg.get("r", 8), "alpha": cfg.get("lora_alpha", 8), "dropout": dropout, "targets": targets,
-                  "use_rslora": use_rslora, "use_dora": use_dora}
+                  "use_rslora": use_rslora, "use_dora": use_dora, "modules_to_save": whole_names}
     with torch.no_grad():
         for name, (A, B, magnitude) in weights.items():
             layer = model.get_submodule(name)
@@ -600,14 +615,128 @@ def load_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             layer.lora_B.copy_(B)
             if magnitude is not None:
                 layer.lora_magnitude.copy_(magnitude)
+    _put_whole_modules(model, whole, bool(cfg.get("ensure_weight_tying", False)))
     return model
 
 
+_CLASSIFIER_HEADS = {"score", "classifier"}  # a SEQ_CLS adapter's head: `classifier.read_head` reads it
+_VOCABULARY_SIZED = ("embed.weight", "lm_head.weight", "lm_head.bias")
+
+
+def _module_rules(model: nn.Module) -> list[Any]:
+    """The checkpoint rules of every Hugging Face tensor of `model`, a tied head's too (a module of its own in
+    transformers)."""
+    from lmstack.checkpoints.hf import Rule, weight_rules
+
+    rules = weight_rules(model.config)
+    if model.config.tie_embeddings:
+        rules.append(Rule("lm_head.weight", ("lm_head.weight",)))
+    return rules
+
+
+def _under(rules: list[Any], modules: Iterable[str]) -> list[Any]:
+    return [r for r in rules if any(r.hf.startswith(f"{m}.") for m in modules)]
+
+
+def whole_modules(model: nn.Module, cfg: dict[str, Any], tensors: dict[str, torch.Tensor], where: Path,
+                  lora_targets: Iterable[str] = ()) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Take out of `tensors` (an adapter file's) the modules it holds whole: PEFT's `modules_to_save` (matched
+    as PEFT matches them: every module whose name ends with an entry), and the token embedding and output head
+    that PEFT saves by themselves after a vocabulary resize. Returns them as lmstack state entries, with the
+    Hugging Face modules they make up. Every name and shape is checked; the embedding and head may bring a new
+    vocabulary size, which they must agree on."""
+    from lmstack.checkpoints.hf import convert_to_ours
+
+    rules = _module_rules(model)
+    names = [m for m in cfg.get("modules_to_save") or ()
+             if not (is_classifier_adapter(cfg) and m in _CLASSIFIER_HEADS)]
+    modules = {".".join(r.hf.split(".")[:i]) for r in rules for i in range(1, r.hf.count(".") + 1)}
+    unmatched = [m for m in names if not any(module.endswith(m) for module in modules)]
+    if unmatched:
+        raise LMStackError(f"{where}: modules_to_save {unmatched} match no module of the model")
+    # PEFT's wrapper of a saved module may also write its two inner modules: the trained copy again, and the
+    # base's own (which PEFT runs with the adapter disabled, never merged).
+    for key in list(tensors):
+        match = re.fullmatch(r"base_model\.model\.(.+)\.(modules_to_save|original_module)\.(.+)", key)
+        if match and match[1] in modules:
+            copy = tensors.pop(key)
+            if match[2] == "modules_to_save":
+                tensors.setdefault(_key(f"{match[1]}.{match[3]}"), copy)
+    saved = {module for module in modules if any(module.endswith(m) for m in names)}
+    both = sorted(t for t in lora_targets if any(t == s or t.startswith(f"{s}.") for s in saved))
+    if both:
+        raise LMStackError(f"{where}: {both[0]} is both a LoRA target and in modules_to_save")
+    saved |= {r.hf.rpartition(".")[0] for r in rules if r.ours[0] in _VOCABULARY_SIZED and _key(r.hf) in tensors}
+    saved = {m for m in saved if not any(m.startswith(f"{other}.") for other in saved)}  # the outermost
+    chosen = _under(rules, saved)
+    if not chosen:
+        return {}, []
+    expected = {n: p.shape for n, p in model.named_parameters(remove_duplicate=False)}
+    quantized = [r.hf for r in chosen if not all(name in expected for name in r.ours)]
+    if quantized:
+        raise LMStackError(f"{where}: the adapter holds {quantized[0]} whole, which this model holds quantized; "
+                           "apply it to the unquantized base")
+    rows = {_key(r.hf): tensors[_key(r.hf)].shape[0] for r in chosen
+            if r.ours[0] in _VOCABULARY_SIZED and _key(r.hf) in tensors}
+    if len(set(rows.values())) > 1:
+        raise LMStackError(f"{where}: the token embedding and the output head disagree on the vocabulary size "
+                           f"({', '.join(f'{k} has {n} rows' for k, n in rows.items())})")
+    vocab = next(iter(rows.values()), model.config.vocab_size)
+    if vocab != model.config.vocab_size:
+        have = {r.ours[0] for r in chosen if _key(r.hf) in tensors}
+        needed = {"embed.weight"} | ({"lm_head.weight"} if not model.config.tie_embeddings else set())
+        needed |= {"lm_head.bias"} if model.config.lm_head_bias else set()
+        if not needed <= have:
+            missing = next(r.hf for r in rules if r.ours[0] in needed - have)
+            raise LMStackError(f"{where}: {next(iter(rows))} has {vocab} rows, resized from the base model's "
+                               f"{model.config.vocab_size}, but the adapter holds no {missing} of that size")
+        for name in _VOCABULARY_SIZED:
+            if name in expected:
+                expected[name] = torch.Size([vocab, *expected[name][1:]])
+    keys = [r.hf for r in chosen]
+    state = convert_to_ours(chosen, expected, keys, lambda k: tensors[_key(k)],
+                            f"{where.parent}/adapter_model.safetensors")
+    for k in keys:
+        tensors.pop(_key(k), None)
+    return state, sorted(saved)
+
+
+def _put_whole_modules(model: nn.Module, state: dict[str, torch.Tensor], ensure_weight_tying: bool) -> None:
+    """Copy the tensors `whole_modules` took into `model`. The embedding and head get new Parameters (of a
+    resized vocabulary, maybe). As in PEFT, a tied head saved or kept apart from the embedding is untied,
+    unless `ensure_weight_tying` ties the saved copy to both."""
+    with torch.no_grad():
+        for name, t in state.items():
+            if name not in _VOCABULARY_SIZED:
+                model.get_parameter(name).copy_(t)
+    embed, head, bias = (state.get(name) for name in _VOCABULARY_SIZED)
+    if embed is None and head is None and bias is None:
+        return
+    tied = model.config.tie_embeddings
+    if tied and ensure_weight_tying:
+        embed = head = embed if embed is not None else head
+    old_embed, old_head = model.embed.weight, model.lm_head.weight
+    embed = embed if embed is not None else old_embed.detach()
+    head = head if head is not None else old_head.detach()
+    tie = tied and torch.equal(embed, head)
+
+    def parameter(t: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
+        return nn.Parameter(t.to(like.device, like.dtype, copy=True), requires_grad=like.requires_grad)
+
+    model.embed.weight = parameter(embed, old_embed)
+    model.embed.num_embeddings = embed.shape[0]
+    model.lm_head.weight = parameter(head, old_head)
+    model.lm_head.out_features = head.shape[0]
+    if bias is not None:
+        model.lm_head.bias = parameter(bias, model.lm_head.bias)
+    model.config = dataclasses.replace(model.config, vocab_size=embed.shape[0], tie_embeddings=tie)
+    model.tie_weights()
+
+
 def is_classifier_adapter(cfg: dict[str, Any]) -> bool:
-    """Whether an adapter config is a sequence classifier's (PEFT's task_type SEQ_CLS) whose only saved module
-    is the head: `load_adapter_model` puts that head on the adapted body (`classifier.read_head`)."""
-    saved = set(cfg.get("modules_to_save") or ())
-    return cfg.get("task_type") == "SEQ_CLS" and bool(saved) and saved <= {"score", "classifier"}
+    """Whether an adapter config is a sequence classifier's (PEFT's task_type SEQ_CLS) whose saved modules
+    include the head: `load_adapter_model` puts that head on the adapted body (`classifier.read_head`)."""
+    return cfg.get("task_type") == "SEQ_CLS" and bool(_CLASSIFIER_HEADS & set(cfg.get("modules_to_save") or ()))
 
 
 def adapter_config(path: str | os.PathLike) -> dict[str, Any]:
