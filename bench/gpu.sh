@@ -18,6 +18,7 @@
 # ten minutes on an H100, most of it compilation (not yet checked: no GPU has run it). Output is line-buffered
 # so that a part cut off at a time limit keeps what it printed. SHAKESPEARE_ARGS adds overrides to the recipe
 # (a quick check on a CPU: SHAKESPEARE_ARGS="--max_steps 20 --eval_interval 10 --eval_batches 2 --compile false").
+# DECODE_BATCH picks decode's batch sizes (default "1 32").
 # PART_TIMEOUT=SECONDS stops any one command of a part after that long, so that one slow part cannot take a
 # whole call of a short lease (a lent machine gives a session about 15 minutes in all, its start included).
 set -euo pipefail
@@ -45,8 +46,10 @@ cuda_tests() {  # needs pytest, as the device image has it
 
 decode() {  # one process: the 1.1B model is built, saved for transformers and compiled once per engine
     # int8 at batch 1 only: at 32 rows Inductor no longer fuses the int8-to-bf16 conversion into the matmul
-    run decode-tinyllama "$PYTHON" bench/decode.py --shape tinyllama-1.1b --dtype bfloat16 --batch 1 32 --compile --new-tokens 128 \
-        --quantize 8 --quantize-batch 1
+    # DECODE_BATCH="1" leaves out batch 32 (and its compilation) when a call's time is short.
+    # shellcheck disable=SC2086
+    run decode-tinyllama "$PYTHON" bench/decode.py --shape tinyllama-1.1b --dtype bfloat16 --batch ${DECODE_BATCH:-1 32} \
+        --compile --new-tokens 128 --quantize 8 --quantize-batch 1
 }
 
 train_gpt2() {

@@ -20,6 +20,7 @@ import functools
 import multiprocessing
 import resource
 import time
+from queue import Empty
 
 import torch
 import torch.nn.functional as F
@@ -98,8 +99,15 @@ def main() -> None:
         queue = spawn.Queue()
         child = spawn.Process(target=_child, args=(variant, args, queue))
         child.start()
-        results[variant] = queue.get()
+        while child.is_alive() or not queue.empty():  # a child that fails puts nothing: do not wait forever
+            try:
+                results[variant] = queue.get(timeout=5)
+                break
+            except Empty:
+                continue
         child.join()
+        if variant not in results:
+            raise SystemExit(f"the {variant} run failed (exit code {child.exitcode}); its error is above")
         seconds, peak = results[variant]
         print(f"  {variant:>8}: {seconds * 1e3:9.1f} ms per step, peak {peak:9,.0f} MiB")
     (t_plain, m_plain), (t_ours, m_ours) = results["plain"], results["lmstack"]

@@ -81,12 +81,15 @@ def test_int8_linear_on_the_gpu(tiny):
 
 def _greedy_agreement(model, prompt: list[int], tokens: list[int], tie: float = 0.0) -> torch.Tensor:
     """Per generated position, whether `tokens` is the model's argmax there given the tokens before it
-    (teacher forcing: one early difference does not carry on), a top-2 gap below `tie` counting as agreed."""
+    (teacher forcing: one early difference does not carry on). The runner-up counts too where the top two
+    are within `tie` of the top logit, relatively: bf16 logits near 10 are 0.0625 apart (2**-8 relative), so
+    two paths that round differently may swap a near-tie."""
     with torch.no_grad():
         logits = model(torch.tensor([prompt + tokens], device="cuda"))[0, len(prompt) - 1:-1].float()
     top = logits.topk(2, dim=-1)
-    agree = top.indices[:, 0] == torch.tensor(tokens, device="cuda")
-    return agree | (top.values[:, 0] - top.values[:, 1] < tie)
+    chosen = torch.tensor(tokens, device="cuda")
+    near_tie = top.values[:, 0] - top.values[:, 1] <= tie * top.values[:, 0].abs()
+    return (top.indices[:, 0] == chosen) | (near_tie & (top.indices[:, 1] == chosen))
 
 
 def test_int8_engine_on_the_gpu_follows_bf16(tiny):
@@ -108,7 +111,7 @@ def test_int8_engine_on_the_gpu_follows_bf16(tiny):
     for compile in (False, True):
         out = Engine(int8, tok, compile=compile).generate(PROMPTS, **params)
         assert all(len(c.token_ids) == 12 for c in out)
-        assert all(_greedy_agreement(int8, p, c.token_ids, tie=0.05).all() for p, c in zip(prompts, out))
+        assert all(_greedy_agreement(int8, p, c.token_ids, tie=0.02).all() for p, c in zip(prompts, out))
 
 
 def test_exponential_race_on_the_gpu_is_seeded_and_unbiased():

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 # Logits per chunk (elements): small enough to stay near a CPU's cache, large enough that a GPU's products stay
-# efficient. At least MIN_ROWS rows, since every chunk also reads and writes the whole weight gradient.
+# efficient. At least MIN_ROWS rows, since every chunk also reads and writes the whole weight gradient, and a
+# multiple of 128 (whole tiles of a GPU's matrix product).
 CHUNK_ELEMENTS = {"cpu": 2**22}
 DEFAULT_CHUNK_ELEMENTS = 2**26
 MIN_ROWS = 512
@@ -72,7 +73,8 @@ def _plan(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if (hidden.dtype == torch.float16 or torch.compiler.is_compiling()
             or torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != torch.bfloat16):
         return None, wants_grad
-    return chunk_rows or max(MIN_ROWS, CHUNK_ELEMENTS.get(device, DEFAULT_CHUNK_ELEMENTS) // weight.shape[0]), wants_grad
+    budget = CHUNK_ELEMENTS.get(device, DEFAULT_CHUNK_ELEMENTS)
+    return chunk_rows or max(MIN_ROWS, budget // weight.shape[0] // 128 * 128), wants_grad
 
 
 def _compute_dtype(hidden: torch.Tensor) -> torch.dtype:

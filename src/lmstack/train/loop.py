@@ -329,8 +329,10 @@ def _without_zero_biases(state: dict[str, torch.Tensor], model: torch.nn.Module)
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    # Contiguous before pinning: a strided view (inputs and labels are slices of one window) would be copied
+    # to pageable memory by the transfer, which then waits for the GPU instead of queueing ahead of it.
     pin = device.type == "cuda"
-    return {k: (v.pin_memory().to(device, non_blocking=True) if pin else v.to(device))
+    return {k: (v.contiguous().pin_memory().to(device, non_blocking=True) if pin else v.to(device))
             if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
