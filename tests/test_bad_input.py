@@ -2,6 +2,8 @@
 half-written (a failed save keeps the earlier weights, a run killed mid-line resumes)."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -304,6 +306,44 @@ def test_a_model_that_cannot_hold_the_run_is_named(model_dir, tmp_path, capsys):
     from_checkpoint = [*common, "--init_from", "checkpoint", "--model", model_dir]
     err = one_error_line(capsys, *from_checkpoint, "--out_dir", tmp_path / "b", "--model.n_layer", "4")
     assert "model_overrides (n_layer) apply when a model is built; init_from: checkpoint starts from" in err
+    assert "--model_overrides '{}' clears a recipe's" in err
+
+
+def test_resume_names_what_it_was_given_in_place_of_a_run(tmp_path, capsys):
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step-0000010"
+    (step / "trainer_state").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    (step / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    err = one_error_line(capsys, "pretrain", "--resume", step)
+    assert f"a checkpoint of a run, not the run; pass the run directory ({run})" in err
+    err = one_error_line(capsys, "pretrain", "--resume", run, "--out_dir", tmp_path / "elsewhere")
+    assert f"a resumed run continues in its own directory ({run}); to start a new run from its weights" in err
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"")
+    err = one_error_line(capsys, "pretrain", "--resume", model)
+    assert "a model, not a training run directory; to train from it, use --init_from checkpoint" in err
+
+
+def test_missing_or_directory_inputs_are_named(tmp_path, capsys):
+    err = one_error_line(capsys, "generate", "--model", tmp_path, "x", "--grammar", tmp_path / "none.lark")
+    assert f"--grammar {tmp_path / 'none.lark'}: no such file" in err
+    err = one_error_line(capsys, "data", "prepare", "--input", tmp_path, "--tokenizer", "char", "--output",
+                         tmp_path / "out")
+    assert f"{tmp_path}: a directory; give the files in it" in err
+
+
+def test_a_closed_pipe_ends_the_output_quietly(model_dir):
+    """`lmstack ... | head`: the reader leaving is no error (no message, the shell's SIGPIPE status)."""
+    proc = subprocess.Popen([sys.executable, "-m", "lmstack.cli", "generate", "--model", str(model_dir), "ROMEO:",
+                             "--max-new-tokens", "200", "--temperature", "0", "--ignore-eos"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(1)
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 141
+    assert proc.stderr.read() == b""
 
 
 def test_a_classifier_checkpoint_is_refused_where_a_language_model_is_needed(model_dir, tmp_path, capsys):

@@ -143,6 +143,7 @@ def test_cli_constraint_flags(tmp_path, capsys):
     (dict(json_schema={"type": "nonsense"}), "json_schema: the grammar engine rejects it"),
     (dict(json_schema="{not json"), "json_schema is not a JSON object"),
     (dict(regex="(unclosed"), "regex: the grammar engine rejects it"),
+    (dict(regex="[a-z"), r"regex: the grammar engine rejects it: .*unclosed character class$"),  # the cause
     (dict(grammar="start: undefined_rule"), "grammar: the grammar engine rejects it"),
     (dict(regex="a", choice=["a"]), "one constraint at a time"),
 ])

@@ -545,6 +545,12 @@ def test_overrides_are_typed(tmp_path):
     assert cfg.model_overrides == {"n_layer": 2, "n_embd": 128} and cfg.lr_decay_steps is None
     with pytest.raises(LMStackError, match="max_steps: expected an integer"):
         load_config(recipe, ["--max_steps", "ten"])
+    # A whole mapping replaces the recipe's (so `{}` clears it, for a run that starts from a checkpoint);
+    # --model.KEY values still add to it, in any order.
+    assert load_config(recipe, ["--model_overrides", "{}"]).model_overrides == {}
+    assert load_config(recipe, ["--model_overrides", "null"]).model_overrides == {}
+    cfg = load_config(recipe, ["--model.n_head", "4", "--model_overrides", "{n_embd: 64}"])
+    assert cfg.model_overrides == {"n_embd": 64, "n_head": 4}
 
 
 def test_model_overrides_take_their_field_types(tmp_path):

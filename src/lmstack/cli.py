@@ -29,8 +29,12 @@ def _read_text_file(value: str, flag: str, what: str) -> str:
     path = Path(value)
     if path.is_dir():
         raise LMStackError(f"{flag} {value}: a directory, not {what}")
+    if not path.exists():
+        raise LMStackError(f"{flag} {value}: no such file")
     try:
         return path.read_text(encoding="utf-8")
+    except OSError as e:  # unreadable: permissions, a broken link
+        raise LMStackError(f"{flag} {value}: {e.strerror}") from None
     except UnicodeDecodeError as e:
         raise LMStackError(f"{flag} {value}: not UTF-8 text (byte {e.start}), so not {what}") from None
 
@@ -252,14 +256,25 @@ def _data_prepare(args: argparse.Namespace) -> None:
 
 
 def _pretrain(args: argparse.Namespace, overrides: list[str]) -> None:
-    from lmstack.train.config import load_config
+    from lmstack.train.config import load_config, parse_overrides
     from lmstack.train.loop import train
 
     if args.resume:
         run = Path(args.resume)
         saved = run / "config.json"
+        if (run / "trainer_state").is_dir():
+            where = f" ({run.parent.parent})" if run.parent.name == "checkpoints" else ""
+            raise LMStackError(f"--resume {run}: a checkpoint of a run, not the run; pass the run directory{where}, "
+                               "which resumes from its last checkpoint")
         if not saved.exists():
             raise LMStackError(f"{run}: no config.json (not a training run directory)")
+        if any(run.glob("*.safetensors")) and not _is_training_run(run):
+            raise LMStackError(f"--resume {run}: a model, not a training run directory; to train from it, use "
+                               f"--init_from checkpoint --model {run}")
+        out_dir = parse_overrides(overrides).get("out_dir")
+        if out_dir is not None and Path(out_dir).resolve() != run.resolve():
+            raise LMStackError(f"--out_dir {out_dir}: a resumed run continues in its own directory ({run}); to "
+                               "start a new run from its weights, use --init_from checkpoint")
         config_path = args.config or saved
         if not args.config:
             _read_text_file(saved, "--resume", "a training run's config.json")
@@ -935,6 +950,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.func(args, extra)
         else:
             args.func(args)
+    except BrokenPipeError:  # the reader of the output went away (`| head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush finds no pipe
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool the signal ended
     except (LMStackError, OSError) as e:  # bad input, a missing or unreadable file: one line, no traceback
         if args.debug:
             raise

@@ -25,6 +25,14 @@ _COMPRESSED_MAGIC = (b"\x1f\x8b", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd", b"\x04\x
                      b"PK\x03\x04", b"7z\xbc\xaf\x27\x1c", b"Rar!\x1a\x07")
 
 
+def check_input_file(path: Path) -> None:
+    """Refuse an input that is missing or a directory, naming it."""
+    if not path.exists():
+        raise LMStackError(f"{path}: no such file")
+    if path.is_dir():
+        raise LMStackError(f"{path}: a directory; give the files in it (such as {path}/*.txt)")
+
+
 def is_record_file(path: Path) -> bool:
     """Whether `path` holds records (JSONL or Parquet, by its suffix in any case) rather than plain text. A
     compressed file (by its suffix or its first bytes) is refused: read as text, its bytes would be tokenized."""
@@ -243,8 +251,7 @@ def iter_texts(
     stats = stats if stats is not None else ReadStats()
     for file in files:
         path = Path(file)
-        if not path.exists():
-            raise LMStackError(f"{path}: no such file")
+        check_input_file(path)
         if is_record_file(path):
             yield from iter_record_texts(path, text_field, stats, on_bad_record, hint)
         elif chunked:

@@ -40,7 +40,14 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from lmstack.data.readers import SKIP_HINT, ReadStats, is_record_file, iter_record_texts, iter_text_chunks
+from lmstack.data.readers import (
+    SKIP_HINT,
+    ReadStats,
+    check_input_file,
+    is_record_file,
+    iter_record_texts,
+    iter_text_chunks,
+)
 from lmstack.errors import LMStackError
 from lmstack.tokenizer import Tokenizer
 
@@ -114,8 +121,7 @@ def iter_documents(
     `_text_blocks` does)."""
     for file in files:
         path = Path(file)
-        if not path.exists():
-            raise LMStackError(f"{path}: no such file")
+        check_input_file(path)
         if is_record_file(path):
             for value in iter_record_texts(path, text_field, stats, on_bad_record,
                                            hint=SKIP_HINT):

@@ -93,8 +93,9 @@ class Constraint:
         self.eos: int | None = end if 0 <= end < vocab_size else None
         error = ll.LLMatcher.validate_grammar(grammar, self.tokenizer)
         if error and not error.startswith("WARNING"):
-            first = error.strip().splitlines()[0]  # the rest is a caret diagram
-            raise LMStackError(f"{name}: the grammar engine rejects it: {first}")
+            # The indented lines are a caret diagram of the place; the others say what is wrong.
+            said = " ".join(line.strip() for line in error.strip().splitlines() if line and not line[0].isspace())
+            raise LMStackError(f"{name}: the grammar engine rejects it: {said}")
         self.matchers = [ll.LLMatcher(self.tokenizer, grammar, log_level=0) for _ in range(rows)]
         self.vocab_size = vocab_size
         self.bitmask = torch.zeros(rows, (vocab_size + 31) // 32, dtype=torch.int32)

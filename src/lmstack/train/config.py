@@ -262,8 +262,14 @@ def _check_keys(values: dict[str, Any], where: str) -> None:
         raise LMStackError(f"{where}: unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(fields))}")
 
 
+MODEL_FIELDS = "model."  # parse_overrides' key for --model.KEY fields (no TrainConfig field has a dot)
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """`["--max_steps", "100", "--model.n_layer", "4"]` -> {"max_steps": "100", "model_overrides": {...}}."""
+    """`["--max_steps", "100", "--model.n_layer", "4"]` -> {"max_steps": "100", "model_overrides": {...}}.
+
+    `--model.KEY value` fields go under MODEL_FIELDS, to be added to the recipe's model_overrides; a whole
+    `--model_overrides MAPPING` replaces the recipe's (`{}` clears it)."""
     out: dict[str, Any] = {}
     i = 0
     while i < len(pairs):
@@ -282,9 +288,9 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         key = key.replace("-", "_")
         if key.startswith("model."):
             field_name = key.split(".", 1)[1]
-            out.setdefault("model_overrides", {})[field_name] = yaml.safe_load(value)
-        elif key == "model_overrides":  # a whole mapping, which --model.KEY values may add to
-            out["model_overrides"] = {**_coerce(key, value, dict[str, Any]), **out.get("model_overrides", {})}
+            out.setdefault(MODEL_FIELDS, {})[field_name] = yaml.safe_load(value)
+        elif key == "model_overrides":
+            out["model_overrides"] = _coerce(key, value, dict[str, Any]) or {}
         else:
             out[key] = value
     return out
@@ -308,9 +314,11 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         if not isinstance(values, dict):
             raise LMStackError(f"{p}: a recipe is a mapping of keys to values")
     extra = parse_overrides(overrides or [])
+    fields = extra.pop(MODEL_FIELDS, None)
     _check_keys(extra, where="command line")
-    if "model_overrides" in extra:
-        extra["model_overrides"] = {**(values.get("model_overrides") or {}), **extra["model_overrides"]}
+    if fields is not None:
+        base = extra["model_overrides"] if "model_overrides" in extra else values.get("model_overrides") or {}
+        extra["model_overrides"] = {**base, **fields}
     return build_config({**values, **extra}, where=str(path or "command line"))
 
 

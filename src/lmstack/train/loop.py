@@ -241,7 +241,8 @@ def build_policy(cfg: TrainConfig, task: Task) -> torch.nn.Module:
         if cfg.model_overrides:
             started = f"task {cfg.task}" if cfg.task != "pretrain" else "init_from: checkpoint"
             raise LMStackError(f"model_overrides ({', '.join(cfg.model_overrides)}) apply when a model is built; "
-                               f"{started} starts from the checkpoint {cfg.model} as it is")
+                               f"{started} starts from the checkpoint {cfg.model} as it is (--model_overrides "
+                               "'{}' clears a recipe's)")
         model = load_model(cfg.model, dtype=torch.float32)
         if cfg.task in ("classify", "reward"):
             labels = task.labels if cfg.task == "classify" else ["score"]
