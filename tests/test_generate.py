@@ -2,6 +2,7 @@
 `transformers` generate, itself batched vs unbatched, streaming, stopping and bad input."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -616,7 +617,7 @@ def test_cli_generate_and_chat(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out.strip()
     # bad input: one line naming what is wrong, no traceback
     for args, message in (
-            (["--grammar", str(tmp_path / "missing.lark")], "No such file or directory"),
+            (["--grammar", str(tmp_path / "missing.lark")], "missing.lark: no such file"),
             (["--num-beams", "0"], "--num-beams 0: must be >= 1"),
             (["--logit-bias", "99999=1"], "token id 99999 is outside the vocabulary of 400"),
             (["--stop-token-ids", "-5"], "stop_token_ids=[-5]"),
@@ -889,6 +890,58 @@ def test_cli_beam_search_refuses_the_flags_it_ignores(tmp_path, capsys):
         assert main([*plain, *flags]) == 1
         err = capsys.readouterr().err
         assert err.startswith("error: ") and named in err and err.count("\n") == 1, err
+
+
+def test_cli_names_what_speculative_decoding_does_not_take_and_separates_beams(tmp_path, capsys):
+    from lmstack.cli import main
+
+    _chat_model(tmp_path)
+    common = ["generate", "ROMEO:", "--model", str(tmp_path), "--max-new-tokens", "4"]
+    for flags, named in ((["--n", "3"], "--n 3"), (["--choice", "a", "--choice", "b"], "--choice"),
+                         (["--frequency-penalty", "0.5", "--regex", "a+"], "--frequency-penalty, --regex")):
+        assert main([*common, "--speculative", "prompt_lookup", *flags]) == 1
+        err = capsys.readouterr().err
+        assert "speculative decoding (--speculative) makes one completion" in err and named in err, err
+    assert main([*common, "--speculative", "prompt-lookup", "--temperature", "0"]) == 0  # either spelling
+    assert "drafted tokens accepted" in capsys.readouterr().err
+    assert main([*common, "--num-beams", "3", "--n", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("--- beam 1 (") and "\n--- beam 2 (" in out
+
+
+def test_cli_samples_as_the_models_generation_config_says(tmp_path, capsys):
+    """transformers' generate and vLLM start from a checkpoint's generation_config.json sampling settings:
+    so do `lmstack generate` and `chat`, each flag overriding its own, and saves carry them."""
+    from lmstack.cli import main
+    from lmstack.generate.sampling import model_sampling_defaults
+
+    _chat_model(tmp_path / "m")
+    config_file = tmp_path / "m" / "generation_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "do_sample": True, "temperature": 0.6, "top_p": 0.9, "top_k": 0}))
+    model = lmstack.load_model(tmp_path / "m")
+    assert model_sampling_defaults(model) == {"temperature": 0.6, "top_p": 0.9, "top_k": None}
+    lmstack.save_model(model, tmp_path / "again")  # the settings travel with the model
+    assert json.loads((tmp_path / "again" / "generation_config.json").read_text())["top_p"] == 0.9
+    assert main(["quantize", "--model", str(tmp_path / "m"), "--output", str(tmp_path / "q"), "--bits", "8"]) == 0
+    assert model_sampling_defaults(lmstack.load_model(tmp_path / "q"))["temperature"] == 0.6
+    capsys.readouterr()
+
+    common = ["generate", "ROMEO:", "--model", str(tmp_path / "m"), "--max-new-tokens", "8", "--no-stream"]
+    assert main([*common, "--temperature", "0.9", "--seed", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "generation_config.json settings top_p 0.9, top_k none (flags override them)" in err, err
+    # do_sample false is greedy, as transformers reads it: the same text as --temperature 0
+    config_file.write_text(json.dumps({**config, "do_sample": False, "temperature": 0.6}))
+    assert main([*common, "--temperature", "0"]) == 0
+    greedy = capsys.readouterr().out
+    assert main(common) == 0
+    out = capsys.readouterr()
+    assert out.out == greedy and "settings temperature 0.0" in out.err
+    # a setting that is out of range is named as the model's
+    config_file.write_text(json.dumps({**config, "do_sample": True, "top_p": 0.0}))
+    assert main(common) == 1
+    assert "its generation_config.json do not go with the flags: top_p" in capsys.readouterr().err
 
 
 def test_cli_list_flags_repeat_and_leave_the_prompt_alone(tmp_path, monkeypatch, capsys):

@@ -376,7 +376,14 @@ def _eval_perplexity(args: argparse.Namespace) -> None:
     print(json.dumps(result.to_dict(), indent=2))
 
 
-def _sampling_params(args: argparse.Namespace):
+# What the sampling flags the model's generation_config.json may set default to without it.
+SAMPLING_DEFAULTS = {"temperature": 0.7, "top_k": None, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0,
+                     "repetition_penalty": 1.0}
+
+
+def _sampling_params(args: argparse.Namespace, defaults: dict[str, Any] | None = None):
+    """The SamplingParams the flags say; a flag of SAMPLING_DEFAULTS not given takes `defaults` (the model's),
+    else its lmstack default."""
     from lmstack.generate import SamplingParams
 
     bias = {}
@@ -387,14 +394,38 @@ def _sampling_params(args: argparse.Namespace):
         except ValueError:
             raise LMStackError(f"--logit-bias {item!r}: expected TOKEN_ID=BIAS") from None
     grammar = _read_text_file(args.grammar, "--grammar", "a Lark grammar") if args.grammar else None
+    sampling = {k: getattr(args, k) if getattr(args, k) is not None else (defaults or {}).get(k, default)
+                for k, default in SAMPLING_DEFAULTS.items()}
     return SamplingParams(
         json_schema=_json_schema(args.json_schema), regex=args.regex, choice=args.choice, grammar=grammar,
-        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        min_p=args.min_p, typical_p=args.typical_p, repetition_penalty=args.repetition_penalty,
+        max_new_tokens=args.max_new_tokens, **sampling,
         frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
         no_repeat_ngram_size=args.no_repeat_ngram_size, logit_bias=bias, stop=args.stop or [],
         stop_token_ids=args.stop_token_ids or [], ignore_eos=args.ignore_eos, n=args.n, seed=args.seed,
         truncate_prompt=args.truncate_prompt, logprobs=getattr(args, "logprobs", None))
+
+
+def _with_model_defaults(args: argparse.Namespace, model: Any, unsupported: Sequence[str] = ()):
+    """`_sampling_params` with the model's generation_config.json settings for the flags not given (those in
+    `unsupported` left out), as vLLM and transformers' generate start from them; a note says which."""
+    from lmstack.generate.sampling import model_sampling_defaults
+
+    given = model_sampling_defaults(model)
+    defaults = {k: v for k, v in given.items() if getattr(args, k) is None and k not in unsupported}
+    try:
+        params = _sampling_params(args, defaults)
+    except LMStackError as e:
+        raise LMStackError(f"{args.model}: the sampling settings of its generation_config.json do not go with "
+                           f"the flags: {e}") from None
+    if defaults:
+        print("note: sampling with the model's generation_config.json settings "
+              f"{', '.join(f'{k} {str(v).lower()}' for k, v in defaults.items())} (flags override them)",
+              file=sys.stderr)
+    left_out = [k for k in unsupported if k in given and getattr(args, k) is None]
+    if left_out:
+        print(f"note: the model's {', '.join(f'{k} {given[k]}' for k in left_out)} is not used here",
+              file=sys.stderr)
+    return params
 
 
 def _json_schema(value: str | None) -> dict | None:
@@ -421,6 +452,11 @@ _NOT_FOR_BEAMS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repeti
                   "choice", "grammar")
 
 
+# Flags speculative decoding does not take: it checks drafts against the plain sampling distribution.
+_NOT_FOR_SPECULATIVE = ("repetition_penalty", "frequency_penalty", "presence_penalty", "no_repeat_ngram_size",
+                        "json_schema", "regex", "choice", "grammar")
+
+
 def _flags_given(args: argparse.Namespace, dests: Sequence[str]) -> list[str]:
     """The sampling flags among `dests` set to something other than their default."""
     defaults = argparse.ArgumentParser()
@@ -436,6 +472,11 @@ def _load_engine(args: argparse.Namespace):
     model = _load_lm(args.model, "--model", "generation", dtype=args.dtype, device=args.device)
     return Engine(model, load_tokenizer(args.tokenizer or args.model), max_batch_size=max(1, args.n),
                   compile=args.compile)
+
+
+def _no_chat_template(args: argparse.Namespace) -> LMStackError:
+    return LMStackError(f"{args.tokenizer or args.model}: the tokenizer has no chat template (train one with "
+                        "`lmstack tokenizer train --chat-template chatml`, or pass --tokenizer with one)")
 
 
 def _stop_at_end_of_turn(params, tokenizer):
@@ -478,7 +519,20 @@ def _generate(args: argparse.Namespace) -> None:
                    if f != "--temperature" or args.temperature >= GREEDY_BELOW]
         if ignored:
             raise LMStackError(f"beam search (--num-beams {args.num_beams}) does not use {', '.join(ignored)}")
+    if args.speculative:
+        unused = _flags_given(args, _NOT_FOR_SPECULATIVE) + ([f"--n {args.n}"] if args.n != 1 else [])
+        if unused:
+            raise LMStackError(f"speculative decoding (--speculative) makes one completion without penalties or "
+                               f"constraints: it does not take {', '.join(unused)}")
+        if args.speculative.replace("-", "_").lower() == "prompt_lookup" and not Path(args.speculative).exists():
+            args.speculative = "prompt_lookup"  # the draft-free option however it is spelled, not a checkpoint
     engine = _load_engine(args)
+    if args.chat and engine.tokenizer.chat_template is None:
+        raise _no_chat_template(args)
+    if args.num_beams == 1:  # beam search samples nothing
+        # speculative decoding has no repetition penalty (it would change the distribution drafts are checked
+        # against)
+        params = _with_model_defaults(args, engine.model, ("repetition_penalty",) if args.speculative else ())
     prompt = args.prompt
     if args.chat:
         params = _stop_at_end_of_turn(params, engine.tokenizer)
@@ -501,11 +555,13 @@ def _generate(args: argparse.Namespace) -> None:
               file=sys.stderr)
         return
     if args.num_beams > 1:
-        for c in engine.beam_search(prompt, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
-                                    length_penalty=1.0 if args.length_penalty is None else args.length_penalty,
-                                    num_return_sequences=args.n,
-                                    ignore_eos=args.ignore_eos, stop_token_ids=params.stop_token_ids,
-                                    truncate_prompt=args.truncate_prompt):
+        beams = engine.beam_search(prompt, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
+                                   length_penalty=1.0 if args.length_penalty is None else args.length_penalty,
+                                   num_return_sequences=args.n, ignore_eos=args.ignore_eos,
+                                   stop_token_ids=params.stop_token_ids, truncate_prompt=args.truncate_prompt)
+        for i, c in enumerate(beams):
+            if args.n > 1:
+                print(f"--- beam {i + 1} ({c.finish_reason}, {len(c.token_ids)} tokens)")
             print(c.text)
         return
     if params.n == 1 and not args.no_stream and params.logprobs is None:
@@ -544,9 +600,9 @@ def _chat(args: argparse.Namespace) -> None:
         raise LMStackError("--truncate-prompt: a chat fits the conversation to the context itself, dropping the "
                            "oldest turns")
     engine = _load_engine(args)
+    params = _with_model_defaults(args, engine.model)
     if engine.tokenizer.chat_template is None:
-        raise LMStackError(f"{args.tokenizer or args.model}: the tokenizer has no chat template (train one with "
-                           "`lmstack tokenizer train --chat-template chatml`)")
+        raise _no_chat_template(args)
     from lmstack.generate.sampling import reply_room
 
     params = _stop_at_end_of_turn(params, engine.tokenizer)
@@ -611,12 +667,14 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step (with a CUDA graph on a GPU); the first reply waits for it")
     p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.7, help="0 means greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--typical-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    # These six default to the model's generation_config.json, else to SAMPLING_DEFAULTS.
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 means greedy (default: the model's generation_config.json, else 0.7)")
+    p.add_argument("--top-k", type=int, default=None, help="default: the model's, else none")
+    p.add_argument("--top-p", type=float, default=None, help="default: the model's, else 1.0")
+    p.add_argument("--min-p", type=float, default=None, help="default: the model's, else 0.0")
+    p.add_argument("--typical-p", type=float, default=None, help="default: the model's, else 1.0")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="default: the model's, else 1.0")
     p.add_argument("--frequency-penalty", type=float, default=0.0)
     p.add_argument("--presence-penalty", type=float, default=0.0)
     p.add_argument("--no-repeat-ngram-size", type=int, default=0)

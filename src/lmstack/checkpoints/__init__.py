@@ -10,7 +10,14 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from lmstack.checkpoints.hf import atomic_write, load_hf_model, read_hf_config, save_hf_model, write_json
+from lmstack.checkpoints.hf import (
+    atomic_write,
+    generation_config_of,
+    load_hf_model,
+    read_hf_config,
+    save_hf_model,
+    write_json,
+)
 from lmstack.errors import LMStackError
 from lmstack.models.decoder import DecoderLM
 from lmstack.tokenizer import Tokenizer
@@ -85,6 +92,9 @@ def save_native(model: torch.nn.Module, path: str | os.PathLike, tokenizer: Toke
     atomic_write(path / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
     write_json(path / "config.json", {"model_type": NATIVE, "architectures": [type(model).__name__],
                                       "lmstack_config": model.config.to_dict(), **(extra_config or {})})
+    ids = {k: getattr(model.config, k) if getattr(model.config, k) is not None else getattr(tokenizer, k, None)
+           for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    write_json(path / "generation_config.json", generation_config_of(model.config, ids))
     if tokenizer is not None:
         tokenizer.save(path)
     return path

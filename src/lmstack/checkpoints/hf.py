@@ -83,16 +83,30 @@ def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
+# generation_config.json's sampling settings, which a loaded model carries (`ModelConfig.extra`) to its saves
+# and `lmstack generate` takes as its defaults, as transformers' generate and vLLM do.
+SAMPLING_KEYS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty")
+
+
+def read_generation_config(path: Path) -> dict[str, Any]:
+    """A directory's generation_config.json ({} without one)."""
+    file = path / "generation_config.json"
+    if not path.is_dir() or not file.exists():
+        return {}
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LMStackError(f"{file}: not a JSON object ({e})") from None
+    if not isinstance(config, dict):
+        raise LMStackError(f"{file}: not a JSON object")
+    return config
+
+
 def generation_eos(path: Path) -> list[int]:
     """The eos ids of a directory's generation_config.json (Llama 3, Qwen2.5 and Phi-3 list several there:
     `transformers` stops at any of them); [] without one."""
     file = path / "generation_config.json"
-    if not path.is_dir() or not file.exists():
-        return []
-    try:
-        eos = json.loads(file.read_text(encoding="utf-8")).get("eos_token_id")
-    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
-        raise LMStackError(f"{file}: not a JSON object ({e})") from None
+    eos = read_generation_config(path).get("eos_token_id")
     ids = eos_ids(eos)
     if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
         raise LMStackError(f"{file}: eos_token_id must be a token id or a list of them, got {eos!r}")
@@ -561,6 +575,9 @@ def load_hf_model(
     hf = read_hf_config(path)
     config = config_from_hf(hf, where=str(path / "config.json"))
     config.eos_token_id = merged_eos(config.eos_token_id, generation_eos(path))
+    sampling = {k: v for k, v in read_generation_config(path).items() if k in SAMPLING_KEYS}
+    if sampling:
+        config.extra["generation_config"] = sampling
     source = TensorSource(safetensors_files(path))
     keys = source.keys()
     prefix = "transformer." if any(k.startswith("transformer.") for k in keys) else ""
@@ -679,9 +696,14 @@ def save_hf_model(
     path.mkdir(parents=True, exist_ok=True)
     write_safetensors(path, hf_state_dict(model), max_shard_size)
     write_json(path / "config.json", hf_config)
-    generation = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-                  if hf_config.get(k) is not None}
-    write_json(path / "generation_config.json", generation)
+    write_json(path / "generation_config.json", generation_config_of(model.config, hf_config))
     if tokenizer is not None:
         tokenizer.save(path)
     return path
+
+
+def generation_config_of(config: ModelConfig, hf_config: dict[str, Any]) -> dict[str, Any]:
+    """generation_config.json for a model: its special-token ids and the sampling settings it was loaded with."""
+    generation = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                  if hf_config.get(k) is not None}
+    return {**generation, **config.extra.get("generation_config", {})}

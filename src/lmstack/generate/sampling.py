@@ -131,6 +131,23 @@ class SamplingParams:
         return self.temperature < GREEDY_BELOW
 
 
+def model_sampling_defaults(model: Any) -> dict[str, Any]:
+    """The sampling settings of the generation_config.json a model was loaded with, as SamplingParams fields
+    (`SamplingParams(**model_sampling_defaults(model), max_new_tokens=...)`): temperature, top_k, top_p, min_p,
+    typical_p, repetition_penalty; `do_sample: false` is greedy (temperature 0), as in transformers, and a
+    top_k of 0 is none. `lmstack generate` and `lmstack chat` start from them, as vLLM does."""
+    config = getattr(model, "config", None)
+    settings = dict(getattr(config, "extra", {}).get("generation_config", {}))
+    if settings.pop("do_sample", None) is False:
+        return {"temperature": 0.0}
+    if settings.get("top_k") == 0:
+        settings["top_k"] = None
+    return {k: v for k, v in settings.items() if k in _MODEL_DEFAULT_FIELDS}
+
+
+_MODEL_DEFAULT_FIELDS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty")
+
+
 def sampling_params(params: SamplingParams | None, overrides: dict[str, Any]) -> SamplingParams:
     """`params` with `overrides` applied (a fresh SamplingParams from the overrides when `params` is None)."""
     if params is None:
