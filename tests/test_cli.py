@@ -127,7 +127,8 @@ def test_plot_writes_the_file_it_names_or_refuses(run_dir, tmp_path, capsys):
                                                                 tmp_path / name)
         assert not list(tmp_path.glob(name + "*"))
     for out, written in ((tmp_path / "curve.pdf", tmp_path / "curve.pdf"),
-                         (tmp_path / "curve.svg", tmp_path / "curve.svg"), (tmp_path, tmp_path / "loss.png")):
+                         (tmp_path / "curve.svg", tmp_path / "curve.svg"), (tmp_path, tmp_path / "loss.png"),
+                         (f"{tmp_path / 'new' / 'plots'}/", tmp_path / "new" / "plots" / "loss.png")):  # made
         assert main(["plot", str(run_dir), "--output", str(out)]) == 0
         assert capsys.readouterr().out == f"wrote {written}\n"
         assert written.stat().st_size > 0
@@ -209,6 +210,13 @@ def test_a_malformed_command_line_exits_2(argv, capsys, monkeypatch):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0]
+
+
+def test_a_missing_verb_lists_the_verbs(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval"])
+    assert exit_.value.code == 2
+    assert "the following arguments are required: {perplexity,classify,rouge,bleu}" in capsys.readouterr().err
 
 
 def test_an_unknown_flag_names_its_verbs_help(capsys):

@@ -609,7 +609,7 @@ def test_cli_generate_and_chat(tmp_path, monkeypatch, capsys):
     assert "(conversation cleared)" in lines and any("system prompt set" in line for line in lines)
     assert replies[0] == replies[2]  # after /reset the same question gets the same (greedy) answer
     assert main(["generate", "x", "--model", str(tmp_path), "--temperature", "-1"]) == 1
-    assert "temperature=-1.0: must be >= 0" in capsys.readouterr().err
+    assert "--temperature -1.0: must be >= 0" in capsys.readouterr().err
     assert main(["generate", "ROMEO:", *common, "--logprobs", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == expected and len(lines) == 9 and all(line.count("|") == 1 for line in lines[1:])
@@ -620,7 +620,7 @@ def test_cli_generate_and_chat(tmp_path, monkeypatch, capsys):
             (["--grammar", str(tmp_path / "missing.lark")], "missing.lark: no such file"),
             (["--num-beams", "0"], "--num-beams 0: must be >= 1"),
             (["--logit-bias", "99999=1"], "token id 99999 is outside the vocabulary of 400"),
-            (["--stop-token-ids", "-5"], "stop_token_ids=[-5]"),
+            (["--stop-token-ids", "-5"], "--stop-token-ids [-5]: "),
             (["--device", "tpu9"], "unknown device 'tpu9'"),
             (["--logprobs", "2", "--num-beams", "2"], "--logprobs works with sampling and greedy decoding"),
             (["--compile", "--speculative", "prompt_lookup"], "beam search and --speculative do not use")):
@@ -926,6 +926,8 @@ def test_cli_samples_as_the_models_generation_config_says(tmp_path, capsys):
     assert main(["quantize", "--model", str(tmp_path / "m"), "--output", str(tmp_path / "q"), "--bits", "8"]) == 0
     assert model_sampling_defaults(lmstack.load_model(tmp_path / "q"))["temperature"] == 0.6
     capsys.readouterr()
+    assert main(["info", str(tmp_path / "q")]) == 0  # info names the quantization too
+    assert json.loads(capsys.readouterr().out)["quantization"]["bits"] == 8
 
     common = ["generate", "ROMEO:", "--model", str(tmp_path / "m"), "--max-new-tokens", "8", "--no-stream"]
     assert main([*common, "--temperature", "0.9", "--seed", "1"]) == 0
@@ -941,7 +943,8 @@ def test_cli_samples_as_the_models_generation_config_says(tmp_path, capsys):
     # a setting that is out of range is named as the model's
     config_file.write_text(json.dumps({**config, "do_sample": True, "top_p": 0.0}))
     assert main(common) == 1
-    assert "its generation_config.json do not go with the flags: top_p" in capsys.readouterr().err
+    assert "its generation_config.json sets top_p 0.0, which must be in (0, 1]; pass --top-p to override it" in \
+        capsys.readouterr().err
 
 
 def test_cli_list_flags_repeat_and_leave_the_prompt_alone(tmp_path, monkeypatch, capsys):

@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -231,7 +232,7 @@ def _data_prepare(args: argparse.Namespace) -> None:
                           on_bad_record=args.on_bad_record, progress=sys.stderr.isatty(),
                           parse_special_tokens=args.parse_special_tokens)
     print(f"wrote {args.output}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} validation tokens "
-          f"({meta['dtype']}) from {meta['documents']:,} documents")
+          f"({meta['dtype']}) from {meta['documents']:,} document{'s' if meta['documents'] != 1 else ''}")
     _note_not_utf8(meta["files_not_utf8"], meta["replacement_chars"])
     if meta["skipped_records"]:
         print(f"note: skipped {meta['skipped_records']:,} bad records, e.g. {meta['skipped_examples'][0]}",
@@ -318,7 +319,8 @@ def _plot(args: argparse.Namespace) -> None:
     out = None
     if args.output:
         out = Path(args.output)
-        if out.is_dir():
+        if out.is_dir() or (args.output.endswith(("/", os.sep)) and not out.exists()):  # a directory, maybe new
+            out.mkdir(parents=True, exist_ok=True)
             out = out / "loss.png"
         elif out.suffix.lower() not in _PLOT_FORMATS:
             raise LMStackError(f"--output {args.output}: the image's name must end in {', '.join(_PLOT_FORMATS)} "
@@ -396,13 +398,19 @@ def _sampling_params(args: argparse.Namespace, defaults: dict[str, Any] | None =
     grammar = _read_text_file(args.grammar, "--grammar", "a Lark grammar") if args.grammar else None
     sampling = {k: getattr(args, k) if getattr(args, k) is not None else (defaults or {}).get(k, default)
                 for k, default in SAMPLING_DEFAULTS.items()}
-    return SamplingParams(
-        json_schema=_json_schema(args.json_schema), regex=args.regex, choice=args.choice, grammar=grammar,
-        max_new_tokens=args.max_new_tokens, **sampling,
-        frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
-        no_repeat_ngram_size=args.no_repeat_ngram_size, logit_bias=bias, stop=args.stop or [],
-        stop_token_ids=args.stop_token_ids or [], ignore_eos=args.ignore_eos, n=args.n, seed=args.seed,
-        truncate_prompt=args.truncate_prompt, logprobs=getattr(args, "logprobs", None))
+    try:
+        return SamplingParams(
+            json_schema=_json_schema(args.json_schema), regex=args.regex, choice=args.choice, grammar=grammar,
+            max_new_tokens=args.max_new_tokens, **sampling, frequency_penalty=args.frequency_penalty,
+            presence_penalty=args.presence_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size,
+            logit_bias=bias, stop=args.stop or [], stop_token_ids=args.stop_token_ids or [],
+            ignore_eos=args.ignore_eos, n=args.n, seed=args.seed, truncate_prompt=args.truncate_prompt,
+            logprobs=getattr(args, "logprobs", None))
+    except LMStackError as e:  # SamplingParams names its fields (top_p=0.0: ...); here they are flags
+        named = re.match(r"(\w+)=(.*?): (.*)", str(e), re.DOTALL)
+        if named is None or not hasattr(args, named[1]):
+            raise
+        raise LMStackError(f"--{named[1].replace('_', '-')} {named[2]}: {named[3]}") from None
 
 
 def _with_model_defaults(args: argparse.Namespace, model: Any, unsupported: Sequence[str] = ()):
@@ -414,9 +422,13 @@ def _with_model_defaults(args: argparse.Namespace, model: Any, unsupported: Sequ
     defaults = {k: v for k, v in given.items() if getattr(args, k) is None and k not in unsupported}
     try:
         params = _sampling_params(args, defaults)
-    except LMStackError as e:
-        raise LMStackError(f"{args.model}: the sampling settings of its generation_config.json do not go with "
-                           f"the flags: {e}") from None
+    except LMStackError as e:  # the flags passed before the model loaded: the model's setting is at fault
+        flag, _, why = str(e).partition(": ")
+        key = flag.split()[0].removeprefix("--").replace("-", "_")
+        if key not in defaults:
+            raise
+        raise LMStackError(f"{args.model}: its generation_config.json sets {key} {defaults[key]}, which {why}; "
+                           f"pass --{key.replace('_', '-')} to override it") from None
     if defaults:
         print("note: sampling with the model's generation_config.json settings "
               f"{', '.join(f'{k} {str(v).lower()}' for k, v in defaults.items())} (flags override them)",
@@ -789,6 +801,8 @@ def _checkpoint_info(path: Path) -> dict[str, Any]:
                             "config": config.to_dict()}
     if labels is not None:
         info["labels"] = labels
+    if raw.get("quantization_config"):  # lmstack quantize's: bits, group size, compute dtype
+        info["quantization"] = raw["quantization_config"]
     return info
 
 
@@ -984,7 +998,17 @@ def build_parser() -> argparse.ArgumentParser:
     info = verbs.add_parser("info", help="print a checkpoint's config and parameter count")
     info.add_argument("model")
     info.set_defaults(func=_info)
+    _name_verbs(parser)
     return parser
+
+
+def _name_verbs(parser: argparse.ArgumentParser) -> None:
+    """Let a missing verb's error list the verbs ({classify,perplexity,...}), not name its internal dest."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            action.metavar = "{" + ",".join(action.choices) + "}"
+            for sub in action.choices.values():
+                _name_verbs(sub)
 
 
 def _parser_of(parser: argparse.ArgumentParser, func) -> argparse.ArgumentParser | None:

@@ -234,7 +234,7 @@ class Tokenizer:
                 special.append(token)
         if vocab_size < 256 + len(special):
             raise LMStackError(f"vocab_size {vocab_size} is too small: byte-level BPE needs at least 256 byte "
-                               f"tokens plus {len(special)} special tokens")
+                               f"tokens plus {len(special)} special token{'s' if len(special) != 1 else ''}")
         # With a Llama 3-style split, a piece already in the vocabulary is taken whole (ignore_merges), as
         # Llama 3 and llama.cpp's `llama-bpe` tokenizer do.
         backend = Backend(models.BPE(ignore_merges=split_pattern is not None))
