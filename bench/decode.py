@@ -67,9 +67,11 @@ def build(shape: str, dtype: torch.dtype, device: torch.device):
     with torch.device(device):
         model = lmstack.DecoderLM(cfg)
     # A random model's next-token distributions are nearly flat: greedy paths would part at the first bf16
-    # rounding difference. Sharper logits (the same bytes to read) make the agreement line a check.
+    # rounding difference. Sharper logits (the same bytes to read) make the agreement line a check; the final
+    # norm scales them without touching an embedding tied to the head.
     with torch.no_grad():
-        model.lm_head.weight.mul_(20)
+        for p in model.norm.parameters():
+            p.mul_(20)
     return model.to(dtype)
 
 

@@ -918,13 +918,16 @@ def test_cli_samples_as_the_models_generation_config_says(tmp_path, capsys):
     _chat_model(tmp_path / "m")
     config_file = tmp_path / "m" / "generation_config.json"
     config = json.loads(config_file.read_text())
-    config_file.write_text(json.dumps({**config, "do_sample": True, "temperature": 0.6, "top_p": 0.9, "top_k": 0}))
+    config_file.write_text(json.dumps({**config, "do_sample": True, "temperature": 0.6, "top_p": 0.9, "top_k": 0,
+                                       "min_p": None}))  # null: unset, as transformers 5 writes its defaults
     model = lmstack.load_model(tmp_path / "m")
     assert model_sampling_defaults(model) == {"temperature": 0.6, "top_p": 0.9, "top_k": None}
     lmstack.save_model(model, tmp_path / "again")  # the settings travel with the model
     assert json.loads((tmp_path / "again" / "generation_config.json").read_text())["top_p"] == 0.9
     assert main(["quantize", "--model", str(tmp_path / "m"), "--output", str(tmp_path / "q"), "--bits", "8"]) == 0
     assert model_sampling_defaults(lmstack.load_model(tmp_path / "q"))["temperature"] == 0.6
+    (tmp_path / "q" / "generation_config.json").write_text('{"do_sample": false}')  # the file, edited, wins
+    assert model_sampling_defaults(lmstack.load_model(tmp_path / "q")) == {"temperature": 0.0}
     capsys.readouterr()
     assert main(["info", str(tmp_path / "q")]) == 0  # info names the quantization too
     assert json.loads(capsys.readouterr().out)["quantization"]["bits"] == 8

@@ -593,7 +593,8 @@ def _trained_peft(base, path, resize=0, **settings):
     if resize:
         hf.resize_token_embeddings(hf.config.vocab_size + resize)
     torch.manual_seed(3)
-    theirs = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], **settings))
+    settings = {"target_modules": ["q_proj", "v_proj"], **settings}
+    theirs = get_peft_model(hf, LoraConfig(r=4, lora_alpha=8, **settings))
     with torch.no_grad():
         for name, p in theirs.named_parameters():
             if "lora_B" in name or "modules_to_save" in name:
@@ -697,3 +698,57 @@ def test_whole_modules_that_do_not_fit_are_named(tmp_path):
     with pytest.raises(LMStackError, match="q_proj is both a LoRA target and in modules_to_save"):
         load_peft(model, tmp_path / "b")
     assert not lora_layers(model) and model.config.vocab_size == 101  # left as it was
+    # A saved module's tensor missing from the file is named.
+    _trained_peft(base, tmp_path / "c", modules_to_save=["norm"])
+    tensors = load_file(tmp_path / "c" / "adapter_model.safetensors")
+    del tensors["base_model.model.model.norm.weight"]
+    save_file(tensors, tmp_path / "c" / "adapter_model.safetensors")
+    with pytest.raises(LMStackError, match="missing tensor 'model.norm.weight'"):
+        load_peft(model, tmp_path / "c")
+    # A tied base whose embedding alone grew: PEFT would keep the base's head of the old size.
+    tied = _hf_llama(tmp_path / "tied", tie=True)
+    _trained_peft(tied, tmp_path / "d", resize=3, modules_to_save=["embed_tokens"])
+    tensors = {k: v for k, v in load_file(tmp_path / "d" / "adapter_model.safetensors").items()
+               if not k.startswith("base_model.model.lm_head.")}  # as save_embedding_layers=False writes it
+    save_file(tensors, tmp_path / "d" / "adapter_model.safetensors")
+    with pytest.raises(LMStackError, match="but the adapter holds no lm_head.weight of that size"):
+        load_peft(lmstack.load_model(tied), tmp_path / "d")
+
+
+def test_whole_modules_on_a_quantized_head(tmp_path):
+    """An NF4 base (its untied head quantized): a saved embedding applies, a saved head is refused, and the
+    model is left as it was."""
+    base = _hf_llama(tmp_path / "base")
+    _trained_peft(base, tmp_path / "embed", modules_to_save=["embed_tokens"])
+    _trained_peft(base, tmp_path / "head", modules_to_save=["lm_head"])
+    model = quantize_model(lmstack.load_model(base), "nf4", group_size=32)
+    assert isinstance(model.lm_head, NF4Linear)
+    with pytest.raises(LMStackError, match="holds lm_head.weight whole, which this model holds quantized"):
+        load_peft(model, tmp_path / "head")
+    assert not lora_layers(model)
+    embed = load_file(tmp_path / "embed" / "adapter_model.safetensors")["base_model.model.model.embed_tokens.weight"]
+    assert torch.equal(load_peft(model, tmp_path / "embed").embed.weight, embed)
+
+
+def test_gpt2_wte_saved_whole_follows_peft(tmp_path):
+    """GPT-2's embedding is `wte`, which PEFT's ensure_weight_tying does not know: PEFT keeps the head tied to
+    the base's embedding, and so does lmstack (untied from the trained copy); saved again, peft agrees."""
+    import warnings
+
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=101,
+                                                             n_positions=64)).save_pretrained(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = _trained_peft(base, tmp_path / "peft", target_modules=["c_attn"], modules_to_save=["wte"],
+                               ensure_weight_tying=True)
+    ours = load_peft(lmstack.load_model(base), tmp_path / "peft").eval()
+    assert not ours.config.tie_embeddings
+    ids = torch.randint(0, 101, (2, 12))
+    with torch.no_grad():
+        expected = theirs(ids).logits
+        assert (expected - ours(ids)).abs().max() < 1e-4
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _same_after_save_peft(ours, base, tmp_path / "ours", ids, expected)

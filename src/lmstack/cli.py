@@ -7,10 +7,12 @@ traceback only with `--debug`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import re
+import select
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -1022,6 +1024,25 @@ def _parser_of(parser: argparse.ArgumentParser, func) -> argparse.ArgumentParser
     return parser if parser.get_default("func") is func else None
 
 
+def _output_gone() -> bool:
+    """Whether standard output's reader has closed it (a pipe's write end then polls as an error); if so it
+    is pointed at /dev/null, so that the flush at exit does not fail again."""
+    try:
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError):  # a captured stream: a broken pipe came from somewhere else
+        return False
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        gone = any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, AttributeError):  # no poll() here: take the error for the output's
+        gone = True
+    if gone:
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    return gone
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -1032,10 +1053,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.func(args, extra)
         else:
             args.func(args)
-    except BrokenPipeError:  # the reader of the output went away (`| head`): stop quietly, as Unix tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush finds no pipe
-        return 141  # 128 + SIGPIPE, what a shell reports for a tool the signal ended
     except (LMStackError, OSError) as e:  # bad input, a missing or unreadable file: one line, no traceback
+        if isinstance(e, BrokenPipeError) and not args.debug and _output_gone():
+            return 141  # the reader went away (`| head`): quiet, with the status a shell gives a SIGPIPE'd tool
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -16,6 +16,7 @@ from lmstack.checkpoints.hf import (
     load_hf_model,
     read_hf_config,
     save_hf_model,
+    take_sampling_settings,
     write_json,
 )
 from lmstack.errors import LMStackError
@@ -115,6 +116,7 @@ def load_native(path: str | os.PathLike, dtype: torch.dtype | None = None,
     if not isinstance(stored, dict):
         raise LMStackError(f"{path}/config.json: model_type {NATIVE!r} needs an 'lmstack_config' object")
     config = ModelConfig.from_dict(stored)
+    take_sampling_settings(config, path)  # the file, if edited, over what the config carried
     source = TensorSource([path / "model.safetensors"])
     with torch.device("meta"):
         expected = {k: v.shape for k, v in build(config).state_dict().items()}

@@ -102,6 +102,17 @@ def read_generation_config(path: Path) -> dict[str, Any]:
     return config
 
 
+def take_sampling_settings(config: ModelConfig, path: Path) -> None:
+    """Put the sampling settings of `path`'s generation_config.json, where it has one, in `config.extra`
+    (a null is a setting left unset, as transformers and vLLM read it)."""
+    if not (path / "generation_config.json").exists():
+        return
+    settings = {k: v for k, v in read_generation_config(path).items() if k in SAMPLING_KEYS and v is not None}
+    config.extra.pop("generation_config", None)
+    if settings:
+        config.extra["generation_config"] = settings
+
+
 def generation_eos(path: Path) -> list[int]:
     """The eos ids of a directory's generation_config.json (Llama 3, Qwen2.5 and Phi-3 list several there:
     `transformers` stops at any of them); [] without one."""
@@ -575,9 +586,7 @@ def load_hf_model(
     hf = read_hf_config(path)
     config = config_from_hf(hf, where=str(path / "config.json"))
     config.eos_token_id = merged_eos(config.eos_token_id, generation_eos(path))
-    sampling = {k: v for k, v in read_generation_config(path).items() if k in SAMPLING_KEYS}
-    if sampling:
-        config.extra["generation_config"] = sampling
+    take_sampling_settings(config, path)
     source = TensorSource(safetensors_files(path))
     keys = source.keys()
     prefix = "transformer." if any(k.startswith("transformer.") for k in keys) else ""

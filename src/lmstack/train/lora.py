@@ -428,7 +428,13 @@ def save_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_path
     # Modules a loaded adapter held whole (load_peft) are written whole again; a tied head as a copy of its own,
     # as PEFT writes it.
     whole_names = list(model.lora.get("modules_to_save") or ())
-    whole_rules = _under(_module_rules(model), whole_names)
+    rules = _module_rules(model)
+    whole_rules = _under(rules, whole_names)
+    if model.config.tie_embeddings and any(r.ours[0] in ("embed.weight", "lm_head.weight") for r in whole_rules):
+        # A tied pair goes whole, both halves: PEFT would otherwise pair the saved one with the base's other.
+        pair = [r for r in rules if r.ours[0] in ("embed.weight", "lm_head.weight") and r not in whole_rules]
+        whole_names += [r.hf.rpartition(".")[0] for r in pair]
+        whole_rules += pair
     if whole_rules:
         from lmstack.checkpoints.hf import hf_tensors
 
@@ -453,8 +459,8 @@ def save_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_path
               "use_dora": bool(cfg.get("use_dora", False)), "bias": "none",
               "modules_to_save": [*whole_names, *(["score"] if head is not None else [])] or None,
               # A tied embedding saved whole stays tied (PEFT unties its copy otherwise).
-              "ensure_weight_tying": model.config.tie_embeddings and any(r.ours[0] == "embed.weight"
-                                                                        for r in whole_rules),
+              "ensure_weight_tying": ties_saved_copies(model, {"ensure_weight_tying": True,
+                                                               "modules_to_save": whole_names}),
               "layers_to_transform": None, "layers_pattern": None, "init_lora_weights": True,
               # GPT-2's Conv1D layers keep weights as [in, out]; PEFT sets this for them itself.
               "fan_in_fan_out": family_of(model.config) == "gpt2", "inference_mode": True,
@@ -615,7 +621,7 @@ def load_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             layer.lora_B.copy_(B)
             if magnitude is not None:
                 layer.lora_magnitude.copy_(magnitude)
-    _put_whole_modules(model, whole, bool(cfg.get("ensure_weight_tying", False)))
+    _put_whole_modules(model, whole, ties_saved_copies(model, cfg))
     return model
 
 
@@ -682,9 +688,11 @@ def whole_modules(model: nn.Module, cfg: dict[str, Any], tensors: dict[str, torc
         raise LMStackError(f"{where}: the token embedding and the output head disagree on the vocabulary size "
                            f"({', '.join(f'{k} has {n} rows' for k, n in rows.items())})")
     vocab = next(iter(rows.values()), model.config.vocab_size)
+    have = {r.ours[0] for r in chosen if _key(r.hf) in tensors}
+    ties = ties_saved_copies(model, cfg)
     if vocab != model.config.vocab_size:
-        have = {r.ours[0] for r in chosen if _key(r.hf) in tensors}
-        needed = {"embed.weight"} | ({"lm_head.weight"} if not model.config.tie_embeddings else set())
+        # Tied and kept tied, one of the two is both; otherwise each needs its resized copy.
+        needed = {"embed.weight", "lm_head.weight"} - (have if ties else set())
         needed |= {"lm_head.bias"} if model.config.lm_head_bias else set()
         if not needed <= have:
             missing = next(r.hf for r in rules if r.ours[0] in needed - have)
@@ -693,44 +701,55 @@ def whole_modules(model: nn.Module, cfg: dict[str, Any], tensors: dict[str, torc
         for name in _VOCABULARY_SIZED:
             if name in expected:
                 expected[name] = torch.Size([vocab, *expected[name][1:]])
-    keys = [r.hf for r in chosen]
-    state = convert_to_ours(chosen, expected, keys, lambda k: tensors[_key(k)],
+    present = [r.hf for r in chosen if _key(r.hf) in tensors]  # convert_to_ours names a missing one
+    state = convert_to_ours(chosen, expected, present, lambda k: tensors[_key(k)],
                             f"{where.parent}/adapter_model.safetensors")
-    for k in keys:
+    for k in present:
         tensors.pop(_key(k), None)
     return state, sorted(saved)
 
 
-def _put_whole_modules(model: nn.Module, state: dict[str, torch.Tensor], ensure_weight_tying: bool) -> None:
-    """Copy the tensors `whole_modules` took into `model`. The embedding and head get new Parameters (of a
-    resized vocabulary, maybe). As in PEFT, a tied head saved or kept apart from the embedding is untied,
-    unless `ensure_weight_tying` ties the saved copy to both."""
+def ties_saved_copies(model: nn.Module, cfg: dict[str, Any]) -> bool:
+    """Whether PEFT ties a tied model's saved embedding and head copies to each other: with
+    `ensure_weight_tying`, and only for a module_to_save named as transformers names embeddings (PEFT's
+    EMBEDDING_LAYER_NAMES: GPT-2's `wte` is not)."""
+    names = cfg.get("modules_to_save") or ()
+    return (bool(cfg.get("ensure_weight_tying")) and model.config.tie_embeddings
+            and any(m.split(".")[-1] in ("embed_tokens", "lm_head") for m in names))
+
+
+def _put_whole_modules(model: nn.Module, state: dict[str, torch.Tensor], ties: bool) -> None:
+    """Copy the tensors `whole_modules` took into `model`. An embedding or head that is saved gets a new
+    Parameter (of a resized vocabulary, maybe). As in PEFT, a tied head saved or kept apart from the embedding
+    is untied, unless `ties` (`ties_saved_copies`) ties the saved copy to both."""
     with torch.no_grad():
         for name, t in state.items():
             if name not in _VOCABULARY_SIZED:
                 model.get_parameter(name).copy_(t)
     embed, head, bias = (state.get(name) for name in _VOCABULARY_SIZED)
-    if embed is None and head is None and bias is None:
-        return
     tied = model.config.tie_embeddings
-    if tied and ensure_weight_tying:
+    if tied and ties:
         embed = head = embed if embed is not None else head
-    old_embed, old_head = model.embed.weight, model.lm_head.weight
-    embed = embed if embed is not None else old_embed.detach()
-    head = head if head is not None else old_head.detach()
-    tie = tied and torch.equal(embed, head)
+    elif tied and (embed is None) != (head is None):  # the other one keeps the base's weights, apart
+        embed, head = (embed if embed is not None else model.embed.weight.detach(),
+                       head if head is not None else model.lm_head.weight.detach())
 
     def parameter(t: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
         return nn.Parameter(t.to(like.device, like.dtype, copy=True), requires_grad=like.requires_grad)
 
-    model.embed.weight = parameter(embed, old_embed)
-    model.embed.num_embeddings = embed.shape[0]
-    model.lm_head.weight = parameter(head, old_head)
-    model.lm_head.out_features = head.shape[0]
+    if embed is not None:
+        model.embed.weight = parameter(embed, model.embed.weight)
+        model.embed.num_embeddings = embed.shape[0]
+    if head is not None:
+        model.lm_head.weight = parameter(head, model.lm_head.weight)
+        model.lm_head.out_features = head.shape[0]
     if bias is not None:
         model.lm_head.bias = parameter(bias, model.lm_head.bias)
-    model.config = dataclasses.replace(model.config, vocab_size=embed.shape[0], tie_embeddings=tie)
-    model.tie_weights()
+    if embed is not None or head is not None:
+        tie = tied and embed is not None and head is not None and torch.equal(embed, head)
+        model.config = dataclasses.replace(model.config, vocab_size=model.embed.num_embeddings,
+                                           tie_embeddings=tie)
+        model.tie_weights()
 
 
 def is_classifier_adapter(cfg: dict[str, Any]) -> bool:
