@@ -102,8 +102,12 @@ def time_decode(run, batch: int, new_tokens: int, device, repeat: int = 3) -> tu
     cache reaches the length the timed runs use, so neither compilation nor recording falls in the timing.
     Then `repeat` single-token and full runs, the fastest of each kept (one hiccup of a short run would
     otherwise move the figure by percents); decoding is the difference of the two."""
+    t0 = time.perf_counter()
     run(new_tokens)
     sync(device)
+    warm_up = time.perf_counter() - t0
+    if warm_up > 10:  # compilation, mostly: worth knowing when planning a short GPU lease
+        print(f"  (batch {batch}: warm-up {warm_up:.0f} s, compilation included)", flush=True)
     firsts, totals, out = [], [], None
     for _ in range(repeat):
         t0 = time.perf_counter()
