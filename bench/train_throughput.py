@@ -33,9 +33,14 @@ SHAPES = {
 def time_steps(steps: dict, device: torch.device, warmup: int, repeat: int, rounds: int = 3) -> dict:
     """Seconds per step of each callable: warm up, then alternate rounds between them and keep each one's
     best round, so a noisy neighbour on a shared machine hurts neither side more than the other."""
-    for step in steps.values():
+    for name, step in steps.items():
+        t0 = time.perf_counter()
         for _ in range(warmup):
             step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if time.perf_counter() - t0 > 10:  # compilation, mostly: worth knowing when planning a short GPU lease
+            print(f"  ({name}: warm-up {time.perf_counter() - t0:.0f} s, compilation included)", flush=True)
     best = dict.fromkeys(steps, float("inf"))
     for _ in range(rounds):
         for name, step in steps.items():
