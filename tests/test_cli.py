@@ -193,6 +193,46 @@ def test_a_recurrent_lm_is_scored_by_perplexity_and_refused_by_generate(tmp_path
     assert reported["perplexity"] == pytest.approx(perplexity(model, tok, text).perplexity, rel=1e-5)
     err = one_error_line(capsys, "generate", "--model", tmp_path / "lstm", "ROMEO:")
     assert "a recurrent LM (arch 'lstm'); generation runs Transformer models" in err and "generate_ids" in err
+    err = one_error_line(capsys, "convert", tmp_path / "lstm", tmp_path / "l.gguf")
+    assert "a recurrent LM; GGUF holds Transformer language models" in err
+
+
+def test_a_gguf_name_in_capitals_is_a_gguf_file(model_dir, tmp_path, capsys):
+    assert main(["convert", str(model_dir), str(tmp_path / "M.GGUF")]) == 0
+    assert (tmp_path / "M.GGUF").is_file()
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "M.GGUF")]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["vocab_size"] == 300
+
+
+def test_python_load_model_names_a_training_run(run_dir):
+    with pytest.raises(LMStackError, match=r"a training run directory, not a checkpoint; pass one of its "
+                                           r"checkpoints, RUN/checkpoints/step-N \(the newest: .*step-0000020\)"):
+        lmstack.load_model(run_dir)
+
+
+def test_tokenizer_train_notes_what_it_replaced_and_a_short_vocabulary(tmp_path, capsys):
+    data = tmp_path / "t.txt"
+    data.write_bytes(b"To be, or not to be \xff\xfe that is the question.\n" * 50)
+    assert main(["tokenizer", "train", "--input", str(data), "--vocab-size", "5000", "--output",
+                 str(tmp_path / "tok")]) == 0
+    err = capsys.readouterr().err
+    assert "note: 100 invalid UTF-8 sequences replaced with U+FFFD in" in err
+    assert "fewer than --vocab-size 5,000 (more text gives more)" in err
+
+
+def test_compare_checks_the_corpus_and_output_before_writing(tmp_path, capsys):
+    data = tmp_path / "tiny.txt"
+    data.write_text("To be, or not to be, that is the question.\n" * 30)
+    err = one_error_line(capsys, "compare", "--data", data, "--output", tmp_path / "cmp", "--steps", "2",
+                         "--vocab-size", "300")
+    assert "its last 10% is" in err and "give a larger corpus" in err
+    assert not (tmp_path / "cmp").exists()
+    (tmp_path / "file.md").write_text("x")
+    assert "a file; compare writes a directory" in one_error_line(capsys, "compare", "--data", data, "--output",
+                                                                  tmp_path / "file.md")
+    assert f"{tmp_path}: a directory; give the files in it" in one_error_line(
+        capsys, "eval", "bleu", "--predictions", tmp_path, "--references", data)
 
 
 def test_a_missing_chat_template_says_how_to_get_one(model_dir, capsys):

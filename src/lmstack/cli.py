@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from lmstack.errors import LMStackError, UsageError
+from lmstack.paths import is_gguf, is_training_run, training_run_error
 
 
 def _at_least(value: int | None, minimum: int, flag: str) -> None:
@@ -46,13 +47,6 @@ def _read_text_file(value: str, flag: str, what: str) -> str:
 _CHECKPOINT_FILE_SUFFIXES = (".safetensors", ".json", ".jinja", ".bin", ".pt")
 
 
-def _newest_checkpoint(run: Path) -> Path | None:
-    steps = sorted(p for p in (run / "checkpoints").glob("step-*") if p.is_dir())
-    return steps[-1] if steps else None
-
-
-def _is_training_run(path: Path) -> bool:
-    return path.is_dir() and ((path / "metrics.jsonl").exists() or (path / "checkpoints").is_dir())
 
 
 def _check_model(value: str | os.PathLike, flag: str = "--model") -> None:
@@ -62,17 +56,14 @@ def _check_model(value: str | os.PathLike, flag: str = "--model") -> None:
     if not path.exists():
         raise LMStackError(f"{flag} {value}: no such checkpoint (expected a checkpoint directory or .gguf file)")
     if path.is_file():
-        if path.suffix == ".gguf":
+        if is_gguf(path):
             return
         if path.suffix in _CHECKPOINT_FILE_SUFFIXES:
             raise LMStackError(f"{flag} {value}: a file, where a checkpoint directory is expected; pass the "
                                f"directory that holds it ({path.parent})")
         raise LMStackError(f"{flag} {value}: not a checkpoint directory or .gguf file")
-    if _is_training_run(path) and not any(path.glob("*.safetensors")):
-        newest = _newest_checkpoint(path)
-        instead = (f"pass one of its checkpoints, RUN/checkpoints/step-N (the newest: {newest})" if newest
-                   else "it has no checkpoint yet")
-        raise LMStackError(f"{flag} {value}: a training run directory, not a checkpoint; {instead}")
+    if is_training_run(path) and not any(path.glob("*.safetensors")):
+        raise training_run_error(path, flag)
 
 
 def _check_result_file(output: str | None, inputs: list[str], flag: str = "--output") -> None:
@@ -120,7 +111,7 @@ def _check_output(source: str | os.PathLike, output: str | os.PathLike, flag: st
         raise LMStackError(f"{flag} {output}: that is the source model; write the output elsewhere")
     if not dst.is_dir() or not any(dst.iterdir()):
         return
-    if _is_training_run(dst):
+    if is_training_run(dst):
         raise LMStackError(f"{flag} {output}: a training run directory (it holds metrics.jsonl or checkpoints/), "
                            "which the output would overwrite; write it elsewhere")
     if (dst / "trainer_state").exists():
@@ -132,13 +123,14 @@ def _check_output(source: str | os.PathLike, output: str | os.PathLike, flag: st
 
 
 def _tokenizer_train(args: argparse.Namespace) -> None:
+    from lmstack.data.readers import ReadStats
     from lmstack.tokenizer import train_tokenizer
 
     _at_least(args.min_frequency, 0, "--min-frequency")
     if args.model_max_length is not None:
         _at_least(args.model_max_length, 1, "--model-max-length")
     out = Path(args.output)
-    if _is_training_run(out) or (out / "config.json").is_file() or any(out.glob("*.safetensors")):
+    if is_training_run(out) or (out / "config.json").is_file() or any(out.glob("*.safetensors")):
         raise LMStackError(f"--output {args.output}: holds a model (or a training run), whose weights go with the "
                            "tokenizer it has; write the new tokenizer elsewhere")
     template = args.chat_template
@@ -147,8 +139,9 @@ def _tokenizer_train(args: argparse.Namespace) -> None:
         if not path.exists():
             raise LMStackError(f"--chat-template {template!r}: not 'chatml' and no such file")
         template = _read_text_file(template, "--chat-template", "a Jinja template")
+    stats = ReadStats()
     tok = train_tokenizer(
-        args.input, args.vocab_size, text_field=args.text_field, on_bad_record=args.on_bad_record,
+        args.input, args.vocab_size, text_field=args.text_field, on_bad_record=args.on_bad_record, stats=stats,
         special_tokens=args.special_tokens,
         min_frequency=args.min_frequency, bos_token=args.bos_token, eos_token=args.eos_token,
         pad_token=args.pad_token, add_bos=args.add_bos, chat_template=template,
@@ -157,6 +150,10 @@ def _tokenizer_train(args: argparse.Namespace) -> None:
     tok.save(args.output)
     print(f"trained a byte-level BPE of {tok.vocab_size} tokens; wrote {args.output}/tokenizer.json "
           f"and tokenizer_config.json")
+    _note_reading(stats)
+    if tok.vocab_size < args.vocab_size:
+        print(f"note: the corpus has merges for {tok.vocab_size:,} tokens, fewer than --vocab-size "
+              f"{args.vocab_size:,} (more text gives more)", file=sys.stderr)
 
 
 def _tokenizer_encode(args: argparse.Namespace) -> None:
@@ -180,9 +177,9 @@ def _convert(args: argparse.Namespace) -> None:
     from lmstack.checkpoints import load_model, load_tokenizer, save_model
 
     src, dst = Path(args.source), Path(args.destination)
-    if dst.suffix == ".gguf" and args.max_shard_size is not None:
+    if is_gguf(dst) and args.max_shard_size is not None:
         raise LMStackError("--max-shard-size shards a Hugging Face directory; a GGUF file is one file")
-    if dst.suffix != ".gguf" and args.gguf_type is not None:
+    if not is_gguf(dst) and args.gguf_type is not None:
         raise LMStackError(f"--gguf-type applies to a .gguf destination, not the directory {dst} (--dtype sets a "
                            "directory's precision)")
     _check_model(src, "convert source")
@@ -194,19 +191,29 @@ def _convert(args: argparse.Namespace) -> None:
         tokenizer = load_tokenizer(src)
     except LMStackError as e:
         print(f"note: no tokenizer written ({e})", file=sys.stderr)
-    if dst.suffix == ".gguf":
+    if is_gguf(dst):
         from lmstack.checkpoints.gguf import save_gguf
         from lmstack.models.decoder import DecoderLM
 
         if not isinstance(model, DecoderLM):
-            raise LMStackError(f"convert source {src}: a classification model; GGUF holds language models only")
+            what = ("a recurrent LM; GGUF holds Transformer language models" if model.config.arch != "transformer"
+                    else "a classification model; GGUF holds language models only")
+            raise LMStackError(f"convert source {src}: {what}")
         if tokenizer is None:
             raise LMStackError(f"{src}: a GGUF file carries the tokenizer, and none could be loaded")
         save_gguf(model, tokenizer, dst, tensor_type=args.gguf_type or "f32")
     else:
         save_model(model, dst, tokenizer=tokenizer, max_shard_size=args.max_shard_size or "5GB")
-    stored = f"{args.gguf_type or 'f32'} GGUF" if dst.suffix == ".gguf" else str(next(model.parameters()).dtype)
+    stored = f"{args.gguf_type or 'f32'} GGUF" if is_gguf(dst) else str(next(model.parameters()).dtype)
     print(f"wrote {dst} ({sum(p.numel() for p in model.parameters()):,} parameters, {stored})")
+
+
+def _note_reading(stats) -> None:
+    """Notes on what reading the input replaced (bytes that are not UTF-8) or skipped (bad records)."""
+    _note_not_utf8(stats.replaced_bytes_files, stats.replacement_chars)
+    if stats.skipped_records:
+        print(f"note: skipped {len(stats.skipped_records):,} bad records, e.g. {stats.skipped_records[0]}",
+              file=sys.stderr)
 
 
 def _note_not_utf8(files: list[str], replaced: int) -> None:
@@ -271,7 +278,7 @@ def _pretrain(args: argparse.Namespace, overrides: list[str]) -> None:
                                "which resumes from its last checkpoint")
         if not saved.exists():
             raise LMStackError(f"{run}: no config.json (not a training run directory)")
-        if any(run.glob("*.safetensors")) and not _is_training_run(run):
+        if any(run.glob("*.safetensors")) and not is_training_run(run):
             raise LMStackError(f"--resume {run}: a model, not a training run directory; to train from it, use "
                                f"--init_from checkpoint --model {run}")
         out_dir = parse_overrides(overrides).get("out_dir")
@@ -369,10 +376,7 @@ def _eval_perplexity(args: argparse.Namespace) -> None:
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     stats = ReadStats()
     text = "\n\n".join(iter_texts(args.data, args.text_field, args.on_bad_record, stats=stats, hint=SKIP_HINT))
-    _note_not_utf8(stats.replaced_bytes_files, stats.replacement_chars)
-    if stats.skipped_records:
-        print(f"note: skipped {len(stats.skipped_records):,} bad records, e.g. {stats.skipped_records[0]}",
-              file=sys.stderr)
+    _note_reading(stats)
     if args.max_chars is not None:
         text = text[: args.max_chars]
     result = perplexity(model, tokenizer, text, max_length=args.max_length, stride=args.stride,
@@ -776,7 +780,7 @@ def _checkpoint_info(path: Path) -> dict[str, Any]:
     from lmstack.config import ModelConfig
 
     raw: dict[str, Any] = {}
-    if path.suffix == ".gguf":
+    if is_gguf(path):
         from lmstack.checkpoints.gguf import read_gguf_config
 
         config = read_gguf_config(path)  # the metadata: a quantized file is not dequantized to count it

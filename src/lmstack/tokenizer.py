@@ -284,7 +284,7 @@ class Tokenizer:
         """From a directory with tokenizer.json (+ tokenizer_config.json), a tokenizer.json file, a directory
         with GPT-2's encoder.json + vocab.bpe, or a .gguf file."""
         path = Path(path)
-        if path.suffix == ".gguf":
+        if path.suffix.lower() == ".gguf":
             from lmstack.checkpoints.gguf import load_gguf_tokenizer
 
             return load_gguf_tokenizer(path)
@@ -632,10 +632,11 @@ def _lines(texts: Iterable[str], chunk: int = 1 << 16) -> Iterator[str]:
 
 def train_tokenizer(
     files: Sequence[str | os.PathLike], vocab_size: int, text_field: str = "text", on_bad_record: str = "fail",
-    **kwargs: Any,
+    stats: Any = None, **kwargs: Any,
 ) -> Tokenizer:
     """Train a byte-level BPE on text / JSONL / Parquet `files` (see `Tokenizer.train` for the options; a bad
-    record stops with its file and line, or with `on_bad_record="skip"` is left out)."""
+    record stops with its file and line, or with `on_bad_record="skip"` is left out). `stats` (a
+    `lmstack.data.readers.ReadStats`) counts what reading replaced or skipped."""
     from lmstack.data.readers import iter_texts
 
     if not files:
@@ -643,7 +644,7 @@ def train_tokenizer(
     seen = [0]
 
     def texts():
-        for text in iter_texts(files, text_field, on_bad_record=on_bad_record):
+        for text in iter_texts(files, text_field, on_bad_record=on_bad_record, stats=stats):
             seen[0] += len(text.strip())
             yield text
 

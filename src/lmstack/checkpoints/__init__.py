@@ -21,6 +21,7 @@ from lmstack.checkpoints.hf import (
 )
 from lmstack.errors import LMStackError
 from lmstack.models.decoder import DecoderLM
+from lmstack.paths import is_gguf, is_training_run, training_run_error
 from lmstack.tokenizer import Tokenizer
 
 
@@ -36,7 +37,7 @@ def load_model(
         dtype = parse_dtype(dtype)
     if device is not None:
         device = parse_device(device)
-    if Path(path).suffix == ".gguf":
+    if is_gguf(path):
         from lmstack.checkpoints.gguf import load_gguf_model
 
         return load_gguf_model(path, dtype=dtype, device=device)
@@ -44,6 +45,8 @@ def load_model(
 
     if is_quantized_checkpoint(Path(path)):
         return load_quantized(path, device=device, dtype=dtype)
+    if is_training_run(Path(path)) and not any(Path(path).glob("*.safetensors")):
+        raise training_run_error(Path(path))
     if (Path(path) / "adapter_config.json").exists() and not (Path(path) / "config.json").exists():
         return load_adapter_model(path, dtype=dtype, device=device)
     if (Path(path) / "config.json").exists():

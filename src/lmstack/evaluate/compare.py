@@ -45,6 +45,8 @@ def compare(corpus: str | Path, out_dir: str | Path, vocab_size: int = 2048, ord
 
     out = Path(out_dir)
     marker = out / ".lmstack-compare"  # what compare writes it may replace; nothing else in `out`
+    if out.exists() and not out.is_dir():
+        raise LMStackError(f"--output {out}: a file; compare writes a directory (compare.md, compare.png, ...)")
     if out.is_dir() and any(out.iterdir()) and not marker.exists():
         raise LMStackError(f"--output {out}: not empty and not an earlier `lmstack compare` output, whose files "
                            "(train.txt, shards/, rnn/, ...) compare would replace; pass a new or empty directory")
@@ -58,6 +60,12 @@ def compare(corpus: str | Path, out_dir: str | Path, vocab_size: int = 2048, ord
         raise LMStackError(f"--data {corpus}: no text")
     cut = int(len(text) * 0.9)
     tok = Tokenizer.train([text[:cut]], vocab_size=vocab_size)
+    n_train, n_val = (len(tok.encode(t, add_special_tokens=False)) + (tok.eos_token_id is not None)
+                      for t in (text[:cut], text[cut:]))
+    for split, n in (("first 90%", n_train), ("last 10%", n_val)):  # before any file is written
+        if n <= block_size:
+            raise LMStackError(f"--data {corpus}: its {split} is {n:,} tokens, fewer than the neural models' "
+                               f"context + 1 ({block_size + 1}); give a larger corpus")
     out.mkdir(parents=True, exist_ok=True)
     marker.touch()
     for name in ("shards", *NEURAL):  # compare's own outputs of an earlier call: it starts from nothing
@@ -66,8 +74,6 @@ def compare(corpus: str | Path, out_dir: str | Path, vocab_size: int = 2048, ord
     (out / "val.txt").write_text(text[cut:], encoding="utf-8")
     # The shards' validation split is exactly the held-out text (each file a document, eos after it), so the
     # neural runs monitor the loss that is reported, and everything trains on the whole first 90%.
-    n_train, n_val = (len(tok.encode(t, add_special_tokens=False)) + (tok.eos_token_id is not None)
-                      for t in (text[:cut], text[cut:]))
     prepare_shards([out / "train.txt", out / "val.txt"], tok, out / "shards", progress=False, workers=1,
                    val_fraction=(n_val - 0.5) / (n_train + n_val))  # int(total * (1 - f)) = n_train
     shards = TokenShards(out / "shards")

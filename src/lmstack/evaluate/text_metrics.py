@@ -60,11 +60,10 @@ def read_lines(path: str | os.PathLike) -> list[str]:
     """One example per line (a JSONL file: one JSON string per line, so examples may hold newlines). Lines end
     at "\n" (or "\r\n") only: `str.splitlines` would also split at form feeds, U+2028 and other separators a
     text may hold, and pair predictions with the wrong references."""
-    from lmstack.data.readers import iter_json_lines
+    from lmstack.data.readers import check_input_file, iter_json_lines
 
     path = Path(path)
-    if not path.exists():
-        raise LMStackError(f"{path}: no such file")
+    check_input_file(path)
     if path.suffix != ".jsonl":
         try:
             text = path.read_bytes().decode("utf-8-sig")
