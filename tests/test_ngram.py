@@ -90,6 +90,7 @@ def test_arpa_round_trip(char_model, tmp_path):
     model, stoi = char_model
     words = [repr(c)[1:-1] if c.strip() else f"<{ord(c)}>" for c in sorted(stoi)]
     model.to_arpa(tmp_path / "m.arpa", words)
+    assert "-100.0000000\t<unk>" in (tmp_path / "m.arpa").read_text()  # listed, with no mass: no id is <unk>
     again = NGramLM.from_arpa(tmp_path / "m.arpa", {w: i for i, w in enumerate(words)})
     for context in ("the", "qzx", "", "ROM"):
         ids = [stoi[c] for c in context]
@@ -106,6 +107,12 @@ def test_arpa_lists_every_history_and_stays_normalised(tmp_path):
     model = NGramLM(3, len(vocab)).fit(train)
     model.to_arpa(tmp_path / "m.arpa", sorted(vocab, key=vocab.get))
     again = NGramLM.from_arpa(tmp_path / "m.arpa", vocab)
+    # Every word is a unigram, <unk> included, and the unigrams sum to 1, as KenLM and SRILM expect.
+    text = (tmp_path / "m.arpa").read_text()
+    unigrams = text.split("\\1-grams:\n")[1].split("\n\n")[0].splitlines()
+    assert f"ngram 1={len(vocab)}" in text and len(unigrams) == len(vocab)
+    assert any(line.endswith("\t<unk>") or "\t<unk>\t" in line for line in unigrams)
+    assert sum(10 ** float(line.split("\t")[0]) for line in unigrams) == pytest.approx(1.0, abs=1e-6)
     grams = [set(table) for table in again.logp]
     assert all(g[:-1] in grams[k - 1] for k in (1, 2) for g in grams[k])  # every history listed
     bos = vocab["<s>"]

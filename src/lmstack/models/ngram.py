@@ -25,6 +25,7 @@ import numpy as np
 from lmstack.errors import LMStackError
 
 SMOOTHINGS = ("modified_kneser_ney", "kneser_ney", "add_k", "stupid_backoff")
+NO_MASS = -100.0  # the log10 probability ARPA writers (KenLM) give a token the model never predicts
 Gram = tuple[int, ...]
 
 
@@ -243,15 +244,25 @@ class NGramLM:
     # ------------------------------------------------------------------------------------------ ARPA
 
     def to_arpa(self, path: str | os.PathLike, words: Sequence[str] | None = None) -> None:
-        """Write the model in ARPA format (interpolated Kneser-Ney models only); `words[id]` names each id."""
+        """Write the model in ARPA format (interpolated Kneser-Ney models only); `words[id]` names each id.
+
+        Every id of the vocabulary is a unigram, those never seen at the floor's share `logprob` gives them, so
+        that the unigrams sum to 1 for any ARPA reader; ARPA's `<unk>`, which KenLM and SRILM expect, is added
+        at -100 (no mass) when no id is named so."""
         if not self.logp:
             raise LMStackError("ARPA export needs a Kneser-Ney model")
         name = (lambda i: words[i]) if words is not None else str
+        unigrams = dict(self.logp[0])
+        unigrams.update({(i,): self._log10(i, ()) for i in range(self.vocab_size) if (i,) not in unigrams})
+        tables = [unigrams, *self.logp[1:]]
+        unk = [] if words is not None and "<unk>" in words else [f"{NO_MASS:.7f}\t<unk>"]
         lines = ["", "\\data\\"]
-        lines += [f"ngram {k}={len(self.logp[k - 1])}" for k in range(1, self.order + 1)]
+        lines += [f"ngram {k}={len(tables[k - 1]) + (len(unk) if k == 1 else 0)}" for k in range(1, self.order + 1)]
         for k in range(1, self.order + 1):
             lines += ["", f"\\{k}-grams:"]
-            for gram, lp in self.logp[k - 1].items():
+            if k == 1:
+                lines += unk
+            for gram, lp in tables[k - 1].items():
                 row = f"{lp:.7f}\t{' '.join(name(t) for t in gram)}"
                 if k < self.order and gram in self.backoff[k - 1]:
                     row += f"\t{self.backoff[k - 1][gram]:.7f}"
@@ -290,6 +301,8 @@ class NGramLM:
                     words = parts[1].split()
                     if len(words) != section:
                         raise ValueError(f"expected {section} words")
+                    if words == ["<unk>"] and (vocab is None or "<unk>" not in vocab):
+                        continue  # the listing ARPA wants of a vocabulary that has no unknown token
                     ids = tuple(vocab[w] if vocab is not None else int(w) for w in words)
                     tables[section].append((ids, float(parts[0]), float(parts[2]) if len(parts) > 2 else None))
                 else:
