@@ -100,7 +100,7 @@ part() { "$@" || failed=$((failed + 1)); }
 for name in "${@:-all}"; do  # every name checked before anything runs
     case "$name" in
         cuda-tests | decode | int8 | train-gpt2 | train-tinyllama | train | shakespeare | loss | all) ;;
-        *) echo "bench/gpu.sh: unknown part $name (cuda-tests decode train-gpt2 train-tinyllama train" \
+        *) echo "bench/gpu.sh: unknown part $name (cuda-tests decode int8 train-gpt2 train-tinyllama train" \
                "shakespeare loss all)" >&2
            exit 2 ;;
     esac

@@ -181,11 +181,13 @@ def test_a_recurrent_lm_is_scored_by_perplexity_and_refused_by_generate(tmp_path
     from lmstack.models import build_model
 
     text = "To be, or not to be, that is the question.\n" * 20
-    tok = lmstack.Tokenizer.train([text], vocab_size=300)
+    tok = lmstack.Tokenizer.train([text], vocab_size=300, eos_token="<|endoftext|>")
     torch.manual_seed(0)
     model = build_model(lmstack.ModelConfig(arch="lstm", vocab_size=300, n_embd=16, n_head=1, n_layer=1,
                                             block_size=64)).eval()
     lmstack.save_model(model, tmp_path / "lstm", tokenizer=tok)
+    # the tokenizer's eos, which the config lacked, is saved with the model (as a Transformer's is)
+    assert lmstack.load_model(tmp_path / "lstm").config.eos_token_id == tok.eos_token_id is not None
     data = tmp_path / "held-out.txt"
     data.write_text(text)
     assert main(["eval", "perplexity", "--model", str(tmp_path / "lstm"), "--data", str(data)]) in (0, None)

@@ -63,6 +63,7 @@ def test_smollm2_config(smollm):
     model, tok = smollm
     c = model.config
     assert (c.n_layer, c.n_embd, c.n_head, c.n_kv_head, c.vocab_size) == (30, 576, 9, 3, 49152)
+    assert c.norm_eps == 1e-5  # the float32 in the file read as the number written, as config.json has it
     assert c.tie_embeddings and model.lm_head.weight is model.embed.weight
     assert tok.eos_token == "<|im_end|>" and tok.chat_template
 

@@ -154,6 +154,13 @@ def test_bad_input(tmp_path):
     bad.write_text("\\data\\\nngram 1=2\n\n\\1-grams:\n-1.0\ta\n-x.5\tb\n\\end\\\n")
     with pytest.raises(LMStackError, match=r"bad.arpa:6: not valid ARPA"):
         NGramLM.from_arpa(bad, {"a": 0, "b": 1})
+    bad.write_text("\\data\\\nngram 1=2\n\n\\1-grams:\n-1.0\ta\n-0.5\tb\n\\end\\\n")
+    with pytest.raises(LMStackError, match=r"bad.arpa:5: not valid ARPA .*a file of words needs `vocab`"):
+        NGramLM.from_arpa(bad)
+    with pytest.raises(LMStackError, match=r"bad.arpa:6: the word 'b' is not in `vocab`"):
+        NGramLM.from_arpa(bad, {"a": 0})
+    with pytest.raises(LMStackError, match="no such ARPA file"):
+        NGramLM.from_arpa(tmp_path / "missing.arpa")
 
 
 def test_compare_runs_every_rung(tmp_path):

@@ -94,10 +94,11 @@ def save_native(model: torch.nn.Module, path: str | os.PathLike, tokenizer: Toke
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
     atomic_write(path / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
-    write_json(path / "config.json", {"model_type": NATIVE, "architectures": [type(model).__name__],
-                                      "lmstack_config": model.config.to_dict(), **(extra_config or {})})
+    # The special-token ids the config lacks come from the tokenizer, as save_hf_model's config takes them.
     ids = {k: getattr(model.config, k) if getattr(model.config, k) is not None else getattr(tokenizer, k, None)
            for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    write_json(path / "config.json", {"model_type": NATIVE, "architectures": [type(model).__name__],
+                                      "lmstack_config": {**model.config.to_dict(), **ids}, **(extra_config or {})})
     write_json(path / "generation_config.json", generation_config_of(model.config, ids))
     if tokenizer is not None:
         tokenizer.save(path)

@@ -69,6 +69,12 @@ def _metadata(reader: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- model
 
 
+
+def _float32(value: float) -> float:
+    """A GGUF float32 as the number it was written from (1e-05, not 9.999999747378752e-06): the shortest
+    decimal that rounds to the same float32."""
+    return float(str(np.float32(value)))
+
 def config_from_gguf(meta: dict[str, Any], tensors: dict[str, Any]) -> ModelConfig:
     """lmstack's config from a GGUF file's metadata and tensors (by name; only `rope_freqs.weight`, a
     vector, is read)."""
@@ -98,7 +104,7 @@ def config_from_gguf(meta: dict[str, Any], tensors: dict[str, Any]) -> ModelConf
             vocab_size=get("vocab_size") or len(tokens), block_size=get("context_length", 1024),
             n_layer=get("block_count"), n_embd=n_embd, n_head=n_head,
             intermediate_size=get("feed_forward_length") or 4 * n_embd, norm="layernorm",
-            norm_eps=get("attention.layer_norm_epsilon", 1e-5), positions="learned", mlp="gelu",
+            norm_eps=_float32(get("attention.layer_norm_epsilon", 1e-5)), positions="learned", mlp="gelu",
             gelu_approximate="tanh", bias="all", tie_embeddings=_tied_output(tensors, compare=True), family="gpt2",
             **special)
     head_dim = get("attention.key_length") or n_embd // n_head
@@ -126,7 +132,7 @@ def config_from_gguf(meta: dict[str, Any], tensors: dict[str, Any]) -> ModelConf
         n_kv_head=get("attention.head_count_kv") or n_head,
         head_dim=head_dim,
         norm="rmsnorm",
-        norm_eps=get("attention.layer_norm_rms_epsilon", 1e-5),
+        norm_eps=_float32(get("attention.layer_norm_rms_epsilon", 1e-5)),
         positions="rope",
         rope_theta=get("rope.freq_base", 10000.0),
         rope_scaling=rope_scaling,

@@ -276,6 +276,8 @@ class NGramLM:
         `<s>` and `<unk>`, where `vocab` has them, become `bos_id` and `unk_id`, as they were when written from
         `word_sequences` output."""
         path = Path(path)
+        if not path.is_file():
+            raise LMStackError(f"{path}: no such ARPA file")
         text = path.read_text(encoding="utf-8").splitlines()
         sizes: dict[int, int] = {}
         tables: dict[int, list[tuple[Gram, float, float | None]]] = defaultdict(list)
@@ -307,8 +309,11 @@ class NGramLM:
                     tables[section].append((ids, float(parts[0]), float(parts[2]) if len(parts) > 2 else None))
                 else:
                     raise ValueError("unexpected line")
-            except (ValueError, KeyError, IndexError) as e:
-                raise LMStackError(f"{path}:{lineno}: not valid ARPA ({e}): {raw[:80]!r}") from None
+            except KeyError as e:
+                raise LMStackError(f"{path}:{lineno}: the word {e} is not in `vocab`: {raw[:80]!r}") from None
+            except (ValueError, IndexError) as e:
+                hint = "; a file of words needs `vocab` (word -> id)" if vocab is None and "int()" in str(e) else ""
+                raise LMStackError(f"{path}:{lineno}: not valid ARPA ({e}){hint}: {raw[:80]!r}") from None
         if not sizes:
             raise LMStackError(f"{path}: no \\data\\ section (not an ARPA file)")
         order = max(sizes)
