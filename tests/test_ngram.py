@@ -214,3 +214,7 @@ def test_sampling_follows_the_distribution(char_model):
     top = int(p.argmax())
     assert abs(draws.count(top) / 400 - p[top]) < 0.07
     assert len(model.sample(context, 5, rng)) == 5
+    # With `stop`, a draw of it ends the sample (a space: it comes soon in any context)
+    for _ in range(5):
+        drawn = model.sample(context, 200, rng, stop=stoi[" "])
+        assert drawn.count(stoi[" "]) == 1 and drawn[-1] == stoi[" "]

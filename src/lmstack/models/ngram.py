@@ -233,12 +233,17 @@ class NGramLM:
         p = np.exp(logp - logp.max())
         return p / p.sum()
 
-    def sample(self, context: Sequence[int], n: int, rng: np.random.Generator | None = None) -> list[int]:
+    def sample(self, context: Sequence[int], n: int, rng: np.random.Generator | None = None,
+               stop: int | None = None) -> list[int]:
+        """Up to `n` ids drawn one by one after `context`, ending early after `stop` (such as `</s>`'s id),
+        which is included."""
         rng = rng or np.random.default_rng()
         out = list(context)
         for _ in range(n):
             out.append(int(rng.choice(self.vocab_size, p=self.distribution(out[-(self.order - 1):] if
                                                                           self.order > 1 else []))))
+            if out[-1] == stop:
+                break
         return out[len(context):]
 
     # ------------------------------------------------------------------------------------------ ARPA
