@@ -292,3 +292,12 @@ def test_gpt2_original_files_match_transformers(gpt2_files, tmp_path):
     for text in TRICKY:
         assert ours.encode(text) == theirs.encode(text)
         assert ours.decode(ours.encode(text)) == text
+
+
+def test_train_refuses_one_string_and_a_template_that_is_neither_a_name_nor_jinja():
+    with pytest.raises(LMStackError, match=r"not one string; pass \[text\]"):
+        Tokenizer.train("To be, or not to be", vocab_size=300)
+    with pytest.raises(LMStackError, match="chat_template 'chat-ml': neither 'chatml' nor a Jinja template"):
+        Tokenizer.train(["To be, or not to be"], vocab_size=300, chat_template="chat-ml")
+    tok = Tokenizer.train(["To be, or not to be"], vocab_size=300, chat_template="{{ messages[0]['content'] }}")
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "hi"

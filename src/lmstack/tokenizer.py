@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -225,6 +226,11 @@ class Tokenizer:
         """
         if not 0 <= min_frequency < 2**64:  # the trainer's count is unsigned 64-bit
             raise LMStackError(f"min_frequency {min_frequency}: must be >= 0 (and below 2**64)")
+        if isinstance(texts, (str, bytes)):  # iterating it would train on its characters, one text each
+            raise LMStackError("texts: a list (or other iterable) of texts, not one string; pass [text]")
+        if chat_template is not None and chat_template != "chatml" and not re.search(r"\{[{%]", chat_template):
+            raise LMStackError(f"chat_template {chat_template!r}: neither 'chatml' nor a Jinja template (one has "
+                               "{{ ... }} or {% ... %})")
         special = list(dict.fromkeys(special_tokens))
         if chat_template == "chatml":
             chat_template = CHATML_TEMPLATE
