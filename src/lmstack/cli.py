@@ -47,8 +47,6 @@ def _read_text_file(value: str, flag: str, what: str) -> str:
 _CHECKPOINT_FILE_SUFFIXES = (".safetensors", ".json", ".jinja", ".bin", ".pt")
 
 
-
-
 def _check_model(value: str | os.PathLike, flag: str = "--model") -> None:
     """Refuse, with what to pass instead, a model path that cannot be a checkpoint: a missing path, a file
     that is not a .gguf (a checkpoint's own file, or anything else), or a training run directory."""
@@ -384,7 +382,7 @@ def _eval_perplexity(args: argparse.Namespace) -> None:
     print(json.dumps(result.to_dict(), indent=2))
 
 
-# What the sampling flags the model's generation_config.json may set default to without it.
+# The defaults of the sampling flags a model's generation_config.json does not set.
 SAMPLING_DEFAULTS = {"temperature": 0.7, "top_k": None, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0,
                      "repetition_penalty": 1.0}
 
@@ -412,11 +410,16 @@ def _sampling_params(args: argparse.Namespace, defaults: dict[str, Any] | None =
             logit_bias=bias, stop=args.stop or [], stop_token_ids=args.stop_token_ids or [],
             ignore_eos=args.ignore_eos, n=args.n, seed=args.seed, truncate_prompt=args.truncate_prompt,
             logprobs=getattr(args, "logprobs", None))
-    except LMStackError as e:  # SamplingParams names its fields (top_p=0.0: ...); here they are flags
+    except LMStackError as e:  # SamplingParams names its fields (top_p=0.0: ...): say whose setting it is
         named = re.match(r"(\w+)=(.*?): (.*)", str(e), re.DOTALL)
         if named is None or not hasattr(args, named[1]):
             raise
-        raise LMStackError(f"--{named[1].replace('_', '-')} {named[2]}: {named[3]}") from None
+        field, value, why = named.groups()
+        flag = "--" + field.replace("_", "-")
+        if getattr(args, field) is None and field in (defaults or {}):  # no flag: the model's own setting
+            raise LMStackError(f"{args.model}: its generation_config.json sets {field} {value}, which {why}; "
+                               f"pass {flag} to override it") from None
+        raise LMStackError(f"{flag} {value}: {why}") from None
 
 
 def _with_model_defaults(args: argparse.Namespace, model: Any, unsupported: Sequence[str] = ()):
@@ -426,15 +429,7 @@ def _with_model_defaults(args: argparse.Namespace, model: Any, unsupported: Sequ
 
     given = model_sampling_defaults(model)
     defaults = {k: v for k, v in given.items() if getattr(args, k) is None and k not in unsupported}
-    try:
-        params = _sampling_params(args, defaults)
-    except LMStackError as e:  # the flags passed before the model loaded: the model's setting is at fault
-        flag, _, why = str(e).partition(": ")
-        key = flag.split()[0].removeprefix("--").replace("-", "_")
-        if key not in defaults:
-            raise
-        raise LMStackError(f"{args.model}: its generation_config.json sets {key} {defaults[key]}, which {why}; "
-                           f"pass --{key.replace('_', '-')} to override it") from None
+    params = _sampling_params(args, defaults)
     if defaults:
         print("note: sampling with the model's generation_config.json settings "
               f"{', '.join(f'{k} {str(v).lower()}' for k, v in defaults.items())} (flags override them)",

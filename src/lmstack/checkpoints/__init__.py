@@ -11,12 +11,12 @@ import torch
 from safetensors.torch import save_file
 
 from lmstack.checkpoints.hf import (
+    apply_generation_config,
     atomic_write,
     generation_config_of,
     load_hf_model,
     read_hf_config,
     save_hf_model,
-    take_sampling_settings,
     write_json,
 )
 from lmstack.errors import LMStackError
@@ -120,7 +120,7 @@ def load_native(path: str | os.PathLike, dtype: torch.dtype | None = None,
     if not isinstance(stored, dict):
         raise LMStackError(f"{path}/config.json: model_type {NATIVE!r} needs an 'lmstack_config' object")
     config = ModelConfig.from_dict(stored)
-    take_sampling_settings(config, path)  # the file, if edited, over what the config carried
+    apply_generation_config(config, path)  # the file, if edited, over what the config carried
     source = TensorSource([path / "model.safetensors"])
     with torch.device("meta"):
         expected = {k: v.shape for k, v in build(config).state_dict().items()}

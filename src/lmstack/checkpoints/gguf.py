@@ -69,11 +69,11 @@ def _metadata(reader: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- model
 
 
-
 def _float32(value: float) -> float:
     """A GGUF float32 as the number it was written from (1e-05, not 9.999999747378752e-06): the shortest
     decimal that rounds to the same float32."""
     return float(str(np.float32(value)))
+
 
 def config_from_gguf(meta: dict[str, Any], tensors: dict[str, Any]) -> ModelConfig:
     """lmstack's config from a GGUF file's metadata and tensors (by name; only `rope_freqs.weight`, a

@@ -88,40 +88,29 @@ def read_hf_config(path: str | os.PathLike) -> dict[str, Any]:
 SAMPLING_KEYS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty")
 
 
-def read_generation_config(path: Path) -> dict[str, Any]:
-    """A directory's generation_config.json ({} without one)."""
+def apply_generation_config(config: ModelConfig, path: Path) -> None:
+    """What a directory's generation_config.json, where it has one, adds to a loaded model's config: its eos
+    ids (Llama 3, Qwen2.5 and Phi-3 list several there: `transformers` stops at any of them) and its sampling
+    settings, into `config.extra` over what the config carried (a null is a setting left unset, as
+    transformers and vLLM read it)."""
     file = path / "generation_config.json"
     if not path.is_dir() or not file.exists():
-        return {}
+        return
     try:
-        config = json.loads(file.read_text(encoding="utf-8"))
+        generation = json.loads(file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise LMStackError(f"{file}: not a JSON object ({e})") from None
-    if not isinstance(config, dict):
+    if not isinstance(generation, dict):
         raise LMStackError(f"{file}: not a JSON object")
-    return config
-
-
-def take_sampling_settings(config: ModelConfig, path: Path) -> None:
-    """Put the sampling settings of `path`'s generation_config.json, where it has one, in `config.extra`
-    (a null is a setting left unset, as transformers and vLLM read it)."""
-    if not (path / "generation_config.json").exists():
-        return
-    settings = {k: v for k, v in read_generation_config(path).items() if k in SAMPLING_KEYS and v is not None}
-    config.extra.pop("generation_config", None)
-    if settings:
-        config.extra["generation_config"] = settings
-
-
-def generation_eos(path: Path) -> list[int]:
-    """The eos ids of a directory's generation_config.json (Llama 3, Qwen2.5 and Phi-3 list several there:
-    `transformers` stops at any of them); [] without one."""
-    file = path / "generation_config.json"
-    eos = read_generation_config(path).get("eos_token_id")
+    eos = generation.get("eos_token_id")
     ids = eos_ids(eos)
     if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
         raise LMStackError(f"{file}: eos_token_id must be a token id or a list of them, got {eos!r}")
-    return ids
+    config.eos_token_id = merged_eos(config.eos_token_id, ids)
+    settings = {k: v for k, v in generation.items() if k in SAMPLING_KEYS and v is not None}
+    config.extra.pop("generation_config", None)
+    if settings:
+        config.extra["generation_config"] = settings
 
 
 def merged_eos(eos: int | list[int] | None, more: list[int]) -> int | list[int] | None:
@@ -585,8 +574,7 @@ def load_hf_model(
         raise LMStackError(f"{path}: no such file or directory")
     hf = read_hf_config(path)
     config = config_from_hf(hf, where=str(path / "config.json"))
-    config.eos_token_id = merged_eos(config.eos_token_id, generation_eos(path))
-    take_sampling_settings(config, path)
+    apply_generation_config(config, path)
     source = TensorSource(safetensors_files(path))
     keys = source.keys()
     prefix = "transformer." if any(k.startswith("transformer.") for k in keys) else ""

@@ -137,7 +137,7 @@ def model_sampling_defaults(model: Any) -> dict[str, Any]:
     typical_p, repetition_penalty; `do_sample: false` is greedy (temperature 0), as in transformers, and a
     top_k of 0 is none. `lmstack generate` and `lmstack chat` start from them, as vLLM does."""
     config = getattr(model, "config", None)
-    settings = {k: v for k, v in getattr(config, "extra", {}).get("generation_config", {}).items() if v is not None}
+    settings = dict(getattr(config, "extra", {}).get("generation_config", {}))
     if settings.pop("do_sample", None) is False:
         return {"temperature": 0.0}
     if settings.get("top_k") == 0:

@@ -266,10 +266,11 @@ MODEL_FIELDS = "model."  # parse_overrides' key for --model.KEY fields (no Train
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """`["--max_steps", "100", "--model.n_layer", "4"]` -> {"max_steps": "100", "model_overrides": {...}}.
+    """`["--max_steps", "100", "--model.n_layer", "4"]` -> {"max_steps": "100", MODEL_FIELDS: {"n_layer": 4}}.
 
-    `--model.KEY value` fields go under MODEL_FIELDS, to be added to the recipe's model_overrides; a whole
-    `--model_overrides MAPPING` replaces the recipe's (`{}` clears it)."""
+    `--model.KEY value` fields go under MODEL_FIELDS, for `load_config` to add to the recipe's model_overrides;
+    a whole `--model_overrides MAPPING` is the "model_overrides" value, which replaces the recipe's (`{}` clears
+    it)."""
     out: dict[str, Any] = {}
     i = 0
     while i < len(pairs):

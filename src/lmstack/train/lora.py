@@ -430,11 +430,12 @@ def save_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_path
     whole_names = list(model.lora.get("modules_to_save") or ())
     rules = _module_rules(model)
     whole_rules = _under(rules, whole_names)
-    if model.config.tie_embeddings and any(r.ours[0] in ("embed.weight", "lm_head.weight") for r in whole_rules):
+    pair = [r for r in rules if r.ours[0] in ("embed.weight", "lm_head.weight")]
+    if model.config.tie_embeddings and any(r in whole_rules for r in pair):
         # A tied pair goes whole, both halves: PEFT would otherwise pair the saved one with the base's other.
-        pair = [r for r in rules if r.ours[0] in ("embed.weight", "lm_head.weight") and r not in whole_rules]
-        whole_names += [r.hf.rpartition(".")[0] for r in pair]
-        whole_rules += pair
+        missing = [r for r in pair if r not in whole_rules]
+        whole_names += [r.hf.rpartition(".")[0] for r in missing]
+        whole_rules += missing
     if whole_rules:
         from lmstack.checkpoints.hf import hf_tensors
 
@@ -459,8 +460,7 @@ def save_peft(model: nn.Module, path: str | os.PathLike, base_model_name_or_path
               "use_dora": bool(cfg.get("use_dora", False)), "bias": "none",
               "modules_to_save": [*whole_names, *(["score"] if head is not None else [])] or None,
               # A tied embedding saved whole stays tied (PEFT unties its copy otherwise).
-              "ensure_weight_tying": ties_saved_copies(model, {"ensure_weight_tying": True,
-                                                               "modules_to_save": whole_names}),
+              "ensure_weight_tying": can_tie_saved_copies(model, whole_names),
               "layers_to_transform": None, "layers_pattern": None, "init_lora_weights": True,
               # GPT-2's Conv1D layers keep weights as [in, out]; PEFT sets this for them itself.
               "fan_in_fan_out": family_of(model.config) == "gpt2", "inference_mode": True,
@@ -587,7 +587,8 @@ def load_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     modules = peft_modules(model)
     chosen = _peft_targets(modules, cfg, config_file)
     tensors = _read_adapter(path, cfg)
-    whole, whole_names = whole_modules(model, cfg, tensors, config_file, chosen)
+    ties = ties_saved_copies(model, cfg)
+    whole, whole_names = whole_modules(model, cfg, tensors, config_file, chosen, ties)
     fused_ranks = _fused_ranks(path)
     use_dora = bool(cfg.get("use_dora", False))
     shapes, out_features = {}, {}
@@ -621,7 +622,7 @@ def load_peft(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             layer.lora_B.copy_(B)
             if magnitude is not None:
                 layer.lora_magnitude.copy_(magnitude)
-    _put_whole_modules(model, whole, ties_saved_copies(model, cfg))
+    _put_whole_modules(model, whole, ties)
     return model
 
 
@@ -645,12 +646,12 @@ def _under(rules: list[Any], modules: Iterable[str]) -> list[Any]:
 
 
 def whole_modules(model: nn.Module, cfg: dict[str, Any], tensors: dict[str, torch.Tensor], where: Path,
-                  lora_targets: Iterable[str] = ()) -> tuple[dict[str, torch.Tensor], list[str]]:
+                  lora_targets: Iterable[str] = (), ties: bool = False) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Take out of `tensors` (an adapter file's) the modules it holds whole: PEFT's `modules_to_save` (matched
     as PEFT matches them: every module whose name ends with an entry), and the token embedding and output head
     that PEFT saves by themselves after a vocabulary resize. Returns them as lmstack state entries, with the
     Hugging Face modules they make up. Every name and shape is checked; the embedding and head may bring a new
-    vocabulary size, which they must agree on."""
+    vocabulary size, which they must agree on (`ties`: the tied pair is kept one, `ties_saved_copies`)."""
     from lmstack.checkpoints.hf import convert_to_ours
 
     rules = _module_rules(model)
@@ -689,7 +690,6 @@ def whole_modules(model: nn.Module, cfg: dict[str, Any], tensors: dict[str, torc
                            f"({', '.join(f'{k} has {n} rows' for k, n in rows.items())})")
     vocab = next(iter(rows.values()), model.config.vocab_size)
     have = {r.ours[0] for r in chosen if _key(r.hf) in tensors}
-    ties = ties_saved_copies(model, cfg)
     if vocab != model.config.vocab_size:
         # Tied and kept tied, one of the two is both; otherwise each needs its resized copy.
         needed = {"embed.weight", "lm_head.weight"} - (have if ties else set())
@@ -709,13 +709,17 @@ def whole_modules(model: nn.Module, cfg: dict[str, Any], tensors: dict[str, torc
     return state, sorted(saved)
 
 
+def can_tie_saved_copies(model: nn.Module, modules_to_save: Iterable[str]) -> bool:
+    """Whether PEFT's `ensure_weight_tying` ties a tied model's saved embedding and head copies to each other:
+    only for a module to save named as transformers names embeddings (PEFT's EMBEDDING_LAYER_NAMES: GPT-2's
+    `wte` is not)."""
+    return model.config.tie_embeddings and any(m.split(".")[-1] in ("embed_tokens", "lm_head")
+                                               for m in modules_to_save)
+
+
 def ties_saved_copies(model: nn.Module, cfg: dict[str, Any]) -> bool:
-    """Whether PEFT ties a tied model's saved embedding and head copies to each other: with
-    `ensure_weight_tying`, and only for a module_to_save named as transformers names embeddings (PEFT's
-    EMBEDDING_LAYER_NAMES: GPT-2's `wte` is not)."""
-    names = cfg.get("modules_to_save") or ()
-    return (bool(cfg.get("ensure_weight_tying")) and model.config.tie_embeddings
-            and any(m.split(".")[-1] in ("embed_tokens", "lm_head") for m in names))
+    """Whether PEFT ties the saved embedding and head copies of adapter config `cfg` on `model`."""
+    return bool(cfg.get("ensure_weight_tying")) and can_tie_saved_copies(model, cfg.get("modules_to_save") or ())
 
 
 def _put_whole_modules(model: nn.Module, state: dict[str, torch.Tensor], ties: bool) -> None:
