@@ -218,3 +218,34 @@ def test_sampling_follows_the_distribution(char_model):
     for _ in range(5):
         drawn = model.sample(context, 200, rng, stop=stoi[" "])
         assert drawn.count(stoi[" "]) == 1 and drawn[-1] == stoi[" "]
+
+
+@pytest.mark.parametrize("smoothing", ["modified_kneser_ney", "kneser_ney", "add_k"])
+def test_sentence_start_is_never_predicted(smoothing, tmp_path):
+    """With `bos_id`, `<s>` is context only, as in KenLM: no probability as a next word (log10 -99), every
+    other word's distribution still sums to 1, sampling never draws it, and ARPA keeps it at -99."""
+    from lmstack.models.ngram import BOS_LOG10, word_sequences
+
+    train, vocab = word_sequences(["the cat sat\nthe dog sat down\na cat ran"], order=3)
+    bos = vocab["<s>"]
+    model = NGramLM(3, len(vocab), smoothing=smoothing, bos_id=bos).fit(train)
+    for context in ([bos, bos], [bos, vocab["the"]], [vocab["cat"]], [], [vocab["down"]]):
+        assert model.logprob(bos, context) == pytest.approx(BOS_LOG10 * math.log(10))
+        total = sum(math.exp(model.logprob(w, context)) for w in range(len(vocab)) if w != bos)
+        if smoothing != "kneser_ney":  # NLTK's formulation: a 1/V floor for unseen words, unnormalised
+            assert total == pytest.approx(1.0, abs=1e-9)
+    # Without bos_id, the padding's second <s> is predicted after the first and takes mass from the words
+    plain = NGramLM(3, len(vocab), smoothing=smoothing).fit(train)
+    assert math.exp(plain.logprob(bos, [bos])) > 1e-3
+    rng = np.random.default_rng(0)
+    assert bos not in model.sample([bos, bos], 300, rng)
+    if smoothing == "add_k":
+        return
+    model.to_arpa(tmp_path / "m.arpa", sorted(vocab, key=vocab.get))
+    lines = (tmp_path / "m.arpa").read_text().split("\\2-grams:")[0].splitlines()
+    assert any(line.startswith("-99.0000000\t<s>\t") for line in lines)  # with its backoff weight, as KenLM
+    again = NGramLM.from_arpa(tmp_path / "m.arpa", vocab)
+    assert again.context_only_id == bos
+    for context in ([bos, bos], [vocab["a"]], []):
+        for w in range(len(vocab)):
+            assert again.logprob(w, context) == pytest.approx(model.logprob(w, context), abs=1e-5)

@@ -9,7 +9,8 @@ the equivalent backoff model (probabilities of seen n-grams plus backoff weights
 
 Unknown tokens: ids >= `vocab_size` are mapped to `unk_id`; the uniform floor gives every id in the
 vocabulary, `<unk>` included, probability mass, so no token ever has probability zero. Sentence starts:
-`bos_id` (`<s>`) is context only, never scored by `perplexity`, as in KenLM and SRILM.
+`bos_id` (`<s>`) is context only, as in KenLM and SRILM: a model fitted with it never predicts `<s>` (log10
+probability -99, KenLM's value, and no share of the floor), so sampling never draws it and `perplexity` skips it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from lmstack.errors import LMStackError
 
 SMOOTHINGS = ("modified_kneser_ney", "kneser_ney", "add_k", "stupid_backoff")
 NO_MASS = -100.0  # the log10 probability ARPA writers (KenLM) give a token the model never predicts
+BOS_LOG10 = -99.0  # KenLM's log10 probability of `<s>`, which is context only
 Gram = tuple[int, ...]
 
 
@@ -75,6 +77,7 @@ class NGramLM:
         self.order, self.vocab_size, self.smoothing = order, vocab_size, smoothing
         self.k, self.discount, self.backoff_factor, self.unk_id = k, discount, backoff_factor, unk_id
         self.bos_id = bos_id
+        self.context_only_id: int | None = None  # `bos_id` as it was at `fit`: the id the tables never predict
         self.followed: dict[Gram, int] = {}  # add-k: c(h, .) per history
         self.counts: list[dict[Gram, int]] = []
         # Interpolated models are stored as ARPA tables: log10 probability and log10 backoff per seen gram.
@@ -89,16 +92,22 @@ class NGramLM:
         if not arrays or sum(len(a) for a in arrays) == 0:
             raise LMStackError("empty training text: nothing to count")
         self.counts = count_ngrams(arrays, self.order)
-        self.total = sum(self.counts[0].values())
+        bos = self.bos_id if self.bos_id is not None and 0 <= self.bos_id < self.vocab_size else None
+        self.context_only_id = bos
+        # `<s>` is context only: the grams that predict it are left out of every estimate, not of the histories
+        predicted = [{g: c for g, c in table.items() if g[-1] != bos} for table in self.counts]
+        if not predicted[0]:
+            raise LMStackError("nothing to count: the training text holds only the sentence-start token")
+        self.total = sum(predicted[0].values())
         if self.smoothing == "add_k":
             # add-k divides by c(h, .), how often a history is followed by a token; c(h) would count a
             # history that ends a sequence too, and the distribution after it would sum to less than 1
             self.followed = defaultdict(int)
-            for table in self.counts[1:]:
+            for table in predicted[1:]:
                 for gram, c in table.items():
                     self.followed[gram[:-1]] += c
         if self.smoothing in ("modified_kneser_ney", "kneser_ney"):
-            self._build_interpolated()
+            self._build_interpolated(predicted)
         return self
 
     def _ids(self, seq: Sequence[int]) -> np.ndarray:
@@ -110,14 +119,14 @@ class NGramLM:
             a = np.where((a < 0) | (a >= self.vocab_size), self.unk_id, a)
         return a
 
-    def _build_interpolated(self) -> None:
+    def _build_interpolated(self, counts: list[dict[Gram, int]]) -> None:
         n = self.order
         # Effective counts: raw at the top order, continuation counts (distinct left neighbours) below.
         eff: list[dict[Gram, int]] = [dict() for _ in range(n)]
-        eff[n - 1] = self.counts[n - 1]
+        eff[n - 1] = counts[n - 1]
         for k in range(n - 1, 0, -1):
             cont: dict[Gram, int] = defaultdict(int)
-            for gram in self.counts[k]:
+            for gram in counts[k]:
                 cont[gram[1:]] += 1
             eff[k - 1] = dict(cont)
         modified = self.smoothing == "modified_kneser_ney"
@@ -141,7 +150,7 @@ class NGramLM:
                 if k == 1:
                     # modified KN mixes in the uniform distribution; fixed-discount KN (as NLTK) ends at the
                     # undiscounted continuation unigram
-                    below = 1.0 / self.vocab_size
+                    below = self._uniform()
                     if not modified:
                         alpha, gamma[h] = c / totals[h], 0.0
                 else:
@@ -161,6 +170,13 @@ class NGramLM:
             for h in {g[:-1] for g in self.logp[k - 1]} | self.backoff[k - 2].keys():
                 if h not in self.logp[k - 2]:
                     self.logp[k - 2][h] = self._log10(h[-1], h[:-1], k - 1)
+
+    def _predictable(self) -> int:
+        """How many ids the model predicts: the vocabulary, less `<s>` when it is context only."""
+        return max(self.vocab_size - (self.context_only_id is not None), 1)
+
+    def _uniform(self) -> float:
+        return 1.0 / self._predictable()
 
     def _lower_prob(self, gram: Gram, lower: dict[Gram, float], k: int) -> float:
         if gram in lower:
@@ -184,9 +200,11 @@ class NGramLM:
         gram = (*context, word)
         if gram in self.logp[k - 1]:
             return self.logp[k - 1][gram]
+        if word == self.context_only_id:
+            return BOS_LOG10
         if k == 1:  # a word never seen: the uniform floor's share (fixed-discount KN: a 1/V floor, unnormalised)
-            return math.log10(self.uniform_backoff / self.vocab_size) if self.smoothing == "modified_kneser_ney" \
-                else math.log10(1.0 / self.vocab_size)
+            return math.log10(self.uniform_backoff * self._uniform()) if self.smoothing == "modified_kneser_ney" \
+                else math.log10(self._uniform())
         return self.backoff[k - 2].get(context, 0.0) + self._log10(word, context[1:], k - 1)
 
     def logprob(self, word: int, context: Sequence[int] = ()) -> float:
@@ -197,12 +215,14 @@ class NGramLM:
             raise LMStackError("the model has not been trained (call fit) or loaded")
         if self.smoothing in ("modified_kneser_ney", "kneser_ney"):
             return self._log10(word, context) * math.log(10)
+        if word == self.context_only_id:
+            return BOS_LOG10 * math.log(10)
         context = context[len(context) - min(len(context), self.order - 1):]
         if self.smoothing == "add_k":
             k = len(context) + 1
             c = self.counts[k - 1].get((*context, word), 0)
             h = self.followed.get(context, 0) if k > 1 else self.total
-            return math.log((c + self.k) / (h + self.k * self.vocab_size))
+            return math.log((c + self.k) / (h + self.k * self._predictable()))
         penalty = 0.0  # stupid backoff (Brants et al. 2007)
         while context:
             c = self.counts[len(context)].get((*context, word), 0)
@@ -328,6 +348,11 @@ class NGramLM:
         model.logp = [{g: p for g, p, _ in tables[k]} for k in range(1, order + 1)]
         model.backoff = [{g: b for g, _, b in tables[k] if b is not None} for k in range(1, order + 1)]
         model.counts = [{g: 1 for g in table} for table in model.logp]  # marks the model as usable
+        # `<s>` is context only where the file gives it no mass (KenLM's -99), not where a model was fitted without
+        if model.bos_id is not None and model.logp[0].get((model.bos_id,), BOS_LOG10) <= BOS_LOG10:
+            model.context_only_id = model.bos_id
+        # The mass the unigrams leave is the floor, shared by the ids the file does not list (`<s>` aside)
         unseen = 1.0 - sum(10 ** p for p in model.logp[0].values())
-        model.uniform_backoff = max(unseen, 1e-12) * vocab_size / max(vocab_size - len(model.logp[0]), 1)
+        unlisted = sum((i,) not in model.logp[0] and i != model.bos_id for i in range(vocab_size))
+        model.uniform_backoff = max(unseen, 1e-12) / max(unlisted, 1) / model._uniform()
         return model
