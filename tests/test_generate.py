@@ -4,6 +4,7 @@
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -170,10 +171,46 @@ def test_sampled_frequencies_match_the_distribution(sampler):
     (dict(regex=5), "regex=5: must be a string"), (dict(grammar=5), "grammar=5: must be a string"),
     (dict(json_schema=5), "json_schema=5"), (dict(ignore_eos="false"), "ignore_eos='false': must be True or"),
     (dict(truncate_prompt="no"), "truncate_prompt"), (dict(logit_bias={5: True}), "logit_bias"),
+    (dict(logit_bias={5: float("inf")}), "logit_bias"), (dict(logit_bias={5: 1e39}), "logit_bias"),
+    (dict(frequency_penalty=1e39), "frequency_penalty=1e\\+39: must be a finite number \\(within float32"),
+    (dict(temperature=torch.tensor(0.5)), "temperature"),
 ])
 def test_bad_sampling_parameters_name_the_parameter(bad, match):
     with pytest.raises(LMStackError, match=match):
         SamplingParams(**bad)
+
+
+def test_numpy_scalars_are_numbers():
+    """Settings computed with numpy are taken, as Python's numbers (a bool is not a number)."""
+    params = SamplingParams(temperature=np.float32(0.5), top_p=np.float64(0.9), top_k=np.int64(3),
+                            max_new_tokens=np.int32(7), seed=np.int64(4), logit_bias={np.int64(2): np.float32(1)})
+    assert (params.temperature, params.top_k, params.max_new_tokens, params.seed) == (0.5, 3, 7, 4)
+    assert type(params.temperature) is float and type(params.top_k) is int
+    assert torch.equal(process_logits(LOGITS, params), process_logits(LOGITS, SamplingParams(
+        temperature=0.5, top_p=0.9, top_k=3, logit_bias={2: 1.0})))
+    with pytest.raises(LMStackError, match="top_k=True"):
+        SamplingParams(top_k=True)
+
+
+def test_extreme_settings_never_give_nan():
+    """A bias or penalty that overflows float32 after the temperature still makes that token the pick (not
+    NaN, whose argmax would silently be token 0); a -inf bias bans a token; banning all of them is an error."""
+    from lmstack.generate.sampling import exponential_race, sample_from
+
+    g = torch.Generator().manual_seed(0)
+    for params in (SamplingParams(logit_bias={2: 1e38}, temperature=0.01),
+                   SamplingParams(logit_bias={2: 3e38}, temperature=1.0, top_p=0.5, min_p=0.1, typical_p=0.9)):
+        processed = process_logits(LOGITS, params)
+        assert not processed.isnan().any()
+        assert sample_from(processed, False, g).tolist() == [2]
+        assert exponential_race(processed.softmax(-1), g).tolist() == [2]
+    penalised = process_logits(LOGITS, SamplingParams(repetition_penalty=1e-38, temperature=0.5),
+                               seen=torch.tensor([[True, False, False, False]]))
+    assert not penalised.isnan().any() and sample_from(penalised, False, g).tolist() == [0]
+    banned = process_logits(LOGITS.repeat(200, 1), SamplingParams(logit_bias={0: float("-inf")}))
+    assert 0 not in sample_from(banned, False, g).tolist()
+    with pytest.raises(LMStackError, match="every one of the 4 tokens is banned"):
+        process_logits(LOGITS, SamplingParams(logit_bias={i: float("-inf") for i in range(4)}))
 
 
 def test_a_tiny_temperature_is_greedy():
@@ -374,6 +411,12 @@ def test_prompts_as_tensors_and_edge_sizes(tiny):
         engine.generate([[ids[0], 1.5]], **params)
     with pytest.raises(LMStackError, match="token ids must be integers"):
         engine.generate(torch.tensor([[1.0, 2.0]]), **params)
+    for flat in ([1.0, 2.0], [ids[0], 2.5], torch.tensor([1.0, 2.0]), np.array([1.0, 2.0])):  # one prompt, flat
+        with pytest.raises(LMStackError, match="prompt 0: token ids must be integers"):
+            engine.generate(flat, **params)
+    assert engine.generate(np.array(ids), **params)[0].token_ids == expected
+    with pytest.raises(LMStackError, match=r"seeds=\[1.7\]: must be integers"):
+        engine.generate([ids], seeds=[1.7], **params)
     with pytest.raises(LMStackError, match="one prompt is expected here, got a batch of 2"):
         engine.beam_search(torch.tensor([ids, ids]))
 

@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from numbers import Integral, Real
+from typing import Any
 
 import torch
 
@@ -131,6 +132,8 @@ class Engine:
         encoded = self._encode(prompts, params)
         if seeds is not None and len(seeds) != len(encoded):
             raise LMStackError(f"seeds: {len(seeds)} given for {len(encoded)} prompts (one per prompt)")
+        if seeds is not None and not all(isinstance(s, Integral) and not isinstance(s, bool) for s in seeds):
+            raise LMStackError(f"seeds={list(seeds)!r}: must be integers, one per prompt")
         firsts = [int(seed) for seed in seeds] if seeds is not None else [params.seed] * len(encoded)
         rows = [_Row(ids, seed=None if first is None else first + j)
                 for ids, first in zip(encoded, firsts) for j in range(params.n)]
@@ -231,8 +234,8 @@ class Engine:
     def _encode(self, prompts, params: SamplingParams) -> list[list[int]]:
         if hasattr(prompts, "tolist") and not isinstance(prompts, str):  # a tensor or array of token ids
             prompts = prompts.tolist()
-        if isinstance(prompts, str) or (len(prompts) and all(isinstance(t, Integral) for t in prompts)):
-            prompts = [prompts]  # one prompt, as text or token ids
+        if isinstance(prompts, str) or (len(prompts) and not any(_is_sequence(t) for t in prompts)):
+            prompts = [prompts]  # one prompt, as text or token ids (`prompt_token_ids` names a non-integer)
         out = []
         V = self.model.config.vocab_size
         for i, p in enumerate(prompts):
@@ -467,6 +470,12 @@ class Engine:
         return Completion(text=row.text, token_ids=tokens, finish_reason=row.finish_reason or "length",
                           prompt_tokens=len(row.prompt), stop_token_id=row.stop_token_id,
                           logprobs=row.logprobs[:len(tokens)] if params.logprobs is not None else None)
+
+
+def _is_sequence(item: Any) -> bool:
+    """Whether an item of `generate`'s prompts is a prompt of its own (text, or a sequence or array of ids)
+    rather than one token id of a single prompt."""
+    return isinstance(item, (str, Sequence)) or getattr(item, "ndim", 0) > 0
 
 
 def _one_prompt(prompt: str | Sequence[int] | torch.Tensor) -> str | list[int]:

@@ -8,10 +8,9 @@ top-p keeping the token that crosses p) and OpenAI (frequency and presence penal
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from numbers import Integral
+from numbers import Integral, Real
 from typing import Any
 
 import torch
@@ -22,6 +21,7 @@ from lmstack.models.decoder import DecoderLM
 
 NEG_INF = float("-inf")
 GREEDY_BELOW = 1e-5  # a temperature under this is greedy (as in vLLM): dividing by it overflows to NaN
+FLOAT32_MAX = torch.finfo(torch.float32).max  # logits are float32: a larger setting would overflow to inf
 
 
 @dataclass
@@ -61,20 +61,26 @@ class SamplingParams:
         def bad(name: str, rule: str) -> LMStackError:
             return LMStackError(f"{name}={getattr(self, name)!r}: {rule}")
 
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
+        def is_int(v: Any) -> bool:  # numpy's integers too, not bools
+            return isinstance(v, Integral) and not isinstance(v, bool)
+
+        def is_number(v: Any) -> bool:
+            return isinstance(v, Real) and not isinstance(v, bool) and abs(v) <= FLOAT32_MAX
 
         for name in ("temperature", "top_p", "min_p", "typical_p", "repetition_penalty", "frequency_penalty",
                      "presence_penalty"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
-                raise bad(name, "must be a finite number")
+            if not is_number(getattr(self, name)):
+                raise bad(name, "must be a finite number (within float32's range)")
+            setattr(self, name, float(getattr(self, name)))  # numpy's scalars become Python's
         for name in ("max_new_tokens", "n", "no_repeat_ngram_size"):
             if not is_int(getattr(self, name)):
                 raise bad(name, "must be an integer")
+            setattr(self, name, int(getattr(self, name)))
         for name in ("top_k", "seed", "logprobs"):
-            if getattr(self, name) is not None and not is_int(getattr(self, name)):
-                raise bad(name, "must be an integer or None")
+            if getattr(self, name) is not None:
+                if not is_int(getattr(self, name)):
+                    raise bad(name, "must be an integer or None")
+                setattr(self, name, int(getattr(self, name)))
         for name in ("ignore_eos", "truncate_prompt"):  # a string such as "false" would read as true
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be True or False")
@@ -102,9 +108,8 @@ class SamplingParams:
                 is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "must be a list of token ids (integers >= 0)")
         if not isinstance(self.logit_bias, dict) or not all(
-                is_int(t) and t >= 0 and isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b)
-                for t, b in self.logit_bias.items()):
-            raise bad("logit_bias", "must map token ids (integers >= 0) to finite numbers")
+                is_int(t) and t >= 0 and (is_number(b) or b == NEG_INF) for t, b in self.logit_bias.items()):
+            raise bad("logit_bias", "must map token ids (integers >= 0) to finite numbers (or -inf, to ban one)")
         if self.choice is not None and (not isinstance(self.choice, (list, tuple)) or not self.choice
                                         or not all(isinstance(c, str) and c for c in self.choice)):
             raise bad("choice", "must be a non-empty list of non-empty strings")
@@ -302,6 +307,9 @@ def logit_bias_vector(logit_bias: dict[int, float], vocab_size: int,
         raise LMStackError(f"logit_bias: token id {max(logit_bias)} is outside the vocabulary of {vocab_size}")
     bias = torch.zeros(vocab_size)
     bias[list(logit_bias)] = torch.tensor(list(logit_bias.values()), dtype=torch.float32)
+    if bool(bias.isneginf().all()):
+        raise LMStackError(f"logit_bias: every one of the {vocab_size} tokens is banned (-inf): nothing is left to "
+                           "sample")
     return bias.to(device)
 
 
@@ -334,6 +342,9 @@ def process_logits(
         return logits
     if params.temperature != 1.0:
         logits = logits / params.temperature
+    # Large settings (a bias of 1e38, a penalty of 1e-30, then a low temperature) can overflow a logit to
+    # +inf, and softmax would give NaN everywhere: the largest float keeps that token the sure pick.
+    logits = logits.clamp(max=FLOAT32_MAX)
     logits = apply_top_k(logits, params.top_k or 0)
     logits = apply_top_p(logits, params.top_p)
     logits = apply_min_p(logits, params.min_p)
