@@ -7,19 +7,23 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from lmstack import LMStackError, Tokenizer
+from lmstack.cli import main
 from lmstack.data import shards as shards_mod
 from lmstack.data.shards import TokenShards, prepare_shards
 from lmstack.tokenizer import GPT4_SPLIT
 from lmstack.train.config import TrainConfig, load_config
 from lmstack.train.loop import lr_at
 from lmstack.train.tasks import batch_offsets
-from tests.conftest import REPO
+from tests.conftest import REPO, one_error_line
+
+TEXT = (REPO / "data" / "tinyshakespeare.txt").read_text()
 
 CORPUS = REPO / "data" / "tinyshakespeare.txt"
 LMSTACK = [sys.executable, "-m", "lmstack.cli"]
@@ -201,6 +205,73 @@ def test_records_of_empty_text_are_an_empty_corpus(tmp_path):
     tok = Tokenizer.train(["hello world"] * 10, vocab_size=270)
     with pytest.raises(LMStackError, match="the corpus is empty"):
         prepare_shards([tmp_path / "e.jsonl"], tok, tmp_path / "s", progress=False, workers=1)
+
+
+def test_a_corpus_of_skipped_records_says_so(tmp_path, capsys):
+    """Every record lacks the field: the empty-corpus error says they were skipped, and why."""
+    (tmp_path / "b.jsonl").write_text('{"body": "hello"}\n{"body": "world"}\n')
+    Tokenizer.train(["hello world"] * 10, vocab_size=270).save(tmp_path / "tok")
+    err = one_error_line(capsys, "data", "prepare", "--input", str(tmp_path / "b.jsonl"), "--tokenizer",
+                         str(tmp_path / "tok"), "--output", str(tmp_path / "s"), "--on-bad-record", "skip")
+    assert "the corpus is empty" in err and "2 bad records were skipped" in err and "b.jsonl:1:" in err
+
+
+def test_repeated_inputs_add_up(tmp_path):
+    """`--input a --input b` reads both files, as `--input a b` does (argparse would keep only the last)."""
+    (tmp_path / "a.txt").write_text("first file\n")
+    (tmp_path / "b.txt").write_text("second file\n")
+    Tokenizer.train(["first second file"] * 10, vocab_size=270).save(tmp_path / "tok")
+    assert main(["data", "prepare", "--input", str(tmp_path / "a.txt"), "--input", str(tmp_path / "b.txt"),
+                 "--tokenizer", str(tmp_path / "tok"), "--output", str(tmp_path / "s"), "--val-fraction", "0",
+                 "--workers", "1"]) == 0
+    meta = json.loads((tmp_path / "s" / "meta.json").read_text())
+    assert [Path(f).name for f in meta["sources"]] == ["a.txt", "b.txt"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process parents from /proc (Linux)")
+def test_workers_end_when_data_prepare_is_killed(tmp_path):
+    """`kill -9` of `lmstack data prepare` never shuts its pool down: the workers (and multiprocessing's
+    resource tracker) must notice on their own, or they wait on their queue for ever."""
+    (tmp_path / "big.txt").write_text(TEXT * 20)
+    Tokenizer.train([TEXT[:50_000]], vocab_size=300).save(tmp_path / "tok")
+    proc = subprocess.Popen([sys.executable, "-m", "lmstack.cli", "data", "prepare", "--input",
+                             str(tmp_path / "big.txt"), "--tokenizer", str(tmp_path / "tok"), "--output",
+                             str(tmp_path / "s"), "--workers", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def children(pid: int) -> list[int]:
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rpartition(")")[2].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.append(int(stat.parent.name))
+        return found
+
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 60
+    while len(workers := children(proc.pid)) < 3 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)  # two workers and the resource tracker
+    time.sleep(1.0)  # the workers are past their start-up, reading their queue
+    if proc.poll() is not None:
+        pytest.skip("data prepare finished before it could be killed")
+    assert len(workers) >= 3
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 20
+    while any(alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [w for w in workers if alive(w)]
+    for w in left:
+        os.kill(w, signal.SIGKILL)
+    assert not left, "worker processes outlived their parent"
 
 
 def test_a_field_added_since_a_run_started_is_no_config_change():
@@ -547,6 +618,11 @@ def test_overrides_are_typed(tmp_path):
         load_config(recipe, ["--max_steps", "ten"])
     # A whole mapping replaces the recipe's (so `{}` clears it, for a run that starts from a checkpoint);
     # --model.KEY values still add to it, in any order.
+    # A prompt is free text: one prompt, colon and comma included; a YAML list gives several
+    assert load_config(recipe, ["--sample_prompts", "ROMEO:"]).sample_prompts == ["ROMEO:"]
+    assert load_config(recipe, ["--sample_prompts", "Hello, world"]).sample_prompts == ["Hello, world"]
+    assert load_config(recipe, ["--sample_prompts", '["a", "b:"]']).sample_prompts == ["a", "b:"]
+    assert load_config(recipe, ["--lora_targets", "q,v"]).lora_targets == ["q", "v"]
     assert load_config(recipe, ["--model_overrides", "{}"]).model_overrides == {}
     assert load_config(recipe, ["--model_overrides", "null"]).model_overrides == {}
     cfg = load_config(recipe, ["--model.n_head", "4", "--model_overrides", "{n_embd: 64}"])

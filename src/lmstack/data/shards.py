@@ -22,11 +22,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import re
 import shutil
 import socket
 import sys
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
@@ -155,10 +157,23 @@ def _can_spawn() -> bool:
     return main_file is None or Path(main_file).is_file()
 
 
+def _exit_with_parent() -> None:
+    """In a worker process: end it when its parent dies. A parent killed outright (SIGKILL, out of memory)
+    never shuts the pool down, and its workers would wait on their call queue for ever."""
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        def watch() -> None:
+            parent.join()  # returns when the parent's end of the sentinel pipe closes
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
 def _init_worker(tokenizer_json: str, parse_special_tokens: bool = False) -> None:
     global _WORKER_TOKENIZER, _WORKER_CONTINUATION, _WORKER_SPECIAL
     from tokenizers import Tokenizer as Backend
 
+    _exit_with_parent()
     _WORKER_TOKENIZER = Tokenizer(Backend.from_str(tokenizer_json))
     continuation = continuation_tokenizer_json(tokenizer_json)
     _WORKER_CONTINUATION = Tokenizer(Backend.from_str(continuation)) if continuation else None
@@ -360,7 +375,9 @@ def _write_shards(
                 "workers=1") from None
     total = counts["train"] + counts["val"]
     if content == 0:  # eos tokens alone (records of empty text) are no corpus either
-        raise LMStackError(f"the corpus is empty: no text in {[str(f) for f in files]}")
+        skipped = (f"; {len(stats.skipped_records):,} bad records were skipped, e.g. {stats.skipped_records[0]}"
+                   if stats.skipped_records else "")
+        raise LMStackError(f"the corpus is empty: no text in {[str(f) for f in files]}{skipped}")
     if split == "tail":
         # nanoGPT's data[:int(n * 0.9)], in exact arithmetic: 1 - 0.3 is 0.6999... in floating point
         n_train = math.floor(total * (1 - Fraction(str(val_fraction))))

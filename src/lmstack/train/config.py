@@ -200,6 +200,9 @@ def _coerce_model_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+FREE_TEXT_LISTS = ("sample_prompts",)  # list settings whose items are free text, not comma lists
+
+
 def _coerce(name: str, value: Any, kind: Any) -> Any:
     """Check (YAML) or convert (command-line string) `value` to the field's type."""
     origin, args = typing.get_origin(kind), typing.get_args(kind)
@@ -211,9 +214,15 @@ def _coerce(name: str, value: Any, kind: Any) -> Any:
         origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin in (list, dict):  # given as YAML on the command line
         if isinstance(value, str):
-            parsed = yaml.safe_load(value)
-            # `--labels neg,pos` as well as `--labels "[neg, pos]"`, as `lmstack eval classify` takes them
-            value = [v.strip() for v in value.split(",")] if origin is list and isinstance(parsed, str) else parsed
+            try:
+                parsed = yaml.safe_load(value)
+            except yaml.YAMLError:
+                parsed = value
+            if origin is list and not isinstance(parsed, list):
+                # A prompt is free text (`ROMEO:`, `Hello, world` are one prompt each); `--labels neg,pos`, as
+                # `lmstack eval classify` takes them, as well as `--labels "[neg, pos]"`.
+                parsed = [value] if name in FREE_TEXT_LISTS else [v.strip() for v in value.split(",")]
+            value = parsed
         if value is None:  # a key left empty in YAML
             value = origin()
         if not isinstance(value, origin):
