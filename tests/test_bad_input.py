@@ -229,6 +229,9 @@ def test_perplexity_skips_bad_records_when_asked(model_dir, tmp_path, capsys):
     data.write_text('{"text": "To be, or not to be"}\n{"text": "that is the question"}\n')
     assert main(["eval", "perplexity", "--model", str(model_dir), "--data", str(data)]) == 0
     assert json.loads(capsys.readouterr().out) == whole  # the bad line left out, nothing else
+    data.write_text('{"text": "To be, or not to be"}\n{"text": ""}\n{"text": "that is the question"}\n')
+    assert main(["eval", "perplexity", "--model", str(model_dir), "--data", str(data)]) == 0
+    assert json.loads(capsys.readouterr().out) == whole  # an empty record adds no blank line
 
 
 def test_a_bad_record_in_the_char_vocabulary_pass_gives_the_hint(tmp_path, capsys):

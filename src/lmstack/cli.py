@@ -373,7 +373,9 @@ def _eval_perplexity(args: argparse.Namespace) -> None:
     model = _load_lm(args.model, "--model", "perplexity", recurrent_ok=True, dtype="float32", device=args.device)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     stats = ReadStats()
-    text = "\n\n".join(iter_texts(args.data, args.text_field, args.on_bad_record, stats=stats, hint=SKIP_HINT))
+    # Records of empty text are left out, as `data prepare` leaves them out (not an extra blank line each)
+    text = "\n\n".join(t for t in iter_texts(args.data, args.text_field, args.on_bad_record, stats=stats,
+                                                hint=SKIP_HINT) if t)
     _note_reading(stats)
     if args.max_chars is not None:
         text = text[: args.max_chars]
