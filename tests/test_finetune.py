@@ -21,6 +21,7 @@ from lmstack.tokenizer import Tokenizer
 from lmstack.train.config import load_config
 from lmstack.train.loop import train
 from lmstack.train.metrics import read_metrics
+from tests.conftest import REPO
 
 WORDS = ["the", "a", "cat", "dog", "sat", "ran", "on", "under", "mat", "log", "good", "bad", "great", "awful", "film", "book", "day", "night"]
 
@@ -163,6 +164,76 @@ def test_classifier_head_learns_and_eval_classify_reports_its_metrics(base, tmp_
     assert report == classification_metrics([r["label"] for r in records], predicted,
                                             labels=["negative", "positive"])
     assert report["accuracy"] >= 0.9
+
+
+def test_integer_labels_keep_their_numeric_order_and_one_label_is_refused(base, tmp_path):
+    """Labels 0..11 from the data get the ids 0..11 (a string sort would give "10" id 2); a single label is
+    no classification."""
+    from lmstack.checkpoints import load_tokenizer
+    from lmstack.errors import LMStackError
+    from lmstack.train.tasks import ClassifyTask, label_order
+
+    assert label_order({"10", "2", "0", "-1"}) == ["-1", "0", "2", "10"]
+    assert label_order({"b", "a", "10", "2"}) == ["10", "2", "a", "b"]
+    tok = load_tokenizer(base)
+    data = _write(tmp_path / "n.jsonl", [{"text": f"film {i}", "label": i % 12} for i in range(48)])
+    assert ClassifyTask(tok, 0, str(data), None, 64, None).labels == [str(i) for i in range(12)]
+    one = _write(tmp_path / "one.jsonl", [{"text": "good film", "label": "pos"}] * 4)
+    with pytest.raises(LMStackError, match=r"one.jsonl: classification needs at least two labels, the data has only"):
+        ClassifyTask(tok, 0, str(one), None, 64, None)
+
+
+def test_cut_and_left_out_records_are_noted(base, tmp_path):
+    """SFT and preference records longer than block_size are cut, and the run says how many (and which SFT
+    records lost their whole answer to the cut)."""
+    from lmstack.checkpoints import load_tokenizer
+    from lmstack.train.tasks import PreferenceTask, SFTTask
+
+    tok = load_tokenizer(base)
+    rng = random.Random(0)
+    long_prompt = [{"prompt": _sentence(rng, 60), "completion": "good"} for _ in range(3)]
+    long_answer = [{"prompt": "a", "completion": _sentence(rng, 60)} for _ in range(2)]
+    data = _write(tmp_path / "sft.jsonl", long_prompt + long_answer + [{"prompt": "a", "completion": "b"}] * 5)
+    notes = SFTTask(tok, 0, str(data), None, 32, packing=False).notes
+    assert notes == [f"5 of 10 records in {data} are longer than block_size 32: cut to their first 33 tokens, "
+                     "and 3 of them left out (their answer lay past the cut)"]
+    pairs = _write(tmp_path / "pairs.jsonl", [{"prompt": _sentence(rng, 40), "chosen": "good", "rejected": "bad"},
+                                              {"prompt": "a", "chosen": "good", "rejected": "bad"}])
+    assert PreferenceTask("dpo", tok, 0, str(pairs), None, 32, 0.1).notes == [
+        f"1 of 2 records in {pairs} are longer than block_size 32: their prompts are cut from the left"]
+
+
+def test_text_records_train_every_token(base, tmp_path):
+    """`{"text": ...}` is plain language modelling (TRL's text datasets): every token and eos are trained."""
+    from lmstack.checkpoints import load_tokenizer
+    from lmstack.data.finetune import load_sft_examples
+
+    tok = load_tokenizer(base)
+    data = _write(tmp_path / "t.jsonl", [{"text": "good film day"}])
+    (example,), _ = load_sft_examples(data, tok, 64)
+    ids = tok.encode("good film day", add_special_tokens=True) + [tok.eos_token_id]
+    assert example.input_ids == ids[:-1] and example.labels == ids[1:]
+
+
+def test_a_reference_with_another_vocabulary_is_refused(base, tmp_path):
+    data = _write(tmp_path / "pairs.jsonl", _pairs(8, 0))
+    tok = Tokenizer.train(["good bad film day night"] * 20, 280, special_tokens=["<|im_end|>"], eos_token="<|im_end|>")
+    other = tmp_path / "other"
+    save_model(build_model(ModelConfig.from_name("tiny-llama", vocab_size=len(tok), block_size=64)), other,
+               tokenizer=tok)
+    from lmstack.errors import LMStackError
+
+    with pytest.raises(LMStackError, match=rf"reference {other} has vocab_size {len(tok)}, the model {base} "):
+        _run(base, tmp_path, "dpo", data, reference=str(other), max_steps=1)
+    # The same size, other tokens: the tokenizers' hashes differ
+    text = (REPO / "data" / "tinyshakespeare.txt").read_text()[:20_000]
+    same_size = Tokenizer.train([text], 300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                eos_token="<|im_end|>", chat_template="chatml")
+    assert len(same_size) == len(load_tokenizer(base))
+    save_model(build_model(ModelConfig.from_name("tiny-llama", vocab_size=len(same_size), block_size=64)), other,
+               tokenizer=same_size)
+    with pytest.raises(LMStackError, match=rf"reference {other} has another tokenizer"):
+        _run(base, tmp_path, "dpo", data, reference=str(other), max_steps=1)
 
 
 def test_generative_classification_answers_only_with_labels(base):
@@ -376,9 +447,38 @@ def test_grpo_scores_at_its_sampling_temperature_and_passes_chat_prompts_as_mess
     rng = random.Random(0)
     data = _write(tmp_path / "prompts.jsonl", [{"prompt": [{"role": "user", "content": _sentence(rng, 3)}]}
                                                for _ in range(16)])
+    # block_size is no GRPO setting (its rows are the prompts and samples): one past the context is no error
     _run(base, tmp_path, "grpo", data, reward_function=f"{reward}:reward", group_size=2, max_new_tokens=4,
-         batch_size=2, max_steps=1, eval_interval=1, eval_batches=1, temperature=0.7, beta=0.1)
+         batch_size=2, max_steps=1, eval_interval=1, eval_batches=1, temperature=0.7, beta=0.1, block_size=256)
     assert temperatures and set(temperatures) == {0.7}  # the policy's and the reference's
+
+
+def test_a_reward_function_that_cannot_score_is_named(base, tmp_path):
+    """A reward function of the wrong signature is refused before training; one that fails or returns no
+    number is named with the completion it was scoring."""
+    from lmstack.checkpoints import load_tokenizer
+    from lmstack.errors import LMStackError
+    from lmstack.train.tasks import GRPOTask
+
+    reward = tmp_path / "reward.py"
+    reward.write_text("def two(prompt, completion):\n    return 1.0\n"
+                      "def none(prompt, completion, record):\n    return None\n"
+                      "def fails(prompt, completion, record):\n    return 1 / 0\n"
+                      "def numpy(prompt, completion, record):\n    import numpy\n    return numpy.float32(0.5)\n")
+    data = _write(tmp_path / "prompts.jsonl", [{"prompt": "a b"}, {"prompt": "c d"}])
+    tok = load_tokenizer(base)
+
+    def task(name):
+        return GRPOTask(tok, 0, str(data), None, f"{reward}:{name}", group_size=2, beta=0.0, max_new_tokens=2,
+                        temperature=1.0)
+
+    with pytest.raises(LMStackError, match=r"reward function '.*:two' must take \(prompt, completion, record\)"):
+        task("two")
+    with pytest.raises(LMStackError, match=r"returned None for the completion 'xy': it must return a finite number"):
+        task("none")._reward({"prompt": "a b"}, "xy")
+    with pytest.raises(LMStackError, match=r"failed \(ZeroDivisionError: division by zero\) on the completion 'xy'"):
+        task("fails")._reward({"prompt": "a b"}, "xy")
+    assert task("numpy")._reward({"prompt": "a b"}, "xy") == 0.5
 
 
 def test_qlora_sft_trains_adapters_on_an_nf4_base(base, tmp_path):

@@ -220,7 +220,9 @@ def render_record(record: dict[str, Any], tokenizer: Tokenizer, where: str = "re
         return prompt_completion_ids(tokenizer, prompt, _text(record, "output", where))
     if "prompt" in record:
         return prompt_completion_ids(tokenizer, _text(record, "prompt", where), _text(record, "completion", where))
-    raise LMStackError(f"{where}: expected 'messages', 'instruction'/'output' or 'prompt'/'completion'; "
+    if "text" in record:  # plain language modelling (TRL's "text" datasets): every token, and eos
+        return prompt_completion_ids(tokenizer, "", _text(record, "text", where))
+    raise LMStackError(f"{where}: expected 'messages', 'instruction'/'output', 'prompt'/'completion' or 'text'; "
                        f"the record has {sorted(record)}")
 
 
@@ -263,7 +265,7 @@ def load_sft_examples(path: str | os.PathLike, tokenizer: Tokenizer, max_length:
                       chat_template: str | None = None) -> tuple[list[Example], dict[str, int]]:
     """Read an SFT JSONL file into examples of at most `max_length` tokens (longer ones are cut, and
     examples left with nothing to learn are dropped; both counted in the returned stats)."""
-    examples, stats = [], {"records": 0, "truncated": 0, "empty": 0}
+    examples, stats = [], {"records": 0, "truncated": 0, "empty": 0, "dropped_by_cut": 0}
     emptied_by_cut = 0  # records whose trained tokens all lay past max_length
     for lineno, record in read_jsonl(path):
         stats["records"] += 1
@@ -285,6 +287,7 @@ def load_sft_examples(path: str | os.PathLike, tokenizer: Tokenizer, max_length:
                 "block_size, or shorten the prompts")
         raise LMStackError(f"{path}: no usable examples ({stats['records']} records, none with a token to train "
                            "on: an empty answer, or nothing marked as the assistant's)")
+    stats["dropped_by_cut"] = emptied_by_cut
     return examples, stats
 
 
@@ -292,7 +295,8 @@ def load_sft_examples(path: str | os.PathLike, tokenizer: Tokenizer, max_length:
 
 
 def pack_examples(examples: Sequence[Example], block_size: int) -> list[list[Example]]:
-    """Group examples, in order, into rows of at most `block_size` tokens (first fit of the next example)."""
+    """Group examples, in order, into rows of at most `block_size` tokens (next fit: an example that does not
+    fit the current row starts a new one)."""
     rows: list[list[Example]] = []
     used = block_size + 1
     for ex in examples:

@@ -232,6 +232,23 @@ def check_checkpoint_tokenizer(cfg: TrainConfig) -> None:
                            f"with `lmstack data prepare --tokenizer {model_dir}`")
 
 
+def check_reference_vocabulary(cfg: TrainConfig, reference: torch.nn.Module, policy: torch.nn.Module) -> None:
+    """The reference scores the policy's token ids: it must have the same vocabulary, and the same tokenizer
+    where both directories hold one (a different one of the same size would score other tokens silently)."""
+    from lmstack.data.shards import tokenizer_hash
+
+    ours, theirs = policy.config.vocab_size, reference.config.vocab_size
+    if ours != theirs:
+        raise LMStackError(f"reference {cfg.reference} has vocab_size {theirs}, the model {cfg.model} {ours}: the "
+                           "reference must use the model's tokenizer")
+    paths = [Path(cfg.model), Path(cfg.reference)]
+    if all((path / "tokenizer.json").is_file() for path in paths):
+        hashes = [tokenizer_hash(load_tokenizer(path)) for path in paths]
+        if hashes[0] != hashes[1]:
+            raise LMStackError(f"reference {cfg.reference} has another tokenizer (sha256 {hashes[1][:12]}) than the "
+                               f"model {cfg.model} (sha256 {hashes[0][:12]}): the reference must use the model's")
+
+
 def build_policy(cfg: TrainConfig, task: Task) -> torch.nn.Module:
     """The model to train: a new or loaded LM, a classification / reward head on a loaded LM, and LoRA
     adapters (on a 4-bit NF4 base with QLoRA) when `lora_r` is set."""
@@ -250,7 +267,7 @@ def build_policy(cfg: TrainConfig, task: Task) -> torch.nn.Module:
     if cfg.task in NO_DROPOUT_TASKS:
         disable_dropout(model)  # before LoRA: the adapters' own dropout (lora_dropout) stays as set
     context = decoder_of(model).config.block_size
-    if cfg.block_size > context:
+    if cfg.block_size > context and cfg.task != "grpo":  # GRPO's rows are its prompts and samples, not blocks
         raise LMStackError(f"block_size {cfg.block_size} is longer than the model's context ({context} positions): "
                            f"lower block_size to at most {context}")
     if cfg.lora_r:
@@ -407,6 +424,9 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
         print(f"note: warmup_steps {cfg.warmup_steps} >= max_steps {cfg.max_steps}: the learning rate stays below "
               f"learning_rate {cfg.learning_rate:g} for the whole run", file=sys.stderr)
     task = build_task(cfg)
+    if rt.is_main:
+        for note in task.notes:
+            print(f"note: {note}", file=sys.stderr)
     tokenizer = task.tokenizer
     precision = resolve_precision(cfg, rt.device, sharded=fsdp)
     if rt.is_main and state.get("precision", precision) != precision:  # "auto" on another device
@@ -443,6 +463,8 @@ def _train(cfg: TrainConfig, resume: bool, rt: Runtime) -> dict[str, Any]:
             task.reference = raw_model
         else:
             reference = load_model(cfg.reference or cfg.model, dtype=torch.float32).eval().requires_grad_(False)
+            if cfg.reference:
+                check_reference_vocabulary(cfg, reference, decoder)
             task.reference = reference if fsdp else reference.to(rt.device)
     if fsdp:
         from torch.distributed.fsdp import fully_shard

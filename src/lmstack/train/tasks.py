@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import math
 import os
+import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +105,7 @@ class Task:
         # one (the policy itself under LoRA, with adapters switched off to get the base back).
         self.policy: torch.nn.Module | None = None
         self.reference: torch.nn.Module | None = None
+        self.notes: list[str] = []  # what reading the data cut or left out, for the run to print
 
     @property
     def pad_id(self) -> int:
@@ -183,6 +187,22 @@ class PretrainTask(Task):
 # ---------------------------------------------------------------------------------------------- SFT
 
 
+def sft_notes(path: str, stats: dict[str, int], block_size: int) -> list[str]:
+    """What `load_sft_examples` cut and left out of `path`, in words."""
+    notes = []
+    records = stats["records"]
+    if stats["truncated"]:
+        dropped = stats["dropped_by_cut"]
+        notes.append(f"{stats['truncated']:,} of {records:,} records in {path} are longer than block_size "
+                     f"{block_size}: cut to their first {block_size + 1} tokens"
+                     + (f", and {dropped:,} of them left out (their answer lay past the cut)" if dropped else ""))
+    unanswered = stats["empty"] - stats["dropped_by_cut"]
+    if unanswered:
+        notes.append(f"{unanswered:,} of {records:,} records in {path} have nothing to train on (an empty answer): "
+                     "left out")
+    return notes
+
+
 class SFTTask(Task):
     """Supervised finetuning; with `packing`, examples share rows without attending across each other."""
 
@@ -192,7 +212,11 @@ class SFTTask(Task):
                  packing: bool, val_fraction: float = 0.05, chat_template: str | None = None) -> None:
         super().__init__(tokenizer, seed)
         train, self.stats = load_sft_examples(data, tokenizer, block_size, chat_template)
-        val = load_sft_examples(val_data, tokenizer, block_size, chat_template)[0] if val_data else None
+        self.notes += sft_notes(data, self.stats, block_size)
+        val = None
+        if val_data:
+            val, val_stats = load_sft_examples(val_data, tokenizer, block_size, chat_template)
+            self.notes += sft_notes(val_data, val_stats, block_size)
         train, val = _shuffled_split(train, seed, val_fraction, val)
         self.block_size, self.packing = block_size, packing
         self.data = {"train": pack_examples(train, block_size) if packing else train,
@@ -234,8 +258,17 @@ def read_classification(path: str, where_labels: list[str] | None = None
     return texts, labels
 
 
+def label_order(names: Iterable[str]) -> list[str]:
+    """The label set in id order: numerically when every label is an integer (0, 1, ..., 10, 11, as their
+    ids then equal them), else sorted."""
+    names = list(names)
+    if all(re.fullmatch(r"-?\d+", n) for n in names):
+        return sorted(names, key=int)
+    return sorted(names)
+
+
 class ClassifyTask(Task):
-    """A head on the last token; the label set comes from the config or the training data (sorted)."""
+    """A head on the last token; the label set comes from the config or the training data (`label_order`)."""
 
     name = "classify"
 
@@ -243,7 +276,10 @@ class ClassifyTask(Task):
                  labels: list[str] | None, val_fraction: float = 0.05) -> None:
         super().__init__(tokenizer, seed)
         texts, names = read_classification(data, labels)
-        self.labels = labels or sorted(set(names))
+        self.labels = labels or label_order(set(names))
+        if len(self.labels) < 2:
+            raise LMStackError(f"{data}: classification needs at least two labels, the "
+                               f"{'labels setting gives' if labels else 'data has'} only {self.labels}")
         index = {name: i for i, name in enumerate(self.labels)}
 
         def encode(texts: list[str], names: list[str]) -> list[tuple[list[int], int]]:
@@ -303,6 +339,15 @@ class PreferenceTask(Task):
                                      self._read(val_data) if val_data else None)
         self.data = {"train": train, "val": val}
 
+    def _note_cuts(self, path: str, records: list[tuple]) -> None:
+        """Count the records whose rows `collate` will cut (prompt first, from the left, as TRL's keep_end)."""
+        room = self.block_size + (self.name != "reward")  # a completion row holds block_size + 1 tokens
+        completions = [1] if self.name == "kto" else [1, 2]
+        cut = sum(any(len(r[0]) + len(r[i]) > room for i in completions) for r in records)
+        if cut:
+            self.notes.append(f"{cut:,} of {len(records):,} records in {path} are longer than block_size "
+                              f"{self.block_size}: their prompts are cut from the left")
+
     def _read(self, path: str) -> list[tuple]:
         records = []
         for lineno, r in read_jsonl(path):
@@ -322,6 +367,7 @@ class PreferenceTask(Task):
                                                                    where)[1]))
         if not records:
             raise LMStackError(f"{path}: no records")
+        self._note_cuts(path, records)
         return records
 
     def collate(self, split, items):
@@ -458,6 +504,14 @@ class GRPOTask(Task):
                  val_fraction: float = 0.05) -> None:
         super().__init__(tokenizer, seed)
         self.reward = load_reward_function(reward) if isinstance(reward, str) else reward
+        self.reward_name = reward if isinstance(reward, str) else getattr(reward, "__name__", repr(reward))
+        try:
+            inspect.signature(self.reward).bind("prompt", "completion", {})
+        except TypeError as e:
+            raise LMStackError(f"reward function {self.reward_name!r} must take (prompt, completion, record): "
+                               f"{e}") from None
+        except ValueError:  # a builtin without a signature: called as it is
+            pass
         self.group_size, self.beta = group_size, beta
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         train = self._read(data)
@@ -506,8 +560,20 @@ class GRPOTask(Task):
         for i, c in enumerate(completions):
             record = records[i // self.group_size]
             # the prompt as the record has it: text, or a list of chat messages (as TRL passes them)
-            rewards.append(float(self.reward(record["prompt"], c.text, record)))
+            rewards.append(self._reward(record, c.text))
         return prompts, completions, torch.tensor(rewards)
+
+    def _reward(self, record: dict[str, Any], completion: str) -> float:
+        """The reward function's number for one completion; what goes wrong in it is named as its."""
+        try:
+            value = self.reward(record["prompt"], completion, record)
+        except Exception as e:  # the user's code: say whose it is (`--debug` shows the traceback)
+            raise LMStackError(f"reward function {self.reward_name!r} failed ({type(e).__name__}: {e}) on the "
+                               f"completion {completion[:60]!r}") from e
+        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+            raise LMStackError(f"reward function {self.reward_name!r} returned {value!r} for the completion "
+                               f"{completion[:60]!r}: it must return a finite number")
+        return float(value)
 
     def loss(self, model, batch):
         prompts, completions, rewards = self.sample(batch["records"], batch["seed"])
