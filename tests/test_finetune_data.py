@@ -198,7 +198,7 @@ def test_truncation_and_empty_examples_are_counted(tok, tmp_path):
     path.write_text(json.dumps({"prompt": "Hello " * 50, "completion": "four"}) + "\n"
                     + json.dumps({"prompt": "Hello", "completion": "four"}) + "\n")
     examples, stats = load_sft_examples(path, tok, 16)
-    assert stats == {"records": 2, "truncated": 1, "empty": 1} and len(examples) == 1
+    assert stats == {"records": 2, "truncated": 1, "empty": 1, "dropped_by_cut": 1} and len(examples) == 1
     # When nothing is left, the error says why: answers cut off at the block size, or no answers at all.
     path.write_text(json.dumps({"prompt": "Hello " * 50, "completion": "four"}) + "\n")
     with pytest.raises(LMStackError, match=r"in 1 of 1 records every trained token .* past the first 17 tokens, "
