@@ -46,6 +46,39 @@ def test_dtype_and_tied_weights(tmp_path):
     assert half.to("cpu", torch.float32).embed.weight.dtype == torch.float32
 
 
+def test_stored_dtypes_load_in_one_computing_precision(saved):
+    """float64 norms or float8 matrices are cast to one dtype models compute in; integer weights (a quantized
+    file's codes) and a foreign quantization_config are refused by name, with or without `dtype`."""
+    model, path = saved
+    weights = load_file(path / "model.safetensors")
+    ids = torch.randint(0, 256, (1, 8))
+    with torch.no_grad():
+        expected = model(ids)
+    mixed = {k: v.double() if "norm" in k else v for k, v in weights.items()}
+    save_file(mixed, path / "model.safetensors")
+    again = lmstack.load_model(path)
+    assert {p.dtype for p in again.parameters()} == {torch.float32}
+    with torch.no_grad():
+        assert torch.allclose(again(ids), expected, atol=1e-6)
+    fp8 = {k: v.to(torch.float8_e4m3fn) if k.endswith("proj.weight") else v for k, v in weights.items()}
+    save_file(fp8, path / "model.safetensors")
+    again = lmstack.load_model(path)
+    assert {p.dtype for p in again.parameters()} == {torch.float32}
+    with torch.no_grad():
+        assert again(ids).isfinite().all()
+    codes = {k: v.to(torch.int8) if k.endswith("q_proj.weight") else v for k, v in weights.items()}
+    save_file(codes, path / "model.safetensors")
+    for dtype in (None, "float32"):
+        with pytest.raises(LMStackError, match=r"tensor 'model.layers.0.self_attn.q_proj.weight' is stored as I8, "
+                                               r"not floating point"):
+            lmstack.load_model(path, dtype=dtype)
+    save_file(weights, path / "model.safetensors")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "fp8"}}))
+    with pytest.raises(LMStackError, match=r"quantized with quant_method 'fp8' is not supported"):
+        lmstack.load_model(path)
+
+
 def test_directory_without_config(tmp_path):
     with pytest.raises(LMStackError, match="no config.json"):
         lmstack.load_model(tmp_path)

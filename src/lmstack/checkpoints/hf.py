@@ -545,24 +545,35 @@ def expected_shapes(config: ModelConfig) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in model.state_dict().items()}
 
 
-def _common_dtype(source: TensorSource, hf: dict[str, Any]) -> torch.dtype | None:
-    """None when every floating tensor has one dtype (kept as stored); for a file that mixes them (bf16
-    matrices beside fp32 norms), the config's `dtype` / `torch_dtype`, else the dtype most weights have, so
-    that the model computes in one precision."""
+def _common_dtype(source: TensorSource, hf: dict[str, Any], rules: list[Rule], where: Path) -> torch.dtype | None:
+    """None when every weight has one of the dtypes models compute in (kept as stored); for a file that mixes
+    them (bf16 matrices beside fp32 norms) or holds others (float64, float8), the config's `dtype` /
+    `torch_dtype`, else the computing dtype most weights have (else float32), so that the model computes in
+    one precision. A weight that is not floating point (int8 codes of a quantized file) is an error."""
     elements: dict[str, int] = {}  # floating dtype -> how many weights have it
-    for key, handle in source.where.items():
-        piece = handle.get_slice(key)
-        if piece.get_dtype() in SAFETENSORS_FLOATS:
-            elements[piece.get_dtype()] = elements.get(piece.get_dtype(), 0) + math.prod(piece.get_shape())
-    if len(elements) <= 1:
+    for rule in rules:
+        if rule.hf not in source.where:
+            continue  # convert_to_ours names a missing tensor
+        piece = source.where[rule.hf].get_slice(rule.hf)
+        kind = piece.get_dtype()
+        if kind not in SAFETENSORS_FLOATING:
+            raise LMStackError(f"{source.file_of[rule.hf]}: tensor {rule.hf!r} is stored as {kind}, not floating "
+                               f"point: lmstack loads float checkpoints ({where}: a quantized one needs its own "
+                               "loader; dequantize it first)")
+        elements[kind] = elements.get(kind, 0) + math.prod(piece.get_shape())
+    if len(elements) <= 1 and set(elements) <= set(SAFETENSORS_FLOATS):
         return None
     named = hf.get("dtype") or hf.get("torch_dtype")
     if named in ("float32", "float16", "bfloat16"):
         return getattr(torch, named)
-    return SAFETENSORS_FLOATS[max(sorted(elements), key=elements.get)]  # sorted: a tie goes the same way
+    computing = {k: n for k, n in elements.items() if k in SAFETENSORS_FLOATS}
+    if not computing:
+        return torch.float32
+    return SAFETENSORS_FLOATS[max(sorted(computing), key=computing.get)]  # sorted: a tie goes the same way
 
 
-SAFETENSORS_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+SAFETENSORS_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}  # what models compute in
+SAFETENSORS_FLOATING = {*SAFETENSORS_FLOATS, "F64", "F8_E4M3", "F8_E5M2"}  # cast to one of those on loading
 
 
 def load_hf_model(
@@ -573,6 +584,12 @@ def load_hf_model(
     if not path.exists():
         raise LMStackError(f"{path}: no such file or directory")
     hf = read_hf_config(path)
+    quantization = hf.get("quantization_config")
+    if quantization:  # lmstack's own quantized checkpoints never come here (load_model sends them to theirs)
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
+        raise LMStackError(f"{path / 'config.json'}: a checkpoint quantized with quant_method {method!r} is not "
+                           "supported: lmstack loads float checkpoints (and its own `lmstack quantize` output); "
+                           "load the unquantized model, and quantize it with `lmstack quantize`")
     config = config_from_hf(hf, where=str(path / "config.json"))
     apply_generation_config(config, path)
     source = TensorSource(safetensors_files(path))
@@ -587,7 +604,8 @@ def load_hf_model(
                       "different lm_head.weight; loading it untied, as transformers does", stacklevel=2)
         config.tie_embeddings = False
     rules = weight_rules(config, gpt2_prefix=prefix)
-    dtype = dtype or _common_dtype(source, hf)
+    common = _common_dtype(source, hf, rules, path)  # always: it also refuses weights that are not floats
+    dtype = dtype or common
 
     def convert(t: torch.Tensor) -> torch.Tensor:
         return t.to(device=device or "cpu", dtype=dtype or t.dtype)
