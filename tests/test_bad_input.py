@@ -371,3 +371,28 @@ def test_a_classifier_checkpoint_is_refused_where_a_language_model_is_needed(mod
     out = capsys.readouterr().out
     info = json.loads(out[out.index("{"):])
     assert info["parameters"] == sum(p.numel() for p in clf.parameters()) and info["labels"] == ["neg", "mid", "pos"]
+
+
+def test_a_peft_adapter_without_tokenizer_files_uses_its_bases(model_dir, tmp_path, capsys):
+    """peft writes no tokenizer beside an adapter: the CLI takes the base model's (`base_model_name_or_path`)."""
+    from lmstack.checkpoints import load_tokenizer
+    from lmstack.train.lora import apply_lora, save_peft
+
+    model = lmstack.load_model(model_dir)
+    apply_lora(model, r=2, targets=("q", "v"))
+    save_peft(model, tmp_path / "adapter", base_model_name_or_path=str(model_dir))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "adapter" / name).unlink(missing_ok=True)
+    assert load_tokenizer(tmp_path / "adapter").encode("To be") == load_tokenizer(model_dir).encode("To be")
+    outputs = []
+    for path in (tmp_path / "adapter", model_dir):  # B starts at zero: the adapter's model is the base
+        assert main(["generate", "--model", str(path), "To be", "--max-new-tokens", "3", "--temperature", "0",
+                     "--no-stream"]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and outputs[0].strip()
+
+
+def test_gpt2_tokenizer_files_point_to_their_directory(tmp_path, capsys):
+    (tmp_path / "encoder.json").write_text('{"a": 0}')
+    err = one_error_line(capsys, "tokenizer", "encode", "--tokenizer", str(tmp_path / "encoder.json"), "x")
+    assert "one of GPT-2's two tokenizer files: pass the directory" in err

@@ -298,6 +298,9 @@ class Tokenizer:
         file = path / "tokenizer.json" if path.is_dir() else path
         if path.is_dir() and not file.exists() and (path / "encoder.json").exists():
             return cls.from_gpt2_files(path / "encoder.json", path / "vocab.bpe")
+        if path.name in ("encoder.json", "vocab.bpe") and path.is_file():
+            raise LMStackError(f"{path}: one of GPT-2's two tokenizer files: pass the directory that holds "
+                               "encoder.json and vocab.bpe")
         if not file.exists():
             raise LMStackError(f"{path}: no tokenizer.json")
         try:

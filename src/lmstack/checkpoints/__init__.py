@@ -170,7 +170,16 @@ def save_model(
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Load a tokenizer from a checkpoint directory, a tokenizer.json, GPT-2's files, or a `.gguf` file."""
+    """Load a tokenizer from a checkpoint directory, a tokenizer.json, GPT-2's files, or a `.gguf` file. A
+    PEFT adapter directory without tokenizer files (as peft writes them) has its base model's."""
+    folder = Path(path)
+    if ((folder / "adapter_config.json").is_file()
+            and not any((folder / name).exists() for name in ("tokenizer.json", "encoder.json"))):
+        from lmstack.train.lora import adapter_config
+
+        base = adapter_config(folder).get("base_model_name_or_path")
+        if base and Path(base).exists():
+            return Tokenizer.load(base)
     return Tokenizer.load(path)
 
 
