@@ -866,7 +866,7 @@ def test_stop_token_ids_outside_the_vocabulary_are_named(tiny):
 
 def _chat_model(path, block_size=128, **tokenizer_options):
     text = (REPO / "data" / "tinyshakespeare.txt").read_text()[:50_000]
-    options = dict(chat_template="chatml", eos_token="<|im_end|>", **tokenizer_options)
+    options = {"chat_template": "chatml", "eos_token": "<|im_end|>", **tokenizer_options}
     tok = lmstack.Tokenizer.train([text], vocab_size=400, **options)
     torch.manual_seed(0)
     model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", vocab_size=400, block_size=block_size))
@@ -1029,6 +1029,29 @@ def test_cli_chat_drops_old_turns_and_survives_a_message_too_long(tmp_path, monk
     notes = [line for line in err if line.startswith("note: dropped the")]
     errors = [line for line in err if line.startswith("error:")]
     assert notes and len(errors) == 1 and "does not fit the context of 64 tokens" in errors[0], err
+
+
+def test_cli_chat_commands_and_a_turn_the_template_refuses(tmp_path, monkeypatch, capsys):
+    """A mistyped command is not sent as a message, `//text` sends `/text`, `/systematic` is not `/system`,
+    and a turn the template refuses (it raises on a system prompt) fails alone: the chat goes on."""
+    import io
+
+    from lmstack.cli import main
+
+    template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}"
+                "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    _, tok = _chat_model(tmp_path, chat_template=template)
+    seen = _spy_prompts(monkeypatch)
+    lines = ["/bogus", "//etc is a folder", "/systematic", "/system be nice", "hello", "/system", "hello again"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
+    assert main(["chat", "--model", str(tmp_path), "--temperature", "0", "--max-new-tokens", "4"]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert err[0].startswith("error: unknown command /bogus") and err[1].startswith("error: unknown command /systematic")
+    assert "no system role" in err[2] and len(err) == 3
+    assert len(seen) == 2  # "/etc is a folder" and, with the system prompt cleared, "hello again"
+    assert "user\n/etc is a folder" in tok.decode(seen[0]) and "hello again" in tok.decode(seen[1])
+    assert "hello<" not in tok.decode(seen[1])  # the refused turn left no trace
 
 
 def test_cli_chat_ctrl_c_stops_a_reply_not_the_chat(tmp_path, monkeypatch, capsys):

@@ -607,6 +607,10 @@ def _fit_conversation(tokenizer, system: str | None, messages: list[dict[str, st
     return None
 
 
+# A line that is one word starting with a single slash reads as a command: `/bogus` is a typo, not a message.
+CHAT_COMMANDS_LIKE = re.compile(r"/[A-Za-z]\w*")
+
+
 def _chat(args: argparse.Namespace) -> None:
     params = _sampling_params(args)
     if params.n != 1:  # before the model loads, not at the first message
@@ -637,19 +641,31 @@ def _chat(args: argparse.Namespace) -> None:
             break
         if not line.strip():
             continue
-        if line.strip() in ("/quit", "/exit"):
+        command, _, rest = line.strip().partition(" ")
+        if command in ("/quit", "/exit"):
             break
-        if line.strip() == "/reset":
+        if command == "/reset":
             messages = []
             print("(conversation cleared)")
             continue
-        if line.startswith("/system"):
-            system = line[len("/system"):].strip() or None
+        if command == "/system":
+            system = rest.strip() or None
             messages = []
             print(f"(system prompt {'set' if system else 'cleared'}; conversation cleared)")
             continue
+        if CHAT_COMMANDS_LIKE.fullmatch(command):  # a mistyped command is not a message to the model
+            print(f"error: unknown command {command}: /reset, /system TEXT, /quit (start a message with two "
+                  "slashes to send one that starts with /)", file=sys.stderr)
+            continue
+        if line.startswith("//"):
+            line = line[1:]
         messages.append({"role": "user", "content": line})
-        fitted = _fit_conversation(engine.tokenizer, system, messages, budget)
+        try:
+            fitted = _fit_conversation(engine.tokenizer, system, messages, budget)
+        except LMStackError as e:  # the template refused this conversation (a system turn, say): the chat goes on
+            messages.pop()
+            print(f"error: {e}", file=sys.stderr)
+            continue
         if fitted is None:  # this turn fails; the conversation so far stays
             messages.pop()
             print(f"error: this message does not fit the context of {context} tokens with room for a reply "
