@@ -54,6 +54,14 @@ def test_an_output_that_is_a_training_run_or_the_source_is_refused(model_dir, ru
     assert "not empty and not a checkpoint directory" in one_error_line(
         capsys, "quantize", "--model", model_dir, "--output", other)
     assert snapshot(other) == {"train.txt": b"keep me"}
+    # A file where the output directory goes, or above it, is named (not an OS error)
+    assert "an existing file; the output is a directory" in one_error_line(
+        capsys, "quantize", "--model", model_dir, "--output", other / "train.txt")
+    assert "an existing file; the output is a directory" in one_error_line(capsys, "convert", model_dir,
+                                                                          other / "train.txt")
+    assert f"{other / 'train.txt'} is a file, not a directory" in one_error_line(
+        capsys, "convert", model_dir, other / "train.txt" / "x.gguf")
+    assert snapshot(other) == {"train.txt": b"keep me"}
     # An earlier output is a checkpoint directory: writing it again replaces it, as before.
     for bits in ("8", "8"):
         assert main(["quantize", "--model", str(model_dir), "--output", str(tmp_path / "q"), "--bits", bits]) == 0

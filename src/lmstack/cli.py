@@ -101,12 +101,18 @@ def _load_lm(path: str | os.PathLike, flag: str, purpose: str, recurrent_ok: boo
     return model
 
 
-def _check_output(source: str | os.PathLike, output: str | os.PathLike, flag: str) -> None:
+def _check_output(source: str | os.PathLike, output: str | os.PathLike, flag: str, file: bool = False) -> None:
     """Refuse an output that is the source, or a directory holding something other than a checkpoint (an
-    earlier output is replaced; a training run or a training checkpoint, which a resumed run reads, is not)."""
+    earlier output is replaced; a training run or a training checkpoint, which a resumed run reads, is not).
+    The output is a directory, or with `file` a file (an existing one is replaced)."""
     src, dst = Path(source), Path(output)
     if dst.exists() and src.exists() and dst.resolve() == src.resolve():
         raise LMStackError(f"{flag} {output}: that is the source model; write the output elsewhere")
+    above = next((parent for parent in dst.parents if parent.exists()), None)
+    if above is not None and not above.is_dir():
+        raise LMStackError(f"{flag} {output}: {above} is a file, not a directory")
+    if dst.exists() and not dst.is_dir() and not file:
+        raise LMStackError(f"{flag} {output}: an existing file; the output is a directory: pass a new or empty one")
     if not dst.is_dir() or not any(dst.iterdir()):
         return
     if is_training_run(dst):
@@ -181,7 +187,7 @@ def _convert(args: argparse.Namespace) -> None:
         raise LMStackError(f"--gguf-type applies to a .gguf destination, not the directory {dst} (--dtype sets a "
                            "directory's precision)")
     _check_model(src, "convert source")
-    _check_output(src, dst, "convert destination")
+    _check_output(src, dst, "convert destination", file=is_gguf(dst))
     _refuse_quantized(src, "convert it", "convert the model it was quantized from")
     model = load_model(src, dtype=args.dtype)
     tokenizer = None
