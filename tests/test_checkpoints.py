@@ -264,3 +264,29 @@ def test_a_tensor_in_two_shards_is_named(tmp_path):
     save_file({"b": torch.zeros(2)}, str(tmp_path / "two.safetensors"))
     with pytest.raises(LMStackError, match=r"tensor 'b' is in both .*one.safetensors and .*two.safetensors"):
         TensorSource([tmp_path / "one.safetensors", tmp_path / "two.safetensors"])
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(num_attention_heads=3), r"config.json: num_key_value_heads=2: must divide num_attention_heads \(3\)"),
+    (dict(num_hidden_layers=0), r"config.json: num_hidden_layers=0: must be a positive integer"),
+    (dict(model_type=None, architectures=["FooForCausalLM"]), r"no model_type \(architectures: \['FooForCausalLM'\]\)"),
+    (dict(model_type="qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=1),
+     r"use_sliding_window with max_window_layers=1: qwen2 with sliding windows on only some layers"),
+])
+def test_a_refused_config_names_its_config_json_key(changes, match, tmp_path):
+    from lmstack.checkpoints.hf import config_from_hf
+
+    config = dict(model_type="llama", vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5)
+    (tmp_path / "config.json").write_text(json.dumps({**config, **changes}))
+    with pytest.raises(LMStackError, match=match):
+        config_from_hf(tmp_path)
+
+
+def test_gpt2_attention_scaling_variants_are_named():
+    from lmstack.checkpoints.hf import config_from_hf
+
+    config = dict(model_type="gpt2", vocab_size=10, n_layer=1, n_embd=8, n_head=2)
+    for key, value in (("scale_attn_weights", False), ("scale_attn_by_inverse_layer_idx", True)):
+        with pytest.raises(LMStackError, match=rf"{key}={value}: GPT-2's attention scaling variants"):
+            config_from_hf({**config, key: value}, where="config.json")

@@ -187,10 +187,27 @@ def config_from_hf(hf: dict[str, Any] | str | os.PathLike, where: str = "config.
         return _config_from_hf(c, where)
     except KeyError as e:
         raise LMStackError(f"{where}: no {e.args[0]!r}, which a {c.get('model_type')!r} config needs") from None
+    except LMStackError as e:
+        if not str(e).startswith("ModelConfig."):
+            raise
+        # A value ModelConfig refuses, named as config.json names it (n_kv_head is num_key_value_heads)
+        message = str(e).removeprefix("ModelConfig.")
+        if c.get("model_type") != "gpt2":
+            message = re.sub(r"\b(" + "|".join(HF_KEYS) + r")\b", lambda m: HF_KEYS[m[1]], message)
+        raise LMStackError(f"{where}: {message}") from None
+
+
+# config.json's names of the ModelConfig fields whose checks a Hugging Face config can fail (GPT-2: the same)
+HF_KEYS = {"n_head": "num_attention_heads", "n_kv_head": "num_key_value_heads", "n_embd": "hidden_size",
+           "n_layer": "num_hidden_layers", "block_size": "max_position_embeddings", "vocab_size": "vocab_size",
+           "intermediate_size": "intermediate_size", "head_dim": "head_dim", "sliding_window": "sliding_window"}
 
 
 def _config_from_hf(c: dict[str, Any], where: str) -> ModelConfig:
     family = c.get("model_type")
+    if family is None:
+        raise LMStackError(f"{where}: no model_type (architectures: {c.get('architectures')}); supported: "
+                           f"{list(FAMILIES)}")
     if family not in FAMILIES:
         raise LMStackError(f"{where}: model_type {family!r} is not supported; supported: {list(FAMILIES)}")
     tokens = dict(bos_token_id=c.get("bos_token_id"), eos_token_id=c.get("eos_token_id"),
@@ -201,7 +218,8 @@ def _config_from_hf(c: dict[str, Any], where: str) -> ModelConfig:
             raise LMStackError(f"{where}: activation_function {act!r} is not supported for gpt2 "
                                f"(supported: {', '.join(GELU_APPROXIMATE)})")
         if c.get("scale_attn_by_inverse_layer_idx") or c.get("scale_attn_weights") is False:
-            raise LMStackError(f"{where}: GPT-2 attention scaling variants are not supported")
+            key = "scale_attn_by_inverse_layer_idx" if c.get("scale_attn_by_inverse_layer_idx") else "scale_attn_weights"
+            raise LMStackError(f"{where}: {key}={c[key]!r}: GPT-2's attention scaling variants are not supported")
         return ModelConfig(
             vocab_size=c["vocab_size"], block_size=c.get("n_positions", 1024), n_layer=c["n_layer"],
             n_embd=c["n_embd"], n_head=c["n_head"], intermediate_size=c.get("n_inner") or 4 * c["n_embd"],
@@ -233,7 +251,7 @@ def _config_from_hf(c: dict[str, Any], where: str) -> ModelConfig:
         fields["sliding_window"] = _default(c, family, "sliding_window")
     if family == "qwen2":
         fields["bias"] = "qkv"
-        fields["sliding_window"] = _qwen2_window(c)
+        fields["sliding_window"] = _qwen2_window(c, where)
     if family == "mixtral":
         # transformers adds the router's load-balancing loss only with output_router_logits (off by default);
         # the coefficient travels in `extra` for the save, whether or not it is in use
@@ -244,7 +262,7 @@ def _config_from_hf(c: dict[str, Any], where: str) -> ModelConfig:
     return ModelConfig(**fields)
 
 
-def _qwen2_window(c: dict[str, Any]) -> int | None:
+def _qwen2_window(c: dict[str, Any], where: str) -> int | None:
     n = c["num_hidden_layers"]
     window = _default(c, "qwen2", "sliding_window")
     if c.get("layer_types"):
@@ -258,7 +276,8 @@ def _qwen2_window(c: dict[str, Any]) -> int | None:
         return None
     if kinds == {"sliding_attention"}:
         return window
-    raise LMStackError("config.json: qwen2 with sliding windows on only some layers is not supported")
+    how = "layer_types" if c.get("layer_types") else f"use_sliding_window with max_window_layers={c.get('max_window_layers')}"
+    raise LMStackError(f"{where}: {how}: qwen2 with sliding windows on only some layers is not supported")
 
 
 def family_of(config: ModelConfig) -> str:
