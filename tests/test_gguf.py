@@ -147,10 +147,12 @@ def test_gguf_export_round_trip_and_transformers(tmp_path, preset, changes, tens
     # A pad token, which the file carries: transformers' Phi3Config would otherwise pad with id 32000.
     tok = lmstack.Tokenizer.train([text], vocab_size=512, chat_template="chatml", eos_token="<|im_end|>",
                                   pad_token="<|endoftext|>")
+    tok.unk_token = "<|endoftext|>"  # as SmolLM2's tokenizer names it
     torch.manual_seed(0)
     model = lmstack.DecoderLM(lmstack.ModelConfig.from_name(preset, vocab_size=512, **changes)).eval()
     path = save_gguf(model, tok, tmp_path / "m.gguf", tensor_type=tensor_type)
     again, tok_again = lmstack.load_model(path), lmstack.load_tokenizer(path)
+    assert (tok_again.unk_token, tok_again.pad_token) == ("<|endoftext|>", "<|endoftext|>")  # as SmolLM2's file
     assert again.config.family == model.config.family and again.config.tie_embeddings == model.config.tie_embeddings
     sample = "KING HENRY: Once more unto the breach, 1234 friends! 🦙"
     ids = tok.encode(sample)

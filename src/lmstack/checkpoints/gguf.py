@@ -494,15 +494,15 @@ def _tokenizer_metadata(writer: Any, tokenizer: Tokenizer, vocab_size: int) -> N
         writer.add_token_scores(scores)
         writer.add_token_types(types)
         writer.add_add_space_prefix(prepended)
-        unk = tokenizer.token_to_id(tokenizer.unk_token) if tokenizer.unk_token is not None else None
-        if unk is not None:
-            writer.add_unk_token_id(unk)
     else:
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(_pre_tokenizer_name(backend))
         writer.add_token_list(tokens)
         writer.add_token_types(types)
         writer.add_token_merges(merges)
+    unk = tokenizer.token_to_id(tokenizer.unk_token) if tokenizer.unk_token is not None else None
+    if unk is not None:  # a byte-level vocabulary has no unknown bytes, but files name it (SmolLM2's: 0)
+        writer.add_unk_token_id(unk)
     for key, token_id in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
                           ("pad", tokenizer.pad_token_id)):
         if token_id is not None:
