@@ -301,3 +301,23 @@ def test_train_refuses_one_string_and_a_template_that_is_neither_a_name_nor_jinj
         Tokenizer.train(["To be, or not to be"], vocab_size=300, chat_template="chat-ml")
     tok = Tokenizer.train(["To be, or not to be"], vocab_size=300, chat_template="{{ messages[0]['content'] }}")
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "hi"
+
+
+def test_unk_in_text_reads_as_transformers_reads_it(tmp_path):
+    """A SentencePiece vocabulary's `<unk>` is a special token (as transformers' converters and llama.cpp make
+    it), so "<unk>" in text is that token; a character vocabulary's `<unk>`, not an added token, is not named in
+    tokenizer_config.json, where transformers would make it one: both give the ids transformers gives."""
+    from transformers import AutoTokenizer
+
+    from lmstack.checkpoints import load_tokenizer
+    from tests.conftest import VOCAB_DIR
+
+    chars = Tokenizer.train_chars(["hello <unk> x"], special_tokens=["<eot>"])
+    spm = VOCAB_DIR / "ggml-vocab-llama-spm.gguf"
+    cases = [(chars, "x<unk>y"), *([(load_tokenizer(spm), "Hello <unk> world")] if spm.exists() else [])]
+    for i, (tok, text) in enumerate(cases):
+        tok.save(tmp_path / str(i))
+        assert AutoTokenizer.from_pretrained(tmp_path / str(i)).encode(text) == tok.encode(text)
+    assert len(chars.encode("x<unk>y")) == 7  # the characters, as the corpus had them
+    if spm.exists():
+        assert cases[1][0].encode("Hello <unk> world") == [1, 15043, 29871, 0, 29871, 3186]  # Llama 2's ids

@@ -372,7 +372,10 @@ class Tokenizer:
             "bos_token": self.bos_token,
             "eos_token": self.eos_token,
             "pad_token": self.pad_token,
-            "unk_token": self.unk_token,
+            # Only an added token: transformers makes the one named here an added special token, which would
+            # split `<unk>` out of text where this tokenizer reads its characters (the model's own unknown
+            # token in tokenizer.json stands either way).
+            "unk_token": self.unk_token if self.unk_token in self._added_contents() else None,
             "clean_up_tokenization_spaces": False,  # decoding must give back exactly what was encoded
         }
         if self.extra_special_tokens:
@@ -444,6 +447,9 @@ class Tokenizer:
         """Ids of the special tokens: added tokens marked special, and the tokens tokenizer_config.json
         names (bos, eos, pad, unk, additional ones), as transformers counts them."""
         return self._ids_of(self.bos_token, self.eos_token, self.pad_token, self.unk_token, *self.extra_special_tokens)
+
+    def _added_contents(self) -> set[str]:
+        return {t.content for t in self.backend.get_added_tokens_decoder().values()}
 
     def _ids_of(self, *tokens: str | None) -> set[int]:
         """The added tokens marked special, plus `tokens`."""

@@ -328,8 +328,9 @@ def load_gguf_tokenizer(path: str | os.PathLike) -> Tokenizer:
         raise LMStackError(f"{path}: GGUF tokenizer model {kind!r} is not supported (gpt2, llama)")
     backend.add_tokens([AddedToken(t, special=False, normalized=False)
                         for t, ty in zip(tokens, types) if ty == USER_DEFINED])
+    # The unknown token is special too, as transformers' converters and llama.cpp make it: "<unk>" in text is it
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                for t, ty in zip(tokens, types) if ty == CONTROL])
+                                for t, ty in zip(tokens, types) if ty in (CONTROL, UNKNOWN)])
 
     def token(key: str) -> str | None:
         i = meta.get(f"tokenizer.ggml.{key}")
