@@ -101,6 +101,29 @@ def test_sliding_window_scores_every_token_once(tok):
         assert r.nll_per_token == pytest.approx(-sum(logps.values()) / (len(ids) - 1), rel=1e-5)
 
 
+def test_a_tokenizer_that_adds_bos_scores_every_token_after_it(tmp_path):
+    """Llama 2-style tokenizers put bos before a text: as the Hugging Face guide's `tokenizer(text)`, bos opens
+    the first window and every token of the text is scored (its bytes all counted), equal to transformers'
+    loss on the same ids."""
+    from transformers import AutoModelForCausalLM
+
+    bpe = Tokenizer.train([TEXT], 300, special_tokens=["<s>", "</s>"], bos_token="<s>", eos_token="</s>",
+                          add_bos=True)
+    assert bpe.adds_bos
+    torch.manual_seed(0)
+    model = DecoderLM(ModelConfig.from_name("tiny-llama", vocab_size=bpe.vocab_size)).eval()
+    lmstack.save_model(model, tmp_path / "m", tokenizer=bpe)
+    text = TEXT[:200]
+    ids = bpe.encode(text)
+    assert ids[0] == bpe.bos_token_id and len(ids) < 128
+    r = perplexity(model, bpe, text, max_length=128, stride=128)
+    assert r.tokens == len(ids) - 1 and r.bytes == len(text.encode())
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        assert r.nll_per_token == pytest.approx(hf(x, labels=x).loss.item(), rel=1e-5)
+
+
 def test_bad_arguments(tok):
     model = DecoderLM(ModelConfig.from_name("tiny-llama", vocab_size=tok.vocab_size))
     with pytest.raises(LMStackError, match="stride"):

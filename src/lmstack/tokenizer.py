@@ -435,6 +435,11 @@ class Tokenizer:
         return None if self.bos_token is None else self.token_to_id(self.bos_token)
 
     @property
+    def adds_bos(self) -> bool:
+        """Whether `encode` puts the bos token before a text (Llama 2, Mistral, TinyLlama do; GPT-2's do not)."""
+        return self.bos_token_id is not None and self.encode("a")[:1] == [self.bos_token_id]
+
+    @property
     def eos_token_id(self) -> int | None:
         return None if self.eos_token is None else self.token_to_id(self.eos_token)
 

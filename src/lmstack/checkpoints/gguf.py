@@ -508,8 +508,7 @@ def _tokenizer_metadata(writer: Any, tokenizer: Tokenizer, vocab_size: int) -> N
                           ("pad", tokenizer.pad_token_id)):
         if token_id is not None:
             getattr(writer, f"add_{key}_token_id")(token_id)
-    bos_added = tokenizer.bos_token_id is not None and tokenizer.encode("a")[:1] == [tokenizer.bos_token_id]
-    writer.add_add_bos_token(bos_added)
+    writer.add_add_bos_token(tokenizer.adds_bos)
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)
 

@@ -84,14 +84,18 @@ def perplexity(
 
 
 def scored_span(tokenizer: Tokenizer, text: str) -> tuple[list[int], str, int]:
-    """The ids of `text`; the part of `text` that all tokens but the first stand for (the scored ones); and
-    its UTF-8 bytes. Measured on `text` through the tokenizer's offsets, not on a decoding of the ids: that
+    """The ids of `text` (after a bos, where the tokenizer puts one before a text); the part of `text` that
+    all tokens but the first stand for (the scored ones); and its UTF-8 bytes. Measured on `text` through the tokenizer's offsets, not on a decoding of the ids: that
     would count an unseen character as the bytes of `<unk>`, and the rest of a character the first token
     ends inside as a U+FFFD (3 bytes). A first token that shares the second's character is taken off by its own
     bytes (a byte-level token spells one byte per character; a byte-fallback `<0xNN>` is one byte; a bare
     SentencePiece prefix "▁" none)."""
     encoding = tokenizer.backend.encode(text, add_special_tokens=False)
     ids = encoding.ids
+    if tokenizer.adds_bos and ids:
+        # As the Hugging Face guide's `tokenizer(text)`: bos opens the first window and every token of the
+        # text is scored, predicted from it (as the model sees a text in generation and finetuning).
+        return [tokenizer.bos_token_id, *ids], text, len(text.encode("utf-8"))
     if len(ids) < 2:
         return ids, "", 0
     (first_start, first_end), (second_start, _) = encoding.offsets[:2]
