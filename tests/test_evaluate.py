@@ -192,6 +192,10 @@ def test_bleu_values():
     p1, p2, p3, p4 = 12 / 14, 7 / 12, 3 / 10, 1 / 8
     assert ours["bleu"] == pytest.approx(100 * math.exp((math.log(p1) + math.log(p2) + math.log(p3)
                                                           + math.log(p4)) / 4), rel=1e-6)
+    with pytest.raises(LMStackError, match="1 predictions but 0 references"):
+        bleu(["a b c"], [])
+    with pytest.raises(LMStackError, match="no predictions to score"):
+        bleu([], [])
 
 
 def test_metric_inputs_must_pair(tmp_path, capsys):

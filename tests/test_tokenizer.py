@@ -321,3 +321,34 @@ def test_unk_in_text_reads_as_transformers_reads_it(tmp_path):
     assert len(chars.encode("x<unk>y")) == 7  # the characters, as the corpus had them
     if spm.exists():
         assert cases[1][0].encode("Hello <unk> world") == [1, 15043, 29871, 0, 29871, 3186]  # Llama 2's ids
+
+
+def test_bad_training_settings_are_refused_before_training():
+    """Each named before the trainer runs (a huge vocabulary would exhaust memory in it)."""
+    from lmstack import LMStackError
+
+    for changes, match in [(dict(vocab_size=10**11), r"vocab_size 100000000000: must be between 1 and"),
+                            (dict(eos_token=""), r"eos_token: an empty token name"),
+                            (dict(special_tokens=[""]), r"special token: an empty token name"),
+                            (dict(add_bos=True), r"add_bos needs a bos_token"),
+                            (dict(chat_template="{% for m in messages %}{{ m.content }"),
+                             r"chat template does not parse")]:
+        with pytest.raises(LMStackError, match=match):
+            Tokenizer.train(["hello world"] * 10, **{"vocab_size": 300, **changes})
+
+
+def test_text_that_is_not_unicode_is_named(tmp_path, capsys):
+    """A lone surrogate (bytes that were not UTF-8, as a command line reads them) is named with its place,
+    through the API and the CLI (one error line, not the backend's TypeError)."""
+    from lmstack import LMStackError
+    from lmstack.cli import main
+
+    tok = Tokenizer.train(["hello world"] * 10, 300)
+    with pytest.raises(LMStackError, match=r"text 0: character 3 is a lone surrogate \(U\+DCFF\)"):
+        tok.encode("abc\udcff")
+    with pytest.raises(LMStackError, match=r"text 1: character 1 is a lone surrogate \(U\+D800\)"):
+        tok.encode_batch(["a", "b\ud800"])
+    tok.save(tmp_path / "tok")
+    assert main(["tokenizer", "encode", "--tokenizer", str(tmp_path / "tok"), "abc\udcff"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: text 0: character 3 is a lone surrogate") and err.count("\n") == 1

@@ -158,6 +158,22 @@ def _tool_schema(tool: Any) -> Any:
         raise LMStackError(f"tool {getattr(tool, '__name__', tool)!r}: {e}") from None
 
 
+MAX_VOCAB = 1 << 24  # far past any real vocabulary (Gemma's 256k); ids stay exact in float32 below it
+
+
+def _not_text(texts: Sequence[Any]) -> LMStackError:
+    """The error for what the tokenizers backend refuses to encode: not a string, or one holding a lone
+    surrogate (bytes that were not UTF-8, read with Python's surrogateescape, as a command line's are)."""
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            return LMStackError(f"text {i}: expected a string, got {type(text).__name__}")
+        bad = next((j for j, ch in enumerate(text) if 0xD800 <= ord(ch) <= 0xDFFF), None)
+        if bad is not None:
+            return LMStackError(f"text {i}: character {bad} is a lone surrogate (U+{ord(text[bad]):04X}), not "
+                                "Unicode text: bytes that are not UTF-8 (read files with errors='replace')")
+    return LMStackError("the tokenizer could not encode the text")
+
+
 class Tokenizer:
     """A byte-level BPE tokenizer with special tokens and an optional chat template."""
 
@@ -231,6 +247,17 @@ class Tokenizer:
         if chat_template is not None and chat_template != "chatml" and not re.search(r"\{[{%]", chat_template):
             raise LMStackError(f"chat_template {chat_template!r}: neither 'chatml' nor a Jinja template (one has "
                                "{{ ... }} or {% ... %})")
+        if chat_template is not None and chat_template != "chatml":
+            compile_template(chat_template)  # a template that does not parse is refused now, not at first use
+        if not 0 < vocab_size <= MAX_VOCAB:  # the trainer would try to allocate it all
+            raise LMStackError(f"vocab_size {vocab_size}: must be between 1 and {MAX_VOCAB:,}")
+        if add_bos and bos_token is None:  # before training, not after
+            raise LMStackError("add_bos needs a bos_token")
+        named = [("special token", t) for t in special_tokens] + [
+            (name, t) for name, t in (("bos_token", bos_token), ("eos_token", eos_token), ("pad_token", pad_token))]
+        empty = [name for name, t in named if t == ""]
+        if empty:
+            raise LMStackError(f"{empty[0]}: an empty token name; give the token's text, e.g. <|endoftext|>")
         special = list(dict.fromkeys(special_tokens))
         if chat_template == "chatml":
             chat_template = CHATML_TEMPLATE
@@ -469,7 +496,10 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; special-token strings inside it become their ids. `add_special_tokens` adds
         what the post-processor adds (e.g. a leading bos)."""
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:
+            raise _not_text([text]) from None
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Token ids of `text` (no special tokens added) and the (start, end) characters each covers. Read
@@ -484,7 +514,11 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
         """Encode many texts in parallel (Rust threads)."""
-        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+        texts = list(texts)
+        try:
+            return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)]
+        except TypeError:
+            raise _not_text(texts) from None
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         if skip_special_tokens:

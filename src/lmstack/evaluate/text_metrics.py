@@ -49,7 +49,7 @@ def bleu(predictions: Sequence[str], references: Sequence[str] | Sequence[Sequen
     import sacrebleu
 
     ref_sets = [list(references)] if references and isinstance(references[0], str) else [list(r) for r in references]
-    for refs in ref_sets:
+    for refs in ref_sets or [[]]:  # no reference set at all is as many references as none
         _check_pairs(predictions, refs)
     result = sacrebleu.corpus_bleu(list(predictions), ref_sets, tokenize=tokenize)
     return {"bleu": result.score, "precisions": list(result.precisions), "brevity_penalty": result.bp,
