@@ -252,7 +252,10 @@ def test_a_missing_chat_template_says_how_to_get_one(model_dir, capsys):
 
 
 @pytest.mark.parametrize("argv", [["pretrain"], ["pretrain", "--config", "recipes/demo.yaml", "--max_steps"],
-                                  ["pretrain", "--config", "recipes/demo.yaml", "max_steps", "10"]])
+                                  ["pretrain", "--config", "recipes/demo.yaml", "max_steps", "10"],
+                                  # the verb names the task: another --task would be silently overridden
+                                  ["finetune", "orpo", "--config", "recipes/align-preference.yaml", "--task", "simpo"],
+                                  ["finetune", "orpo", "--config", "recipes/align-preference.yaml", "--task=kto"]])
 def test_a_malformed_command_line_exits_2(argv, capsys, monkeypatch):
     from tests.conftest import REPO
 

@@ -300,6 +300,12 @@ def _pretrain(args: argparse.Namespace, overrides: list[str]) -> None:
     if args.config and Path(args.config).is_file():
         _read_text_file(args.config, "--config", "a YAML recipe")
     if getattr(args, "task", None):
+        given = [overrides[i + 1] if item == "--task" and i + 1 < len(overrides) else item.partition("=")[2]
+                 for i, item in enumerate(overrides) if item == "--task" or item.startswith("--task=")]
+        other = next((t for t in given if t != args.task), None)
+        if other is not None:
+            raise UsageError(f"--task {other}: the verb names the task (`lmstack finetune {other} ...`), and this "
+                             f"command's is {args.task}")
         overrides = [*overrides, "--task", args.task]
     cfg = load_config(config_path, overrides)
     if not args.resume and (cfg.task != "pretrain" or cfg.init_from == "checkpoint"):
@@ -924,7 +930,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="read special-token strings in the text (<|endoftext|>) as the tokens, not as text")
     prep.set_defaults(func=_data_prepare)
 
-    pre = verbs.add_parser("pretrain", help="train a model on token shards (any setting as --key value)")
+    pre = verbs.add_parser("pretrain", help="train a model on token shards (any setting as --key value)",
+                           description="Train a model on token shards. Any TrainConfig field (lmstack/train/"
+                                       "config.py) is also a flag: --key value, --model.FIELD value.")
     pre.add_argument("--config", help="a YAML recipe")
     pre.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     pre.set_defaults(func=_pretrain, takes_overrides=True)
