@@ -150,6 +150,9 @@ def test_int4_default_group_is_the_largest_that_fits():
         model = lmstack.DecoderLM(lmstack.ModelConfig.from_name(
             "tiny-llama", vocab_size=64, n_embd=width, n_head=4, n_kv_head=2, intermediate_size=2 * width))
         assert quantize_model(model, bits=4).quantization["group_size"] == expected
+    # int8: one scale per output channel, no group size recorded
+    assert quantize_model(lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", vocab_size=64)),
+                          bits=8).quantization["group_size"] is None
     odd = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", vocab_size=64, intermediate_size=175))
     with pytest.raises(LMStackError, match="layer layers.0.mlp.down has 175 inputs, an odd number"):
         quantize_model(odd, bits=4)

@@ -315,7 +315,8 @@ def quantize_model(model: nn.Module, bits: int | str = 8, group_size: int | None
     for m in model.modules():  # a mixture's stacked float experts would keep their memory
         if isinstance(m, MoE):
             m.forget_stacked()
-    model.quantization = {"quant_method": METHOD, "bits": bits, "group_size": group_size,
+    # int8 has one scale per output channel: no group size to record (an int8 layer ignores its own)
+    model.quantization = {"quant_method": METHOD, "bits": bits, "group_size": None if bits == 8 else group_size,
                           "dtype": str(dtype).removeprefix("torch."),
                           "modules": [name for name, _ in targets]}
     return model
@@ -392,6 +393,6 @@ def quantize_model_structure(model: nn.Module, qc: dict) -> None:
                 q = NF4Linear(linear.in_features, linear.out_features, qc["group_size"],
                               linear.bias is not None, dtype)
             else:
-                q = QuantizedLinear(linear.in_features, linear.out_features, qc["bits"], qc["group_size"],
+                q = QuantizedLinear(linear.in_features, linear.out_features, qc["bits"], qc["group_size"] or 128,
                                     linear.bias is not None, dtype)
         setattr(parent, child, q)
