@@ -73,7 +73,7 @@ def test_a_config_without_a_needed_key_or_with_an_unknown_family_is_named(model_
     for changes, message in (({"rope_scaling": {"rope_type": "linear"}}, "'linear' needs a positive number 'factor'"),
                              ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
                               "'llama3' needs a positive number 'low_freq_factor', got None"),
-                             ({"num_attention_heads": "4"}, "n_head='4': must be a positive integer")):
+                             ({"num_attention_heads": "4"}, "config.json: num_attention_heads='4': must be a positive integer")):
         broken = {k: v for k, v in config.items() if k != "rope_parameters"}
         (path / "config.json").write_text(json.dumps({**broken, **changes}))
         assert message in one_error_line(capsys, "generate", "hi", "--model", str(path))
