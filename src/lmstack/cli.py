@@ -300,10 +300,8 @@ def _pretrain(args: argparse.Namespace, overrides: list[str]) -> None:
     if args.config and Path(args.config).is_file():
         _read_text_file(args.config, "--config", "a YAML recipe")
     if getattr(args, "task", None):
-        given = [overrides[i + 1] if item == "--task" and i + 1 < len(overrides) else item.partition("=")[2]
-                 for i, item in enumerate(overrides) if item == "--task" or item.startswith("--task=")]
-        other = next((t for t in given if t != args.task), None)
-        if other is not None:
+        other = parse_overrides(overrides).get("task")
+        if other not in (None, args.task):
             raise UsageError(f"--task {other}: the verb names the task (`lmstack finetune {other} ...`), and this "
                              f"command's is {args.task}")
         overrides = [*overrides, "--task", args.task]

@@ -41,7 +41,7 @@ PRE_TOKENIZER_SPLITS: dict[str, list[str]] = {
 # llama.cpp's LLAMA3 pre-tokenizer type, which also ignores merges (whole-word vocabulary hits first) and
 # adds bos unless the file says otherwise
 LLAMA3_PRE_TOKENIZERS = ("llama-bpe", "llama3", "llama-v3", "falcon3")
-CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
+UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 2, 3, 4, 5, 6  # llama.cpp token types (NORMAL is 1)
 SUPPORTED_ARCHS = ("llama", "qwen2", "phi3", "gpt2")
 
 
@@ -430,7 +430,6 @@ def _pre_tokenizer_name(backend: Backend) -> str:
     raise LMStackError(f"GGUF export: no llama.cpp pre-tokenizer has the split rules {splits}")
 
 
-UNKNOWN, UNUSED, BYTE = 2, 5, 6  # llama.cpp token types (with NORMAL 1, CONTROL and USER_DEFINED above)
 _BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
 
 

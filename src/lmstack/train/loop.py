@@ -216,17 +216,22 @@ def build_task(cfg: TrainConfig) -> Task:
                           **options.get(cfg.task, {}))
 
 
+def checkpoint_tokenizer_hash(path: Path) -> str | None:
+    """The sha256 of a checkpoint directory's tokenizer (as `data prepare` records it), None without one."""
+    from lmstack.data.shards import tokenizer_hash
+
+    return tokenizer_hash(load_tokenizer(path)) if (path / "tokenizer.json").is_file() else None
+
+
 def check_checkpoint_tokenizer(cfg: TrainConfig) -> None:
     """Pretraining from a checkpoint: its tokenizer must be the one the shards were tokenized with (when
     both say which), or every token id would mean another token to the model."""
-    from lmstack.data.shards import tokenizer_hash
-
     data_hash = TokenShards(cfg.data).meta.get("tokenizer_sha256")
-    model_dir = Path(cfg.model)
-    if not data_hash or not (model_dir / "tokenizer.json").is_file():
+    if not data_hash:
         return
-    model_hash = tokenizer_hash(load_tokenizer(model_dir))
-    if model_hash != data_hash:
+    model_dir = Path(cfg.model)
+    model_hash = checkpoint_tokenizer_hash(model_dir)
+    if model_hash and model_hash != data_hash:
         raise LMStackError(f"the checkpoint {model_dir} has another tokenizer (sha256 {model_hash[:12]}) than "
                            f"the data {cfg.data} was prepared with (sha256 {data_hash[:12]}): prepare the data "
                            f"with `lmstack data prepare --tokenizer {model_dir}`")
@@ -235,18 +240,14 @@ def check_checkpoint_tokenizer(cfg: TrainConfig) -> None:
 def check_reference_vocabulary(cfg: TrainConfig, reference: torch.nn.Module, policy: torch.nn.Module) -> None:
     """The reference scores the policy's token ids: it must have the same vocabulary, and the same tokenizer
     where both directories hold one (a different one of the same size would score other tokens silently)."""
-    from lmstack.data.shards import tokenizer_hash
-
     ours, theirs = policy.config.vocab_size, reference.config.vocab_size
     if ours != theirs:
         raise LMStackError(f"reference {cfg.reference} has vocab_size {theirs}, the model {cfg.model} {ours}: the "
                            "reference must use the model's tokenizer")
-    paths = [Path(cfg.model), Path(cfg.reference)]
-    if all((path / "tokenizer.json").is_file() for path in paths):
-        hashes = [tokenizer_hash(load_tokenizer(path)) for path in paths]
-        if hashes[0] != hashes[1]:
-            raise LMStackError(f"reference {cfg.reference} has another tokenizer (sha256 {hashes[1][:12]}) than the "
-                               f"model {cfg.model} (sha256 {hashes[0][:12]}): the reference must use the model's")
+    hashes = [checkpoint_tokenizer_hash(Path(cfg.model)), checkpoint_tokenizer_hash(Path(cfg.reference))]
+    if None not in hashes and hashes[0] != hashes[1]:
+        raise LMStackError(f"reference {cfg.reference} has another tokenizer (sha256 {hashes[1][:12]}) than the "
+                           f"model {cfg.model} (sha256 {hashes[0][:12]}): the reference must use the model's")
 
 
 def build_policy(cfg: TrainConfig, task: Task) -> torch.nn.Module:
