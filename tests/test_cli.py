@@ -278,3 +278,12 @@ def test_an_unknown_flag_names_its_verbs_help(capsys):
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.strip() == (
         "error: lmstack generate: unrecognized arguments: --temprature 0.5 (see lmstack generate --help)")
+
+
+def test_chat_help_lists_only_the_flags_chat_takes(capsys):
+    for verb, listed in (("chat", False), ("generate", True)):
+        with pytest.raises(SystemExit):
+            main([verb, "--help"])
+        out = capsys.readouterr().out
+        assert ("--n N" in out) is listed and ("--truncate-prompt" in out) is listed, verb
+        assert "--temperature" in out and "--max-new-tokens" in out

@@ -135,6 +135,25 @@ def test_continue_final_message_matches_transformers(tok, tmp_path):
         tok.apply_chat_template(MESSAGES, continue_final_message=True, add_generation_prompt=True)
 
 
+def test_continue_final_message_can_continue_the_reasoning_field(tok, tmp_path):
+    """transformers 5 takes a field name: the text ends inside the last message's reasoning, whichever of its
+    names the template reads."""
+    tok.save(tmp_path)
+    hf = PreTrainedTokenizerFast.from_pretrained(tmp_path)
+    template = ("{% for m in messages %}{{ m.role }}:{% if m.thinking %}<think>{{ m.thinking }}</think>{% endif %}"
+                "{{ m.content }}\n{% endfor %}")
+    messages = [{"role": "user", "content": "2+2?"},
+                {"role": "assistant", "content": "", "reasoning_content": "Two and two"}]
+    kwargs = dict(tokenize=False, chat_template=template, continue_final_message="reasoning_content")
+    ours = tok.apply_chat_template(messages, **kwargs)
+    assert ours == hf.apply_chat_template(messages, **kwargs) and ours.endswith("assistant:<think>Two and two")
+    with pytest.raises(LMStackError, match="'tool_notes': the chat template never reads that field"):
+        tok.apply_chat_template([{**messages[-1], "tool_notes": "x"}], chat_template=template,
+                                continue_final_message="tool_notes")
+    with pytest.raises(LMStackError, match="whose 'reasoning' is a string"):
+        tok.apply_chat_template(messages[:1], chat_template=template, continue_final_message="reasoning")
+
+
 def test_messages_are_normalised_as_transformers_does(tok, tmp_path):
     """None-valued keys left out (OpenAI's content=None beside tool_calls), reasoning under any of its names
     seen under each, Python functions as tools converted to JSON schemas; a template's own failure is an

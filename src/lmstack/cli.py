@@ -700,7 +700,8 @@ def _chat(args: argparse.Namespace) -> None:
         messages.append({"role": "assistant", "content": "".join(reply)})
 
 
-def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+def _add_sampling_flags(p: argparse.ArgumentParser, chat: bool = False) -> None:
+    """The model and sampling flags of `generate`; `chat` hides the two it refuses (they stay, to say why)."""
     p.add_argument("--model", required=True, help="checkpoint directory or .gguf file")
     p.add_argument("--tokenizer", default=None, help="default: the model's own")
     p.add_argument("--dtype", default=None)
@@ -724,9 +725,10 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", help="a stop string (repeat for more)")
     p.add_argument("--stop-token-ids", action="append", type=int, metavar="ID", help="a stop token (repeat)")
     p.add_argument("--ignore-eos", action="store_true")
-    p.add_argument("--n", type=int, default=1, help="samples per prompt")
+    p.add_argument("--n", type=int, default=1, help=argparse.SUPPRESS if chat else "samples per prompt")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--truncate-prompt", action="store_true")
+    p.add_argument("--truncate-prompt", action="store_true",
+                   help=argparse.SUPPRESS if chat else "keep the end of a prompt longer than the context")
     p.add_argument("--json-schema", default=None, help="constrain to a JSON Schema (a file or inline JSON)")
     p.add_argument("--regex", default=None, help="constrain to a regular expression")
     p.add_argument("--choice", action="append", default=None,
@@ -960,7 +962,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_generate)
 
     chat = verbs.add_parser("chat", help="interactive chat with streaming (/reset, /system TEXT, /quit)")
-    _add_sampling_flags(chat)
+    _add_sampling_flags(chat, chat=True)
     chat.add_argument("--system", default=None, help="system prompt")
     chat.set_defaults(func=_chat)
 

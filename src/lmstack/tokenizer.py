@@ -544,7 +544,7 @@ class Tokenizer:
         tokenize: bool = True,
         chat_template: str | None = None,
         return_assistant_spans: bool = False,
-        continue_final_message: bool = False,
+        continue_final_message: bool | str = False,
         **kwargs: Any,
     ) -> Any:
         """Render `messages` with the chat template, as `transformers`' `apply_chat_template` does.
@@ -553,7 +553,8 @@ class Tokenizer:
         text. `chat_template` is a template or the name of one of `chat_templates`; by default the
         "tool_use" template when `tools` are given and there is one, else the default template.
         `continue_final_message` ends the text inside the last message (a prefilled answer to go on
-        from) instead of closing its turn. With `return_assistant_spans`, also the (start, end) character
+        from) instead of closing its turn; given a field name ("reasoning_content"), inside that field of
+        the last message instead of its content, as transformers 5 takes it. With `return_assistant_spans`, also the (start, end) character
         spans of `{% generation %}` blocks.
         """
         source = self.select_chat_template(chat_template, tools)
@@ -569,10 +570,17 @@ class Tokenizer:
         tools = [_tool_schema(t) for t in tools] if tools is not None else None
         final = None
         if continue_final_message:
-            final = messages[-1].get("content") if messages else None
+            field = continue_final_message if isinstance(continue_final_message, str) else "content"
+            final = messages[-1].get(field) if messages else None
             if not isinstance(final, str):
-                raise LMStackError("continue_final_message needs a last message whose 'content' is a string")
-            messages[-1]["content"] = final + _CONTINUE_TAG
+                raise LMStackError(f"continue_final_message needs a last message whose {field!r} is a string")
+            # Reasoning is there under each of its names: tag every copy, whichever the template reads
+            fields = [f for f in REASONING_FIELDS if messages[-1].get(f) == final] if field in REASONING_FIELDS \
+                else [field]
+            if not any(f in source for f in fields):
+                raise LMStackError(f"continue_final_message={field!r}: the chat template never reads that field")
+            for f in fields:
+                messages[-1][f] = final + _CONTINUE_TAG
         template = compile_template(source)
         context = dict(
             messages=messages, tools=tools, documents=documents,
