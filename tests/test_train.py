@@ -112,6 +112,24 @@ def test_blockwise_tokenization_of_a_sentencepiece_style_tokenizer(tmp_path, mon
     assert TokenShards(tmp_path / "s")["train"].tolist() == tok.encode(text) + [tok.eos_token_id]
 
 
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_each_document_opens_with_bos_where_the_tokenizer_adds_one(tmp_path, add_bos):
+    """As the tokenizer's encode puts bos before a prompt (Llama 2, Mistral), each document of the shards
+    opens with it; a bos the tokenizer only names (GPT-2's) is not added."""
+    docs = ["First doc here.", "And a second, longer document."]
+    tok = Tokenizer.train(docs * 20, 300, special_tokens=["<s>", "</s>"], bos_token="<s>", eos_token="</s>",
+                          add_bos=add_bos)
+    assert tok.adds_bos is add_bos
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    meta = prepare_shards([src], tok, tmp_path / "s", val_fraction=0.0, workers=1, progress=False)
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    plain = [tok.encode(d, add_special_tokens=False) for d in docs]
+    expected = [t for ids in plain for t in ([bos] if add_bos else []) + ids + [eos]]
+    assert TokenShards(tmp_path / "s")["train"].tolist() == expected
+    assert meta["bos_token_id"] == (bos if add_bos else None)
+
+
 def test_replacements_are_counted_whatever_the_read_size(tmp_path):
     """Each bad byte sequence counts once, a genuine U+FFFD never, even when its bytes straddle two reads."""
     from lmstack.data.readers import ReadStats, iter_text_chunks

@@ -331,6 +331,9 @@ def _write_shards(
 ) -> dict[str, Any]:
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
     eos = tokenizer.eos_token_id
+    # A tokenizer that puts bos before a text (Llama 2, Mistral) has it open each document, as its encode does
+    # for the prompts the model will see (and as transformers' run_clm tokenizes a corpus)
+    bos = tokenizer.bos_token_id if tokenizer.adds_bos else None
     stats = ReadStats()
     counts = {"train": 0, "val": 0}
     # a tokenizer that prefixes texts is SentencePiece-style: blocks end at spaces, and go to the variant without
@@ -361,6 +364,8 @@ def _write_shards(
                     content += len(ids)
                     if starts_document:
                         document_target = target  # all blocks of a document go where its first one goes
+                        if bos is not None:
+                            ids = np.insert(ids, 0, bos)
                     starts_document = end
                     if end and eos is not None:
                         ids = np.append(ids, eos)
@@ -388,6 +393,7 @@ def _write_shards(
         "dtype": np.dtype(dtype).name,
         "vocab_size": tokenizer.vocab_size,
         "eos_token_id": eos,
+        "bos_token_id": bos,
         "tokenizer_sha256": tokenizer_hash(tokenizer),
         "train_tokens": counts["train"],
         "val_tokens": counts["val"],
