@@ -1,5 +1,6 @@
 """Perplexity and bits per byte against hand-computed values."""
 
+import json
 import math
 
 import pytest
@@ -176,6 +177,33 @@ def test_rouge_lsum_splits_sentences_and_averages():
     r = rouge(preds, refs, rouge_types=["rougeL", "rougeLsum"])
     assert r["rougeLsum"]["f1"] > r["rougeL"]["f1"]  # sentence order does not hurt Lsum
     assert r["rougeL"]["f1"] == pytest.approx((0.5 + 2 / 3) / 2)
+
+
+def test_rouge_of_text_in_other_scripts(capsys, tmp_path):
+    """rouge-score's default tokenizer keeps ASCII letters and digits only: Russian scores 0, with a warning;
+    "whitespace" reads its words, "char" the characters of Chinese."""
+    from lmstack.evaluate import rouge
+
+    pred, ref = "кошка сидит на ковре", "кошка лежит на ковре"
+    with pytest.warns(UserWarning, match="2 texts hold letters but no ASCII letter"):
+        assert rouge([pred], [ref], ["rouge1"])["rouge1"]["f1"] == 0.0
+    assert rouge([pred], [ref], ["rouge1"], tokenizer="whitespace")["rouge1"]["f1"] == pytest.approx(3 / 4)
+    r = rouge(["猫坐在垫子上"], ["猫躺在垫子上"], ["rouge1", "rouge2"], tokenizer="char")
+    assert r["rouge1"]["f1"] == pytest.approx(5 / 6) and r["rouge2"]["f1"] == pytest.approx(3 / 5)
+    with pytest.raises(LMStackError, match="unknown ROUGE tokenizer 'words'"):
+        rouge([pred], [ref], tokenizer="words")
+    with pytest.raises(LMStackError, match="the Porter stemmer is the default tokenizer's"):
+        rouge([pred], [ref], use_stemmer=True, tokenizer="char")
+    (tmp_path / "p.txt").write_text(pred + "\n")
+    (tmp_path / "r.txt").write_text(ref + "\n")
+    assert main(["eval", "rouge", "--predictions", str(tmp_path / "p.txt"), "--references",
+                 str(tmp_path / "r.txt")]) == 0
+    out = capsys.readouterr()
+    assert "--tokenizer whitespace or char" in out.err and json.loads(out.out)["rouge1"]["f1"] == 0.0
+    assert main(["eval", "rouge", "--predictions", str(tmp_path / "p.txt"), "--references",
+                 str(tmp_path / "r.txt"), "--tokenizer", "whitespace"]) == 0
+    out = capsys.readouterr()
+    assert not out.err and json.loads(out.out)["rouge1"]["f1"] == pytest.approx(3 / 4)
 
 
 def test_bleu_values():

@@ -14,6 +14,7 @@ import os
 import re
 import select
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -784,7 +785,12 @@ def _eval_text(args: argparse.Namespace) -> None:
     if args.eval_verb == "rouge":
         if len(references) != 1:
             raise LMStackError("ROUGE takes one reference file")
-        result = rouge(predictions, references[0], use_stemmer=args.stemmer)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = rouge(predictions, references[0], use_stemmer=args.stemmer, tokenizer=args.tokenizer)
+        for warning in caught:
+            print(f"note: {warning.message}".replace("tokenizer='whitespace' or 'char'",
+                                                     "--tokenizer whitespace or char"), file=sys.stderr)
     else:
         result = bleu(predictions, references)
     print(json.dumps(result, indent=2))
@@ -999,6 +1005,9 @@ def build_parser() -> argparse.ArgumentParser:
         metric.add_argument("--references", required=True, nargs="+", action="extend", help="one file per reference set")
         if name == "rouge":
             metric.add_argument("--stemmer", action="store_true", help="Porter-stem words first")
+            metric.add_argument("--tokenizer", default="default", choices=["default", "whitespace", "char"],
+                                help="default: rouge-score's (ASCII letters and digits); whitespace: words of "
+                                "any script; char: each character (Chinese, Japanese)")
         metric.set_defaults(func=_eval_text)
 
     plot = verbs.add_parser("plot", help="draw a run's loss curves to RUN_DIR/loss.png")
