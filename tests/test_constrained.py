@@ -152,8 +152,8 @@ def test_rejected_constraints_name_the_parameter(random_engine, kwargs, match):
         random_engine.generate("x", max_new_tokens=5, **kwargs)
 
 
-def test_smollm2_json_is_valid_and_sensible(smollm2_gguf):
-    model, tok = lmstack.load_model(smollm2_gguf), lmstack.load_tokenizer(smollm2_gguf)
+def test_smollm2_json_is_valid_and_sensible(smollm2):
+    model, tok = smollm2
     schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
                                                "country": {"type": "string", "maxLength": 30}},
               "required": ["city", "country"], "additionalProperties": False}

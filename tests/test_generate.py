@@ -574,14 +574,13 @@ def test_prompt_too_long(tiny):
         assert out.prompt_tokens == S - 10 and len(out.token_ids) == 10 and out.finish_reason == "length"
 
 
-def test_smollm2_engine_answers_and_matches_transformers(smollm2_gguf):
-    model, tok = lmstack.load_model(smollm2_gguf), lmstack.load_tokenizer(smollm2_gguf)
+def test_smollm2_engine_answers_and_matches_transformers(smollm2, hf_smollm2):
+    model, tok = smollm2
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     out = lmstack.generate(model, tok, prompt, max_new_tokens=20, temperature=0)[0]
     assert "Paris" in out.text and out.finish_reason == "stop"
-    hf = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
-                                              dtype=torch.float32).eval()
+    hf = hf_smollm2[0]
     ids = tok.encode(prompt)
     theirs = hf.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)[0, len(ids):].tolist()
     assert out.token_ids == [t for t in theirs if t != tok.eos_token_id]
@@ -612,13 +611,12 @@ def test_beam_search_equals_transformers(tiny, num_beams):
     assert any(changed)  # the stop token changed the search's outcome somewhere
 
 
-def test_beam_search_with_eos_equals_transformers(smollm2_gguf):
-    model, tok = lmstack.load_model(smollm2_gguf), lmstack.load_tokenizer(smollm2_gguf)
+def test_beam_search_with_eos_equals_transformers(smollm2, hf_smollm2):
+    model, tok = smollm2
     prompt = tok.apply_chat_template([{"role": "user", "content": "Name a fruit."}], add_generation_prompt=True,
                                      tokenize=False)
     ours = Engine(model, tok).beam_search(prompt, num_beams=3, max_new_tokens=16)[0]
-    hf = AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
-                                              dtype=torch.float32).eval()
+    hf = hf_smollm2[0]
     ids = tok.encode(prompt)
     theirs = hf.generate(torch.tensor([ids]), max_new_tokens=16, num_beams=3, do_sample=False)[0, len(ids):]
     assert ours.token_ids == [t for t in theirs.tolist() if t != tok.eos_token_id]

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -45,18 +46,14 @@ def test_unpermute_inverts_llama_cpp_permutation():
     assert torch.equal(unpermute_rope_rows(permuted, n_head), w)
 
 
-@pytest.fixture(scope="module")
-def smollm(smollm2_gguf):
-    return lmstack.load_model(smollm2_gguf), lmstack.load_tokenizer(smollm2_gguf)
+@pytest.fixture
+def smollm(smollm2):
+    return smollm2
 
 
-@pytest.fixture(scope="module")
-def hf_smollm(smollm2_gguf):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    d, f = smollm2_gguf.parent, smollm2_gguf.name
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(d, gguf_file=f)
+@pytest.fixture
+def hf_smollm(hf_smollm2):
+    return hf_smollm2
 
 
 def test_smollm2_config(smollm):
@@ -130,6 +127,19 @@ def test_not_a_gguf_file(tmp_path):
         lmstack.load_model(bad)
 
 
+def _reads_as_ggufs_own_reader(path):
+    """lmstack's faster reader (plain views of the memory map) gives gguf's GGUFReader's fields and tensors."""
+    from gguf import GGUFReader
+
+    from lmstack.checkpoints.gguf import _reader
+
+    ours, theirs = _reader(path), GGUFReader(str(path))
+    assert type(ours) is not GGUFReader and not isinstance(ours.tensors[0].data, np.memmap)
+    assert {k: f.contents() for k, f in ours.fields.items()} == {k: f.contents() for k, f in theirs.fields.items()}
+    assert [(t.name, t.tensor_type, t.shape.tolist(), t.data.tobytes()) for t in ours.tensors] == \
+        [(t.name, t.tensor_type, t.shape.tolist(), t.data.tobytes()) for t in theirs.tensors]
+
+
 @pytest.mark.parametrize("preset,changes,tensor_type,tol", [
     ("tiny-llama", {}, "f32", 1e-5), ("tiny-llama", {}, "q8_0", 0.2),
     # GPT-2: learned positions, biases, q/k/v fused into attn_qkv. transformers' GGUF reader (5.24) reads the
@@ -151,6 +161,7 @@ def test_gguf_export_round_trip_and_transformers(tmp_path, preset, changes, tens
     torch.manual_seed(0)
     model = lmstack.DecoderLM(lmstack.ModelConfig.from_name(preset, vocab_size=512, **changes)).eval()
     path = save_gguf(model, tok, tmp_path / "m.gguf", tensor_type=tensor_type)
+    _reads_as_ggufs_own_reader(path)
     again, tok_again = lmstack.load_model(path), lmstack.load_tokenizer(path)
     assert (tok_again.unk_token, tok_again.pad_token) == ("<|endoftext|>", "<|endoftext|>")  # as SmolLM2's file
     assert again.config.family == model.config.family and again.config.tie_embeddings == model.config.tie_embeddings

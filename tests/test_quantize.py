@@ -192,13 +192,8 @@ def test_memory_and_round_trip(tmp_path):
         assert (half(ids).float() - out).abs().max() < 0.05 * out.abs().max()
 
 
-@pytest.fixture(scope="module")
-def smollm(smollm2_gguf):
-    return lmstack.load_model(smollm2_gguf), lmstack.load_tokenizer(smollm2_gguf)
-
-
-def test_real_model_perplexity_change_and_answer(smollm):
-    model, tok = smollm
+def test_real_model_perplexity_change_and_answer(smollm2):
+    model, tok = smollm2
     text = (REPO / "data" / "tinyshakespeare.txt").read_text()[:3000]
     base = perplexity(model, tok, text, max_length=256, stride=128).perplexity
     q8 = quantize_model(copy.deepcopy(model), bits=8)

@@ -8,6 +8,7 @@ BPE with its pre-tokenizer split rules, or SentencePiece-style BPE) from the voc
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -45,6 +46,26 @@ UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 2, 3, 4, 5, 6  # llama.cpp token 
 SUPPORTED_ARCHS = ("llama", "qwen2", "phi3", "gpt2")
 
 
+@functools.cache
+def _fast_reader_class() -> type:
+    """gguf's GGUFReader reading through a plain array view of its memory map. The reader slices its
+    `np.memmap` once per value, and a memmap slice costs ~20x a plain one: 98k vocabulary strings took 2.1 s
+    to read, 0.7 s this way (SmolLM2's file). The views still share the mapped file, copying nothing."""
+    from gguf import GGUFReader
+
+    class FastReader(GGUFReader):
+        def _get(self, offset, dtype, count=1, override_order=None):
+            plain = self.__dict__.get("_plain")
+            if plain is None:
+                plain = self._plain = self.data.view(np.ndarray)
+            count = int(count)
+            array = plain[offset:offset + np.dtype(dtype).itemsize * count].view(dtype=dtype)[:count]
+            order = self.byte_order if override_order is None else override_order
+            return array.view(array.dtype.newbyteorder(order))
+
+    return FastReader
+
+
 def _reader(path: str | os.PathLike) -> Any:
     from gguf import GGUFReader
 
@@ -52,7 +73,10 @@ def _reader(path: str | os.PathLike) -> Any:
     if not path.exists():
         raise LMStackError(f"{path}: no such file")
     try:
-        return GGUFReader(str(path))
+        try:
+            return _fast_reader_class()(str(path))
+        except TypeError:  # a gguf release whose private _get differs: its own reader, slower
+            return GGUFReader(str(path))
     except Exception as e:  # the reader raises ValueError / struct errors on a bad file
         raise LMStackError(f"{path}: not a readable GGUF file ({e})") from None
 
