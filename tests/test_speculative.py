@@ -146,7 +146,7 @@ def test_draft_device_context_and_stop_ids_are_checked(models):
         speculative_generate(target, tok, "x", elsewhere)
     short = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", vocab_size=400, n_layer=1,
                                                             block_size=16)).eval()
-    with pytest.raises(LMStackError, match="draft: its block_size of 16 is smaller than the"):
+    with pytest.raises(LMStackError, match="draft: its context of 16 is smaller than the"):
         speculative_generate(target, tok, "ROMEO:", short, max_new_tokens=20)
     out, _ = speculative_generate(target, tok, "ROMEO:", short, max_new_tokens=4, k=2, temperature=0)
     assert len(out.token_ids) <= 4  # a request the short draft holds runs

@@ -123,6 +123,14 @@ class ModelConfig:
         return int(self.head_dim * self.rotary_fraction)
 
     @property
+    def context_length(self) -> int:
+        """The longest sequence the model runs: `block_size` (Hugging Face's max_position_embeddings), or for
+        dynamic NTK RoPE, whose base grows on past it, block_size x factor, as vLLM derives max_model_len."""
+        if self.rope_type == "dynamic":
+            return int(self.block_size * self.rope_scaling["factor"])
+        return self.block_size
+
+    @property
     def rope_type(self) -> str:
         if not self.rope_scaling:
             return "default"

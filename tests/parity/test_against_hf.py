@@ -6,6 +6,7 @@ lmstack's checkpoint loader and compares float32 logits on a batch; then saves f
 """
 
 import json
+import math
 
 import pytest
 import torch
@@ -193,6 +194,37 @@ def test_dynamic_rope_past_max_position_embeddings(tmp_path):
         plain = ours(ids, input_pos=torch.arange(ids.shape[1]))
     assert (got - expected).abs().max().item() < TOL
     assert (plain - expected).abs().max().item() > 1e-3
+
+
+def test_dynamic_rope_generates_past_max_position_embeddings_as_transformers(tmp_path):
+    """Dynamic NTK exists to run past max_position_embeddings: the engine's context is that x factor (vLLM's
+    max_model_len), and greedy decoding there gives transformers' tokens; perplexity windows reach it too."""
+    from lmstack.evaluate import perplexity
+    from lmstack.generate import Engine
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**{**SMALL, "max_position_embeddings": 16}, num_key_value_heads=2,
+                                      rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    theirs = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32).eval()
+    _randomize(theirs)
+    theirs.save_pretrained(tmp_path / "hf")
+    ours = lmstack.load_model(tmp_path / "hf")
+    assert (ours.config.block_size, ours.config.context_length) == (16, 32)
+    tok = lmstack.Tokenizer.train_chars(["".join(chr(65 + i) for i in range(config.vocab_size))])
+    prompt = _inputs(config.vocab_size, seq=6)[0].tolist()
+    engine = Engine(ours, tok)
+    assert engine.max_seq_len == 32
+    out = engine.generate([prompt], max_new_tokens=26, temperature=0, ignore_eos=True)[0]
+    expected = theirs.generate(torch.tensor([prompt]), max_new_tokens=26, do_sample=False, eos_token_id=None,
+                               pad_token_id=0)[0, 6:].tolist()
+    assert len(out.token_ids) == 26 and out.token_ids == expected
+    with pytest.raises(lmstack.LMStackError, match="max_length 33 exceeds the model's context \\(32\\)"):
+        perplexity(ours, tok, "AB" * 20, max_length=33)
+    text = tok.decode(_inputs(config.vocab_size, seq=30)[0].tolist())
+    ids = torch.tensor([tok.encode(text)])
+    with torch.no_grad():
+        loss = theirs(ids, labels=ids).loss.item()
+    assert perplexity(ours, tok, text, max_length=30).perplexity == pytest.approx(math.exp(loss), rel=1e-4)
 
 
 def _hf_logits(path, ids):

@@ -49,8 +49,8 @@ def perplexity(
         raise LMStackError(f"max_length must be at least 1, got {max_length}")
     if not 1 <= stride <= max_length:
         raise LMStackError(f"stride must be between 1 and max_length ({max_length}), got {stride}")
-    if max_length > model.config.block_size:
-        raise LMStackError(f"max_length {max_length} exceeds the model's context ({model.config.block_size})")
+    if max_length > model.config.context_length:
+        raise LMStackError(f"max_length {max_length} exceeds the model's context ({model.config.context_length})")
     ids, scored_text, n_bytes = scored_span(tokenizer, text)
     if len(ids) < 2:
         raise LMStackError("the text has fewer than two tokens; nothing to score")

@@ -95,7 +95,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self._busy = False  # a generation holds the cache: a second one at the same time would overwrite it
-        self.max_seq_len = min(max_seq_len or model.config.block_size, model.config.block_size)
+        context = model.config.context_length  # block_size, or more for dynamic NTK RoPE
+        self.max_seq_len = min(max_seq_len or context, context)
         self.device = model.embed.weight.device
         self._cache_batch = self._cache_len = 0
         self.lookahead = self.device.type == "cuda" if lookahead is None else lookahead

@@ -401,7 +401,7 @@ def generate_ids(
     device = model.embed.weight.device
     if getattr(model.config, "arch", "transformer") != "transformer":
         return _generate_recurrent(model, prompt_ids, max_new_tokens, temperature, top_k, stop_ids, generator)
-    block = model.config.block_size
+    block = model.config.context_length
     prompt_ids = list(prompt_ids) or [0]
     prompt_ids = fitted_prompt(prompt_ids, block, max_new_tokens, truncate=True)
     total = min(len(prompt_ids) + max_new_tokens, block)

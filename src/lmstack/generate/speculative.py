@@ -89,7 +89,7 @@ def speculative_generate(
     lookup = isinstance(draft, str)
     if lookup and draft != "prompt_lookup":
         raise LMStackError(f"draft {draft!r}: a DecoderLM or 'prompt_lookup'")
-    device, block = target.embed.weight.device, target.config.block_size
+    device, block = target.embed.weight.device, target.config.context_length
     if not lookup and draft.config.vocab_size != target.config.vocab_size:
         raise LMStackError(f"the draft's vocabulary ({draft.config.vocab_size}) differs from the target's "
                            f"({target.config.vocab_size})")
@@ -103,8 +103,8 @@ def speculative_generate(
         return Completion("", [], "length", len(ids)), SpeculativeStats()
     # Proposals never run past max_new_tokens or the context (`room` below), so this many slots suffice.
     total = min(len(ids) + params.max_new_tokens, block)
-    if not lookup and draft.config.block_size < total:  # the draft holds the same tokens as the target
-        raise LMStackError(f"draft: its block_size of {draft.config.block_size} is smaller than the {total} "
+    if not lookup and draft.config.context_length < total:  # the draft holds the same tokens as the target
+        raise LMStackError(f"draft: its context of {draft.config.context_length} is smaller than the {total} "
                            f"tokens this call needs (prompt and max_new_tokens); lower max_new_tokens "
                            "or use a draft with a longer context")
     g = torch.Generator(device=device).manual_seed(params.seed) if params.seed is not None else None

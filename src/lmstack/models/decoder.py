@@ -166,8 +166,8 @@ class DecoderLM(nn.Module):
             position_ids = input_pos if input_pos is not None else torch.arange(T, device=input_ids.device)
         # With a cache, attend over its first `kv_len` slots (all of it by default: static shapes for CUDA graphs).
         n_keys = (kv_len or cache.k.shape[2]) if cache is not None else T
-        if cfg.block_size < T and cache is None:
-            raise ValueError(f"a sequence of {T} tokens exceeds the context length (block_size {cfg.block_size})")
+        if cfg.context_length < T and cache is None:
+            raise ValueError(f"a sequence of {T} tokens exceeds the context length ({cfg.context_length})")
 
         # Without a cache, padding or a window, SDPA's built-in causal mask is the fast path.
         mask = None
