@@ -1,6 +1,7 @@
 """The GPU paths: decoding with lookahead and CUDA graphs, no host sync per token, int8 weights, sampling
 and a bf16 training run. They need CUDA and skip without it (CI has no GPU)."""
 
+import copy
 import warnings
 
 import pytest
@@ -48,6 +49,22 @@ def test_lookahead_and_cuda_graphs_give_the_same_tokens(tiny):
     again = graphed.generate(PROMPTS, **params)
     assert [c.token_ids for c in ahead] == [c.token_ids for c in lockstep]
     assert [c.token_ids for c in again] == [c.token_ids for c in lockstep]
+
+
+def test_masked_grouped_attention_needs_no_math_kernel(tiny):
+    """With a KV cache (so a mask) and grouped K/V heads, every step runs in a fused SDPA kernel: with the math
+    kernel, the fallback that copies K/V per head in float32, switched off, bf16 decoding still runs, and
+    gives the tokens of the default kernels."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model, tok = tiny
+    assert model.config.n_kv_head < model.config.n_head
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    params = dict(max_new_tokens=8, temperature=0, ignore_eos=True)
+    expected = Engine(half, tok).generate(PROMPTS, **params)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+        fused = Engine(half, tok).generate(PROMPTS, **params)
+    assert [c.token_ids for c in fused] == [c.token_ids for c in expected]
 
 
 @pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=0.8, top_p=0.9, seed=1)],

@@ -153,6 +153,30 @@ def test_sliding_window_mask():
     assert mask[1].tolist() == [True, True, False, False, False, False]
 
 
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (6, 1)])
+@pytest.mark.parametrize("mask_shape", ["none", "TS", "B1TS"])
+def test_grouped_query_attention_equals_attention_over_repeated_heads(heads, kv_heads, mask_shape):
+    """The masked path folds each query group into the query length: the same as SDPA over K/V repeated for
+    every head, whatever the mask's layout ([T, S] causal-window, [B, 1, T, S] with padding)."""
+    from lmstack.models.attention import grouped_query_attention
+
+    g = torch.Generator().manual_seed(0)
+    B, T, S, D = 3, 5, 9, 8
+    q = torch.randn(B, T, heads, D, generator=g).transpose(1, 2)  # as the model lays it out
+    k, v = (torch.randn(B, kv_heads, S, D, generator=g) for _ in range(2))
+    padding = torch.ones(B, S, dtype=torch.bool)
+    padding[1, :3] = False
+    mask = {"none": None, "TS": attention_mask(torch.arange(S - T, S), S, sliding_window=4),
+            "B1TS": attention_mask(torch.arange(S - T, S), S, key_padding=padding)}[mask_shape]
+    if mask is None:  # causal needs T == S
+        k, v = k[:, :, :T], v[:, :, :T]
+    group = heads // kv_heads
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
+                                          attn_mask=mask, is_causal=mask is None)
+    got = grouped_query_attention(q, k, v, mask)
+    assert got.shape == (B, heads, T, D) and torch.allclose(got, want, atol=1e-6)
+
+
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gpt2", "tiny-mixtral"])
 def test_kv_cache_decoding_equals_full_forward(preset):
     torch.manual_seed(0)

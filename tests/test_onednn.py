@@ -272,7 +272,8 @@ def test_onednn_is_the_default_where_mkl_runs_generic_code(monkeypatch, vendor, 
     onednn.onednn_preferred.cache_clear()
     try:
         assert onednn.onednn_preferred() is expected
-        model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama")).eval()
+        model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", n_embd=512, intermediate_size=1024,
+                                                                 n_layer=1)).eval()
         assert bool(PackedLinears(model).slots) is expected
         assert bool(PackedLinears(model, enabled=True).slots)  # asked for, it packs whatever the CPU
         ids = torch.randint(0, 256, (1, 5))
@@ -289,5 +290,25 @@ def test_an_unknown_lmstack_onednn_value_is_named(monkeypatch):
     try:
         with pytest.raises(lmstack.LMStackError, match="LMSTACK_ONEDNN='maybe': set it to 1"):
             onednn.onednn_preferred()
+    finally:
+        onednn.onednn_preferred.cache_clear()
+
+
+@needs_onednn
+def test_small_float32_layers_stay_on_mkl_by_default(monkeypatch):
+    """Below PACK_MIN_WEIGHTS, MKL's product is the faster: by default only the larger layers are packed (a
+    key / value projection of 512 x 128 is not), and asked for (enabled=True), all of them."""
+    monkeypatch.setattr(onednn, "cpu_vendor", lambda: "AuthenticAMD")
+    monkeypatch.delenv("LMSTACK_ONEDNN", raising=False)
+    onednn.onednn_preferred.cache_clear()
+    try:
+        torch.manual_seed(0)
+        model = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama", n_embd=512, n_head=8, n_kv_head=2,
+                                                                 intermediate_size=1024, n_layer=1)).eval()
+        packed = {name for _, name, _ in PackedLinears(model).slots}
+        assert packed == {"q", "o", "gate", "up", "down", "lm_head"}  # k and v: 512 x 128 = 65,536 weights
+        assert {name for _, name, _ in PackedLinears(model, enabled=True).slots} == packed | {"k", "v"}
+        tiny = lmstack.DecoderLM(lmstack.ModelConfig.from_name("tiny-llama")).eval()
+        assert PackedLinears(tiny).slots == [] and PackedLinears(tiny, enabled=True).slots
     finally:
         onednn.onednn_preferred.cache_clear()

@@ -216,19 +216,26 @@ def available_memory() -> int | None:
         return None
 
 
+# A float32 layer with fewer weights runs faster on MKL's kernels: oneDNN's call costs ~20 us whatever its size,
+# where MKL multiplies a row by a 128 x 512 matrix in 10 us (the 2-core AMD EPYC of bench/matmul.py; oneDNN
+# gains from about 150k weights at a few rows, 330k at one row).
+PACK_MIN_WEIGHTS = 1 << 17
+
+
 class PackedLinears:
     """oneDNN-packed copies of a model's float32 and bf16 CPU `nn.Linear` layers, used via
     `with packed.swapped_in():`.
 
-    Layers of other types (LoRA's and quantized wrappers; a LoRA layer's inner base `nn.Linear` is packed) and
-    of other dtypes or devices keep their own forward. A weight is repacked when it changes in place or is
+    Layers of other types (LoRA's and quantized wrappers; a LoRA layer's inner base `nn.Linear` is packed),
+    of other dtypes or devices, and by default float32 layers of fewer than `PACK_MIN_WEIGHTS` weights (a tiny
+    model's, or a small key / value projection) keep their own forward. A weight is repacked when it changes in place or is
     reassigned; writes through `.data` are not seen (call `refresh` after them). The copies
     may take at most `max_bytes` (default: half the memory available now); a model whose float32 linear
     weights are larger runs them through oneDNN as they are (`onednn_linears`), a little slower and with no
     extra memory. Packs no layer of a dtype when not `enabled` (default: `onednn_preferred(dtype)`: float32
-    layers on CPUs that are not Intel's, bf16 ones wherever oneDNN runs bf16) or where PyTorch has no usable
-    oneDNN. The swap changes the
-    model's module tree for the duration of a pass: not for a model that other threads run at the same time.
+    layers on CPUs that are not Intel's, bf16 ones wherever oneDNN runs bf16; `enabled=True` packs them all,
+    the small ones too) or where PyTorch has no usable oneDNN. The swap changes the model's module tree for
+    the duration of a pass: not for a model that other threads run at the same time.
     """
 
     def __init__(self, model: nn.Module, enabled: bool | None = None, max_bytes: int | None = None) -> None:
@@ -237,11 +244,14 @@ class PackedLinears:
         self.unpacked = False  # too large to pack: onednn_linears() instead
         dtypes = {dtype for dtype in (torch.float32, torch.bfloat16)
                   if (onednn_preferred(dtype) if enabled is None else enabled)}
+        smallest = PACK_MIN_WEIGHTS if enabled is None else 0  # asked for (enabled=True), every layer is packed
         if not (dtypes and onednn_available()):
             return
         for parent in model.modules():
             for name, child in parent.named_children():
-                if type(child) is nn.Linear and child.weight.dtype in dtypes and child.weight.device.type == "cpu":
+                weight = child.weight if type(child) is nn.Linear else None
+                if (weight is not None and weight.dtype in dtypes and weight.device.type == "cpu"
+                        and (weight.dtype != torch.float32 or weight.numel() >= smallest)):
                     self.slots.append((parent, name, child))
         size = sum(linear.weight.numel() * linear.weight.element_size() for _, _, linear in self.slots)
         if max_bytes is None:
