@@ -26,6 +26,9 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 LOG_DIR=${LOG_DIR:-${OUT:-bench-logs}}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# What would cost a short lease its figures, logged as it happens: a CUDA graph skipped (perf_hints), a
+# recompile and why, a graph break. TORCH_LOGS= (empty) turns them off.
+export TORCH_LOGS=${TORCH_LOGS-perf_hints,recompiles,graph_breaks}
 mkdir -p "$LOG_DIR"
 
 run() {  # run NAME COMMAND...: print and log; returns the command's exit status
@@ -63,6 +66,9 @@ train_tinyllama() {
 
 loss() {  # eager bf16 autocast, as an uncompiled training run computes it
     run loss-llama3-head "$PYTHON" bench/loss.py --device cuda --tokens 8192 --dim 2048 --vocab 128256 --precision bf16
+    # the chunk size before session 18 (512 rows, not 2,048): what the larger chunks save in weight-gradient traffic
+    run loss-llama3-head-512 "$PYTHON" bench/loss.py --device cuda --tokens 8192 --dim 2048 --vocab 128256 \
+        --precision bf16 --chunk-rows 512
 }
 
 shakespeare() {
